@@ -1,0 +1,1 @@
+"""Tasks, synthetic data, tokenization and batching."""

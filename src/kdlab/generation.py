@@ -1,0 +1,83 @@
+"""Batched sampling from the student or the teacher, returned as right-padded targets with a response mask.
+
+Sampling runs without gradient, in eval mode (no dropout: the paper's on-policy samples come from the model as it
+would be used), with the KV cache on, from left-padded prompts, and leaves the model's train/eval mode as it found it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel
+
+from kdlab.models import is_encoder_decoder
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How targets are generated: sampling for on-policy/teacher data, greedy or beam search for evaluation."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_beams: int = 1
+
+    def generation_config(self, pad_token_id: int, eos_token_id: int) -> GenerationConfig:
+        kwargs = dict(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            num_beams=self.num_beams,
+            use_cache=True,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+        )
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return GenerationConfig(**kwargs)
+
+
+def response_mask(tokens: Tensor, eos_token_id: int) -> Tensor:
+    """True up to and including each row's first EOS (the whole row when it has none)."""
+    is_eos = tokens == eos_token_id
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    return ~after_eos
+
+
+@torch.no_grad()
+def generate_targets(
+    model: PreTrainedModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    settings: SamplingSettings,
+    *,
+    pad_token_id: int,
+    eos_token_id: int,
+    synced_gpus: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Generate a continuation of each prompt; returns (target_ids, target_mask), both (batch, new_tokens).
+
+    Tokens after a row's first EOS become padding and are masked out, so a sample scores exactly like a reference
+    target: its text, then EOS. `synced_gpus` keeps ranks in lockstep under sharding (a rank that finished early
+    keeps stepping so the others' collectives do not hang).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask.long(),
+            generation_config=settings.generation_config(pad_token_id, eos_token_id),
+            synced_gpus=synced_gpus,
+        )
+    finally:
+        model.train(was_training)
+    # Decoder-only output repeats the prompt; encoder-decoder output starts with the decoder start token.
+    new_tokens = out[:, 1:] if is_encoder_decoder(model) else out[:, prompt_ids.shape[1]:]
+    if new_tokens.shape[1] == 0:  # max_new_tokens reached zero length: keep one EOS so shapes stay valid
+        new_tokens = torch.full_like(out[:, :1], eos_token_id)
+    mask = response_mask(new_tokens, eos_token_id)
+    return new_tokens.masked_fill(~mask, pad_token_id), mask

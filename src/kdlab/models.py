@@ -1,0 +1,156 @@
+"""Load or build the teacher and the student, and score target text with either kind of model.
+
+A model config (`conf/teacher/*.yaml`, `conf/student/*.yaml`) names either a pretrained checkpoint (`path`: a local
+directory or a hub name) or an architecture built from config (`architecture` + `config`, random init) with a tokenizer
+that needs no download. Decoder-only and encoder-decoder (T5-style, as in the GKD paper) models are both scored through
+`score_targets`, which returns logits aligned with the target tokens, so nothing downstream knows the difference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+# Architectures a preset can build from config with random weights (tests, ablations, `teacher=tiny`).
+ARCHITECTURES: dict[str, tuple[type, type]] = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "t5": (T5Config, T5ForConditionalGeneration),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HubUnavailableError(RuntimeError):
+    """A hub model was asked for and the hub cannot be reached."""
+
+
+def _tokenizer_source(model_cfg: Mapping[str, Any]) -> str:
+    source = model_cfg.get("tokenizer") or model_cfg.get("path")
+    if not source:
+        raise ValueError(f"model '{model_cfg.get('name')}' names neither `path` nor `tokenizer`")
+    return str(source)
+
+
+def _from_pretrained(loader, source: str, what: str, **kwargs):
+    """`from_pretrained` with one clear error for a missing local folder or a hub name that cannot be fetched."""
+    if source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
+        raise FileNotFoundError(f"{what} folder '{source}' does not exist")
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as err:
+        if Path(source).exists():
+            raise
+        raise HubUnavailableError(
+            f"could not load {what} '{source}': it is not a local folder and the Hugging Face hub could not "
+            f"provide it ({type(err).__name__}). Point the config at local files instead, e.g. "
+            f"`student.path=/path/to/model_dir` (a folder written by save_pretrained), or set HF_HOME to a "
+            f"cache that holds it."
+        ) from err
+
+
+def load_tokenizer(model_cfg: Mapping[str, Any]) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, left-padded (generation appends to the right of the prompt)."""
+    tokenizer = _from_pretrained(AutoTokenizer, _tokenizer_source(model_cfg), "tokenizer")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A pretrained model from `path`, or a randomly initialised `architecture` sized by `config`.
+
+    Random init draws from torch's global RNG, so the run seed fixes it.
+    """
+    dtype = DTYPES[model_cfg.get("dtype", "float32")]
+    if model_cfg.get("path"):
+        source = str(model_cfg["path"])
+        config = _from_pretrained(AutoConfig, source, "model config")
+        loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        kwargs = {"dtype": dtype}
+        if model_cfg.get("attn_implementation"):
+            kwargs["attn_implementation"] = model_cfg["attn_implementation"]
+        return _from_pretrained(loader, source, "model", **kwargs)
+
+    architecture = model_cfg.get("architecture")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"model '{model_cfg.get('name')}': architecture={architecture!r}; known: {sorted(ARCHITECTURES)}")
+    config_cls, model_cls = ARCHITECTURES[architecture]
+    special = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    if architecture == "t5":
+        special["decoder_start_token_id"] = tokenizer.pad_token_id
+    config = config_cls(**special, **dict(model_cfg.get("config") or {}))
+    model = model_cls(config).to(dtype)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def is_encoder_decoder(model: PreTrainedModel) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def score_targets(
+    model: PreTrainedModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    target_ids: Tensor,
+    target_mask: Tensor,
+) -> Tensor:
+    """Logits (batch, target_len, vocab) where `logits[:, t]` predicts `target_ids[:, t]`.
+
+    Prompts are left-padded and targets right-padded. A decoder-only model reads prompt+target and only the
+    target positions go through the LM head (`logits_to_keep`), which is most of the saving on long prompts.
+    An encoder-decoder model encodes the prompt and reads the target shifted right behind its start token.
+    """
+    target_len = target_ids.shape[1]
+    if is_encoder_decoder(model):
+        start = torch.full_like(target_ids[:, :1], model.config.decoder_start_token_id)
+        decoder_ids = torch.cat([start, target_ids[:, :-1]], dim=1)
+        decoder_mask = torch.cat([torch.ones_like(target_mask[:, :1]), target_mask[:, :-1]], dim=1)
+        out = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask.long(),
+            decoder_input_ids=decoder_ids,
+            decoder_attention_mask=decoder_mask.long(),
+            use_cache=False,
+        )
+        return out.logits
+    input_ids = torch.cat([prompt_ids, target_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, target_mask], dim=1).long()
+    # Left padding shifts where each row starts: positions count real tokens only.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=target_len + 1,
+    )
+    return out.logits[:, :-1]
+
+
+def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """True when both tokenizers map the same strings to the same ids (what token-level losses need)."""
+    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
+

@@ -1,0 +1,197 @@
+"""DistillationModule: a trainable student and a frozen teacher in one LightningModule.
+
+One training step (GKD Algorithm 1): the data policy picks where the targets come from (ground truth, teacher
+samples, or the student's own samples), both models score the same target tokens, and one objective compares them
+over response positions only. The teacher never trains: no grad, eval mode whatever Lightning does to the module,
+left out of the optimizer, of checkpoints and of the student export.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kdlab.data.tasks import Task
+from kdlab.generation import SamplingSettings, generate_targets
+from kdlab.losses.objective import Objective
+from kdlab.models import score_targets
+from kdlab.policy import STUDENT, DataPolicy
+
+TEACHER_PREFIX = "teacher."
+
+
+class DistillationModule(L.LightningModule):
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        objective: Objective,
+        policy: DataPolicy,
+        task: Task,
+        teacher: PreTrainedModel | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        eval_sampling: SamplingSettings = SamplingSettings(do_sample=False),
+    ):
+        super().__init__()
+        if objective.needs_teacher and teacher is None:
+            raise ValueError(f"loss={objective.name} compares the student with a teacher, but no teacher was given")
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.tokenizer = tokenizer
+        self.objective = objective
+        self.policy = policy
+        self.task = task
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+        self.scheduler_factory = scheduler
+        self.eval_sampling = eval_sampling
+        self.eval_role = "student"  # which model validation generates with: "student" or "teacher"
+        self.last_scores: dict[str, float] = {}
+        self.last_predictions: list[str] = []
+        self.strict_loading = False  # checkpoints leave the teacher out; it is rebuilt from its config
+        self._predictions: list[str] = []
+        self._references: list[str] = []
+        self._onpolicy_steps = 0
+        self._policy_steps = 0
+        self._step_start = 0.0
+        self._step_tokens = 0
+        self.train_tokens = 0  # scored response tokens seen in training (this process)
+
+    # -- modes ---------------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "DistillationModule":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # no dropout in the teacher, ever
+        return self
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def _targets(self, batch: dict, source: str) -> tuple[Tensor, Tensor]:
+        if source == "ground_truth":
+            return batch["target_ids"], batch["target_mask"]
+        model = self.student if source == STUDENT else self.teacher
+        return generate_targets(
+            model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            self.policy.sampling,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            synced_gpus=self._sharded,
+        )
+
+    @property
+    def _sharded(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    def _loss(self, batch: dict, target_ids: Tensor, target_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        prompt = (batch["prompt_ids"], batch["prompt_mask"])
+        student_logits = score_targets(self.student, *prompt, target_ids, target_mask)
+        teacher_logits = None
+        if self.objective.needs_teacher:
+            with torch.no_grad():
+                teacher_logits = score_targets(self.teacher, *prompt, target_ids, target_mask)
+            # Same tokenizer, but checkpoints may pad their embedding matrices to different sizes.
+            vocab = len(self.tokenizer)
+            if student_logits.shape[-1] != teacher_logits.shape[-1]:
+                student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
+        return self.objective(student_logits, teacher_logits, target_ids, target_mask)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        source = self.policy.draw(self.trainer.fit_loop.total_batch_idx)
+        target_ids, target_mask = self._targets(batch, source)
+        loss, components = self._loss(batch, target_ids, target_mask)
+
+        self._policy_steps += 1
+        self._onpolicy_steps += int(source == STUDENT)
+        self._step_tokens = int(target_mask.sum())
+        self.train_tokens += self._step_tokens
+        batch_size = target_ids.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, value in components.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        self.log("train/onpolicy", float(source == STUDENT), batch_size=batch_size)
+        self.log("train/onpolicy_fraction", self.onpolicy_fraction, batch_size=batch_size)
+        self.log("train/target_tokens", float(self._step_tokens), batch_size=batch_size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Scored response tokens per second of the whole step: sampling, both forwards, backward, optimizer.
+        elapsed = time.perf_counter() - self._step_start
+        self.log("train/tokens_per_sec", self._step_tokens / max(elapsed, 1e-9), prog_bar=True)
+
+    @property
+    def onpolicy_fraction(self) -> float:
+        """Share of training steps so far whose targets were the student's own samples."""
+        return self._onpolicy_steps / max(1, self._policy_steps)
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._predictions, self._references = [], []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        model = self.teacher if self.eval_role == "teacher" else self.student
+        ids, _ = generate_targets(
+            model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            self.eval_sampling,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            synced_gpus=self._sharded,
+        )
+        self._predictions.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
+        self._references.extend(batch["reference"])
+        if self.eval_role == "student" and (self.teacher is not None or not self.objective.needs_teacher):
+            loss, _ = self._loss(batch, batch["target_ids"], batch["target_mask"])
+            self.log("val/loss", loss, batch_size=ids.shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        predictions, references = _gather(self._predictions), _gather(self._references)
+        self.last_scores = self.task.score(predictions, references)
+        self.last_predictions = predictions
+        prefix = "teacher" if self.eval_role == "teacher" else "val"
+        for name, value in self.last_scores.items():
+            self.log(f"{prefix}/{name}", value, prog_bar=True)
+
+    # -- optimisation and checkpoints ----------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory([p for p in self.student.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(TEACHER_PREFIX)
+        }
+        checkpoint["kdlab_policy_counts"] = (self._onpolicy_steps, self._policy_steps)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._onpolicy_steps, self._policy_steps = checkpoint.get("kdlab_policy_counts", (0, 0))
+
+    def export_student(self, directory: str) -> None:
+        """The student alone, in Hugging Face format with its tokenizer (loadable with `from_pretrained`)."""
+        self.student.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+
+def _gather(items: list[str]) -> list[str]:
+    """Every rank's items, in rank order (validation data is split across ranks)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    gathered: list[list[str]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]

@@ -1,0 +1,192 @@
+"""`run(cfg)`: one distillation experiment from a composed config, top to bottom.
+
+validate -> seed -> data -> models -> module -> loggers, callbacks, trainer -> score teacher and student ->
+fit -> score student -> export student -> results.json. Loggers close in `finally`, so one failed job cannot
+break a sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from kdlab.config import config_errors, raise_if_any, register_resolvers, vocabulary_errors
+from kdlab.data.datamodule import DistillationDataModule
+from kdlab.data.tasks import Task
+from kdlab.generation import SamplingSettings
+from kdlab.losses.objective import build_objective
+from kdlab.models import HubUnavailableError, load_model, load_tokenizer, same_vocabulary
+from kdlab.module import DistillationModule
+from kdlab.policy import DataPolicy
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def validate(cfg: DictConfig) -> tuple[Any, Any]:
+    """Check the whole config; returns the (student, teacher) tokenizers it had to load to compare vocabularies."""
+    errors = config_errors(cfg)
+    tokenizers = {}
+    for role in ("student", "teacher"):
+        if cfg.get(role) is None:
+            tokenizers[role] = None
+            continue
+        try:
+            tokenizers[role] = load_tokenizer(cfg[role])
+        except (OSError, ValueError, HubUnavailableError) as err:
+            errors.append(f"{role}: {err}")
+            tokenizers[role] = None
+    if tokenizers["student"] is not None and tokenizers["teacher"] is not None:
+        errors += vocabulary_errors(
+            cfg.loss.name,
+            same_vocabulary(tokenizers["student"], tokenizers["teacher"]),
+            cfg.student.get("name"),
+            cfg.teacher.get("name"),
+        )
+    raise_if_any(errors)
+    return tokenizers["student"], tokenizers["teacher"]
+
+
+def build_policy(cfg: DictConfig) -> DataPolicy:
+    return DataPolicy(
+        student_fraction=float(cfg.policy.student_fraction),
+        fixed_source=cfg.policy.fixed_source,
+        sampling=SamplingSettings(**cfg.policy.sampling),
+        seed=int(cfg.seed),
+    )
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = [hydra.utils.instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(config)
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> L.Trainer:
+    strategy = cfg.strategy
+    strategy = hydra.utils.instantiate(strategy) if "_target_" in strategy else strategy.name
+    checkpoints = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+    )
+    callbacks = [checkpoints, LearningRateMonitor(logging_interval="step")]
+    return hydra.utils.instantiate(
+        cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir)
+    )
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """`ckpt_path=last` resumes from this run directory's `checkpoints/last.ckpt`."""
+    if ckpt_path == "last":
+        return str(output_dir / "checkpoints" / "last.ckpt")
+    return ckpt_path
+
+
+def evaluate(trainer: L.Trainer, module: DistillationModule, datamodule, role: str) -> dict[str, float]:
+    """The task metric of `role` ("student" or "teacher") by generation on the validation split."""
+    module.eval_role = role
+    try:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    finally:
+        module.eval_role = "student"
+    return dict(module.last_scores)
+
+
+def format_results_table(results: dict[str, Any]) -> str:
+    rows = [("teacher", results["teacher"]), ("student before", results["student_before"]),
+            ("student after", results["student_after"])]
+    names = list(results["metrics"])
+    lines = [f"{'':16}" + "".join(f"{n:>12}" for n in names)]
+    for label, scores in rows:
+        cells = "".join(f"{scores[n]:>12.4f}" if scores and n in scores else f"{'-':>12}" for n in names)
+        lines.append(f"{label:16}" + cells)
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> float:
+    """Run one experiment; returns the student's final task metric (what a sweeper optimises)."""
+    register_resolvers()
+    student_tokenizer, teacher_tokenizer = validate(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    task = Task.from_config(cfg.task)
+    datamodule = DistillationDataModule(task, student_tokenizer, seed=int(cfg.seed))
+    student = load_model(cfg.student, student_tokenizer)
+    teacher = load_model(cfg.teacher, teacher_tokenizer) if cfg.get("teacher") is not None else None
+    module = DistillationModule(
+        student=student,
+        tokenizer=student_tokenizer,
+        objective=build_objective(cfg.loss),
+        policy=build_policy(cfg),
+        task=task,
+        teacher=teacher,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        eval_sampling=SamplingSettings(**task.config.generation),
+    )
+
+    loggers = build_loggers(cfg)
+    succeeded = False
+    try:
+        trainer = build_trainer(cfg, loggers, output_dir)
+        if trainer.is_global_zero:
+            OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+        teacher_scores = evaluate(trainer, module, datamodule, "teacher") if teacher and cfg.eval.teacher else None
+        before = evaluate(trainer, module, datamodule, "student") if cfg.eval.before else None
+
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+        wall_time = time.perf_counter() - start
+        trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
+
+        after = evaluate(trainer, module, datamodule, "student")
+        results = {
+            "task": task.name,
+            "metric": task.metric_name,
+            "metrics": after,
+            "teacher": teacher_scores,
+            "student_before": before,
+            "student_after": after,
+            "steps": trainer.global_step,
+            "wall_time_s": round(wall_time, 3),
+            "train_tokens": module.train_tokens,
+            "tokens_per_sec": round(module.train_tokens / max(wall_time, 1e-9), 2),
+            "onpolicy_fraction": module.onpolicy_fraction,
+            "loss": cfg.loss.name,
+            "student_fraction": float(cfg.policy.student_fraction),
+            "seed": int(cfg.seed),
+        }
+        if trainer.is_global_zero:
+            if cfg.export:
+                module.export_student(str(output_dir / "student"))
+            (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+            print(f"\n{format_results_table(results)}\n\nrun directory: {output_dir}")
+        succeeded = True
+        return float(after[task.metric_name])
+    finally:
+        _close_loggers(loggers, succeeded)
+
+
+def _close_loggers(loggers: list, succeeded: bool) -> None:
+    for logger in loggers:
+        try:
+            logger.finalize("success" if succeeded else "failed")
+            if type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                wandb.finish(exit_code=0 if succeeded else 1)
+        except Exception as err:  # a logger that fails to close must not hide the run's own error
+            print(f"warning: closing {type(logger).__name__} failed: {err}")

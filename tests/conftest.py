@@ -1,0 +1,70 @@
+"""Shared fixtures: offline environment, the composed config, tiny models built in code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No test may reach the network: the hub and W&B are off for the whole session.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# A fast end-to-end setting: tiny random models, few examples, short samples.
+TINY_RUN = [
+    "teacher=tiny",
+    "student=tiny",
+    "trainer.max_steps=3",
+    "trainer.log_every_n_steps=1",
+    "task.train_size=64",
+    "task.val_size=16",
+    "task.eval_examples=8",
+    "task.batch_size=4",
+    "task.eval_batch_size=8",
+    "task.generation.max_new_tokens=12",
+    "policy.sampling.max_new_tokens=12",
+    "checkpoint.every_n_train_steps=2",
+]
+
+
+def compose(overrides: list[str] | None = None, output_dir: Path | None = None):
+    """The config `python train.py <overrides>` would run, composed in-process."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from kdlab.config import register_resolvers
+
+    register_resolvers()
+    overrides = list(overrides or [])
+    if output_dir is not None:
+        overrides.append(f"output_dir={output_dir}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from kdlab.models import load_tokenizer
+
+    return load_tokenizer({"tokenizer": str(REPO / "src/kdlab/assets/arith/tokenizer")})
+
+
+def tiny_model(tokenizer, architecture: str = "llama", seed: int = 0, width: int = 32):
+    import torch
+
+    from kdlab.models import load_model
+
+    torch.manual_seed(seed)
+    if architecture == "llama":
+        config = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=256)
+    else:
+        config = dict(d_model=width, d_ff=2 * width, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2)
+    return load_model({"name": f"tiny-{architecture}", "architecture": architecture, "config": config}, tokenizer)

@@ -1,0 +1,103 @@
+"""Every config option composes; overrides land where they should; bad values fail at start-up naming the fix."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from kdlab.config import ConfigError, config_errors
+from kdlab.train import validate
+from tests.conftest import CONF_DIR, compose
+
+GROUPS = ["task", "teacher", "student", "loss", "policy", "trainer", "strategy", "logger", "experiment", "debug"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+# Options that are only valid together with others (no teacher means SFT).
+COMPANIONS = {"teacher=none": ["loss=sft", "policy=supervised"], "loss=sft": ["policy=supervised"]}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_composes_resolves_and_validates(group, option, tmp_path):
+    override = f"{group}={option}"
+    cfg = compose([override, *COMPANIONS.get(override, [])], output_dir=tmp_path)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert config_errors(cfg) == []
+
+
+def test_each_group_has_options():
+    for group in GROUPS:
+        assert _options(group), f"conf/{group}/ is empty"
+
+
+def test_default_config_is_the_embedded_arith_distillation(tmp_path):
+    cfg = compose([], output_dir=tmp_path)
+    assert (cfg.task.name, cfg.loss.name, cfg.policy.student_fraction) == ("arith", "jsd", 0.5)
+    assert Path(cfg.teacher.path).is_dir() and Path(cfg.student.path).is_dir()
+    assert config_errors(cfg) == []
+
+
+def test_overrides_land(tmp_path):
+    cfg = compose(["loss=rkl", "policy=onpolicy", "seed=3"], output_dir=tmp_path)
+    assert cfg.loss.name == "rkl" and cfg.policy.student_fraction == 1.0 and cfg.seed == 3
+    cfg = compose(["loss=jsd", "loss.beta=0.9", "policy.student_fraction=0.25"], output_dir=tmp_path)
+    assert cfg.loss.beta == 0.9 and cfg.policy.student_fraction == 0.25
+
+
+def test_teacher_none_means_no_teacher(tmp_path):
+    cfg = compose(["teacher=none", "loss=sft", "policy=supervised"], output_dir=tmp_path)
+    assert cfg.teacher is None and config_errors(cfg) == []
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["policy.student_fraction=1.5"], "policy.student_fraction=1.5 is outside [0, 1]"),
+        (["loss.beta=1.2"], "loss.beta=1.2 is outside [0, 1]"),
+        (["loss=skl", "loss.alpha=-0.1"], "loss.alpha=-0.1 is outside [0, 1]"),
+        (["+task.batchsize=4"], "task.batchsize is not a task field; did you mean task.batch_size?"),
+        (["loss=fkl", "teacher=none"], "pick a teacher or use loss=sft"),
+        (["loss=sft", "policy=onpolicy"], "use policy=supervised"),
+        (["+loss.gamma=1"], "loss.gamma does not apply to loss=jsd"),
+        (["loss.temperature=0"], "loss.temperature=0 must be > 0"),
+        (["policy.sampling.top_p=0"], "top_p=0 must be in (0, 1]"),
+        (["policy=seqkd", "teacher=none", "loss=sft"], "samples from the teacher but teacher=null"),
+    ],
+)
+def test_bad_values_fail_with_the_fix(overrides, message, tmp_path):
+    cfg = compose(overrides, output_dir=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert message in str(err.value)
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    cfg = compose(["policy.student_fraction=2", "loss.beta=3", "+task.foo=1"], output_dir=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    text = str(err.value)
+    assert "student_fraction" in text and "loss.beta" in text and "task.foo" in text
+
+
+def test_same_vocabulary_loss_with_different_tokenizers_stops(tmp_path):
+    from kdlab.data.tokenizer import train_tokenizer
+
+    other = train_tokenizer(["completely different text corpus " * 20, "with other words"], vocab_size=300)
+    other.save_pretrained(tmp_path / "other_tokenizer")
+    cfg = compose(["teacher=tiny", f"teacher.tokenizer={tmp_path / 'other_tokenizer'}", "loss=fkl"],
+                  output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="different vocabularies") as err:
+        validate(cfg)
+    assert "loss=ot" in str(err.value) and "loss=uld" in str(err.value)
+    # the shared-tokenizer pair passes
+    cfg = compose(["teacher=tiny", "loss=fkl"], output_dir=tmp_path)
+    validate(cfg)
+
+
+def test_missing_local_model_path_is_reported_not_raised_deep(tmp_path):
+    cfg = compose([f"student.path={tmp_path / 'nope'}"], output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="student:"):
+        validate(cfg)

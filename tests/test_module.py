@@ -1,0 +1,96 @@
+"""DistillationModule: frozen teacher, student-only optimizer, checkpoints without the teacher, the step's loss."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from kdlab.data.datamodule import DistillationDataModule
+from kdlab.data.tasks import Task
+from kdlab.generation import SamplingSettings
+from kdlab.losses import forward_kl
+from kdlab.losses.objective import Objective
+from kdlab.models import score_targets
+from kdlab.module import DistillationModule
+from kdlab.policy import DataPolicy
+from tests.conftest import tiny_model
+
+TASK = {"name": "arith", "train_size": 32, "val_size": 8, "eval_examples": 8, "batch_size": 4, "eval_batch_size": 8,
+        "generation": {"max_new_tokens": 8, "do_sample": False}}
+
+
+def _module(tokenizer, fraction=1.0, loss="rkl", teacher=True):
+    task = Task.from_config(TASK)
+    module = DistillationModule(
+        student=tiny_model(tokenizer, seed=0),
+        tokenizer=tokenizer,
+        objective=Objective(loss),
+        policy=DataPolicy(fraction, sampling=SamplingSettings(max_new_tokens=8)),
+        task=task,
+        teacher=tiny_model(tokenizer, seed=1, width=48) if teacher else None,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )
+    return module, DistillationDataModule(task, tokenizer)
+
+
+def _fit(module, datamodule, steps=2):
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
+def test_teacher_stays_frozen_in_eval_mode_and_unchanged(tokenizer):
+    module, datamodule = _module(tokenizer)
+    teacher_before = copy.deepcopy(module.teacher.state_dict())
+    student_before = copy.deepcopy(module.student.state_dict())
+    module.train()
+    assert module.student.training and not module.teacher.training
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    _fit(module, datamodule)
+    assert all(torch.equal(v, module.teacher.state_dict()[k]) for k, v in teacher_before.items())
+    assert any(not torch.equal(v, module.student.state_dict()[k]) for k, v in student_before.items())
+    assert not module.teacher.training
+
+
+def test_optimizer_sees_student_parameters_only(tokenizer):
+    module, _ = _module(tokenizer)
+    optimizer = module.configure_optimizers()
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in module.student.parameters()}
+
+
+def test_checkpoint_leaves_the_teacher_out(tokenizer):
+    module, _ = _module(tokenizer)
+    checkpoint = {"state_dict": module.state_dict()}
+    assert any(k.startswith("teacher.") for k in checkpoint["state_dict"])
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and all(k.startswith("student.") for k in checkpoint["state_dict"])
+
+
+def test_training_step_loss_is_the_divergence_on_ground_truth_targets(tokenizer):
+    module, datamodule = _module(tokenizer, fraction=0.0, loss="fkl")
+    captured = {}
+    original_end = module.on_train_batch_end
+
+    def capture(outputs, batch, batch_idx):  # what the first step returned, and on which batch
+        captured.setdefault("loss", outputs["loss"].detach())
+        captured.setdefault("batch", batch)
+        original_end(outputs, batch, batch_idx)
+
+    module.on_train_batch_end = capture
+    student_before = copy.deepcopy(module.student).eval()
+    _fit(module, datamodule, steps=1)
+    batch = captured["batch"]
+    args = (batch["prompt_ids"], batch["prompt_mask"], batch["target_ids"], batch["target_mask"])
+    with torch.no_grad():
+        expected = forward_kl(score_targets(student_before, *args), score_targets(module.teacher, *args),
+                              batch["target_mask"])
+    torch.testing.assert_close(captured["loss"], expected, atol=1e-6, rtol=1e-6)
+
+
+def test_divergence_without_teacher_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="no teacher"):
+        _module(tokenizer, loss="jsd", teacher=False)

@@ -72,9 +72,11 @@ def test_encoder_decoder_models_use_the_same_path(tmp_path):
 
 
 def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path):
-    _run(tmp_path, [])
-    _, results = _run(tmp_path, ["ckpt_path=last", "trainer.max_steps=5"])
-    assert results["steps"] == 5
+    _, first = _run(tmp_path, [])
+    _, resumed = _run(tmp_path, ["ckpt_path=last", "trainer.max_steps=5"])
+    assert resumed["steps"] == 5
+    # it ran the 2 missing steps only, not 5 from scratch (about 2/3 of the first run's 3 steps of tokens)
+    assert resumed["train_tokens"] < first["train_tokens"]
 
 
 def test_wandb_logger_runs_offline_with_name_group_and_tags(tmp_path):

@@ -23,26 +23,26 @@ from kdlab.config import register_resolvers
 from kdlab.data.tasks import Task
 from kdlab.data.tokenizer import train_tokenizer
 
-ARITH_DIR = ASSETS_DIR / "arith"
 TOKENIZER_VOCAB = 1024  # saturates near 750: every word of the templates becomes one token
 
 
-def build_tokenizer(config_dir: Path) -> None:
+def build_tokenizer(config_dir: Path, assets_dir: Path) -> None:
     task = Task.from_config(_compose(config_dir, []).task)
     train = task.splits()["train"]
     tokenizer = train_tokenizer((task.prompt(e) + task.target(e) for e in train), vocab_size=TOKENIZER_VOCAB)
-    tokenizer.save_pretrained(ARITH_DIR / "tokenizer")
-    print(f"tokenizer: {len(tokenizer)} tokens -> {ARITH_DIR / 'tokenizer'}")
+    tokenizer.save_pretrained(assets_dir / "tokenizer")
+    print(f"tokenizer: {len(tokenizer)} tokens -> {assets_dir / 'tokenizer'}")
 
 
-def build_model(config_dir: Path, role: str, work_dir: Path) -> dict:
+def build_model(config_dir: Path, role: str, work_dir: Path, assets_dir: Path, overrides: list[str]) -> dict:
     from kdlab.train import run
 
     output_dir = work_dir / role
     shutil.rmtree(output_dir, ignore_errors=True)
-    cfg = _compose(config_dir, [f"experiment=arith_{role}_sft", f"output_dir={output_dir}"])
+    tokenizer = f"student.tokenizer={assets_dir / 'tokenizer'}"
+    cfg = _compose(config_dir, [f"experiment=arith_{role}_sft", f"output_dir={output_dir}", tokenizer, *overrides])
     run(cfg)
-    target = ARITH_DIR / role
+    target = assets_dir / role
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(output_dir / "student", target)
     results = json.loads((output_dir / "results.json").read_text())
@@ -56,20 +56,23 @@ def _compose(config_dir: Path, overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-dir", type=Path, default=Path("conf"), help="kdlab's conf/ folder")
     parser.add_argument("--work-dir", type=Path, default=Path("outputs/assets"), help="where the SFT runs are written")
+    parser.add_argument("--assets-dir", type=Path, default=ASSETS_DIR / "arith",
+                        help="where the tokenizer/, teacher/ and student/ folders go (default: the shipped ones)")
     parser.add_argument("--only", choices=["tokenizer", "teacher", "student"], help="rebuild one part only")
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both SFT runs, e.g. trainer.max_steps=2")
+    args = parser.parse_args(argv)
     if not (args.config_dir / "train.yaml").exists():
         parser.error(f"{args.config_dir}/train.yaml not found: run from the repository root or pass --config-dir")
     if args.only in (None, "tokenizer"):
-        build_tokenizer(args.config_dir)
+        build_tokenizer(args.config_dir, args.assets_dir)
     summary = {}
     for role in ("teacher", "student"):
         if args.only in (None, role):
-            summary[role] = build_model(args.config_dir, role, args.work_dir)["metrics"]
+            summary[role] = build_model(args.config_dir, role, args.work_dir, args.assets_dir, args.overrides)["metrics"]
     if summary:
         print(json.dumps(summary, indent=2))
 

@@ -9,6 +9,7 @@ left out of the optimizer, of checkpoints and of the student export.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable
 
 import lightning as L
@@ -24,6 +25,9 @@ from kdlab.models import score_targets
 from kdlab.policy import STUDENT, DataPolicy
 
 TEACHER_PREFIX = "teacher."
+
+# Lightning warns when submodules are in eval mode as training starts; the frozen teacher is, by design.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
 class DistillationModule(L.LightningModule):

@@ -89,11 +89,12 @@ class DistillationModule(L.LightningModule):
             self.policy.sampling,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            synced_gpus=self._sharded,
+            synced_gpus=self._multi_process,
         )
 
     @property
-    def _sharded(self) -> bool:
+    def _multi_process(self) -> bool:
+        # ranks sample different lengths: keep generate() in lockstep so no rank waits on a finished one
         return self._trainer is not None and self.trainer.world_size > 1
 
     def _loss(self, batch: dict, target_ids: Tensor, target_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -153,7 +154,7 @@ class DistillationModule(L.LightningModule):
             self.eval_sampling,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            synced_gpus=self._sharded,
+            synced_gpus=self._multi_process,
         )
         self._predictions.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
         self._references.extend(batch["reference"])

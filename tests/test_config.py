@@ -101,3 +101,13 @@ def test_missing_local_model_path_is_reported_not_raised_deep(tmp_path):
     cfg = compose([f"student.path={tmp_path / 'nope'}"], output_dir=tmp_path)
     with pytest.raises(ConfigError, match="student:"):
         validate(cfg)
+
+
+def test_unreachable_hub_model_gives_one_clear_error_naming_local_files(tmp_path):
+    # HF_HUB_OFFLINE=1 (conftest) stands for a machine without network; the name is not in any local cache
+    cfg = compose(["student.path=kdlab-test/not-a-cached-model"], output_dir=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    text = str(err.value)
+    assert "kdlab-test/not-a-cached-model" in text and "student.path=/path/to/model_dir" in text
+    assert "Traceback" not in text

@@ -94,3 +94,37 @@ def test_training_step_loss_is_the_divergence_on_ground_truth_targets(tokenizer)
 def test_divergence_without_teacher_is_refused(tokenizer):
     with pytest.raises(ValueError, match="no teacher"):
         _module(tokenizer, loss="jsd", teacher=False)
+
+
+@pytest.mark.parametrize("fraction,fixed_source,sampler", [(1.0, "ground_truth", "student"), (0.0, "teacher", "teacher"),
+                                                           (0.0, "ground_truth", None)])
+def test_each_step_trains_on_the_source_the_policy_drew(tokenizer, monkeypatch, fraction, fixed_source, sampler):
+    import kdlab.module
+
+    module, datamodule = _module(tokenizer, fraction=fraction, loss="jsd")
+    module.policy = DataPolicy(fraction, fixed_source=fixed_source, sampling=SamplingSettings(max_new_tokens=6))
+    calls = []
+    real_generate = kdlab.module.generate_targets
+
+    def recording_generate(model, *args, **kwargs):
+        modes = []  # the model's train flag at every forward pass made while sampling
+        hook = model.register_forward_pre_hook(lambda m, _: modes.append(m.training))
+        ids, mask = real_generate(model, *args, **kwargs)
+        hook.remove()
+        calls.append((model, ids, mask, any(modes)))
+        return ids, mask
+
+    monkeypatch.setattr(kdlab.module, "generate_targets", recording_generate)
+    scored = []
+    real_loss = module._loss
+    module._loss = lambda batch, ids, mask: scored.append((ids, mask)) or real_loss(batch, ids, mask)
+    _fit(module, datamodule, steps=2)
+
+    if sampler is None:
+        assert calls == []  # ground truth: nothing sampled
+        return
+    assert len(calls) == 2 and all(model is getattr(module, sampler) for model, *_ in calls)
+    assert not any(training for *_, training in calls)  # every sampling forward ran in eval mode
+    for (_, ids, mask, _), (scored_ids, scored_mask) in zip(calls, scored):
+        assert torch.equal(ids, scored_ids) and torch.equal(mask, scored_mask)  # the loss saw exactly those samples
+        assert ids.shape[1] <= 6

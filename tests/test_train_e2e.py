@@ -53,6 +53,14 @@ def test_run_directory_contract(tmp_path):
         assert key in results
     assert results["tokens_per_sec"] > 0 and results["train_tokens"] > 0
     assert (tmp_path / "config.yaml").is_file()
+    # the reported scores are the GSM8K accuracy of the saved generations, recomputed here without evaluate
+    from kdlab.data.answers import accuracy
+
+    for name in ("teacher", "student_before", "student_after"):
+        rows = [json.loads(line) for line in (tmp_path / "generations" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == 8
+        expected = accuracy([r["prediction"] for r in rows], [r["reference"] for r in rows])
+        assert results[name]["accuracy"] == pytest.approx(expected)
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 3
     assert checkpoint["state_dict"] and not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
@@ -89,15 +97,17 @@ def test_wandb_logger_runs_offline_with_name_group_and_tags(tmp_path):
 
 
 def test_train_py_entry_point_on_shipped_checkpoints(tmp_path):
-    """The real entry point with the embedded default's models, cut to a few steps."""
+    """The real entry point with the embedded default's models, cut to a few steps and 8 validation problems."""
     cmd = [sys.executable, "train.py", f"hydra.run.dir={tmp_path}", "trainer.max_steps=2",
-           "task.eval_examples=8", "task.eval_batch_size=8", "task.generation.max_new_tokens=48",
-           "policy.sampling.max_new_tokens=48", "task.train_size=64", "task.batch_size=4"]
+           "task.eval_examples=8", "task.eval_batch_size=8", "policy.sampling.max_new_tokens=48",
+           "task.train_size=64", "task.batch_size=4"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "student after" in done.stdout and "teacher" in done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["steps"] == 2 and results["teacher"]["accuracy"] >= results["student_before"]["accuracy"]
+    # the shipped teacher solves most of these problems (0.62 on 200); the shipped student almost none (0.025)
+    assert results["steps"] == 2 and results["teacher"]["accuracy"] >= 0.25  # 3 of these 8
+    assert results["teacher"]["accuracy"] > results["student_before"]["accuracy"]
 
 
 def test_ddp_on_two_cpu_processes(tmp_path):

@@ -61,6 +61,7 @@ class DistillationModule(L.LightningModule):
         self.eval_role = "student"  # which model validation generates with: "student" or "teacher"
         self.last_scores: dict[str, float] = {}
         self.last_predictions: list[str] = []
+        self.last_references: list[str] = []
         self.strict_loading = False  # checkpoints leave the teacher out; it is rebuilt from its config
         self._predictions: list[str] = []
         self._references: list[str] = []
@@ -165,7 +166,7 @@ class DistillationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         predictions, references = _gather(self._predictions), _gather(self._references)
         self.last_scores = self.task.score(predictions, references)
-        self.last_predictions = predictions
+        self.last_predictions, self.last_references = predictions, references
         prefix = "teacher" if self.eval_role == "teacher" else "val"
         for name, value in self.last_scores.items():
             self.log(f"{prefix}/{name}", value, prog_bar=True)

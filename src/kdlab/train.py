@@ -93,13 +93,19 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return ckpt_path
 
 
-def evaluate(trainer: L.Trainer, module: DistillationModule, datamodule, role: str) -> dict[str, float]:
-    """The task metric of `role` ("student" or "teacher") by generation on the validation split."""
+def evaluate(trainer: L.Trainer, module: DistillationModule, datamodule, role: str, save_as: Path) -> dict[str, float]:
+    """The task metric of `role` ("student" or "teacher") by generation on the validation split; the generations
+    go to `save_as` (JSON lines: prediction, reference) so a score can be checked by reading what was scored."""
     module.eval_role = role
     try:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     finally:
         module.eval_role = "student"
+    if trainer.is_global_zero:
+        save_as.parent.mkdir(parents=True, exist_ok=True)
+        with save_as.open("w") as f:
+            for prediction, reference in zip(module.last_predictions, module.last_references):
+                f.write(json.dumps({"prediction": prediction, "reference": reference}) + "\n")
     return dict(module.last_scores)
 
 
@@ -144,15 +150,20 @@ def run(cfg: DictConfig) -> float:
         trainer = build_trainer(cfg, loggers, output_dir)
         if trainer.is_global_zero:
             OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
-        teacher_scores = evaluate(trainer, module, datamodule, "teacher") if teacher and cfg.eval.teacher else None
-        before = evaluate(trainer, module, datamodule, "student") if cfg.eval.before else None
+        generations = output_dir / "generations"
+        teacher_scores = None
+        if teacher is not None and cfg.eval.teacher:
+            teacher_scores = evaluate(trainer, module, datamodule, "teacher", generations / "teacher.jsonl")
+        before = None
+        if cfg.eval.before:
+            before = evaluate(trainer, module, datamodule, "student", generations / "student_before.jsonl")
 
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
         wall_time = time.perf_counter() - start
         trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
 
-        after = evaluate(trainer, module, datamodule, "student")
+        after = evaluate(trainer, module, datamodule, "student", generations / "student_after.jsonl")
         results = {
             "task": task.name,
             "metric": task.metric_name,

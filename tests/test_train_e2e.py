@@ -105,8 +105,8 @@ def test_train_py_entry_point_on_shipped_checkpoints(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "student after" in done.stdout and "teacher" in done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
-    # the shipped teacher solves most of these problems (0.62 on 200); the shipped student almost none (0.025)
-    assert results["steps"] == 2 and results["teacher"]["accuracy"] >= 0.25  # 3 of these 8
+    # the shipped teacher scores 0.62 and the student 0.36 on all 200; on these first 8, 3 and 0 (greedy, fixed data)
+    assert results["steps"] == 2 and results["teacher"]["accuracy"] >= 0.25
     assert results["teacher"]["accuracy"] > results["student_before"]["accuracy"]
 
 

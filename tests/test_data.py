@@ -1,7 +1,6 @@
 """Tasks and batching: prompt/target text, truncation rules, padding sides, EOS, reproducible order, scoring."""
 
 import pytest
-import torch
 
 from kdlab.data.datamodule import Collator, DistillationDataModule, TokenizedExamples, pad
 from kdlab.data.tasks import Task

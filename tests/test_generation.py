@@ -100,3 +100,10 @@ def test_score_targets_aligns_logits_with_targets_and_ignores_padding(tokenizer,
         else:  # reference: HF's own label shifting
             reference = model(input_ids=p, labels=t).logits[0]
         torch.testing.assert_close(batched[row, : t.shape[1]], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_model_dtype_is_named(tokenizer):
+    from kdlab.models import load_model
+
+    with pytest.raises(ValueError, match=r"dtype='float8'; choose one of \['bfloat16', 'float16', 'float32'\]"):
+        load_model({"name": "tiny", "architecture": "llama", "dtype": "float8", "config": {}}, tokenizer)

@@ -77,6 +77,8 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
 
     Random init draws from torch's global RNG, so the run seed fixes it.
     """
+    if model_cfg.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"model '{model_cfg.get('name')}': dtype={model_cfg['dtype']!r}; choose one of {sorted(DTYPES)}")
     dtype = DTYPES[model_cfg.get("dtype", "float32")]
     if model_cfg.get("path"):
         source = str(model_cfg["path"])

@@ -128,3 +128,16 @@ def test_each_step_trains_on_the_source_the_policy_drew(tokenizer, monkeypatch, 
     for (_, ids, mask, _), (scored_ids, scored_mask) in zip(calls, scored):
         assert torch.equal(ids, scored_ids) and torch.equal(mask, scored_mask)  # the loss saw exactly those samples
         assert ids.shape[1] <= 6
+
+
+def test_lockstep_generation_only_under_sharded_strategies(tokenizer):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+
+    module, _ = _module(tokenizer)
+    assert module._sharded is False  # no trainer attached
+    for strategy, sharded in [(SingleDeviceStrategy("cpu"), False), (DDPStrategy(), False),
+                              (ModelParallelStrategy(), True)]:
+        module._trainer = SimpleNamespace(strategy=strategy)
+        assert module._sharded is sharded, type(strategy).__name__

@@ -77,9 +77,10 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
 
     Random init draws from torch's global RNG, so the run seed fixes it.
     """
-    if model_cfg.get("dtype", "float32") not in DTYPES:
-        raise ValueError(f"model '{model_cfg.get('name')}': dtype={model_cfg['dtype']!r}; choose one of {sorted(DTYPES)}")
-    dtype = DTYPES[model_cfg.get("dtype", "float32")]
+    dtype_name = model_cfg.get("dtype", "float32")
+    if dtype_name not in DTYPES:
+        raise ValueError(f"model '{model_cfg.get('name')}': dtype={dtype_name!r}; choose one of {sorted(DTYPES)}")
+    dtype = DTYPES[dtype_name]
     if model_cfg.get("path"):
         source = str(model_cfg["path"])
         config = _from_pretrained(AutoConfig, source, "model config")

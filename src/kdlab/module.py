@@ -13,6 +13,7 @@ import warnings
 from typing import Any, Callable
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -90,13 +91,14 @@ class DistillationModule(L.LightningModule):
             self.policy.sampling,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            synced_gpus=self._multi_process,
+            synced_gpus=self._sharded,
         )
 
     @property
-    def _multi_process(self) -> bool:
-        # ranks sample different lengths: keep generate() in lockstep so no rank waits on a finished one
-        return self._trainer is not None and self.trainer.world_size > 1
+    def _sharded(self) -> bool:
+        # With sharded parameters every forward pass is a collective, so a rank that finished sampling must keep
+        # stepping until all have (synced_gpus) or the others hang. DDP replicas sample independently: no sync.
+        return self._trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
     def _loss(self, batch: dict, target_ids: Tensor, target_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         prompt = (batch["prompt_ids"], batch["prompt_mask"])
@@ -155,7 +157,7 @@ class DistillationModule(L.LightningModule):
             self.eval_sampling,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            synced_gpus=self._multi_process,
+            synced_gpus=self._sharded,
         )
         self._predictions.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
         self._references.extend(batch["reference"])

@@ -1,9 +1,11 @@
 """Entry point: `python train.py [group=option ...] [key=value ...]` (Hydra); see README.md."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from kdlab.config import register_resolvers
+from kdlab.config import ConfigError, register_resolvers
 
 register_resolvers()
 
@@ -12,7 +14,10 @@ register_resolvers()
 def main(cfg: DictConfig) -> float:
     from kdlab.train import run  # imported here so `--help` and config errors stay fast
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except ConfigError as err:  # the message lists every problem and its fix; a stack trace would only bury it
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -23,14 +23,22 @@ def test_prompt_and_target_text_follow_the_templates():
     assert task.reference(example) == example["answer"]
 
 
-def test_targets_end_with_eos_and_truncation_keeps_prompt_end_and_target_start(tokenizer):
+def test_truncation_keeps_prompt_end_and_target_start_and_a_cut_target_gets_no_eos(tokenizer):
     task = Task.from_config({**SMALL, "max_prompt_tokens": 5, "max_target_tokens": 4})
     example = {"question": "one two three four five six", "answer": "alpha beta gamma delta"}
     item = TokenizedExamples([example], task, tokenizer)[0]
     prompt = tokenizer(task.prompt(example), add_special_tokens=False)["input_ids"]
     target = tokenizer(task.target(example), add_special_tokens=False)["input_ids"]
     assert item["prompt"] == prompt[-5:]
-    assert item["target"] == target[:3] + [tokenizer.eos_token_id]
+    assert item["target"] == target[:4]  # no EOS: the student must not learn to stop mid-answer
+    assert task.report.splits["train"].truncated == {"prompt": 1, "target": 1}
+
+
+def test_a_target_that_fits_ends_with_eos(tokenizer):
+    task = Task.from_config({**SMALL, "max_target_tokens": 64})
+    example = {"question": "q", "answer": "alpha"}
+    target = tokenizer(task.target(example), add_special_tokens=False)["input_ids"]
+    assert TokenizedExamples([example], task, tokenizer)[0]["target"] == target + [tokenizer.eos_token_id]
 
 
 def test_collated_batch_round_trips_to_text(tokenizer):

@@ -8,8 +8,11 @@ that needs no download. Decoder-only and encoder-decoder (T5-style, as in the GK
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,18 +21,34 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    BloomConfig,
+    BloomForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
 
-# Architectures a preset can build from config with random weights (tests, ablations, `teacher=tiny`).
+# Architectures a preset can build from config with random weights (tests, ablations, `teacher=tiny_opt`): one per
+# family of the papers' models (GKD: T5; MultiLevelOT: Llama, Mistral, Qwen2 teachers, OPT, Pythia, BLOOM students).
 ARCHITECTURES: dict[str, tuple[type, type]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "t5": (T5Config, T5ForConditionalGeneration),
+    "opt": (OPTConfig, OPTForCausalLM),
+    "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM),
+    "bloom": (BloomConfig, BloomForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,6 +65,18 @@ def _tokenizer_source(model_cfg: Mapping[str, Any]) -> str:
     return str(source)
 
 
+def _hub_kwargs(model_cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """`revision` (a branch, tag or commit of `path`) and `trust_remote_code` (off unless the preset turns it on).
+
+    The revision belongs to `path`: a `tokenizer` elsewhere takes its own `tokenizer_revision`.
+    """
+    revision = model_cfg.get("revision") if source == str(model_cfg.get("path")) else model_cfg.get("tokenizer_revision")
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(model_cfg.get("trust_remote_code", False))}
+    if revision:
+        kwargs["revision"] = str(revision)
+    return kwargs
+
+
 def _from_pretrained(loader, source: str, what: str, **kwargs):
     """`from_pretrained` with one clear error for a missing local folder or a hub name that cannot be fetched."""
     if source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
@@ -55,17 +86,20 @@ def _from_pretrained(loader, source: str, what: str, **kwargs):
     except OSError as err:
         if Path(source).exists():
             raise
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise HubUnavailableError(
             f"could not load {what} '{source}': it is not a local folder and the Hugging Face hub could not "
-            f"provide it ({type(err).__name__}). Point the config at local files instead, e.g. "
-            f"`student.path=/path/to/model_dir` (a folder written by save_pretrained), or set HF_HOME to a "
-            f"cache that holds it."
+            f"provide it ({type(err).__name__}: {reason}). Point the config at local files instead, e.g. "
+            f"`student.path=/path/to/model_dir` (a folder written by save_pretrained, or `hf download {source} "
+            f"--local-dir model_dir` run where there is network), or set HF_HOME to a cache that holds it. "
+            f"Gated models (Llama 2) also need an accepted licence and HF_TOKEN."
         ) from err
 
 
 def load_tokenizer(model_cfg: Mapping[str, Any]) -> PreTrainedTokenizerBase:
     """The model's tokenizer, left-padded (generation appends to the right of the prompt)."""
-    tokenizer = _from_pretrained(AutoTokenizer, _tokenizer_source(model_cfg), "tokenizer")
+    source = _tokenizer_source(model_cfg)
+    tokenizer = _from_pretrained(AutoTokenizer, source, "tokenizer", **_hub_kwargs(model_cfg, source))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -75,7 +109,8 @@ def load_tokenizer(model_cfg: Mapping[str, Any]) -> PreTrainedTokenizerBase:
 def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A pretrained model from `path`, or a randomly initialised `architecture` sized by `config`.
 
-    Random init draws from torch's global RNG, so the run seed fixes it.
+    Pretrained: `dtype`, `attn_implementation` (sdpa, eager, flash_attention_2), `revision` and `trust_remote_code`
+    (default false) go to `from_pretrained`. Random init draws from torch's global RNG, so the run seed fixes it.
     """
     dtype_name = model_cfg.get("dtype", "float32")
     if dtype_name not in DTYPES:
@@ -83,9 +118,10 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
     dtype = DTYPES[dtype_name]
     if model_cfg.get("path"):
         source = str(model_cfg["path"])
-        config = _from_pretrained(AutoConfig, source, "model config")
+        hub = _hub_kwargs(model_cfg, source)
+        config = _from_pretrained(AutoConfig, source, "model config", **hub)
         loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        kwargs = {"dtype": dtype}
+        kwargs = {"dtype": dtype, **hub}
         if model_cfg.get("attn_implementation"):
             kwargs["attn_implementation"] = model_cfg["attn_implementation"]
         return _from_pretrained(loader, source, "model", **kwargs)
@@ -94,6 +130,8 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
     if architecture not in ARCHITECTURES:
         raise ValueError(f"model '{model_cfg.get('name')}': architecture={architecture!r}; known: {sorted(ARCHITECTURES)}")
     config_cls, model_cls = ARCHITECTURES[architecture]
+    # The config's own defaults are the hub model's ids (OPT pads with 1, BLOOM's vocabulary is 250880): every
+    # family takes the tokenizer's instead, so embeddings, padding and stopping agree with the text.
     special = {
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
@@ -106,6 +144,7 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
     model = model_cls(config).to(dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
 
 
@@ -141,16 +180,36 @@ def score_targets(
         return out.logits
     input_ids = torch.cat([prompt_ids, target_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, target_mask], dim=1).long()
-    # Left padding shifts where each row starts: positions count real tokens only.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs = {}
+    if _takes_position_ids(_unwrap(model)):
+        # Left padding shifts where each row starts: positions count real tokens only. (BLOOM has no positions,
+        # ALiBi biases by key distance under the mask, and does not take them.)
+        kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids,
         use_cache=False,
         logits_to_keep=target_len + 1,
+        **kwargs,
     )
     return out.logits[:, :-1]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside DDP/FSDP-style wrappers (whose own forward takes only *args, **kwargs)."""
+    while not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+@functools.cache
+def _forward_parameters(model_cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_cls.forward).parameters)
+
+
+def _takes_position_ids(model: torch.nn.Module) -> bool:
+    """Whether the model's forward names `position_ids` (inspected once per class)."""
+    return "position_ids" in _forward_parameters(type(model))
 
 
 def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:

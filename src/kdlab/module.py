@@ -159,7 +159,8 @@ class DistillationModule(L.LightningModule):
             eos_token_id=self.tokenizer.eos_token_id,
             synced_gpus=self._sharded,
         )
-        self._predictions.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        self._predictions.extend(text.strip() for text in texts)  # the target template's leading space is no content
         self._references.extend(batch["reference"])
         if self.eval_role == "student" and (self.teacher is not None or not self.objective.needs_teacher):
             loss, _ = self._loss(batch, batch["target_ids"], batch["target_mask"])

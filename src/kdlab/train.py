@@ -1,6 +1,6 @@
 """`run(cfg)`: one distillation experiment from a composed config, top to bottom.
 
-validate -> seed -> data -> models -> module -> loggers, callbacks, trainer -> score teacher and student ->
+validate (config, data, tokenizers) -> seed -> tokenize data -> models -> module -> loggers, callbacks, trainer -> score teacher and student ->
 fit -> score student -> export student -> results.json. Loggers close in `finally`, so one failed job cannot
 break a sweep.
 """
@@ -16,10 +16,12 @@ from typing import Any
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab.config import config_errors, raise_if_any, register_resolvers, vocabulary_errors
 from kdlab.data.datamodule import DistillationDataModule
+from kdlab.data.sources import DataUnavailableError
 from kdlab.data.tasks import Task
 from kdlab.generation import SamplingSettings
 from kdlab.losses.objective import build_objective
@@ -30,9 +32,19 @@ from kdlab.policy import DataPolicy
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def validate(cfg: DictConfig) -> tuple[Any, Any]:
-    """Check the whole config; returns the (student, teacher) tokenizers it had to load to compare vocabularies."""
+def validate(cfg: DictConfig) -> tuple[Any, Any, Task | None]:
+    """Check the whole config and that its data and models can be found, before anything heavy is built.
+
+    Returns the (student, teacher) tokenizers it loaded to compare vocabularies and the task with its examples read.
+    """
     errors = config_errors(cfg)
+    task = None
+    if not errors:
+        try:
+            task = Task.from_config(cfg.task)
+            task.splits()  # reads (or downloads) the examples now: a missing dataset fails here, not mid-run
+        except (DataUnavailableError, ValueError, OSError) as err:
+            errors.append(f"task {cfg.task.get('name')}: {err}")
     tokenizers = {}
     for role in ("student", "teacher"):
         if cfg.get(role) is None:
@@ -51,7 +63,7 @@ def validate(cfg: DictConfig) -> tuple[Any, Any]:
             cfg.teacher.get("name"),
         )
     raise_if_any(errors)
-    return tokenizers["student"], tokenizers["teacher"]
+    return tokenizers["student"], tokenizers["teacher"], task
 
 
 def build_policy(cfg: DictConfig) -> DataPolicy:
@@ -123,13 +135,14 @@ def format_results_table(results: dict[str, Any]) -> str:
 def run(cfg: DictConfig) -> float:
     """Run one experiment; returns the student's final task metric (what a sweeper optimises)."""
     register_resolvers()
-    student_tokenizer, teacher_tokenizer = validate(cfg)
+    student_tokenizer, teacher_tokenizer, task = validate(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    task = Task.from_config(cfg.task)
     datamodule = DistillationDataModule(task, student_tokenizer, seed=int(cfg.seed))
+    datamodule.setup("fit")  # tokenize now: length rules and an empty training set show before models load
+    _print_data_report(task, output_dir)
     student = load_model(cfg.student, student_tokenizer)
     teacher = load_model(cfg.teacher, teacher_tokenizer) if cfg.get("teacher") is not None else None
     module = DistillationModule(
@@ -179,6 +192,7 @@ def run(cfg: DictConfig) -> float:
             "loss": cfg.loss.name,
             "student_fraction": float(cfg.policy.student_fraction),
             "seed": int(cfg.seed),
+            "data": task.report.to_dict(),
         }
         if trainer.is_global_zero:
             if cfg.export:
@@ -189,6 +203,12 @@ def run(cfg: DictConfig) -> float:
         return float(after[task.metric_name])
     finally:
         _close_loggers(loggers, succeeded)
+
+
+@rank_zero_only
+def _print_data_report(task: Task, output_dir: Path) -> None:
+    (output_dir / "data_report.json").write_text(json.dumps(task.report.to_dict(), indent=2))
+    print(f"data ({task.name}):\n" + "\n".join(f"  {line}" for line in task.report.summary().splitlines()))
 
 
 def _close_loggers(loggers: list, succeeded: bool) -> None:

@@ -2,43 +2,67 @@
 
 A task config (`conf/task/*.yaml`) is checked against `TaskConfig` at start-up, so a misspelt field fails with the
 closest valid name instead of being silently ignored.
+
+Templates are Python `str.format` strings over the example's fields; nested fields are reached with dots or brackets
+(`{translation.en}`, `{translation[en]}`). With `template_format: jinja` they are Jinja2 templates instead, for
+prompts with optional parts (Dolly's `{% if context %}...{% endif %}`).
+
+Cleaning rule: an example whose required field (one a template or the reference uses, minus `optional_fields`) is
+missing, null or blank is dropped and counted by field, in `Task.report`. Length limits are applied later, per
+tokenizer, by `kdlab.data.datamodule`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import random
+import re
+import string
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from kdlab.data.arith import ArithSpec, make_splits
+from kdlab.data.quality import DataReport
+from kdlab.data.sources import DataSpec, data_spec_errors, load_split
 
-SOURCES = ("arith",)
+SOURCES = ("arith", "dataset")
+TEMPLATE_FORMATS = ("format", "jinja")
+CHAT_TEMPLATE_MODES = ("auto", "never")
+LONG_EXAMPLE_RULES = ("truncate", "skip")
 
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """Every field a task config may hold. Text templates use Python `str.format` with the example's fields."""
+    """Every field a task config may hold."""
 
     name: str
-    source: str = "arith"
+    source: str = "arith"  # "arith": generated in process; "dataset": `data` (hub dataset or local files)
+    data: Mapping[str, Any] | None = None  # see kdlab.data.sources.DataSpec
     metric: str = "gsm8k_accuracy"  # a folder of kdlab/metrics
     metric_key: str = "accuracy"  # which of the metric's outputs is the task's headline number
     prompt_template: str = "Question: {question}\nAnswer:"
     target_template: str = " {answer}"
     reference_field: str = "answer"
-    # synthetic data (source=arith)
-    train_size: int = 4000
-    val_size: int = 200
+    template_format: str = "format"
+    optional_fields: Sequence[str] = ()  # fields a template may use that can be blank (Dolly's context)
+    chat_template: str = "auto"  # "auto": wrap the prompt in the tokenizer's chat template when it has one
+    few_shot: int = 0  # solved training examples put before each prompt (removed from the training set)
+    few_shot_separator: str = "\n\n"
+    truncate_field: str | None = None  # a prompt too long is shortened by cutting the end of this field first
+    long_examples: str = "truncate"  # training examples over a length limit: "truncate" or "skip"
+    train_size: int | None = 4000  # arith: examples generated; dataset: a seeded sample of this many (null: all)
+    val_size: int = 200  # arith: examples generated; dataset: held out from train when splits.validation is null
     data_seed: int = 1234
-    spec: Mapping[str, Any] = field(default_factory=dict)
+    spec: Mapping[str, Any] = field(default_factory=dict)  # arith knobs (kdlab.data.arith.ArithSpec)
     # lengths in tokens: prompts keep their end (nearest the answer), targets keep their start
     max_prompt_tokens: int = 256
     max_target_tokens: int = 160
     batch_size: int = 16
     eval_batch_size: int = 64
-    eval_examples: int = 200
-    # how validation generates (greedy by default)
+    eval_examples: int | None = 200  # the first this many validation examples are scored (null: all)
+    # how validation generates (greedy by default; num_beams > 1 for beam search)
     generation: Mapping[str, Any] = field(default_factory=lambda: {"max_new_tokens": 160, "do_sample": False})
 
 
@@ -53,16 +77,53 @@ def task_config_errors(task_cfg: Mapping[str, Any]) -> list[str]:
             close = difflib.get_close_matches(str(key), TASK_FIELDS, n=1)
             hint = f"did you mean task.{close[0]}?" if close else f"known fields: {', '.join(TASK_FIELDS)}"
             errors.append(f"task.{key} is not a task field; {hint}")
-    if task_cfg.get("source", "arith") not in SOURCES:
-        errors.append(f"task.source={task_cfg.get('source')!r} is unknown; choose one of {SOURCES}")
+    source = task_cfg.get("source", "arith")
+    if source not in SOURCES:
+        errors.append(f"task.source={source!r} is unknown; choose one of {SOURCES}")
+    if source == "dataset":
+        errors += data_spec_errors(task_cfg.get("data") or {})
     spec_fields = {f.name for f in dataclasses.fields(ArithSpec)}
     for key in task_cfg.get("spec") or {}:
         if key not in spec_fields:
             errors.append(f"task.spec.{key} is not an arith knob; known: {', '.join(sorted(spec_fields))}")
-    for key in ("train_size", "val_size", "batch_size", "eval_batch_size", "max_prompt_tokens", "max_target_tokens"):
+    for key in ("val_size", "batch_size", "eval_batch_size", "max_prompt_tokens", "max_target_tokens"):
         if key in task_cfg and int(task_cfg[key]) < 1:
             errors.append(f"task.{key}={task_cfg[key]} must be a positive integer")
+    for key in ("train_size", "eval_examples"):
+        if task_cfg.get(key) is not None and int(task_cfg[key]) < 1:
+            errors.append(f"task.{key}={task_cfg[key]} must be a positive integer, or null for all")
+    if int(task_cfg.get("few_shot", 0)) < 0:
+        errors.append(f"task.few_shot={task_cfg['few_shot']} must be >= 0")
+    for key, allowed in (("template_format", TEMPLATE_FORMATS), ("chat_template", CHAT_TEMPLATE_MODES),
+                         ("long_examples", LONG_EXAMPLE_RULES)):
+        if key in task_cfg and task_cfg[key] not in allowed:
+            errors.append(f"task.{key}={task_cfg[key]!r} is unknown; choose one of {allowed}")
+    if not errors:
+        try:
+            Task(TaskConfig(**dict(task_cfg))).required_fields()
+        except Exception as err:  # a template that does not parse
+            errors.append(f"task templates: {err}")
     return errors
+
+
+def lookup(example: Mapping[str, Any], path: str) -> Any:
+    """The value at a field path: `summary`, `translation.de` or `translation[de]`; KeyError when absent."""
+    value: Any = example
+    for part in re.split(r"[.\[\]]+", path.strip(".[]")):
+        if not isinstance(value, Mapping) or part not in value:
+            raise KeyError(path)
+        value = value[part]
+    return value
+
+
+class _FieldFormatter(string.Formatter):
+    """`str.format` whose field names are paths into nested records (dicts have no attributes to reach with dots)."""
+
+    def get_field(self, field_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, str]:
+        return lookup(kwargs, field_name), field_name
+
+
+_FORMATTER = _FieldFormatter()
 
 
 class Task:
@@ -70,7 +131,11 @@ class Task:
 
     def __init__(self, config: TaskConfig):
         self.config = config
+        self.report = DataReport()
         self._metric = None
+        self._few_shot_prefix = ""
+        self._splits: dict[str, list[dict]] | None = None
+        self._jinja: dict[str, Any] = {}
 
     @classmethod
     def from_config(cls, task_cfg: Mapping[str, Any]) -> "Task":
@@ -88,19 +153,128 @@ class Task:
         """The key the task's headline metric is reported under (e.g. `accuracy`)."""
         return self.config.metric_key
 
-    def splits(self) -> dict[str, list[dict]]:
-        c = self.config
-        return make_splits(c.train_size, c.val_size, seed=c.data_seed, spec=ArithSpec(**dict(c.spec)))
+    # -- text -------------------------------------------------------------------------------------------------------
+    def _render(self, template: str, example: Mapping[str, Any]) -> str:
+        if self.config.template_format == "jinja":
+            if template not in self._jinja:
+                import jinja2
+
+                env = jinja2.Environment(keep_trailing_newline=True)  # required fields are checked before rendering
+                self._jinja[template] = env.from_string(template)
+            return self._jinja[template].render(**example)
+        return _FORMATTER.vformat(template, (), example)
 
     def prompt(self, example: Mapping[str, Any]) -> str:
-        return self.config.prompt_template.format(**example)
+        """The prompt text, after the few-shot exemplars when the task has them."""
+        return self._few_shot_prefix + self._render(self.config.prompt_template, example)
 
     def target(self, example: Mapping[str, Any]) -> str:
-        return self.config.target_template.format(**example)
+        return self._render(self.config.target_template, example)
 
     def reference(self, example: Mapping[str, Any]) -> str:
-        return str(example[self.config.reference_field])
+        return str(lookup(example, self.config.reference_field))
 
+    def required_fields(self) -> list[str]:
+        """Field paths every example must hold, non-blank: those the templates and the reference use."""
+        c = self.config
+        if c.template_format == "jinja":
+            import jinja2
+            from jinja2 import meta
+
+            env = jinja2.Environment()
+            names = set()
+            for template in (c.prompt_template, c.target_template):
+                names |= meta.find_undeclared_variables(env.parse(template))
+        else:
+            names = {
+                name
+                for template in (c.prompt_template, c.target_template)
+                for _, name, _, _ in string.Formatter().parse(template)
+                if name
+            }
+        names.add(c.reference_field)
+        return sorted(n for n in names if n not in set(c.optional_fields))
+
+    # -- data -------------------------------------------------------------------------------------------------------
+    def splits(self) -> dict[str, list[dict]]:
+        """{"train": [...], "validation": [...]}: cleaned examples (read once, then cached)."""
+        if self._splits is None:
+            self._splits = self._load()
+        return self._splits
+
+    def _load(self) -> dict[str, list[dict]]:
+        c = self.config
+        if c.source == "arith":
+            raw = make_splits(c.train_size or 4000, c.val_size, seed=c.data_seed, spec=ArithSpec(**dict(c.spec)))
+            splits = {name: self._clean(name, rows, Counter()) for name, rows in raw.items()}
+        else:
+            spec = DataSpec(**dict(c.data or {}))
+            hint = f" with fields {', '.join(self.required_fields())}"
+            names = {"train": "train", "validation": "validation", **dict(spec.splits or {})}
+            train = self._clean("train", *load_split(spec, names["train"], hint))
+            if names["validation"]:
+                validation = self._clean("validation", *load_split(spec, names["validation"], hint))
+            else:  # no validation split (Dolly): hold out a seeded sample of the training set
+                random.Random(c.data_seed).shuffle(train)
+                validation, train = train[: c.val_size], train[c.val_size :]
+                self.report.record_drop("train", "held out for validation", len(validation))
+                self.report.record_read("validation", read=len(validation), dropped=Counter())
+            if c.train_size is not None and len(train) > c.train_size:
+                self.report.record_drop("train", "beyond train_size", len(train) - c.train_size)
+                train = random.Random(c.data_seed + 1).sample(train, c.train_size)
+            splits = {"train": train, "validation": validation}
+        if c.few_shot:
+            splits["train"] = self._take_few_shot(splits["train"])
+        if c.eval_examples is not None and len(splits["validation"]) > c.eval_examples:
+            self.report.record_drop("validation", "beyond eval_examples", len(splits["validation"]) - c.eval_examples)
+            splits["validation"] = splits["validation"][: c.eval_examples]
+        return splits
+
+    def _clean(self, split: str, rows: list[dict], dropped: Counter) -> list[dict]:
+        """Drop rows missing a required field or holding it blank; count every drop by reason."""
+        required = self.required_fields()
+        read = len(rows) + sum(dropped.values())  # the file reader's drops never reached `rows`
+        kept = []
+        for row in rows:
+            problem = None
+            for path in required:
+                try:
+                    value = lookup(row, path)
+                except KeyError:
+                    problem = f"missing {path}"
+                    break
+                if value is None or (isinstance(value, str) and not value.strip()):
+                    problem = f"empty {path}"
+                    break
+            if problem:
+                dropped[problem] += 1
+            else:
+                kept.append(row)
+        self.report.record_read(split, read=read, dropped=dropped)
+        if not kept:
+            fields = ", ".join(sorted(rows[0])) if rows else "none"
+            raise ValueError(
+                f"task {self.name}: every example of the {split} split was dropped "
+                f"({self.report.describe_drops(split)}). The task needs fields {', '.join(required)}; "
+                f"the first record has fields: {fields}. Fix the data or the task's templates/reference_field."
+            )
+        return kept
+
+    def _take_few_shot(self, train: list[dict]) -> list[dict]:
+        """Pick `few_shot` exemplars from train with the data seed; they leave the training set."""
+        c = self.config
+        if len(train) <= c.few_shot:
+            raise ValueError(f"task.few_shot={c.few_shot} needs more training examples than the {len(train)} there")
+        order = list(range(len(train)))
+        random.Random(c.data_seed + 2).shuffle(order)
+        chosen = set(order[: c.few_shot])
+        self.report.record_drop("train", "few-shot exemplars", c.few_shot)
+        shots = [train[i] for i in order[: c.few_shot]]
+        self._few_shot_prefix = ""
+        self._few_shot_prefix = "".join(self.prompt(e) + self.target(e) + c.few_shot_separator for e in shots)
+        return [e for i, e in enumerate(train) if i not in chosen]
+
+    # -- scoring ----------------------------------------------------------------------------------------------------
     def score(self, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
         if self._metric is None:
             from kdlab.metrics import load_metric  # evaluate is slow to import; only scoring needs it

@@ -96,8 +96,8 @@ def test_divergence_without_teacher_is_refused(tokenizer):
         _module(tokenizer, loss="jsd", teacher=False)
 
 
-@pytest.mark.parametrize("fraction,fixed_source,sampler", [(1.0, "ground_truth", "student"), (0.0, "teacher", "teacher"),
-                                                           (0.0, "ground_truth", None)])
+@pytest.mark.parametrize("fraction,fixed_source,sampler",
+                         [(1.0, "ground_truth", "student"), (0.0, "teacher", "teacher"), (0.0, "ground_truth", None)])
 def test_each_step_trains_on_the_source_the_policy_drew(tokenizer, monkeypatch, fraction, fixed_source, sampler):
     import kdlab.module
 

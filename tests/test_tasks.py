@@ -330,3 +330,48 @@ def test_real_dialogsum_files_load_with_the_original_split_and_field_names():
     first_test = json.loads((SHARED_DATA / "dialogsum" / "test.jsonl").open().readline())
     assert task.reference(splits["validation"][0]) == first_test["summary1"]
     assert task.prompt(splits["validation"][0]).startswith("Summarize the following dialogue.\n\n#Person1#:")
+
+
+# -- end to end: every task through run() on tiny models --------------------------------------------------------------
+HEADLINE = {"xsum": "rouge2", "wmt14_en_de": "bleu", "gsm8k": "accuracy", "instruction": "rougeL",
+            "dialogsum": "rougeLsum"}
+
+
+def _library_scores(name: str, predictions: list[str], references: list[str]) -> dict[str, float]:
+    """The task's metric computed by calling the scoring library directly (not through kdlab's evaluate module)."""
+    if name == "wmt14_en_de":
+        import sacrebleu
+
+        return {"bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
+                "chrf": sacrebleu.corpus_chrf(predictions, [references]).score}
+    if name == "gsm8k":
+        from kdlab.data.answers import accuracy
+
+        return {"accuracy": accuracy(predictions, references)}
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    return {key: sum(s[key].fmeasure for s in scores) / len(scores) for key in ("rouge1", "rouge2", "rougeL")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TASKS)
+def test_each_task_trains_and_scores_end_to_end_on_local_files(name, tmp_path):
+    from kdlab.train import run
+    from tests.conftest import TINY_RUN
+
+    folder = task_files(tmp_path, name)
+    overrides = [o for o in TINY_RUN if not o.startswith(("task.train_size", "task.val_size"))]
+    cfg = compose([*overrides, f"task={name}", f"task.data.path={folder}", "task.val_size=8",
+                   "task.max_prompt_tokens=96"], output_dir=tmp_path / "run")
+    value = run(cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["task"] == name and results["metric"] == HEADLINE[name]
+    assert value == results["metrics"][HEADLINE[name]] and results["steps"] == 3
+    assert results["data"]["train"]["used"] > 0 and results["teacher"] is not None
+    for role in ("teacher", "student_before", "student_after"):
+        rows = [json.loads(line) for line in (tmp_path / "run" / "generations" / f"{role}.jsonl").open()]
+        expected = _library_scores(name, [r["prediction"] for r in rows], [r["reference"] for r in rows])
+        for key, number in expected.items():
+            assert results[role][key] == pytest.approx(number, abs=1e-9), (role, key)

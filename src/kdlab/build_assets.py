@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--assets-dir", type=Path, default=ASSETS_DIR / "arith",
                         help="where the tokenizer/, teacher/ and student/ folders go (default: the shipped ones)")
     parser.add_argument("--only", choices=["tokenizer", "teacher", "student"], help="rebuild one part only")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both SFT runs, e.g. trainer.max_steps=2")
+    parser.add_argument("overrides", nargs="*",
+                        help="extra Hydra overrides for both SFT runs, e.g. trainer.max_steps=2")
     args = parser.parse_args(argv)
     if not (args.config_dir / "train.yaml").exists():
         parser.error(f"{args.config_dir}/train.yaml not found: run from the repository root or pass --config-dir")
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = {}
     for role in ("teacher", "student"):
         if args.only in (None, role):
-            summary[role] = build_model(args.config_dir, role, args.work_dir, args.assets_dir, args.overrides)["metrics"]
+            results = build_model(args.config_dir, role, args.work_dir, args.assets_dir, args.overrides)
+            summary[role] = results["metrics"]
     if summary:
         print(json.dumps(summary, indent=2))
 

@@ -70,7 +70,8 @@ def _hub_kwargs(model_cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
 
     The revision belongs to `path`: a `tokenizer` elsewhere takes its own `tokenizer_revision`.
     """
-    revision = model_cfg.get("revision") if source == str(model_cfg.get("path")) else model_cfg.get("tokenizer_revision")
+    own = source == str(model_cfg.get("path"))
+    revision = model_cfg.get("revision") if own else model_cfg.get("tokenizer_revision")
     kwargs: dict[str, Any] = {"trust_remote_code": bool(model_cfg.get("trust_remote_code", False))}
     if revision:
         kwargs["revision"] = str(revision)
@@ -90,8 +91,9 @@ def _from_pretrained(loader, source: str, what: str, **kwargs):
         raise HubUnavailableError(
             f"could not load {what} '{source}': it is not a local folder and the Hugging Face hub could not "
             f"provide it ({type(err).__name__}: {reason}). Point the config at local files instead, e.g. "
-            f"`student.path=/path/to/model_dir` (a folder written by save_pretrained, or `hf download {source} "
-            f"--local-dir model_dir` run where there is network), or set HF_HOME to a cache that holds it. "
+            f"`student.path=/path/to/model_dir` or `teacher.path=...` (a folder written by save_pretrained, or by "
+            f"`hf download {source} --local-dir model_dir` where there is network), or set HF_HOME to a cache that "
+            f"holds it. "
             f"Gated models (Llama 2) also need an accepted licence and HF_TOKEN."
         ) from err
 
@@ -128,7 +130,9 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
 
     architecture = model_cfg.get("architecture")
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"model '{model_cfg.get('name')}': architecture={architecture!r}; known: {sorted(ARCHITECTURES)}")
+        raise ValueError(
+            f"model '{model_cfg.get('name')}': architecture={architecture!r}; known: {sorted(ARCHITECTURES)}"
+        )
     config_cls, model_cls = ARCHITECTURES[architecture]
     # The config's own defaults are the hub model's ids (OPT pads with 1, BLOOM's vocabulary is 250880): every
     # family takes the tokenizer's instead, so embeddings, padding and stopping agree with the text.
@@ -182,8 +186,8 @@ def score_targets(
     attention_mask = torch.cat([prompt_mask, target_mask], dim=1).long()
     kwargs = {}
     if _takes_position_ids(_unwrap(model)):
-        # Left padding shifts where each row starts: positions count real tokens only. (BLOOM has no positions,
-        # ALiBi biases by key distance under the mask, and does not take them.)
+        # Left padding shifts where each row starts: positions count real tokens only. Learned absolute positions
+        # (OPT) depend on it; rotary ones are shift-invariant. BLOOM (ALiBi) has no positions and takes none.
         kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
         input_ids=input_ids,

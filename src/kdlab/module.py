@@ -13,9 +13,9 @@ import warnings
 from typing import Any, Callable
 
 import lightning as L
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 

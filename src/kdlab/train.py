@@ -1,8 +1,8 @@
 """`run(cfg)`: one distillation experiment from a composed config, top to bottom.
 
-validate (config, data, tokenizers) -> seed -> tokenize data -> models -> module -> loggers, callbacks, trainer -> score teacher and student ->
-fit -> score student -> export student -> results.json. Loggers close in `finally`, so one failed job cannot
-break a sweep.
+validate (config, data, tokenizers) -> seed -> tokenize data -> models -> module -> loggers, callbacks, trainer ->
+score teacher and student -> fit -> score student -> export student -> results.json. Loggers close in `finally`,
+so one failed job cannot break a sweep.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from transformers import PreTrainedTokenizerBase
 
 from kdlab.data.tasks import Task, lookup
 
-
 PROBE = "kdlab probe text"
 
 

@@ -92,6 +92,15 @@ def task_config_errors(task_cfg: Mapping[str, Any]) -> list[str]:
     for key in ("train_size", "eval_examples"):
         if task_cfg.get(key) is not None and int(task_cfg[key]) < 1:
             errors.append(f"task.{key}={task_cfg[key]} must be a positive integer, or null for all")
+    from kdlab.generation import SamplingSettings
+
+    generation_keys = {f.name for f in dataclasses.fields(SamplingSettings)}
+    for key in task_cfg.get("generation") or {}:
+        if key not in generation_keys:
+            known = ", ".join(sorted(generation_keys))
+            errors.append(f"task.generation.{key} is not a generation setting; known: {known}")
+    if int((task_cfg.get("generation") or {}).get("num_beams", 1)) < 1:
+        errors.append("task.generation.num_beams must be >= 1 (1: greedy or sampling; more: beam search)")
     if int(task_cfg.get("few_shot", 0)) < 0:
         errors.append(f"task.few_shot={task_cfg['few_shot']} must be >= 0")
     for key, allowed in (("template_format", TEMPLATE_FORMATS), ("chat_template", CHAT_TEMPLATE_MODES),

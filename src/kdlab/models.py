@@ -82,10 +82,15 @@ def _from_pretrained(loader, source: str, what: str, **kwargs):
     """`from_pretrained` with one clear error for a missing local folder or a hub name that cannot be fetched."""
     if source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
         raise FileNotFoundError(f"{what} folder '{source}' does not exist")
+    from kdlab.hub import offline_unless_reachable
+
     try:
-        return loader.from_pretrained(source, **kwargs)
+        if Path(source).expanduser().exists():
+            return loader.from_pretrained(source, **kwargs)
+        with offline_unless_reachable():  # no network: the cache or one clear error, not minutes of retries
+            return loader.from_pretrained(source, **kwargs)
     except OSError as err:
-        if Path(source).exists():
+        if Path(source).expanduser().exists():
             raise
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise HubUnavailableError(

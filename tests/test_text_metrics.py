@@ -1,0 +1,100 @@
+"""The shipped ROUGE and BLEU metrics agree with rouge-score and sacreBLEU called directly, and with hand counts."""
+
+from pathlib import Path
+
+import pytest
+import sacrebleu
+from rouge_score import rouge_scorer
+
+from kdlab.metrics import METRICS_DIR, available_metrics, load_metric
+
+PAIRS = [
+    ("The council closed the old bridge. Repairs start on Monday!", "The old bridge was closed by the council."),
+    ("Two men were arrested after a fight in Leeds.", "Police arrested two men following a fight in Leeds city."),
+    ("Prices rose 3% in May.\nAnalysts expect more.", "Inflation hit 3% in May. Analysts expect further rises."),
+    ("Der Hund läuft schnell über die Straße.", "Der Hund rennt schnell über die Straße."),
+    ("", "A reference with no prediction at all."),
+]
+PREDICTIONS = [p for p, _ in PAIRS]
+REFERENCES = [r for _, r in PAIRS]
+
+
+@pytest.fixture(scope="module")
+def rouge():
+    return load_metric("rouge")
+
+
+@pytest.fixture(scope="module")
+def bleu():
+    return load_metric("bleu")
+
+
+@pytest.fixture(scope="module")
+def split_sentences(rouge):
+    import sys
+
+    return sys.modules[type(rouge).__module__].split_sentences
+
+
+def test_both_are_shipped_and_import_nothing_from_kdlab():
+    assert {"rouge", "bleu", "gsm8k_accuracy"} <= set(available_metrics())
+    for name in ("rouge", "bleu"):
+        assert "kdlab" not in (METRICS_DIR / name / f"{name}.py").read_text().split('"""', 2)[2]
+
+
+def test_rouge_equals_rouge_score_called_directly(rouge, split_sentences):
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    per_example = [scorer.score("\n".join(split_sentences(r)), "\n".join(split_sentences(p))) for p, r in PAIRS]
+    result = rouge.compute(predictions=PREDICTIONS, references=REFERENCES)
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        assert result[key] == pytest.approx(sum(s[key].fmeasure for s in per_example) / len(PAIRS), abs=1e-12)
+    raw = [scorer.score(r, p) for p, r in PAIRS]  # sentence splitting changes whitespace only: 1/2/L unaffected
+    assert result["rouge1"] == pytest.approx(sum(s["rouge1"].fmeasure for s in raw) / len(PAIRS), abs=1e-12)
+
+
+def test_rouge1_by_hand(rouge):
+    # prediction "the cat ran", reference "the cat sat down": 2 shared unigrams; P = 2/3, R = 2/4, F = 2PR/(P+R) = 4/7
+    result = rouge.compute(predictions=["the cat ran"], references=["the cat sat down"])
+    assert result["rouge1"] == pytest.approx(4 / 7, abs=1e-12)
+    assert result["rouge2"] == pytest.approx(2 * (1 / 2) * (1 / 3) / (1 / 2 + 1 / 3), abs=1e-12)  # "the cat"
+
+
+def test_rouge_lsum_uses_sentences_and_differs_from_rouge_l(rouge):
+    prediction = "Bob went home. Alice stayed at work."
+    reference = "Alice stayed at work. Bob went home."
+    result = rouge.compute(predictions=[prediction], references=[reference])
+    assert result["rougeLsum"] == pytest.approx(1.0) and result["rougeL"] < 0.75  # order of sentences is free in Lsum
+
+
+def test_sentence_splitter_by_hand(split_sentences):
+    assert split_sentences("One. Two! Three? Four") == ["One.", "Two!", "Three?", "Four"]
+    assert split_sentences("Pi is 3.14 today.\n\nNew line") == ["Pi is 3.14 today.", "New line"]
+    assert split_sentences("  ") == []
+
+
+def test_bleu_and_chrf_equal_sacrebleu_called_directly(bleu):
+    result = bleu.compute(predictions=PREDICTIONS, references=REFERENCES)
+    assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDICTIONS, [REFERENCES]).score, abs=1e-9)
+    assert result["chrf"] == pytest.approx(sacrebleu.corpus_chrf(PREDICTIONS, [REFERENCES]).score, abs=1e-9)
+    intl = bleu.compute(predictions=PREDICTIONS, references=REFERENCES, tokenize="intl")
+    assert intl["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDICTIONS, [REFERENCES], tokenize="intl").score)
+
+
+def test_identical_texts_score_the_maximum(rouge, bleu):
+    texts = [r for r in REFERENCES if r]
+    assert all(v == pytest.approx(1.0) for v in rouge.compute(predictions=texts, references=texts).values())
+    assert all(v == pytest.approx(100.0) for v in bleu.compute(predictions=texts, references=texts).values())
+
+
+@pytest.mark.parametrize("name", ["rouge", "bleu"])
+def test_empty_input_scores_zero_and_mismatched_lengths_raise(name, rouge, bleu):
+    metric = {"rouge": rouge, "bleu": bleu}[name]
+    assert set(metric.compute(predictions=[], references=[]).values()) == {0.0}
+    with pytest.raises(ValueError):
+        metric.compute(predictions=["a", "b"], references=["a"])
+
+
+def test_metric_folders_hold_one_script_each():
+    for name in ("rouge", "bleu"):
+        assert sorted(p.name for p in (METRICS_DIR / name).glob("*.py")) == [f"{name}.py"]
+    assert Path(METRICS_DIR / "bleu").name != "sacrebleu"

@@ -6,6 +6,7 @@ nothing from kdlab. Scores are the plain mean of each example's F-measure on rou
 ROUGE-Lsum needs one sentence per line; sentences are split with a fixed rule, with no nltk data to download.
 """
 
+import logging
 import re
 
 import datasets
@@ -42,6 +43,8 @@ _CITATION = """
   year={2004}
 }
 """
+
+logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs "Using default tokenizer." on every call
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")

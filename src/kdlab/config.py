@@ -13,7 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 from kdlab import ASSETS_DIR
 from kdlab.data.tasks import task_config_errors
 from kdlab.losses.objective import SFT
-from kdlab.losses.registry import DIVERGENCES, SAME_VOCAB_LOSSES, divergence_params
+from kdlab.losses.registry import (
+    CROSS_TOKENIZER_LOSSES,
+    DIVERGENCES,
+    SAME_VOCAB_LOSSES,
+    cross_tokenizer_params,
+    divergence_params,
+)
 from kdlab.policy import FIXED_SOURCES
 
 LOSS_COMMON_KEYS = {"name", "temperature", "ce_weight", "reduction", "chunk_size"}
@@ -34,16 +40,21 @@ class ConfigError(ValueError):
 
 def _loss_errors(loss: Mapping[str, Any]) -> list[str]:
     name = loss.get("name")
-    if name != SFT and name not in DIVERGENCES:
-        return [f"loss={name} is unknown; choose loss=sft or one of {', '.join(sorted(DIVERGENCES))}"]
+    known = sorted({*DIVERGENCES, *CROSS_TOKENIZER_LOSSES})
+    if name != SFT and name not in known:
+        return [f"loss={name} is unknown; choose loss=sft or one of {', '.join(known)}"]
     errors = []
-    own = divergence_params(name) if name != SFT else set()
+    if name in CROSS_TOKENIZER_LOSSES:
+        own = cross_tokenizer_params(name)
+        errors += _cross_tokenizer_errors(loss)
+    else:
+        own = divergence_params(name) if name != SFT else set()
+        for key in ("beta", "alpha"):
+            if key in own and not 0.0 <= float(loss.get(key, 0.5)) <= 1.0:
+                errors.append(f"loss.{key}={loss[key]} is outside [0, 1]; e.g. loss.{key}=0.5")
     for key in loss:
         if key not in LOSS_COMMON_KEYS | own:
             errors.append(f"loss.{key} does not apply to loss={name}; its keys: {sorted(LOSS_COMMON_KEYS | own)}")
-    for key in ("beta", "alpha"):
-        if key in own and not 0.0 <= float(loss.get(key, 0.5)) <= 1.0:
-            errors.append(f"loss.{key}={loss[key]} is outside [0, 1]; e.g. loss.{key}=0.5")
     if float(loss.get("temperature", 1.0)) <= 0:
         errors.append(f"loss.temperature={loss['temperature']} must be > 0; e.g. loss.temperature=1.0")
     if float(loss.get("ce_weight", 0.0)) < 0:
@@ -52,6 +63,20 @@ def _loss_errors(loss: Mapping[str, Any]) -> list[str]:
         errors.append(f"loss.reduction={loss['reduction']} is unknown; choose one of {REDUCTIONS}")
     if int(loss.get("chunk_size", 1024)) < 1:
         errors.append(f"loss.chunk_size={loss['chunk_size']} must be a positive integer")
+    return errors
+
+
+def _cross_tokenizer_errors(loss: Mapping[str, Any]) -> list[str]:
+    errors = []
+    for key in ("alpha", "had_weight", "beta", "gamma", "uld_weight"):
+        if key in loss and float(loss[key]) < 0:
+            errors.append(f"loss.{key}={loss[key]} must be >= 0 (0 switches its term off)")
+    for key in ("top_k", "sinkhorn_iterations"):
+        if key in loss and int(loss[key]) < 1:
+            errors.append(f"loss.{key}={loss[key]} must be a positive integer")
+    for key in ("sl_temperature", "sd_temperature", "sinkhorn_epsilon"):
+        if key in loss and float(loss[key]) <= 0:
+            errors.append(f"loss.{key}={loss[key]} must be > 0")
     return errors
 
 
@@ -99,9 +124,8 @@ def vocabulary_errors(loss_name: str, same_vocabulary: bool, student_name: str, 
     if loss_name in SAME_VOCAB_LOSSES and not same_vocabulary:
         return [
             f"loss={loss_name} compares teacher and student token by token, but the tokenizers of "
-            f"teacher={teacher_name} and student={student_name} have different vocabularies. Use a teacher and student "
-            f"that share a tokenizer. (Cross-tokenizer losses, MultiLevelOT as loss=ot and ULD as loss=uld, are "
-            f"planned and not in this version.)"
+            f"teacher={teacher_name} and student={student_name} have different vocabularies. Use a cross-tokenizer "
+            f"loss, loss=ot (MultiLevelOT) or loss=uld (ULD), or a teacher and student that share a tokenizer."
         ]
     return []
 

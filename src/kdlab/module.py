@@ -24,6 +24,7 @@ from kdlab.generation import SamplingSettings, generate_targets
 from kdlab.losses.objective import Objective
 from kdlab.models import score_targets
 from kdlab.policy import STUDENT, DataPolicy
+from kdlab.retokenize import retokenize
 
 TEACHER_PREFIX = "teacher."
 
@@ -43,6 +44,7 @@ class DistillationModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         eval_sampling: SamplingSettings = SamplingSettings(do_sample=False),
+        teacher_tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         super().__init__()
         if objective.needs_teacher and teacher is None:
@@ -53,6 +55,9 @@ class DistillationModule(L.LightningModule):
             teacher.requires_grad_(False)
             teacher.eval()
         self.tokenizer = tokenizer
+        # None: the teacher reads the student's tokens. Otherwise batches carry the teacher's own tokens as well
+        # (`teacher_prompt_ids`, ...) and samples cross between the two through text (kdlab.retokenize).
+        self.teacher_tokenizer = teacher_tokenizer
         self.objective = objective
         self.policy = policy
         self.task = task
@@ -80,19 +85,41 @@ class DistillationModule(L.LightningModule):
         return self
 
     # -- training ------------------------------------------------------------------------------------------------
-    def _targets(self, batch: dict, source: str) -> tuple[Tensor, Tensor]:
-        if source == "ground_truth":
-            return batch["target_ids"], batch["target_mask"]
-        model = self.student if source == STUDENT else self.teacher
+    @property
+    def cross_tokenizer(self) -> bool:
+        return self.teacher_tokenizer is not None
+
+    def _sample(self, role: str, batch: dict, settings: SamplingSettings) -> tuple[Tensor, Tensor]:
+        """Generate with `role`'s model from its own prompt tokens; (ids, mask) in its own tokens."""
+        own = role == "teacher" and self.cross_tokenizer
+        model = self.teacher if role == "teacher" else self.student
+        tokenizer = self.teacher_tokenizer if own else self.tokenizer
+        prefix = "teacher_" if own else ""
         return generate_targets(
             model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            self.policy.sampling,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            batch[f"{prefix}prompt_ids"],
+            batch[f"{prefix}prompt_mask"],
+            settings,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             synced_gpus=self._sharded,
         )
+
+    def _targets(self, batch: dict, source: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(student target ids, mask, teacher target ids, mask) for `source`; the teacher's are None when both
+        models share a tokenizer. Samples from one side reach the other through text."""
+        if source == "ground_truth":
+            student = batch["target_ids"], batch["target_mask"]
+            if not self.cross_tokenizer:
+                return *student, None, None
+            return *student, batch["teacher_target_ids"], batch["teacher_target_mask"]
+        role = "student" if source == STUDENT else "teacher"
+        ids, mask = self._sample(role, batch, self.policy.sampling)
+        if not self.cross_tokenizer:
+            return ids, mask, None, None
+        if role == "student":
+            return (ids, mask, *retokenize(ids, mask, self.tokenizer, self.teacher_tokenizer))
+        return (*retokenize(ids, mask, self.teacher_tokenizer, self.tokenizer), ids, mask)
 
     @property
     def _sharded(self) -> bool:
@@ -100,26 +127,40 @@ class DistillationModule(L.LightningModule):
         # stepping until all have (synced_gpus) or the others hang. DDP replicas sample independently: no sync.
         return self._trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
-    def _loss(self, batch: dict, target_ids: Tensor, target_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _loss(
+        self,
+        batch: dict,
+        target_ids: Tensor,
+        target_mask: Tensor,
+        teacher_ids: Tensor | None = None,
+        teacher_mask: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         prompt = (batch["prompt_ids"], batch["prompt_mask"])
         student_logits = score_targets(self.student, *prompt, target_ids, target_mask)
         teacher_logits = None
-        if self.objective.needs_teacher:
+        if self.objective.needs_teacher and self.cross_tokenizer:
+            with torch.no_grad():
+                teacher_prompt = (batch["teacher_prompt_ids"], batch["teacher_prompt_mask"])
+                teacher_logits = score_targets(self.teacher, *teacher_prompt, teacher_ids, teacher_mask)
+            # Models may pad their output layer beyond their tokenizer: columns past it are no tokens at all.
+            student_logits = student_logits[..., : len(self.tokenizer)]
+            teacher_logits = teacher_logits[..., : len(self.teacher_tokenizer)]
+        elif self.objective.needs_teacher:
             with torch.no_grad():
                 teacher_logits = score_targets(self.teacher, *prompt, target_ids, target_mask)
             # Same tokenizer, but checkpoints may pad their embedding matrices to different sizes.
             vocab = len(self.tokenizer)
             if student_logits.shape[-1] != teacher_logits.shape[-1]:
                 student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
-        return self.objective(student_logits, teacher_logits, target_ids, target_mask)
+        return self.objective(student_logits, teacher_logits, target_ids, target_mask, teacher_mask)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         source = self.policy.draw(self.trainer.fit_loop.total_batch_idx)
-        target_ids, target_mask = self._targets(batch, source)
-        loss, components = self._loss(batch, target_ids, target_mask)
+        target_ids, target_mask, teacher_ids, teacher_mask = self._targets(batch, source)
+        loss, components = self._loss(batch, target_ids, target_mask, teacher_ids, teacher_mask)
 
         self._policy_steps += 1
         self._onpolicy_steps += int(source == STUDENT)
@@ -149,21 +190,13 @@ class DistillationModule(L.LightningModule):
         self._predictions, self._references = [], []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        model = self.teacher if self.eval_role == "teacher" else self.student
-        ids, _ = generate_targets(
-            model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            self.eval_sampling,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            synced_gpus=self._sharded,
-        )
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        ids, _ = self._sample(self.eval_role, batch, self.eval_sampling)
+        own = self.eval_role == "teacher" and self.cross_tokenizer
+        texts = (self.teacher_tokenizer if own else self.tokenizer).batch_decode(ids, skip_special_tokens=True)
         self._predictions.extend(text.strip() for text in texts)  # the target template's leading space is no content
         self._references.extend(batch["reference"])
         if self.eval_role == "student" and (self.teacher is not None or not self.objective.needs_teacher):
-            loss, _ = self._loss(batch, batch["target_ids"], batch["target_mask"])
+            loss, _ = self._loss(batch, *self._targets(batch, "ground_truth"))
             self.log("val/loss", loss, batch_size=ids.shape[0], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:

@@ -140,7 +140,10 @@ def run(cfg: DictConfig) -> float:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    datamodule = DistillationDataModule(task, student_tokenizer, seed=int(cfg.seed))
+    # Teacher and student tokenize differently: every example is tokenized for each, and samples cross via text.
+    cross = teacher_tokenizer is not None and not same_vocabulary(student_tokenizer, teacher_tokenizer)
+    teacher_tokens = teacher_tokenizer if cross else None
+    datamodule = DistillationDataModule(task, student_tokenizer, seed=int(cfg.seed), teacher_tokenizer=teacher_tokens)
     datamodule.setup("fit")  # tokenize now: length rules and an empty training set show before models load
     _print_data_report(task, output_dir)
     student = load_model(cfg.student, student_tokenizer)
@@ -155,6 +158,7 @@ def run(cfg: DictConfig) -> float:
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         eval_sampling=SamplingSettings(**task.config.generation),
+        teacher_tokenizer=teacher_tokens,
     )
 
     loggers = build_loggers(cfg)

@@ -102,34 +102,54 @@ class TokenizedExamples(Dataset):
     no EOS (the student is never taught to stop mid-answer). With `task.long_examples=skip`, training examples over
     either limit are dropped instead. Validation examples are never dropped for length (the evaluation set stays the
     dataset's): they are truncated. Every drop and cut is counted in `task.report`.
+
+    With a `teacher_tokenizer` (teacher and student tokenize differently), the text stays the source of truth: each
+    example is also tokenized for the teacher, with the teacher's own prompt format, as `teacher_prompt` and
+    `teacher_target`, under the same rules (reasons counted as "teacher prompt", "teacher target").
     """
 
     def __init__(self, examples: Sequence[dict], task: Task, tokenizer: PreTrainedTokenizerBase,
-                 split: str = "train"):
+                 split: str = "train", teacher_tokenizer: PreTrainedTokenizerBase | None = None):
         c = task.config
         skip_long = split == "train" and c.long_examples == "skip"
-        prompts = PromptEncoder(task, tokenizer).encode(examples)
-        targets = tokenizer([task.target(e) for e in examples], add_special_tokens=False)["input_ids"]
+        sides = {"": _encode(examples, task, tokenizer)}
+        if teacher_tokenizer is not None:
+            sides["teacher_"] = _encode(examples, task, teacher_tokenizer)
         self.items = []
-        for (prompt, prompt_cut), target, example in zip(prompts, targets, examples):
-            target_cut = len(target) + 1 > c.max_target_tokens
-            if skip_long and (prompt_cut or target_cut):
-                task.report.record_drop(split, "too long prompt" if prompt_cut else "too long target")
+        for index, example in enumerate(examples):
+            cuts = [(prefix, cut) for prefix, side in sides.items() for cut in side[index][2:] if cut]
+            if skip_long and cuts:
+                prefix, cut = cuts[0]
+                task.report.record_drop(split, f"too long {prefix.replace('_', ' ')}{cut.split()[0]}")
                 continue
-            if prompt_cut:
-                task.report.record_truncation(split, prompt_cut)
-            if target_cut:
-                task.report.record_truncation(split, "target")
-                target = target[: c.max_target_tokens]
-            else:
-                target = target + [tokenizer.eos_token_id]
-            self.items.append({"prompt": prompt, "target": target, "reference": task.reference(example)})
+            for prefix, cut in cuts:
+                task.report.record_truncation(split, prefix.replace("_", " ") + cut)
+            item = {"reference": task.reference(example)}
+            for prefix, side in sides.items():
+                item[f"{prefix}prompt"], item[f"{prefix}target"] = side[index][:2]
+            self.items.append(item)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.items[index]
+
+
+def _encode(
+    examples: Sequence[dict], task: Task, tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[list[int], list[int], str | None, str | None]]:
+    """(prompt ids, target ids, how the prompt was cut, how the target was cut) per example, for one tokenizer."""
+    limit = task.config.max_target_tokens
+    prompts = PromptEncoder(task, tokenizer).encode(examples)
+    targets = tokenizer([task.target(e) for e in examples], add_special_tokens=False)["input_ids"]
+    out = []
+    for (prompt, prompt_cut), target in zip(prompts, targets):
+        if len(target) + 1 > limit:
+            out.append((prompt, target[:limit], prompt_cut, "target"))
+        else:
+            out.append((prompt, target + [tokenizer.eos_token_id], prompt_cut, None))
+    return out
 
 
 def pad(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[Tensor, Tensor]:
@@ -145,31 +165,34 @@ def pad(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[Ten
 
 
 class Collator:
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    """Left-padded prompts and right-padded targets; the teacher's own tokens too when it tokenizes differently."""
+
+    def __init__(self, pad_token_id: int, teacher_pad_token_id: int | None = None):
+        self.pad_ids = {"": pad_token_id}
+        if teacher_pad_token_id is not None:
+            self.pad_ids["teacher_"] = teacher_pad_token_id
 
     def __call__(self, items: Sequence[dict]) -> dict[str, Any]:
-        prompt_ids, prompt_mask = pad([i["prompt"] for i in items], self.pad_token_id, "left")
-        target_ids, target_mask = pad([i["target"] for i in items], self.pad_token_id, "right")
-        return {
-            "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask,
-            "target_ids": target_ids,
-            "target_mask": target_mask,
-            "reference": [i["reference"] for i in items],
-        }
+        batch: dict[str, Any] = {"reference": [i["reference"] for i in items]}
+        for prefix, pad_id in self.pad_ids.items():
+            for part, side in (("prompt", "left"), ("target", "right")):
+                ids, mask = pad([i[f"{prefix}{part}"] for i in items], pad_id, side)
+                batch[f"{prefix}{part}_ids"], batch[f"{prefix}{part}_mask"] = ids, mask
+        return batch
 
 
 class DistillationDataModule(L.LightningDataModule):
     """Train batches are shuffled by a generator seeded from the run seed, so data order is reproducible."""
 
-    def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, seed: int = 0, num_workers: int = 0):
+    def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, seed: int = 0, num_workers: int = 0,
+                 teacher_tokenizer: PreTrainedTokenizerBase | None = None):
         super().__init__()
         self.task = task
         self.tokenizer = tokenizer
+        self.teacher_tokenizer = teacher_tokenizer  # None: the teacher reads the student's tokens
         self.seed = seed
         self.num_workers = num_workers
-        self.collate = Collator(tokenizer.pad_token_id)
+        self.collate = Collator(tokenizer.pad_token_id, teacher_tokenizer.pad_token_id if teacher_tokenizer else None)
         self.train_set: TokenizedExamples | None = None
         self.val_set: TokenizedExamples | None = None
 
@@ -177,8 +200,9 @@ class DistillationDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         splits = self.task.splits()
-        self.train_set = TokenizedExamples(splits["train"], self.task, self.tokenizer, "train")
-        self.val_set = TokenizedExamples(splits["validation"], self.task, self.tokenizer, "validation")
+        teacher = self.teacher_tokenizer
+        self.train_set = TokenizedExamples(splits["train"], self.task, self.tokenizer, "train", teacher)
+        self.val_set = TokenizedExamples(splits["validation"], self.task, self.tokenizer, "validation", teacher)
         batch_size = self.task.config.batch_size
         if len(self.train_set) < batch_size:
             raise ValueError(

@@ -1,0 +1,145 @@
+"""Losses between a teacher and a student whose tokenizers differ: MultiLevelOT and ULD.
+
+Neither vocabulary ids nor positions correspond, so neither loss compares token t of one with token t of the other
+through ids. Both compare *sorted* probability vectors (sorting forgets which token a probability belongs to, which
+is what makes vocabularies of different sizes and orders comparable), and MultiLevelOT adds an optimal-transport
+distance between the two sequences of distributions, which needs no position correspondence at all.
+
+Shapes: `student_logits` (B, Ts, Vs) and `teacher_logits` (B, Tt, Vt), each aligned with its own response tokens;
+`student_mask` (B, Ts) and `teacher_mask` (B, Tt) are true at response positions, which start at position 0 (targets
+are right-padded). Everything is computed in float32 whatever the input dtype. Each function returns a dict of
+scalar components (means over the sequences of the batch); a sequence with an empty response contributes zero, and
+a batch of empty responses gives zeros that still carry a gradient path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _valid_length_mask(student_mask: Tensor, teacher_mask: Tensor) -> Tensor:
+    """(B, T) true at positions t < min(student response length, teacher response length): matched by index."""
+    length = torch.minimum(student_mask.sum(-1), teacher_mask.sum(-1))
+    width = min(student_mask.shape[1], teacher_mask.shape[1])
+    return torch.arange(width, device=length.device)[None, :] < length[:, None]
+
+
+def _mean_over_sequences(per_sequence: Tensor) -> Tensor:
+    return per_sequence.mean() if per_sequence.numel() else per_sequence.sum()
+
+
+def sequence_ranked_topk(probs: Tensor, mask: Tensor, k: int) -> Tensor:
+    """(B, T, k): each sequence's probabilities on its own k most probable vocabulary entries overall, in order.
+
+    The ranking is one per sequence (MultiLevelOT, sequence-level ranking): vocabulary entries are ordered by their
+    column sums over the sequence's response positions, so that column i means "the i-th most used token of this
+    sequence" at every position. Padding positions do not vote and come out as zeros.
+    """
+    probs = probs * mask[..., None]
+    k = min(k, probs.shape[-1])
+    order = probs.sum(dim=1).topk(k, dim=-1).indices  # (B, k), by descending column sum
+    return probs.gather(-1, order[:, None, :].expand(-1, probs.shape[1], -1))
+
+
+def log_sinkhorn(cost: Tensor, row_mask: Tensor, col_mask: Tensor, epsilon: float, iterations: int) -> Tensor:
+    """Entropic optimal-transport plans (B, n, m) between uniform marginals over the unmasked rows and columns.
+
+    Log-domain Sinkhorn (Cuturi 2013; Peyré and Cuturi 2019, Alg. 3.1 in log form): dual potentials f, g are
+    updated with logsumexp, so a small `epsilon` never underflows `exp(-C/epsilon)` as the kernel-domain iteration
+    does. Masked rows and columns get zero mass. Batched, differentiable through the unrolled iterations.
+    """
+    cost = cost.float()
+    rows = row_mask.sum(-1, keepdim=True).clamp(min=1)
+    cols = col_mask.sum(-1, keepdim=True).clamp(min=1)
+    neg = torch.finfo(cost.dtype).min / 4  # a large finite negative instead of -inf: no inf - inf
+    log_a = torch.where(row_mask, -rows.log(), neg)  # (B, n)
+    log_b = torch.where(col_mask, -cols.log(), neg)  # (B, m)
+    scaled = -cost / epsilon
+    f = torch.zeros_like(log_a)
+    g = torch.zeros_like(log_b)
+    for _ in range(iterations):
+        f = epsilon * (log_a - torch.logsumexp(scaled + g[:, None, :] / epsilon, dim=2))
+        g = epsilon * (log_b - torch.logsumexp(scaled + f[:, :, None] / epsilon, dim=1))
+    log_plan = scaled + f[:, :, None] / epsilon + g[:, None, :] / epsilon
+    pair = row_mask[:, :, None] & col_mask[:, None, :]
+    return torch.where(pair, log_plan.exp(), torch.zeros_like(log_plan))
+
+
+def multilevel_ot(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_mask: Tensor,
+    teacher_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    sl_temperature: float = 1.0,
+    sd_temperature: float = 2.0,
+    sinkhorn_epsilon: float = 0.1,
+    sinkhorn_iterations: int = 20,
+    components: tuple[str, ...] = ("had", "sl", "sd"),
+) -> dict[str, Tensor]:
+    """MultiLevelOT's distillation terms (Cui et al., AAAI 2025): {"had", "sl", "sd"}, each a scalar.
+
+    p = softmax(teacher / temperature), q = softmax(student / temperature); each ranked and truncated per sequence
+    to its top_k (`sequence_ranked_topk`): p~ (B, Tt, k), q~ (B, Ts, k). Then, for positions t matched by index up to
+    the shorter response (T = min(Tt, Ts) per sequence):
+      had = 1/T sum_t sum_i |p~_ti - q~_ti|                              (token level: holistic absolute difference)
+      sl  = -1/T sum_t sum_i softmax(q~_t / tau_SL)_i log softmax(p~_t / tau_SL)_i   (sequential logarithmic loss)
+      sd  = <P, C>, C_ij = || softmax(p~_i / tau_SD) - softmax(q~_j / tau_SD) ||_1, P the entropic OT plan between
+            uniform weights on teacher positions i and student positions j (Sinkhorn distance, sequence level)
+    The teacher side never carries a gradient. `components` names the terms to compute (ablations skip the rest).
+    """
+    p = torch.softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    q = torch.softmax(student_logits.float() / temperature, dim=-1)
+    p_top = sequence_ranked_topk(p, teacher_mask, top_k)
+    q_top = sequence_ranked_topk(q, student_mask, top_k)
+    k = max(p_top.shape[-1], q_top.shape[-1])  # a vocabulary smaller than top_k is zero-padded
+    p_top = torch.nn.functional.pad(p_top, (0, k - p_top.shape[-1]))
+    q_top = torch.nn.functional.pad(q_top, (0, k - q_top.shape[-1]))
+
+    matched = _valid_length_mask(student_mask, teacher_mask)  # (B, T)
+    width = matched.shape[1]
+    counts = matched.sum(-1).clamp(min=1)
+    out: dict[str, Tensor] = {}
+    if "had" in components:
+        diff = (p_top[:, :width] - q_top[:, :width]).abs().sum(-1)
+        out["had"] = _mean_over_sequences((diff * matched).sum(-1) / counts)
+    if "sl" in components:
+        log_p = torch.log_softmax(p_top[:, :width] / sl_temperature, dim=-1)
+        q_soft = torch.softmax(q_top[:, :width] / sl_temperature, dim=-1)
+        per_position = -(q_soft * log_p).sum(-1)
+        out["sl"] = _mean_over_sequences((per_position * matched).sum(-1) / counts)
+    if "sd" in components:
+        p_sd = torch.softmax(p_top / sd_temperature, dim=-1)
+        q_sd = torch.softmax(q_top / sd_temperature, dim=-1)
+        cost = torch.cdist(p_sd, q_sd, p=1)  # (B, Tt, Ts)
+        plan = log_sinkhorn(cost, teacher_mask.bool(), student_mask.bool(), sinkhorn_epsilon, sinkhorn_iterations)
+        out["sd"] = _mean_over_sequences((plan * cost).sum(dim=(1, 2)))
+    return out
+
+
+def universal_logit_distillation(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_mask: Tensor,
+    teacher_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+) -> dict[str, Tensor]:
+    """ULD (Boizard et al., 2024): {"uld"}: 1/T sum_t sum_i |sort(p_t)_i - sort(q_t)_i|, T = the shorter response.
+
+    Each position's full probability vector is sorted in descending order and the smaller vocabulary is zero-padded
+    to the larger; positions are matched by index. The padded tail's |p_i - 0| terms are the larger side's own sorted
+    tail, so they are summed directly instead of materialising the padding.
+    """
+    matched = _valid_length_mask(student_mask, teacher_mask)
+    width = matched.shape[1]
+    p = torch.softmax(teacher_logits[:, :width].detach().float() / temperature, dim=-1).sort(-1, descending=True).values
+    q = torch.softmax(student_logits[:, :width].float() / temperature, dim=-1).sort(-1, descending=True).values
+    shared = min(p.shape[-1], q.shape[-1])
+    per_position = (p[..., :shared] - q[..., :shared]).abs().sum(-1)
+    per_position = per_position + p[..., shared:].sum(-1) + q[..., shared:].sum(-1)
+    counts = matched.sum(-1).clamp(min=1)
+    return {"uld": _mean_over_sequences((per_position * matched).sum(-1) / counts)}

@@ -1,0 +1,218 @@
+"""Cross-tokenizer losses (MultiLevelOT, ULD): Sinkhorn against POT and a naive loop, invariances, padding, fp16."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kdlab.losses.cross_tokenizer import (
+    log_sinkhorn,
+    multilevel_ot,
+    sequence_ranked_topk,
+    universal_logit_distillation,
+)
+from kdlab.losses.objective import build_objective
+
+
+def logits(batch, length, vocab, seed, scale=3.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(batch, length, vocab, generator=g)).to(dtype)
+
+
+def lengths_mask(lengths, width):
+    return torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+
+
+# -- Sinkhorn ------------------------------------------------------------------------------------------------------
+def test_sinkhorn_plan_has_the_uniform_marginals_of_the_valid_positions():
+    cost = torch.rand(2, 5, 7, generator=torch.Generator().manual_seed(0))
+    rows, cols = lengths_mask([5, 3], 5), lengths_mask([7, 4], 7)
+    plan = log_sinkhorn(cost, rows, cols, epsilon=0.1, iterations=500)
+    for b, (n, m) in enumerate([(5, 7), (3, 4)]):
+        assert torch.allclose(plan[b].sum(1)[:n], torch.full((n,), 1 / n), atol=1e-5)
+        assert torch.allclose(plan[b].sum(0)[:m], torch.full((m,), 1 / m), atol=1e-6)
+        assert plan[b, n:].abs().sum() == 0 and plan[b, :, m:].abs().sum() == 0  # padding gets no mass
+    short = log_sinkhorn(cost, rows, cols, epsilon=0.1, iterations=20)  # the last update fixes the columns exactly
+    assert torch.allclose(short[0].sum(0), torch.full((7,), 1 / 7), atol=1e-6)
+
+
+def naive_sinkhorn(cost: np.ndarray, epsilon: float, iterations: int) -> np.ndarray:
+    """Kernel-domain Sinkhorn in float64, one pair at a time (Cuturi 2013): u = a / K v, v = b / K^T u."""
+    n, m = cost.shape
+    a, b = np.full(n, 1 / n), np.full(m, 1 / m)
+    kernel = np.exp(-cost / epsilon)
+    v = np.ones(m)
+    for _ in range(iterations):
+        u = a / (kernel @ v)
+        v = b / (kernel.T @ u)
+    return u[:, None] * kernel * v[None, :]
+
+
+def test_sinkhorn_agrees_with_a_naive_loop_and_with_pot():
+    import ot
+
+    cost = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float() * 2
+    rows, cols = lengths_mask([6, 4, 2], 6), lengths_mask([4, 4, 3], 4)
+    plan = log_sinkhorn(cost, rows, cols, epsilon=0.1, iterations=20)
+    for b, (n, m) in enumerate([(6, 4), (4, 4), (2, 3)]):
+        c = cost[b, :n, :m].double().numpy()
+        expected = naive_sinkhorn(c, 0.1, 20)
+        assert np.allclose(plan[b, :n, :m].numpy(), expected, atol=1e-6)
+        converged = log_sinkhorn(cost[b : b + 1], rows[b : b + 1], cols[b : b + 1], 0.1, 2000)[0, :n, :m]
+        reference = ot.sinkhorn(np.full(n, 1 / n), np.full(m, 1 / m), c, reg=0.1, numItermax=100000, stopThr=1e-12)
+        assert np.allclose(converged.numpy(), reference, atol=1e-6)
+
+
+def test_sinkhorn_has_no_nan_at_tiny_epsilon_where_the_kernel_underflows():
+    cost = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(2)) * 5
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    plan = log_sinkhorn(cost, mask, mask, epsilon=1e-3, iterations=20)  # exp(-C/eps) is 0 in float32 here
+    assert torch.isfinite(plan).all() and torch.allclose(plan.sum(), torch.tensor(1.0), atol=1e-4)
+
+
+# -- MultiLevelOT: naive reference ---------------------------------------------------------------------------------
+def naive_multilevel_ot(s, t, s_len, t_len, k=50, tau=1.0, tau_sl=1.0, tau_sd=2.0, eps=0.1, iters=20):
+    """The three terms for one sequence pair, written out with loops and explicit sorts (float64)."""
+    p = torch.softmax(t[:t_len].double() / tau, -1)
+    q = torch.softmax(s[:s_len].double() / tau, -1)
+
+    def rank(x):
+        order = sorted(range(x.shape[1]), key=lambda j: -float(x[:, j].sum()))[:k]
+        return x[:, order]
+
+    p, q = rank(p), rank(q)
+    k = max(p.shape[1], q.shape[1])  # a vocabulary smaller than k is zero-padded
+    p, q = torch.nn.functional.pad(p, (0, k - p.shape[1])), torch.nn.functional.pad(q, (0, k - q.shape[1]))
+    width = min(t_len, s_len)
+    had = sum(float((p[i] - q[i]).abs().sum()) for i in range(width)) / max(width, 1)
+    sl = 0.0
+    for i in range(width):
+        sl -= float((torch.softmax(q[i] / tau_sl, -1) * torch.log_softmax(p[i] / tau_sl, -1)).sum())
+    sl /= max(width, 1)
+    p_sd, q_sd = torch.softmax(p / tau_sd, -1), torch.softmax(q / tau_sd, -1)
+    cost = np.array([[float((p_sd[i] - q_sd[j]).abs().sum()) for j in range(s_len)] for i in range(t_len)])
+    sd = float((naive_sinkhorn(cost, eps, iters) * cost).sum())
+    return {"had": had, "sl": sl, "sd": sd}
+
+
+@pytest.mark.parametrize("k", [50, 5])
+def test_multilevel_ot_agrees_with_a_naive_reference(k):
+    s, t = logits(3, 7, 40, seed=3), logits(3, 9, 60, seed=4)
+    s_len, t_len = [7, 5, 2], [9, 3, 6]
+    got = multilevel_ot(s, t, lengths_mask(s_len, 7), lengths_mask(t_len, 9), top_k=k)
+    expected = [naive_multilevel_ot(s[b], t[b], s_len[b], t_len[b], k=k) for b in range(3)]
+    for term in ("had", "sl", "sd"):
+        assert got[term].item() == pytest.approx(np.mean([e[term] for e in expected]), rel=1e-5, abs=1e-7), term
+
+
+def test_sequence_ranking_orders_columns_by_their_sum_over_response_positions():
+    probs = torch.tensor([[[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [9.0, 0.0, 0.0]]])  # the last position is padding
+    ranked = sequence_ranked_topk(probs, lengths_mask([2], 3), k=2)
+    # column sums over the two response positions: 0.6, 0.8, 0.6 -> column 1 first, then a tie broken by topk
+    assert torch.allclose(ranked[0, :2, 0], torch.tensor([0.6, 0.2]))
+    assert ranked[0, 2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_ot_and_uld_are_invariant_to_a_permutation_of_either_vocabulary(side):
+    s, t = logits(2, 6, 30, seed=5), logits(2, 8, 45, seed=6)
+    sm, tm = lengths_mask([6, 4], 6), lengths_mask([8, 5], 8)
+    perm = torch.randperm(30 if side == "student" else 45, generator=torch.Generator().manual_seed(7))
+    s2, t2 = (s[..., perm], t) if side == "student" else (s, t[..., perm])
+    for fn in (multilevel_ot, universal_logit_distillation):
+        a, b = fn(s, t, sm, tm), fn(s2, t2, sm, tm)
+        for term in a:
+            assert a[term].item() == pytest.approx(b[term].item(), abs=1e-6), (fn.__name__, term)
+
+
+def test_identical_inputs_give_zero_where_the_math_says_so():
+    x = logits(2, 6, 30, seed=8)
+    mask = lengths_mask([6, 3], 6)
+    ot_terms = multilevel_ot(x, x.clone(), mask, mask)
+    assert ot_terms["had"].item() == pytest.approx(0.0, abs=1e-7)
+    assert universal_logit_distillation(x, x.clone(), mask, mask)["uld"].item() == pytest.approx(0.0, abs=1e-7)
+    # SL is a cross-entropy (its minimum is the entropy, not 0) and SD an entropic OT cost, which is 0 only when
+    # every position's distribution is the same: then the cost matrix itself is 0.
+    assert ot_terms["sl"].item() > 0
+    same = x[:, :1].expand(-1, 6, -1).contiguous()
+    assert multilevel_ot(same, same.clone(), mask, mask)["sd"].item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_padding_changes_nothing():
+    s, t = logits(2, 5, 30, seed=9), logits(2, 7, 45, seed=10)
+    sm, tm = lengths_mask([5, 3], 5), lengths_mask([7, 4], 7)
+    s_pad = torch.cat([s, logits(2, 4, 30, seed=11, scale=50)], 1).requires_grad_(True)  # garbage in the padding
+    t_pad = torch.cat([t, logits(2, 2, 45, seed=12, scale=50)], 1)
+    sm_pad, tm_pad = torch.cat([sm, torch.zeros(2, 4, dtype=torch.bool)], 1), torch.cat(
+        [tm, torch.zeros(2, 2, dtype=torch.bool)], 1)
+    s = s.clone().requires_grad_(True)
+    for fn in (multilevel_ot, universal_logit_distillation):
+        a, b = fn(s, t, sm, tm), fn(s_pad, t_pad, sm_pad, tm_pad)
+        for term in a:
+            assert a[term].item() == pytest.approx(b[term].item(), rel=1e-6, abs=1e-8), (fn.__name__, term)
+        (ga,) = torch.autograd.grad(sum(a.values()), s)
+        (gb,) = torch.autograd.grad(sum(b.values()), s_pad)
+        assert torch.allclose(ga, gb[:, :5], atol=1e-7) and gb[:, 5:].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_give_finite_losses_and_gradients(dtype):
+    s = logits(2, 6, 300, seed=13, scale=30, dtype=dtype).requires_grad_(True)  # large logits: float16 would overflow
+    t = logits(2, 9, 500, seed=14, scale=30, dtype=dtype)
+    sm, tm = lengths_mask([6, 2], 6), lengths_mask([9, 4], 9)
+    for fn in (multilevel_ot, universal_logit_distillation):
+        terms = fn(s, t, sm, tm)
+        assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in terms.values())
+        (grad,) = torch.autograd.grad(sum(terms.values()), s)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_empty_responses_give_zero_with_a_gradient_path():
+    s = logits(2, 4, 20, seed=15).requires_grad_(True)
+    t = logits(2, 4, 25, seed=16)
+    empty = torch.zeros(2, 4, dtype=torch.bool)
+    for fn in (multilevel_ot, universal_logit_distillation):
+        total = sum(fn(s, t, empty, empty).values())
+        assert total.item() == 0.0
+        total.backward()
+
+
+def test_the_teacher_gets_no_gradient():
+    s = logits(1, 4, 20, seed=17).requires_grad_(True)
+    t = logits(1, 5, 25, seed=18).requires_grad_(True)
+    mask_s, mask_t = torch.ones(1, 4, dtype=torch.bool), torch.ones(1, 5, dtype=torch.bool)
+    for fn in (multilevel_ot, universal_logit_distillation):
+        sum(fn(s, t, mask_s, mask_t).values()).backward()
+        assert t.grad is None and s.grad is not None
+
+
+# -- ULD --------------------------------------------------------------------------------------------------------------
+def test_uld_equals_the_zero_padded_sorted_l1_written_out():
+    s, t = logits(2, 5, 30, seed=19), logits(2, 6, 45, seed=20)
+    s_len, t_len = [5, 2], [6, 4]
+    got = universal_logit_distillation(s, t, lengths_mask(s_len, 5), lengths_mask(t_len, 6))["uld"]
+    per_sequence = []
+    for b in range(2):
+        width = min(s_len[b], t_len[b])
+        p = torch.softmax(t[b, :width].double(), -1).sort(-1, descending=True).values
+        q = torch.softmax(s[b, :width].double(), -1).sort(-1, descending=True).values
+        q = torch.nn.functional.pad(q, (0, 45 - 30))  # zero-pad the smaller vocabulary
+        per_sequence.append(float((p - q).abs().sum(-1).mean()))
+    assert got.item() == pytest.approx(np.mean(per_sequence), rel=1e-6)
+
+
+# -- the objective --------------------------------------------------------------------------------------------------
+def test_ot_objective_weights_terms_as_the_paper_and_skips_switched_off_terms():
+    s = logits(2, 5, 30, seed=21)
+    t = logits(2, 6, 45, seed=22)
+    target = torch.randint(0, 30, (2, 5), generator=torch.Generator().manual_seed(23))
+    sm, tm = lengths_mask([5, 3], 5), lengths_mask([6, 4], 6)
+    cfg = {"name": "ot", "ce_weight": 1.0, "alpha": 0.15, "had_weight": 1.0, "beta": 0.1, "gamma": 0.1}
+    total, parts = build_objective(cfg)(s, t, target, sm, tm)
+    expected = parts["ce"] + 0.15 * (parts["had"] + 0.1 * parts["sl"] + 0.1 * parts["sd"])
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    _, ablated = build_objective({**cfg, "gamma": 0.0})(s, t, target, sm, tm)
+    assert set(ablated) == {"ce", "had", "sl"}
+    _, uld = build_objective({"name": "uld", "ce_weight": 0.5, "uld_weight": 2.0})(s, t, target, sm, tm)
+    assert set(uld) == {"ce", "uld"}

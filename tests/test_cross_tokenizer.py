@@ -216,3 +216,15 @@ def test_ot_objective_weights_terms_as_the_paper_and_skips_switched_off_terms():
     assert set(ablated) == {"ce", "had", "sl"}
     _, uld = build_objective({"name": "uld", "ce_weight": 0.5, "uld_weight": 2.0})(s, t, target, sm, tm)
     assert set(uld) == {"ce", "uld"}
+
+
+def test_the_ce_term_is_left_out_on_the_students_own_samples():
+    s, t = logits(1, 4, 30, seed=24), logits(1, 4, 30, seed=25)
+    target = torch.randint(0, 30, (1, 4), generator=torch.Generator().manual_seed(26))
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    for cfg in ({"name": "ot", "ce_weight": 1.0}, {"name": "uld", "ce_weight": 1.0}, {"name": "fkl", "ce_weight": 1.0}):
+        objective = build_objective(cfg)
+        with_labels, parts = objective(s, t, target, mask, mask)
+        without, own_samples = objective(s, t, target, mask, mask, hard_labels=False)
+        assert "ce" in parts and "ce" not in own_samples
+        assert with_labels.item() == pytest.approx(without.item() + parts["ce"].item(), rel=1e-6)

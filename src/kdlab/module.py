@@ -134,6 +134,7 @@ class DistillationModule(L.LightningModule):
         target_mask: Tensor,
         teacher_ids: Tensor | None = None,
         teacher_mask: Tensor | None = None,
+        hard_labels: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         prompt = (batch["prompt_ids"], batch["prompt_mask"])
         student_logits = score_targets(self.student, *prompt, target_ids, target_mask)
@@ -152,7 +153,7 @@ class DistillationModule(L.LightningModule):
             vocab = len(self.tokenizer)
             if student_logits.shape[-1] != teacher_logits.shape[-1]:
                 student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
-        return self.objective(student_logits, teacher_logits, target_ids, target_mask, teacher_mask)
+        return self.objective(student_logits, teacher_logits, target_ids, target_mask, teacher_mask, hard_labels)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
@@ -160,7 +161,9 @@ class DistillationModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         source = self.policy.draw(self.trainer.fit_loop.total_batch_idx)
         target_ids, target_mask, teacher_ids, teacher_mask = self._targets(batch, source)
-        loss, components = self._loss(batch, target_ids, target_mask, teacher_ids, teacher_mask)
+        loss, components = self._loss(
+            batch, target_ids, target_mask, teacher_ids, teacher_mask, hard_labels=source != STUDENT
+        )
 
         self._policy_steps += 1
         self._onpolicy_steps += int(source == STUDENT)

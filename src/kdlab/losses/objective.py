@@ -5,8 +5,10 @@
     total = ce_weight * CE + uld_weight * ULD                                        (loss=uld)
     total = CE(student, targets)                                                     (loss=sft, no teacher needed)
 
-A term whose weight is 0 is not computed at all (ablations cost nothing). The module calls the objective once per
-step; it returns the total and each component, unweighted, for logging.
+A term whose weight is 0 is not computed at all (ablations cost nothing). The CE term is left out on steps that
+train on the student's own samples (`hard_labels=False`): cross-entropy on its own samples only reinforces them
+(GKD's on-policy objective has no such term). The module calls the objective once per step; it returns the total and
+each component, unweighted, for logging.
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ class Objective:
         target_ids: Tensor,
         mask: Tensor,
         teacher_mask: Tensor | None = None,
+        hard_labels: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """`teacher_mask` marks the teacher's own response tokens (cross-tokenizer losses); default: `mask`."""
+        """`teacher_mask` marks the teacher's own response tokens (cross-tokenizer losses); default: `mask`.
+        `hard_labels=False` (targets sampled from the student) leaves the CE term out."""
         common = dict(reduction=self.reduction, chunk_size=self.chunk_size)
         if not self.needs_teacher:
             ce = cross_entropy(student_logits, target_ids, mask, **common)
@@ -71,7 +75,7 @@ class Objective:
                 student_logits, teacher_logits, mask, temperature=self.temperature, **self.params, **common
             )
             total, components = divergence, {self.name: divergence.detach()}
-        if self.ce_weight > 0:
+        if self.ce_weight > 0 and hard_labels:
             ce = cross_entropy(student_logits, target_ids, mask, **common)
             components["ce"] = ce.detach()
             total = total + self.ce_weight * ce

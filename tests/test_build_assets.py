@@ -26,5 +26,12 @@ def test_build_assets_writes_loadable_tokenizer_teacher_and_student(tmp_path):
     assert student.config.hidden_size == 96 and student.config.num_hidden_layers == 3
     assert teacher.config.vocab_size == student.config.vocab_size == len(tokenizer)
     assert teacher.num_parameters() > 2 * student.num_parameters()
+    # the cross-tokenizer teacher: the teacher's architecture on a Unigram tokenizer of another vocabulary
+    unigram = AutoTokenizer.from_pretrained(assets / "unigram_tokenizer")
+    assert unigram.decode(unigram(text, add_special_tokens=False)["input_ids"]) == text
+    assert json.loads(unigram.backend_tokenizer.to_str())["model"]["type"] == "Unigram"
+    assert len(unigram) != len(tokenizer)
+    cross = AutoModelForCausalLM.from_pretrained(assets / "unigram_teacher")
+    assert cross.config.hidden_size == 128 and cross.config.vocab_size == len(unigram)
     results = json.loads((tmp_path / "work" / "teacher" / "results.json").read_text())
     assert results["loss"] == "sft" and results["teacher"] is None and results["steps"] == 2

@@ -94,3 +94,18 @@ def test_cross_tokenizer_runs_end_to_end(tmp_path, loss, policy):
     # the teacher generated in its own tokens and was scored on its own decoded text
     rows = [json.loads(line) for line in (tmp_path / "generations" / "teacher.jsonl").open()]
     assert len(rows) == 8
+
+
+@pytest.mark.slow
+def test_the_shipped_cross_tokenizer_teacher_distils_into_the_shipped_student(tmp_path):
+    from kdlab.train import run
+
+    overrides = ["loss=ot", "teacher=arith_unigram_teacher", "trainer.max_steps=2", "task.eval_examples=16",
+                 "task.eval_batch_size=16", "task.batch_size=4", "task.train_size=64", "eval.before=false"]
+    cfg = compose(overrides, output_dir=tmp_path)
+    assert cfg.student.name == "arith-student" and not same_vocabulary(
+        load_tokenizer(cfg.student), load_tokenizer(cfg.teacher))
+    run(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["teacher"]["accuracy"] > 0.1  # a trained teacher, scored in its own tokens (0.43 on 200 problems)
+    assert results["steps"] == 2

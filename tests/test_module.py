@@ -117,7 +117,7 @@ def test_each_step_trains_on_the_source_the_policy_drew(tokenizer, monkeypatch, 
     monkeypatch.setattr(kdlab.module, "generate_targets", recording_generate)
     scored = []
     real_loss = module._loss
-    module._loss = lambda batch, ids, mask, *rest: scored.append((ids, mask)) or real_loss(batch, ids, mask, *rest)
+    module._loss = lambda batch, ids, mask, *a, **k: scored.append((ids, mask)) or real_loss(batch, ids, mask, *a, **k)
     _fit(module, datamodule, steps=2)
 
     if sampler is None:

@@ -3,8 +3,8 @@
 One training step (GKD Algorithm 1): the data policy picks where the targets come from (ground truth, teacher
 samples, or the student's own samples), both models score the same target tokens, and one objective compares them
 over response positions only. When the teacher tokenizes differently, both score the same target *text*, each in its
-own tokens, and a cross-tokenizer loss (loss=ot|uld) compares the two. The teacher never trains: no grad, eval mode whatever Lightning does to the module,
-left out of the optimizer, of checkpoints and of the student export.
+own tokens, and a cross-tokenizer loss (loss=ot|uld) compares the two. The teacher never trains: no grad, eval mode
+whatever Lightning does to the module, left out of the optimizer, of checkpoints and of the student export.
 """
 
 from __future__ import annotations

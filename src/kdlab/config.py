@@ -104,7 +104,10 @@ def _policy_errors(policy: Mapping[str, Any]) -> list[str]:
 
 def config_errors(cfg: DictConfig) -> list[str]:
     """Every problem found in the config without loading anything."""
+    from kdlab.rewards import reward_config_errors
+
     errors = _loss_errors(cfg.loss) + _policy_errors(cfg.policy) + task_config_errors(cfg.task)
+    errors += reward_config_errors(cfg.get("reward"), float(cfg.policy.get("student_fraction", 0.0)))
     loss_name = cfg.loss.get("name")
     has_teacher = cfg.get("teacher") is not None
     fraction = float(cfg.policy.get("student_fraction", 0.0))

@@ -26,6 +26,7 @@ from kdlab.losses.objective import Objective
 from kdlab.models import score_targets
 from kdlab.policy import STUDENT, DataPolicy
 from kdlab.retokenize import retokenize
+from kdlab.rewards import RewardTerm, leave_one_out_advantages, policy_gradient_loss
 
 TEACHER_PREFIX = "teacher."
 
@@ -46,6 +47,7 @@ class DistillationModule(L.LightningModule):
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         eval_sampling: SamplingSettings = SamplingSettings(do_sample=False),
         teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+        reward: RewardTerm | None = None,
     ):
         super().__init__()
         if objective.needs_teacher and teacher is None:
@@ -60,6 +62,7 @@ class DistillationModule(L.LightningModule):
         # (`teacher_prompt_ids`, ...) and samples cross between the two through text (kdlab.retokenize).
         self.teacher_tokenizer = teacher_tokenizer
         self.objective = objective
+        self.reward = reward  # GKD Eq. 5: a reward optimised on the student's own samples (None: pure distillation)
         self.policy = policy
         self.task = task
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
@@ -137,6 +140,18 @@ class DistillationModule(L.LightningModule):
         teacher_mask: Tensor | None = None,
         hard_labels: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        student_logits, teacher_logits = self._scores(batch, target_ids, target_mask, teacher_ids, teacher_mask)
+        return self.objective(student_logits, teacher_logits, target_ids, target_mask, teacher_mask, hard_labels)
+
+    def _scores(
+        self,
+        batch: dict,
+        target_ids: Tensor,
+        target_mask: Tensor,
+        teacher_ids: Tensor | None,
+        teacher_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(student logits, teacher logits or None) over the targets, each trimmed to its tokenizer's vocabulary."""
         prompt = (batch["prompt_ids"], batch["prompt_mask"])
         student_logits = score_targets(self.student, *prompt, target_ids, target_mask)
         teacher_logits = None
@@ -154,23 +169,48 @@ class DistillationModule(L.LightningModule):
             vocab = len(self.tokenizer)
             if student_logits.shape[-1] != teacher_logits.shape[-1]:
                 student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
-        return self.objective(student_logits, teacher_logits, target_ids, target_mask, teacher_mask, hard_labels)
+        return student_logits, teacher_logits
+
+    def _reward_step(self, batch: dict) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """GKD Eq. 5 on the student's own samples: alpha * distillation + (1 - alpha) * REINFORCE.
+
+        Each prompt is sampled k times (leave-one-out baseline); returns (loss, components, response mask)."""
+        k = self.reward.samples_per_prompt
+        big = {key: v.repeat_interleave(k, dim=0) if isinstance(v, Tensor) else [x for x in v for _ in range(k)]
+               for key, v in batch.items()}
+        target_ids, target_mask, teacher_ids, teacher_mask = self._targets(big, STUDENT)
+        student_logits, teacher_logits = self._scores(big, target_ids, target_mask, teacher_ids, teacher_mask)
+        distill, components = self.objective(
+            student_logits, teacher_logits, target_ids, target_mask, teacher_mask, hard_labels=False
+        )
+        texts = self.tokenizer.batch_decode(target_ids.masked_fill(~target_mask, self.tokenizer.pad_token_id),
+                                            skip_special_tokens=True)
+        rewards = self.reward.score([t.strip() for t in texts], big["reference"]).to(student_logits.device)
+        advantages = leave_one_out_advantages(rewards, k)
+        pg = policy_gradient_loss(student_logits, target_ids, target_mask, advantages)
+        alpha = self.reward.alpha
+        components.update(distill=distill.detach(), pg=pg.detach(), reward=rewards.mean(),
+                          advantage=advantages.abs().mean())
+        return alpha * distill + (1 - alpha) * pg, components, target_mask
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         source = self.policy.draw(self.trainer.fit_loop.total_batch_idx)
-        target_ids, target_mask, teacher_ids, teacher_mask = self._targets(batch, source)
-        loss, components = self._loss(
-            batch, target_ids, target_mask, teacher_ids, teacher_mask, hard_labels=source != STUDENT
-        )
+        if source == STUDENT and self.reward is not None and self.reward.active:
+            loss, components, target_mask = self._reward_step(batch)
+        else:
+            target_ids, target_mask, teacher_ids, teacher_mask = self._targets(batch, source)
+            loss, components = self._loss(
+                batch, target_ids, target_mask, teacher_ids, teacher_mask, hard_labels=source != STUDENT
+            )
 
         self._policy_steps += 1
         self._onpolicy_steps += int(source == STUDENT)
         self._step_tokens = int(target_mask.sum())
         self.train_tokens += self._step_tokens
-        batch_size = target_ids.shape[0]
+        batch_size = target_mask.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in components.items():
             self.log(f"train/{name}", value, batch_size=batch_size)

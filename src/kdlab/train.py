@@ -28,6 +28,7 @@ from kdlab.losses.objective import build_objective
 from kdlab.models import HubUnavailableError, load_model, load_tokenizer, same_vocabulary
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
+from kdlab.rewards import RewardTerm
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -73,6 +74,14 @@ def build_policy(cfg: DictConfig) -> DataPolicy:
         sampling=SamplingSettings(**cfg.policy.sampling),
         seed=int(cfg.seed),
     )
+
+
+def build_reward(cfg: DictConfig) -> RewardTerm | None:
+    """The reward term of GKD Eq. 5 from `conf/reward/*.yaml` (None: pure distillation)."""
+    node = cfg.get("reward")
+    if node is None:
+        return None
+    return RewardTerm(hydra.utils.instantiate(node.fn), alpha=node.alpha, samples_per_prompt=node.samples_per_prompt)
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -159,6 +168,7 @@ def run(cfg: DictConfig) -> float:
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         eval_sampling=SamplingSettings(**task.config.generation),
         teacher_tokenizer=teacher_tokens,
+        reward=build_reward(cfg),
     )
 
     loggers = build_loggers(cfg)

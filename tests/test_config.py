@@ -9,7 +9,8 @@ from kdlab.config import ConfigError, config_errors
 from kdlab.train import validate
 from tests.conftest import CONF_DIR, compose
 
-GROUPS = ["task", "teacher", "student", "loss", "policy", "trainer", "strategy", "logger", "experiment", "debug"]
+GROUPS = ["task", "teacher", "student", "loss", "policy", "reward", "trainer", "strategy", "logger", "experiment",
+          "debug"]
 
 
 def _options(group: str) -> list[str]:

@@ -50,13 +50,16 @@ def leave_one_out_advantages(rewards: Tensor, samples_per_prompt: int) -> Tensor
 
 
 def policy_gradient_loss(student_logits: Tensor, target_ids: Tensor, mask: Tensor, advantages: Tensor) -> Tensor:
-    """REINFORCE: -mean_i A_i * log q(y_i), with log q(y_i) the sum of the sample's token log-probabilities.
+    """REINFORCE: -sum_i A_i * log q(y_i) / (response tokens in the batch), log q(y_i) the sum of the sample's token
+    log-probabilities.
 
-    Its gradient is the policy-gradient estimate of -E[r] (the advantages are constants). Float32 inside.
+    Its gradient is the policy-gradient estimate of -E[r] (the advantages are constants), scaled per scored token as
+    the distillation term is (token_mean): a per-sequence sum would outweigh it by the response length (about 90
+    tokens here), and on the embedded task that collapsed the student within 20 steps. Float32 inside.
     """
     log_probs = torch.log_softmax(student_logits.float(), dim=-1)
     token_log_probs = log_probs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1) * mask
-    return -(advantages.detach() * token_log_probs.sum(-1)).mean()
+    return -(advantages.detach() * token_log_probs.sum(-1)).sum() / mask.sum().clamp(min=1)
 
 
 class RewardTerm:

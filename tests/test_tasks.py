@@ -376,3 +376,13 @@ def test_each_task_trains_and_scores_end_to_end_on_local_files(name, tmp_path):
         expected = _library_scores(name, [r["prediction"] for r in rows], [r["reference"] for r in rows])
         for key, number in expected.items():
             assert results[role][key] == pytest.approx(number, abs=1e-9), (role, key)
+
+
+@pytest.mark.parametrize("path", ["translation.en", "translation[en]"])
+def test_a_field_is_read_and_replaced_by_the_same_path_rule(path):
+    from kdlab.data.tasks import lookup, with_field
+
+    example = WMT[0]
+    changed = with_field(example, path, "short")
+    assert lookup(changed, path) == "short" and changed["translation"]["de"] == example["translation"]["de"]
+    assert lookup(example, path) == "House number 0 is small."  # the original is untouched

@@ -25,7 +25,7 @@ from kdlab.generation import SamplingSettings, generate_targets
 from kdlab.losses.objective import Objective
 from kdlab.models import score_targets
 from kdlab.policy import STUDENT, DataPolicy
-from kdlab.retokenize import retokenize
+from kdlab.retokenize import response_texts, retokenize
 from kdlab.rewards import RewardTerm, leave_one_out_advantages, policy_gradient_loss
 
 TEACHER_PREFIX = "teacher."
@@ -183,8 +183,7 @@ class DistillationModule(L.LightningModule):
         distill, components = self.objective(
             student_logits, teacher_logits, target_ids, target_mask, teacher_mask, hard_labels=False
         )
-        texts = self.tokenizer.batch_decode(target_ids.masked_fill(~target_mask, self.tokenizer.pad_token_id),
-                                            skip_special_tokens=True)
+        texts, _ = response_texts(target_ids, target_mask, self.tokenizer)
         rewards = self.reward.score([t.strip() for t in texts], big["reference"]).to(student_logits.device)
         advantages = leave_one_out_advantages(rewards, k)
         pg = policy_gradient_loss(student_logits, target_ids, target_mask, advantages)

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from kdlab.data.tasks import Task, lookup
+from kdlab.data.tasks import Task, lookup, with_field
 
 PROBE = "kdlab probe text"
 
@@ -31,14 +31,6 @@ def special_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list
         if full[start : start + len(plain)] == plain:
             return full[:start], full[start + len(plain) :]
     return [], []
-
-
-def with_field(example: Mapping[str, Any], path: str, value: Any) -> dict:
-    """A copy of `example` with the field at `path` (`document`, `translation.en`) replaced."""
-    head, _, rest = path.partition(".")
-    out = dict(example)
-    out[head] = with_field(example[head], rest, value) if rest else value
-    return out
 
 
 class PromptEncoder:

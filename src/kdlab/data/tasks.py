@@ -115,14 +115,27 @@ def task_config_errors(task_cfg: Mapping[str, Any]) -> list[str]:
     return errors
 
 
+def field_path(path: str) -> list[str]:
+    """The keys of a field path: `summary`, `translation.de` or `translation[de]` -> ["translation", "de"]."""
+    return re.split(r"[.\[\]]+", path.strip(".[]"))
+
+
 def lookup(example: Mapping[str, Any], path: str) -> Any:
-    """The value at a field path: `summary`, `translation.de` or `translation[de]`; KeyError when absent."""
+    """The value at a field path (see `field_path`); KeyError when absent."""
     value: Any = example
-    for part in re.split(r"[.\[\]]+", path.strip(".[]")):
+    for part in field_path(path):
         if not isinstance(value, Mapping) or part not in value:
             raise KeyError(path)
         value = value[part]
     return value
+
+
+def with_field(example: Mapping[str, Any], path: str, value: Any) -> dict:
+    """A copy of `example` with the field at `path` (see `field_path`) replaced."""
+    head, *rest = field_path(path)
+    out = dict(example)
+    out[head] = with_field(example[head], ".".join(rest), value) if rest else value
+    return out
 
 
 class _FieldFormatter(string.Formatter):

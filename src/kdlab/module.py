@@ -21,10 +21,12 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab.data.tasks import Task
+from kdlab.distributed import FSDP2Strategy, any_rank, full_state_dict, global_token_mean, is_sharded, shard_model
 from kdlab.generation import SamplingSettings, generate_targets
 from kdlab.losses.objective import Objective
 from kdlab.models import score_targets
 from kdlab.policy import STUDENT, DataPolicy
+from kdlab.resilience import NonFiniteGuard, step_seed
 from kdlab.retokenize import response_texts, retokenize
 from kdlab.rewards import RewardTerm, leave_one_out_advantages, policy_gradient_loss
 
@@ -48,6 +50,8 @@ class DistillationModule(L.LightningModule):
         eval_sampling: SamplingSettings = SamplingSettings(do_sample=False),
         teacher_tokenizer: PreTrainedTokenizerBase | None = None,
         reward: RewardTerm | None = None,
+        seed: int = 0,
+        max_nonfinite_steps: int = 3,
     ):
         super().__init__()
         if objective.needs_teacher and teacher is None:
@@ -80,6 +84,9 @@ class DistillationModule(L.LightningModule):
         self._step_start = 0.0
         self._step_tokens = 0
         self.train_tokens = 0  # scored response tokens seen in training (this process)
+        self.seed = seed
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self._loss_skipped = False
 
     # -- modes ---------------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "DistillationModule":
@@ -194,9 +201,11 @@ class DistillationModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
+        # Sampling and dropout draw from a state fixed by (seed, step, rank): a resumed run repeats them exactly.
+        torch.manual_seed(step_seed(self.seed, self.trainer.global_step, self.global_rank))
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        source = self.policy.draw(self.trainer.fit_loop.total_batch_idx)
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        source = self.policy.draw(self.trainer.global_step)  # one draw per optimizer step, the same on every rank
         if source == STUDENT and self.reward is not None and self.reward.active:
             loss, components, target_mask = self._reward_step(batch)
         else:
@@ -210,13 +219,33 @@ class DistillationModule(L.LightningModule):
         self._step_tokens = int(target_mask.sum())
         self.train_tokens += self._step_tokens
         batch_size = target_mask.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        # The mean over every scored token of the global batch, whatever each process scored; the all-reduce that
+        # computes it also tells every process whether any of them got a non-finite loss.
+        loss, global_loss = global_token_mean(loss, self._step_tokens)
+        self._loss_skipped = not bool(torch.isfinite(global_loss))
+        if self._loss_skipped:
+            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in components.items())
+            self.nonfinite.record(self.trainer.global_step, False, f"loss ({float(global_loss)}; {parts})")
+            return None  # every process skips backward and the optimizer has no gradients: the step is not applied
+        self.log("train/loss", global_loss, prog_bar=True, batch_size=batch_size)
         for name, value in components.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         self.log("train/onpolicy", float(source == STUDENT), batch_size=batch_size)
         self.log("train/onpolicy_fraction", self.onpolicy_fraction, batch_size=batch_size)
         self.log("train/target_tokens", float(self._step_tokens), batch_size=batch_size)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._loss_skipped:
+            return
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this rank's shard
+        finite = not local or bool(torch.stack(torch._foreach_norm(local)).isfinite().all())
+        finite = not any_rank(not finite, self.device)
+        if not finite:
+            for p in self.student.parameters():
+                p.grad = None  # the optimizer skips parameters without gradients: nothing is applied
+        self.nonfinite.record(self.trainer.global_step, finite, "gradient")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Scored response tokens per second of the whole step: sampling, both forwards, backward, optimizer.
@@ -250,7 +279,17 @@ class DistillationModule(L.LightningModule):
         for name, value in self.last_scores.items():
             self.log(f"{prefix}/{name}", value, prog_bar=True)
 
-    # -- optimisation and checkpoints ----------------------------------------------------------------------------
+    # -- sharding, optimisation and checkpoints ------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under strategy=fsdp: FSDP2 `fully_shard` per transformer block, then per model, student and teacher."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDP2Strategy) or is_sharded(self.student):
+            return  # Lightning calls this hook before fit and before each validate: shard once
+        mesh = self.device_mesh["data_parallel"]
+        shard_model(self.student, mesh, strategy.sharding, frozen=False)
+        if self.teacher is not None:
+            shard_model(self.teacher, mesh, strategy.sharding, frozen=True)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.student.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
@@ -268,8 +307,16 @@ class DistillationModule(L.LightningModule):
         self._onpolicy_steps, self._policy_steps = checkpoint.get("kdlab_policy_counts", (0, 0))
 
     def export_student(self, directory: str) -> None:
-        """The student alone, in Hugging Face format with its tokenizer (loadable with `from_pretrained`)."""
-        self.student.save_pretrained(directory)
+        """The student alone, in Hugging Face format with its tokenizer (loadable with `from_pretrained`).
+
+        Every process calls it: a sharded student is first gathered whole (a collective), then rank 0 writes it."""
+        state = full_state_dict(self.student) if is_sharded(self.student) else None
+        if self.global_rank != 0:
+            return
+        if state is None:
+            self.student.save_pretrained(directory)
+        else:
+            self.student.save_pretrained(directory, state_dict=state)
         self.tokenizer.save_pretrained(directory)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from kdlab.losses.objective import build_objective
 from kdlab.models import HubUnavailableError, load_model, load_tokenizer, same_vocabulary
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
+from kdlab.resilience import PreemptionCheckpoint, RunInterrupted, TrainingDiverged
 from kdlab.rewards import RewardTerm
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -92,7 +94,7 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
-def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> L.Trainer:
+def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.Trainer, PreemptionCheckpoint]:
     strategy = cfg.strategy
     strategy = hydra.utils.instantiate(strategy) if "_target_" in strategy else strategy.name
     checkpoints = ModelCheckpoint(
@@ -101,16 +103,30 @@ def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> L.Trainer
         save_top_k=0,
         every_n_train_steps=cfg.checkpoint.every_n_train_steps,
     )
-    callbacks = [checkpoints, LearningRateMonitor(logging_interval="step")]
-    return hydra.utils.instantiate(
+    preemption = PreemptionCheckpoint(last_checkpoint(output_dir))
+    extra = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    callbacks = [checkpoints, preemption, LearningRateMonitor(logging_interval="step"), *extra]
+    trainer = hydra.utils.instantiate(
         cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir)
     )
+    return trainer, preemption
+
+
+def last_checkpoint(output_dir: Path) -> Path:
+    return output_dir / "checkpoints" / "last.ckpt"
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """`ckpt_path=last` resumes from this run directory's `checkpoints/last.ckpt`."""
+    """`ckpt_path=last` resumes from this run directory's `checkpoints/last.ckpt` (which must exist); `auto` resumes
+    from it when it exists and starts afresh otherwise (for jobs a scheduler may requeue); a path is used as is."""
+    last = last_checkpoint(output_dir)
     if ckpt_path == "last":
-        return str(output_dir / "checkpoints" / "last.ckpt")
+        if not last.exists():
+            raise FileNotFoundError(f"ckpt_path=last: {last} does not exist; point hydra.run.dir at the run to "
+                                    "resume, or use ckpt_path=auto to start afresh when there is no checkpoint")
+        return str(last)
+    if ckpt_path == "auto":
+        return str(last) if last.exists() else None
     return ckpt_path
 
 
@@ -169,12 +185,15 @@ def run(cfg: DictConfig) -> float:
         eval_sampling=SamplingSettings(**task.config.generation),
         teacher_tokenizer=teacher_tokens,
         reward=build_reward(cfg),
+        seed=int(cfg.seed),
+        max_nonfinite_steps=int(cfg.nonfinite.max_consecutive_steps),
     )
 
     loggers = build_loggers(cfg)
     succeeded = False
     try:
-        trainer = build_trainer(cfg, loggers, output_dir)
+        trainer, preemption = build_trainer(cfg, loggers, output_dir)
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         if trainer.is_global_zero:
             OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         generations = output_dir / "generations"
@@ -186,9 +205,18 @@ def run(cfg: DictConfig) -> float:
             before = evaluate(trainer, module, datamodule, "student", generations / "student_before.jsonl")
 
         start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"{err}. Checkpoint: {last_checkpoint(output_dir)}") from None
         wall_time = time.perf_counter() - start
-        trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
+        if preemption.stopped_by is not None:
+            message = (f"interrupted at step {preemption.stopped_at_step}; {last_checkpoint(output_dir)} is saved. "
+                       f"Resume with: python train.py <same overrides> hydra.run.dir={output_dir} ckpt_path=last")
+            if trainer.is_global_zero:
+                print(message, file=sys.stderr, flush=True)
+            raise RunInterrupted(preemption.stopped_by, message)
+        trainer.save_checkpoint(last_checkpoint(output_dir))
 
         after = evaluate(trainer, module, datamodule, "student", generations / "student_after.jsonl")
         results = {
@@ -203,14 +231,15 @@ def run(cfg: DictConfig) -> float:
             "train_tokens": module.train_tokens,
             "tokens_per_sec": round(module.train_tokens / max(wall_time, 1e-9), 2),
             "onpolicy_fraction": module.onpolicy_fraction,
+            "skipped_nonfinite_steps": module.nonfinite.skipped,
             "loss": cfg.loss.name,
             "student_fraction": float(cfg.policy.student_fraction),
             "seed": int(cfg.seed),
             "data": task.report.to_dict(),
         }
+        if cfg.export:
+            module.export_student(str(output_dir / "student"))  # every process: a sharded student is gathered
         if trainer.is_global_zero:
-            if cfg.export:
-                module.export_student(str(output_dir / "student"))
             (output_dir / "results.json").write_text(json.dumps(results, indent=2))
             print(f"\n{format_results_table(results)}\n\nrun directory: {output_dir}")
         succeeded = True

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from kdlab.data.order import StepSampler
 from kdlab.data.tasks import Task, lookup, with_field
 
 PROBE = "kdlab probe text"
@@ -174,7 +175,7 @@ class Collator:
 
 
 class DistillationDataModule(L.LightningDataModule):
-    """Train batches are shuffled by a generator seeded from the run seed, so data order is reproducible."""
+    """Train batches follow `StepSampler`: a function of the run seed and the step, so data order is reproducible."""
 
     def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, seed: int = 0, num_workers: int = 0,
                  teacher_tokenizer: PreTrainedTokenizerBase | None = None):
@@ -204,12 +205,22 @@ class DistillationDataModule(L.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
+        # The order is a function of (seed, step): a resumed run continues where it stopped, and W processes of
+        # batch B see the same global batches as one process of batch B*W (kdlab.data.order).
+        trainer = self.trainer
+        world, rank, start, total = 1, 0, 0, None
+        if trainer is not None:
+            world, rank = trainer.world_size, trainer.global_rank
+            micro = trainer.accumulate_grad_batches
+            start = trainer.global_step * micro
+            total = trainer.max_steps * micro if trainer.max_steps > 0 else None
+        sampler = StepSampler(len(self.train_set), self.task.config.batch_size, self.seed, num_replicas=world,
+                              rank=rank, start_step=start, num_steps=total)
         return DataLoader(
             self.train_set,
             batch_size=self.task.config.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
             collate_fn=self.collate,
             num_workers=self.num_workers,
         )

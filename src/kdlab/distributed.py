@@ -1,0 +1,146 @@
+"""Sharding and cross-rank arithmetic: FSDP2 through Lightning's ModelParallelStrategy, and a global token mean.
+
+`strategy=fsdp` builds `FSDP2Strategy`: PyTorch's `fully_shard` (FSDP2) per transformer block, then per model, for
+the student and for the frozen teacher, applied in `DistillationModule.configure_model`. FSDP2 runs on CPU with gloo
+as well as on GPUs with NCCL (Lightning's older FSDPStrategy refuses CPU), so the same path is tested in CI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import Tensor, nn
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ShardingOptions:
+    """How `fully_shard` wraps the models (the `strategy=fsdp` config keys).
+
+    mixed_precision: parameter dtype during forward/backward ("bf16"), gradients reduced in float32; null: float32.
+    activation_checkpointing: recompute each student block in backward instead of keeping its activations.
+    offload_teacher: keep the teacher's shards in CPU memory and stream each block to the GPU when it runs.
+    reshard_after_forward: free gathered parameters after each block's forward (less memory, one more all-gather).
+    """
+
+    mixed_precision: str | None = None
+    activation_checkpointing: bool = False
+    offload_teacher: bool = False
+    reshard_after_forward: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision is not None and self.mixed_precision not in DTYPES:
+            raise ValueError(f"strategy.mixed_precision={self.mixed_precision!r}: use bf16, fp16 or null")
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Pure data-parallel FSDP2: one mesh dimension over every process of every node, no tensor parallelism.
+
+    ModelParallelStrategy's "auto" sizes put processes of one node on the tensor-parallel axis; distillation wants
+    them all sharding data, so the mesh is (world size, 1). The sharding options travel with the strategy so that the
+    module's `configure_model` reads them from the trainer.
+    """
+
+    def __init__(
+        self,
+        mixed_precision: str | None = None,
+        activation_checkpointing: bool = False,
+        offload_teacher: bool = False,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            **kwargs,
+        )
+        self.sharding = ShardingOptions(mixed_precision, activation_checkpointing, offload_teacher,
+                                        reshard_after_forward)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, found by the class names Hugging Face lists in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} lists no transformer block classes in `_no_split_modules`, so FSDP cannot "
+            "shard it block by block; use strategy=ddp for this model"
+        )
+    return blocks
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: nn.Module, mesh: Any, options: ShardingOptions, *, frozen: bool) -> None:
+    """`fully_shard` each block, then the whole model (embeddings and head), in place.
+
+    The frozen teacher gets no mixed-precision reduce (it has no gradients) and may live in CPU memory.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if options.activation_checkpointing and not frozen:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    param_dtype = DTYPES[options.mixed_precision] if options.mixed_precision else None
+    precision = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    offload = CPUOffloadPolicy() if (frozen and options.offload_teacher) else OffloadPolicy()
+    kwargs = dict(mesh=mesh, mp_policy=precision, offload_policy=offload,
+                  reshard_after_forward=options.reshard_after_forward)
+    for block in transformer_blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer gathered whole on CPU (a collective: every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_token_mean(loss: Tensor, tokens: int) -> tuple[Tensor, Tensor]:
+    """Rescale a per-process token mean so that the data-parallel gradient average is the mean over *all* scored
+    tokens of the global batch, and return (loss to backpropagate, global mean for logging).
+
+    DDP and FSDP average gradients over processes, which weighs each process's mean equally; when processes score
+    different numbers of tokens that is not the single-process loss. Scaling the local mean by
+    world * local_tokens / global_tokens (a constant, no gradient) makes the average exact.
+    """
+    world = world_size()
+    if world == 1:
+        return loss, loss.detach()
+    totals = torch.stack([loss.detach().float() * tokens, torch.tensor(float(tokens), device=loss.device)])
+    dist.all_reduce(totals)
+    global_tokens = totals[1].clamp_min(1.0)
+    scale = world * tokens / global_tokens
+    return loss * scale.to(loss.dtype), totals[0] / global_tokens
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every process when `flag` is true on at least one (all processes must call it)."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -1,0 +1,134 @@
+"""Surviving interruption and divergence: checkpoint on preemption signals, per-step seeding, non-finite steps.
+
+- `PreemptionCheckpoint`: SIGTERM (schedulers, `kill`), SIGINT (Ctrl-C) or SIGUSR1/SIGUSR2 (SLURM's and submitit's
+  warning before a time limit) ask the run to stop. At the end of the current step every process agrees, saves
+  `last.ckpt` together (sharded checkpoints are collective) and training stops; `ckpt_path=last` resumes exactly.
+  A second Ctrl-C stops at once. A handler installed before (e.g. submitit's requeue on SIGUSR2) still runs, after
+  the checkpoint is written.
+- `step_seed`: the random state of each step is a function of (seed, step, rank), so sampling and dropout after a
+  resume repeat the uninterrupted run without saving generator states.
+- `NonFiniteGuard`: counts skipped steps (non-finite loss or gradients) and stops the run after too many in a row.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from kdlab.distributed import any_rank
+
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None),
+                                 getattr(signal, "SIGUSR2", None)) if s is not None)
+
+
+class RunInterrupted(SystemExit):
+    """Training stopped on a signal after saving `last.ckpt`; exits with 128 + the signal number, like a process
+    killed by it, so schedulers and shells see an interrupted job, not a finished one."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.message = message
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A distinct 63-bit seed for each (run seed, optimizer step, process)."""
+    return ((seed * 1_000_003 + step) * 8191 + rank) % (2**63 - 1)
+
+
+class PreemptionCheckpoint(Callback):
+    def __init__(self, checkpoint_path: Path):
+        self.checkpoint_path = Path(checkpoint_path)
+        self.requested: int | None = None  # the signal received, until the run stops
+        self.stopped_by: int | None = None  # the signal that stopped training
+        self.stopped_at_step: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._saved: dict[int, Any] = {}
+
+    # Installed when training starts, after Lightning's own SIGTERM handler, which it replaces: Lightning's would
+    # raise mid-loop, before this callback can write a resumable checkpoint at a step boundary.
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.requested = None
+        try:
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook's worker): signals cannot be caught here
+            self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the step to end
+        self.requested = signum
+        print(f"\nreceived {signal.Signals(signum).name}: saving last.ckpt at the end of this step, then stopping",
+              flush=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Every process must take the same decision: the checkpoint below is a collective under FSDP and DDP.
+        if not any_rank(self.requested is not None, pl_module.device):
+            return
+        signum = self.requested or signal.SIGTERM  # a process that got no signal follows the others
+        trainer.save_checkpoint(self.checkpoint_path)
+        trainer.should_stop = True
+        self.stopped_by, self.stopped_at_step = signum, trainer.global_step
+        rank_zero_info(f"saved {self.checkpoint_path} at step {trainer.global_step}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+        if self.stopped_by is not None:
+            previous = self._previous_handler(self.stopped_by)
+            if callable(previous):  # e.g. submitit's requeue on SIGUSR2, now that the checkpoint exists
+                previous(self.stopped_by, None)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _previous_handler(self, signum: int) -> Any:
+        handler = self._saved.get(signum)
+        if handler in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler, None):
+            return None
+        # Lightning's own SIGTERM handler would kill the other processes and raise mid-loop: it was replaced on
+        # purpose. Others (a scheduler's, submitit's) get their turn now that the checkpoint is written.
+        return None if type(handler).__module__.startswith("lightning") else handler
+
+    def _restore(self) -> None:
+        self._saved = dict(self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+class NonFiniteGuard:
+    """Counts consecutive skipped steps; `record` raises TrainingDiverged once `max_consecutive` is reached."""
+
+    def __init__(self, max_consecutive: int = 3):
+        if max_consecutive < 1:
+            raise ValueError(f"nonfinite.max_consecutive_steps={max_consecutive} must be at least 1")
+        self.max_consecutive = max_consecutive
+        self.streak = 0
+        self.skipped = 0
+
+    def record(self, step: int, finite: bool, what: str) -> None:
+        if finite:
+            self.streak = 0
+            return
+        self.streak += 1
+        self.skipped += 1
+        rank_zero_info(f"step {step}: non-finite {what}; the update is skipped "
+                       f"({self.streak} in a row, the run stops at {self.max_consecutive})")
+        if self.streak >= self.max_consecutive:
+            raise TrainingDiverged(
+                f"{self.streak} steps in a row (up to step {step}) had a non-finite {what}, so training stopped. "
+                "No skipped step changed the weights; the last checkpoint holds the last good state. Try a lower "
+                "optimizer.lr, trainer.precision=32-true, a gradient_clip_val, or check the data of those steps"
+            )

@@ -1,0 +1,64 @@
+"""Lightning callbacks the tests plug into real runs with `+callbacks.<name>._target_=tests.callbacks.<Class>`:
+they interrupt a run or poison one step the way a preemption or an overflow would."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class SignalAt(Callback):
+    """Sends this process `signum` (default SIGTERM) when training reaches `step`, as a scheduler would."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM), rank: int = 0):
+        self.step, self.signum, self.rank = step, signum, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), self.signum)
+
+
+class NonFiniteAt(Callback):
+    """Makes the loss (what="loss") or one gradient (what="gradient") NaN at the given optimizer steps, and records
+    the student's weights before and after each step so a test can check what a step changed."""
+
+    def __init__(self, steps: list[int], what: str = "loss"):
+        self.steps, self.what = set(steps), what
+        self.before: dict[int, list[torch.Tensor]] = {}
+        self.after: dict[int, list[torch.Tensor]] = {}
+        self._objective = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        self.before[step] = [p.detach().clone() for p in pl_module.student.parameters()]
+        if step in self.steps and self.what == "loss":
+            self._objective = pl_module.objective
+            pl_module.objective = _NaNLoss(pl_module.objective)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step in self.steps and self.what == "gradient":
+            grad = next(p for p in pl_module.student.parameters() if p.grad is not None).grad
+            grad.view(-1)[0] = math.inf
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._objective is not None:
+            pl_module.objective, self._objective = self._objective, None
+        self.after[trainer.global_step - 1] = [p.detach().clone() for p in pl_module.student.parameters()]
+
+
+class _NaNLoss:
+    """The wrapped objective with its loss multiplied by NaN (its other attributes pass through)."""
+
+    def __init__(self, objective):
+        self.objective = objective
+
+    def __getattr__(self, name):
+        return getattr(self.objective, name)
+
+    def __call__(self, *args, **kwargs):
+        loss, components = self.objective(*args, **kwargs)
+        return loss * math.nan, components

@@ -1,0 +1,132 @@
+"""Interruption and divergence: SIGTERM saves last.ckpt and a resumed run ends where an uninterrupted one does;
+non-finite steps are skipped, and too many in a row stop the run with a good checkpoint."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdlab.resilience import NonFiniteGuard, TrainingDiverged, step_seed
+from kdlab.train import run
+from tests.conftest import REPO, TINY_RUN, compose
+
+# Mixed policy: half the steps sample from the student, so an exact resume needs the sampling RNG, the policy draw,
+# the data order, the optimizer and the scheduler all restored.
+RESUME_RUN = [*TINY_RUN, "trainer.max_steps=6", "policy=mixed", "eval.teacher=false", "eval.before=false",
+              "checkpoint.every_n_train_steps=100"]
+
+
+def _train(run_dir, *overrides, check=True):
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *RESUME_RUN, *overrides]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "student" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_with_the_same_weights(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _train(straight)
+    done = _train(killed, "+callbacks.kill._target_=tests.callbacks.SignalAt", "+callbacks.kill.step=2", check=False)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert "interrupted at step 3" in done.stderr + done.stdout
+    assert (killed / "checkpoints" / "last.ckpt").exists() and not (killed / "results.json").exists()
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+    _train(killed, "ckpt_path=last")
+    results = json.loads((killed / "results.json").read_text())
+    assert results["steps"] == 6
+    ours, reference = _weights(killed), _weights(straight)
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-6, msg=name)
+    # the resumed half sampled on-policy too (not only fixed data): a draw the policy makes from (seed, step)
+    straight_results = json.loads((straight / "results.json").read_text())
+    assert straight_results["onpolicy_fraction"] > 0
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_how_to_fix_it_and_auto_starts_afresh(tmp_path):
+    from kdlab.train import resolve_ckpt_path
+
+    with pytest.raises(FileNotFoundError, match="ckpt_path=auto"):
+        resolve_ckpt_path("last", tmp_path)
+    assert resolve_ckpt_path("auto", tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert resolve_ckpt_path("auto", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+
+
+def _run_with(tmp_path, callback, overrides=()):
+    from kdlab import train as train_module
+
+    cfg = compose([*TINY_RUN, "trainer.max_steps=4", "eval.teacher=false", "eval.before=false",
+                   "checkpoint.every_n_train_steps=1", *overrides], output_dir=tmp_path)
+    original = train_module.build_trainer
+
+    def build_with_callback(*args, **kwargs):
+        trainer, preemption = original(*args, **kwargs)
+        trainer.callbacks.append(callback)
+        return trainer, preemption
+
+    train_module.build_trainer = build_with_callback
+    try:
+        return run(cfg)
+    finally:
+        train_module.build_trainer = original
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, what):
+    from tests.callbacks import NonFiniteAt
+
+    poison = NonFiniteAt(steps=[1], what=what)
+    _run_with(tmp_path, poison)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["steps"] == 4 and results["skipped_nonfinite_steps"] == 1
+    for before, after in zip(poison.before[1], poison.after[1]):
+        assert torch.equal(before, after)  # the poisoned step changed nothing
+    assert any(not torch.equal(b, a) for b, a in zip(poison.before[2], poison.after[2]))  # the next one trained
+    assert all(torch.isfinite(p).all() for p in poison.after[3])
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+    from tests.callbacks import NonFiniteAt
+
+    poison = NonFiniteAt(steps=[2, 3, 4], what="loss")
+    with pytest.raises(TrainingDiverged, match=r"3 steps in a row .*lower optimizer.lr.*last.ckpt"):
+        _run_with(tmp_path, poison, ["trainer.max_steps=6"])
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    weights = [v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")]
+    assert all(torch.isfinite(w).all() for w in weights)
+    good = poison.after[1]  # the weights after the last good step are the ones the checkpoint holds
+    for saved, expected in zip(weights, good):
+        assert torch.equal(saved, expected)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_guard_counts_only_consecutive_failures():
+    guard = NonFiniteGuard(max_consecutive=2)
+    guard.record(0, False, "loss")
+    guard.record(1, True, "loss")
+    guard.record(2, False, "loss")
+    with pytest.raises(TrainingDiverged):
+        guard.record(3, False, "gradient")
+    assert guard.skipped == 3
+    with pytest.raises(ValueError):
+        NonFiniteGuard(0)
+
+
+def test_step_seeds_differ_by_step_rank_and_seed():
+    seeds = {step_seed(s, t, r) for s in range(3) for t in range(50) for r in range(4)}
+    assert len(seeds) == 3 * 50 * 4

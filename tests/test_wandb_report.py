@@ -142,6 +142,7 @@ def test_report_built_offline_holds_the_panels_filters_and_table(sweep_dir, no_w
     report = report_from_spec(spec, entity="lab")
     assert isinstance(report, wr.Report) and report.entity == "lab" and report.project == spec["project"]
     assert report.title == spec["title"] and len(report.title) <= 128
+    assert report.description == spec["description"] and "fkl" in report.description and "seed" in report.description
 
     assert table in [b.text for b in report.blocks if isinstance(b, wr.MarkdownBlock)]
     grids = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
@@ -157,6 +158,13 @@ def test_report_built_offline_holds_the_panels_filters_and_table(sweep_dir, no_w
     assert [c.metric for c in parallel.columns] == (
         [wr.Config(k) for k in spec["swept_keys"]] + [wr.SummaryMetric("val/accuracy")])
     assert any(isinstance(p, wr.RunComparer) for p in panels)
+    # the panels as W&B receives them: nested config keys in W&B's stored layout (`policy.value.student_fraction`)
+    wire = scatters[0]._to_model().model_dump(by_alias=True, exclude_none=True)
+    assert wire["viewType"] == "Scatter Plot"
+    assert (wire["config"]["xAxis"], wire["config"]["yAxis"]) == ("config:policy.value.student_fraction",
+                                                                  "summary:val/accuracy")
+    wire = parallel._to_model().model_dump(by_alias=True, exclude_none=True)
+    assert "config:loss.value.name" in [c["accessor"] for c in wire["config"]["columns"]]
 
     # the filters as W&B receives them: the jobs' group, and each loss's config keys in W&B's nested layout
     group = _job_configs(sweep_dir)[0]["logger"]["wandb"]["group"]

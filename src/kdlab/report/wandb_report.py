@@ -79,7 +79,8 @@ def wandb_unavailable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     try:
         with socket.create_connection((host, port), timeout=timeout) as connection:
             if tls:  # an intercepting firewall accepts any TCP connection; only W&B completes W&B's handshake
-                ssl.create_default_context().wrap_socket(connection, server_hostname=host).close()
+                context = ssl.create_default_context(cafile=os.environ.get("REQUESTS_CA_BUNDLE") or None)
+                context.wrap_socket(connection, server_hostname=host).close()
             return None
     except OSError as err:  # ssl.SSLError and socket.timeout are OSErrors
         return f"no network: {host}:{port} unreachable within {timeout:g} s ({err.__class__.__name__})"

@@ -14,9 +14,12 @@ a logged history key (e.g. `train/loss`).
 from __future__ import annotations
 
 import csv
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from kdlab.report.runs import LABEL_PARAMS, format_value, method_label
 
 SPEC_FORMAT = "kdlab-wandb-report"
 SPEC_VERSION = 1
@@ -87,7 +90,7 @@ def sweep_specification(sweep: Any, table_markdown: str, entity: str | None = No
         "entity": entity,
         "project": project,
         "title": _title(sweep, swept, methods),
-        "description": f"kdlab sweep {sweep.directory}, W&B group {', '.join(groups)}",
+        "description": _description(sweep, swept, methods, groups),
         "groups": groups,
         "sweep_dir": str(sweep.directory),
         "metric": summary_metric,
@@ -101,8 +104,6 @@ def loss_methods(runs: list, swept: list[str]) -> list[dict]:
     """The distinct losses of the runs, in job order, each with the label the local table gives it (`jsd(0.9)`) and
     the loss config keys that select its runs: `loss.name`, the parameter its label shows, the swept `loss.*` keys
     it has (fkl has no `loss.beta`)."""
-    from kdlab.report.runs import LABEL_PARAMS, method_label
-
     extra = [key.split(".", 1)[1] for key in swept if key.startswith("loss.") and key != "loss.name"]
     methods: dict[tuple, dict] = {}
     for run in runs:
@@ -141,17 +142,27 @@ def _line(title: str, key: str) -> dict:
 
 
 def _values(runs: list, key: str) -> list:
-    return sorted({run.get(key) for run in runs if run.get(key) is not None}, key=repr)
+    """The distinct values of a config key over the runs, numbers in numeric order (lists and dicts allowed)."""
+    distinct = {repr(v): v for v in (run.get(key) for run in runs) if v is not None}
+    return sorted(distinct.values(), key=lambda v: (not isinstance(v, (int, float)), v if isinstance(v, (int, float))
+                                                    else 0, repr(v)))
 
 
 def _title(sweep: Any, swept: list[str], methods: list[dict]) -> str:
     task = ", ".join(str(v) for v in _values(sweep.runs, "task.name")) or "kdlab"
     title = f"{task}: " + ", ".join(m["label"] for m in methods)
     if STUDENT_FRACTION in swept:
-        title += " × student fraction " + "/".join(f"{v:g}" for v in _values(sweep.runs, STUDENT_FRACTION))
+        title += " × student fraction " + "/".join(map(format_value, _values(sweep.runs, STUDENT_FRACTION)))
     seeds = _values(sweep.runs, SEED)
     title += f" ({len(sweep.runs)} runs, {len(seeds)} seed{'s' if len(seeds) != 1 else ''})"
     return title if len(title) <= 128 else title[:127] + "…"  # W&B caps report titles at 128 characters
+
+
+def _description(sweep: Any, swept: list[str], methods: list[dict], groups: list[str]) -> str:
+    task = ", ".join(map(str, _values(sweep.runs, "task.name")))
+    return (f"{task} distillation sweep of {len(sweep.runs)} runs: {', '.join(m['label'] for m in methods)}; swept "
+            f"{', '.join(swept) or 'nothing'}; W&B group {', '.join(groups)}; made by kdlab-report from "
+            f"{sweep.directory}.")
 
 
 def _overview(sweep: Any, swept: list[str], methods: list[dict]) -> str:
@@ -167,7 +178,7 @@ def _overview(sweep: Any, swept: list[str], methods: list[dict]) -> str:
         f"- losses: {', '.join(m['label'] for m in methods)}",
         f"- headline metric: `val/{sweep.metric}` (the student after training)",
     ]
-    lines += [f"- swept `{key}`: " + ", ".join(map(str, _values(runs, key))) for key in swept]
+    lines += [f"- swept `{key}`: " + ", ".join(map(format_value, _values(runs, key))) for key in swept]
     failed = [run.name for run in runs if run.status != "finished"]
     if failed:
         lines.append(f"- not finished (listed, not hidden): jobs {', '.join(failed)}")
@@ -177,8 +188,6 @@ def _overview(sweep: Any, swept: list[str], methods: list[dict]) -> str:
 def _destination(runs: list, entity: str | None, project: str | None) -> tuple[str | None, str]:
     """Arguments first, then what the runs logged to (`logger.wandb.*`), then W&B's environment variables. An entity
     left None is the logged-in user's default entity, resolved when the report is pushed."""
-    import os
-
     def logged(key: str) -> str | None:
         values = Counter(run.get(f"logger.wandb.{key}") for run in runs if run.get(f"logger.wandb.{key}"))
         return values.most_common(1)[0][0] if values else None

@@ -109,10 +109,20 @@ def shard_model(model: nn.Module, mesh: Any, options: ShardingOptions, *, frozen
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Every parameter and buffer gathered whole on CPU (a collective: every rank must call it)."""
+    """Every parameter and buffer gathered whole on CPU (a collective: every rank must call it).
+
+    A tied parameter (e.g. the output head sharing the embedding) appears once, under its first name, as
+    `save_pretrained` writes it for an unsharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    seen: set[int] = set()
+    duplicates = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            duplicates.add(name)
+        seen.add(id(parameter))
+    return {name: tensor for name, tensor in state.items() if name not in duplicates}
 
 
 def world_size() -> int:

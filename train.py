@@ -1,13 +1,26 @@
-"""Entry point: `python train.py [group=option ...] [key=value ...]` (Hydra); see README.md."""
+"""Entry point: `python train.py [group=option ...] [key=value ...]` (Hydra); see README.md.
 
+A job that raises leaves `failed.json` (the error in one line, and the traceback) in its run directory. In a
+multirun the error then goes back to Hydra, whose launcher records it and goes on with the next job (it re-raises the
+first failure once the sweep is done), so `kdlab-report` can list the failed run beside the others' results.
+"""
+
+import json
+import os
 import sys
+import traceback
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kdlab.config import ConfigError, register_resolvers
 
 register_resolvers()
+
+FAILURE_MARKER = "failed.json"  # read by kdlab.report.runs
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -15,9 +28,40 @@ def main(cfg: DictConfig) -> float:
     from kdlab.train import run  # imported here so `--help` and config errors stay fast
 
     try:
-        return run(cfg)
-    except ConfigError as err:  # the message lists every problem and its fix; a stack trace would only bury it
-        sys.exit(f"error: {err}")
+        value = run(cfg)
+    except Exception as err:
+        mark_failed(err)
+        if isinstance(err, ConfigError) and not in_multirun():
+            sys.exit(f"error: {err}")  # the message lists every problem and its fix; a stack trace would only bury it
+        # In a multirun, SystemExit would end the whole sweep: an exception lets Hydra go on with the next job.
+        print(f"error: job failed: {type(err).__name__}: {err}", file=sys.stderr)
+        raise
+    # a job resumed in the same directory after a failure has finished now: its old marker no longer applies
+    Path(HydraConfig.get().runtime.output_dir, FAILURE_MARKER).unlink(missing_ok=True)
+    return value
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def mark_failed(err: BaseException) -> None:
+    """Write `failed.json` into the job's directory (rank 0; other ranks suffix their rank), never raising itself:
+    a broken marker must not hide the run's own error."""
+    try:
+        directory = Path(HydraConfig.get().runtime.output_dir)
+        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+        name = FAILURE_MARKER if rank == 0 else f"failed_rank{rank}.json"
+        one_line = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        marker = {
+            "error": f"{type(err).__name__}: {one_line}"[:500],
+            "message": str(err),
+            "traceback": "".join(traceback.format_exception(err)),
+        }
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(json.dumps(marker, indent=2))
+    except Exception as marker_err:
+        print(f"warning: could not write {FAILURE_MARKER}: {marker_err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

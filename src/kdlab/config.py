@@ -32,6 +32,28 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("kdlab.asset", lambda rel: str(ASSETS_DIR / rel))
     if not OmegaConf.has_resolver("kdlab.concat"):  # `${kdlab.concat:[a,b],${tags}}` -> one list
         OmegaConf.register_new_resolver("kdlab.concat", lambda *lists: [x for part in lists for x in part])
+    if not OmegaConf.has_resolver("kdlab.sweep_group"):  # `${kdlab.sweep_group:<name outside a multirun>}`
+        OmegaConf.register_new_resolver("kdlab.sweep_group", _sweep_group)
+    if not OmegaConf.has_resolver("kdlab.method"):  # `${kdlab.method:${loss}}` -> fkl, jsd(0.9), ...
+        OmegaConf.register_new_resolver("kdlab.method", _method_label)
+
+
+def _sweep_group(default: str) -> str:
+    """The jobs of one multirun share one W&B group, named after the sweep directory; a single run keeps `default`."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return default
+    from kdlab.report.runs import sweep_group_name
+
+    return sweep_group_name(HydraConfig.get().sweep.dir)
+
+
+def _method_label(loss: Any) -> str:
+    from kdlab.report.runs import method_label
+
+    return method_label(OmegaConf.to_container(loss, resolve=True) if isinstance(loss, DictConfig) else loss)
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,70 @@
+"""`kdlab-report <sweep dir>`: report.md, runs.csv and PNG plots of a sweep's runs, offline.
+
+    kdlab-report outputs/multirun/2026-11-25/15-14-06                 # writes into the sweep directory
+    kdlab-report outputs/multirun/gkd_grid/<time> --out docs/gkd_grid # somewhere else
+    kdlab-report <sweep dir> --wandb --entity me --project kdlab      # also a W&B Report (network, logged-in)
+    kdlab-report --wandb-push report_spec.json                        # push a saved W&B Report specification
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kdlab.report.runs import FAILED, FINISHED, UNFINISHED, load_sweep
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kdlab-report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", nargs="?", help="a multirun directory (or any folder of run directories)")
+    parser.add_argument("--out", help="where to write report.md, runs.csv and the plots (default: the sweep dir)")
+    parser.add_argument("--column", help="config key spread over the table's columns "
+                                         "(default: policy.student_fraction when the sweep varied it)")
+    parser.add_argument("--wandb", action="store_true", help="also build a W&B Report of the sweep's runs")
+    parser.add_argument("--entity", help="W&B entity of the report (with --wandb)")
+    parser.add_argument("--project", help="W&B project of the report (with --wandb)")
+    parser.add_argument("--wandb-push", metavar="SPEC_JSON", help="push a saved W&B Report specification and exit")
+    args = parser.parse_args(argv)
+    if args.sweep_dir is None and not args.wandb_push:
+        parser.error("give a sweep directory (or --wandb-push SPEC_JSON)")
+    if (args.entity or args.project) and not args.wandb:
+        parser.error("--entity and --project go with --wandb")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.wandb_push:
+        from kdlab.report import wandb_report  # W&B's report API only when asked for
+
+        return int(wandb_report.push_specification(args.wandb_push))
+    try:
+        sweep = load_sweep(args.sweep_dir)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not sweep.runs:
+        print(f"error: no run directories under {args.sweep_dir} (a run directory holds .hydra/, results.json or "
+              f"failed.json)", file=sys.stderr)
+        return 2
+    from kdlab.report.markdown import write_report  # matplotlib loads here, not for --wandb-push
+    from kdlab.report.tables import comparison_table_markdown
+
+    out_dir = args.out or args.sweep_dir
+    written = write_report(sweep, out_dir, args.column)
+    counts = ", ".join(f"{len(sweep.by_status(s))} {s}" for s in (FINISHED, FAILED, UNFINISHED))
+    print(f"{len(sweep.runs)} runs ({counts}); swept: {', '.join(sweep.swept_keys) or 'nothing'}")
+    print(comparison_table_markdown(sweep, args.column))
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    if args.wandb:
+        from kdlab.report import wandb_report
+
+        return int(wandb_report.build_report(sweep, comparison_table_markdown(sweep, args.column),
+                                             entity=args.entity, project=args.project, out_dir=out_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

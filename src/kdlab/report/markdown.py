@@ -1,0 +1,105 @@
+"""The Markdown report of a sweep: what was run, the comparison table, the plots, the runs that did not finish."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdlab.report import plots
+from kdlab.report.runs import FAILED, FINISHED, UNFINISHED, Sweep, format_value
+from kdlab.report.tables import (
+    column_key,
+    comparison_table_markdown,
+    fixed_settings,
+    reference_scores,
+    write_runs_csv,
+)
+
+METRIC_PLOT = "metric.png"
+CURVES_PLOT = "learning_curves.png"
+
+
+def write_report(sweep: Sweep, out_dir: str | Path, column: str | None = None) -> dict[str, Path]:
+    """Write report.md, runs.csv and the PNG plots into `out_dir`; returns their paths by kind."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {"csv": write_runs_csv(sweep, out_dir / "runs.csv")}
+    metric_plot = plots.plot_metric(sweep, out_dir / METRIC_PLOT, column)
+    curves_plot = plots.plot_learning_curves(sweep, out_dir / CURVES_PLOT, column=column)
+    for kind, path in (("metric_plot", metric_plot), ("curves_plot", curves_plot)):
+        if path is not None:
+            written[kind] = path
+    text = report_markdown(sweep, column, metric_plot=metric_plot, curves_plot=curves_plot, out_dir=out_dir)
+    written["report"] = out_dir / "report.md"
+    written["report"].write_text(text)
+    return written
+
+
+def report_markdown(sweep: Sweep, column: str | None = None, metric_plot: Path | None = None,
+                    curves_plot: Path | None = None, out_dir: Path | None = None) -> str:
+    counts = {status: len(sweep.by_status(status)) for status in (FINISHED, FAILED, UNFINISHED)}
+    lines = [f"# Sweep report: `{sweep.directory}`", ""]
+    lines.append(f"{len(sweep.runs)} runs: {counts[FINISHED]} finished, {counts[FAILED]} failed, "
+                 f"{counts[UNFINISHED]} unfinished. Metric: `{sweep.metric}` of the student after training, on the "
+                 f"validation split.")
+    lines.append("")
+    if sweep.swept_keys:
+        lines.append("Swept (detected from the runs): " + "; ".join(
+            f"`{key}` ({', '.join(_distinct(sweep, key))})" for key in sweep.swept_keys) + ".")
+    else:
+        lines.append("Swept: nothing differs between the runs.")
+    fixed = fixed_settings(sweep)
+    if fixed:
+        lines.append("Fixed: " + ", ".join(f"`{k}={format_value(v)}`" for k, v in fixed.items()) + ".")
+    if sweep.wandb_group:
+        lines.append(f"W&B group: `{sweep.wandb_group}`.")
+    lines += ["", "## Comparison", ""]
+    col = column_key(sweep, column)
+    seeds = "seeds" if "seed" in sweep.swept_keys else "runs"
+    lines.append(f"Mean ± sample standard deviation over {seeds}, n finished runs per cell; the best mean of each "
+                 f"column in bold." + (" Columns: `policy.student_fraction` (λ, the share of steps on the student's "
+                                       "own samples)." if col == "policy.student_fraction" else ""))
+    lines += ["", comparison_table_markdown(sweep, column), ""]
+    refs = reference_scores(sweep.runs, sweep.metric)
+    if refs:
+        lines.append("For reference: " + ", ".join(
+            f"{'teacher' if k == 'teacher' else 'student before training'} {v:.4f}" for k, v in refs.items())
+            + " (mean over the runs that scored them).")
+        lines.append("")
+    if metric_plot or curves_plot:
+        lines += ["## Plots", ""]
+        for path, caption in ((metric_plot, f"{sweep.metric} per method"), (curves_plot, "learning curves")):
+            if path is not None:
+                lines += [f"![{caption}]({_relative(path, out_dir)})", ""]
+    not_done = [run for run in sweep.runs if run.status != FINISHED]
+    lines += ["## Runs that did not finish", ""]
+    if not_done:
+        shared = set.intersection(*(set(run.overrides) for run in sweep.runs))  # said once, not per row
+        lines += ["| run | status | overrides (those all runs share left out) | error |", "| --- | --- | --- | --- |"]
+        for run in not_done:
+            error = (run.error or "no results.json and no failure marker: still running, killed or crashed")
+            own = [o for o in run.overrides if o not in shared] or run.overrides
+            lines.append(f"| {run.name} | {run.status} | `{' '.join(own)}` | {_cell(error)} |")
+    else:
+        lines.append("None: every run finished.")
+    lines += ["", "Every run, its status, swept values and scores: [runs.csv](runs.csv).", ""]
+    return "\n".join(lines)
+
+
+def _distinct(sweep: Sweep, key: str) -> list[str]:
+    values = []
+    for run in sweep.runs:
+        text = format_value(run.get(key)) if run.get(key) is not None else "-"
+        if text not in values:
+            values.append(text)
+    return values
+
+
+def _relative(path: Path, base: Path | None) -> str:
+    try:
+        return str(path.relative_to(base)) if base is not None else str(path)
+    except ValueError:
+        return str(path)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")

@@ -1,0 +1,238 @@
+"""The comparison table of a sweep (mean and spread over seeds, best per column in bold) and the CSV of all runs.
+
+Rows are methods: the loss with its own parameter (`jsd(0.9)`) and whatever else the sweep varied, except the seed
+(averaged over) and the column key (the student fraction lambda when it was swept). Cells average the finished runs;
+failed and unfinished runs are counted beside them, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdlab.report.runs import (
+    FINISHED,
+    SEED,
+    STUDENT_FRACTION,
+    RunRecord,
+    Sweep,
+    flatten,
+    format_value,
+    method_label,
+)
+
+
+@dataclass
+class Cell:
+    """The runs of one (method, column) pair."""
+
+    values: list[float] = field(default_factory=list)  # the metric of each finished run
+    not_finished: int = 0  # failed or unfinished runs of this cell
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation over seeds (n - 1); None below two runs."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+
+@dataclass
+class Comparison:
+    column_key: str | None  # the config key spread over columns, None for one metric column
+    columns: list[Any]  # the column key's values, sorted
+    rows: list[str]  # method labels, in first-seen order
+    cells: dict[tuple[str, Any], Cell]
+
+
+def column_key(sweep: Sweep, requested: str | None = None) -> str | None:
+    """The key spread over the table's columns: `requested`, else the student fraction when the sweep varied it."""
+    if requested:
+        return requested
+    return STUDENT_FRACTION if STUDENT_FRACTION in sweep.swept_keys else None
+
+
+def row_keys(sweep: Sweep, column: str | None) -> list[str]:
+    return [key for key in sweep.swept_keys if key not in (SEED, column)]
+
+
+def row_labels(sweep: Sweep, column: str | None = None) -> dict[str, str]:
+    """Each run's row label (by run directory): the loss's label, then the other varied keys as `key=value`.
+
+    A loss parameter the sweep varied shows only where it departs from the value most runs of that loss use, so an
+    ablation reads `ot`, `ot(gamma=0)`, `ot(top_k=10)` rather than every parameter of every row."""
+    keys = row_keys(sweep, column)
+    loss_keys = [key.split(".", 1)[1] for key in keys if key.startswith("loss.") and key != "loss.name"]
+    usual: dict[tuple[str, str], Any] = {}
+    for name in {run.get("loss.name") for run in sweep.runs}:
+        same = [run for run in sweep.runs if run.get("loss.name") == name]
+        for key in loss_keys:
+            counts = Counter(_as_key(run.get(f"loss.{key}")) for run in same)
+            usual[(name, key)] = counts.most_common(1)[0][0] if counts else None
+    other = [key for key in keys if not key.startswith("loss.")]
+    short = _short_names(other)
+    labels = {}
+    for run in sweep.runs:
+        name = run.get("loss.name")
+        unusual = [k for k in loss_keys if _as_key(run.get(f"loss.{k}")) != usual.get((name, k))]
+        parts = [method_label(run.get("loss") or {}, unusual)] if run.get("loss") is not None or loss_keys else []
+        parts += [f"{short[key]}={format_value(run.get(key))}" for key in other]
+        labels[str(run.directory)] = " ".join(parts) if parts else "all runs"
+    return labels
+
+
+def _as_key(value: Any) -> Any:
+    return str(value) if isinstance(value, (list, dict)) else value
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """`task.data.path` -> `path` when no other key ends the same way."""
+    last = Counter(key.rsplit(".", 1)[-1] for key in keys)
+    return {key: key.rsplit(".", 1)[-1] if last[key.rsplit(".", 1)[-1]] == 1 else key for key in keys}
+
+
+def compare(sweep: Sweep, column: str | None = None) -> Comparison:
+    """Group the sweep's runs into (method, column value) cells of the headline metric."""
+    column = column_key(sweep, column)
+    labels = row_labels(sweep, column)
+    rows: list[str] = []
+    columns: set = set()
+    cells: dict[tuple[str, Any], Cell] = {}
+    for run in sweep.runs:
+        row = labels[str(run.directory)]
+        col = run.get(column) if column else None
+        if row not in rows:
+            rows.append(row)
+        columns.add(col)
+        cell = cells.setdefault((row, col), Cell())
+        value = run.metric(sweep.metric) if run.status == FINISHED else None
+        if value is None:
+            cell.not_finished += 1
+        else:
+            cell.values.append(value)
+    return Comparison(column, sorted(columns, key=_sort_key), rows, cells)
+
+
+def _sort_key(value: Any) -> tuple:
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (0, float(value), "") if numeric else (1, 0, str(value))
+
+
+def best_per_column(comparison: Comparison) -> dict[Any, float]:
+    """The highest mean of each column (kdlab's task metrics are all higher-is-better)."""
+    best = {}
+    for col in comparison.columns:
+        means = [c.mean for (r, k), c in comparison.cells.items() if k == col and c.mean is not None]
+        if means:
+            best[col] = max(means)
+    return best
+
+
+def format_cell(cell: Cell | None, best: float | None, digits: int = 4) -> str:
+    """`0.4500 ± 0.0212 (n=3)`, bold when its mean is the column's best, with the runs that did not finish."""
+    if cell is None:
+        return ""
+    if cell.mean is None:
+        return f"no result ({cell.not_finished} not finished)"
+    text = f"{cell.mean:.{digits}f}"
+    if cell.std is not None:
+        text += f" ± {cell.std:.{digits}f}"
+    if best is not None and math.isclose(cell.mean, best, rel_tol=0, abs_tol=1e-12):
+        text = f"**{text}**"
+    n = f"n={len(cell.values)}"
+    if cell.not_finished:
+        n += f", {cell.not_finished} not finished"
+    return f"{text} ({n})"
+
+
+def column_title(key: str | None, value: Any, metric: str) -> str:
+    if key is None:
+        return metric
+    if key == STUDENT_FRACTION:
+        return f"λ={format_value(value)}"
+    return f"{key.rsplit('.', 1)[-1]}={format_value(value)}"
+
+
+def comparison_table_markdown(sweep: Sweep, column: str | None = None, digits: int = 4) -> str:
+    """The Markdown comparison table of the report: one row per method, one column per value of the column key;
+    each cell the mean ± sample std over seeds of the headline metric, n finished runs, best mean per column bold."""
+    comparison = compare(sweep, column)
+    best = best_per_column(comparison)
+    titles = [column_title(comparison.column_key, col, sweep.metric) for col in comparison.columns]
+    lines = ["| method | " + " | ".join(titles) + " |", "| --- |" + " --- |" * len(titles)]
+    for row in comparison.rows:
+        cells = [format_cell(comparison.cells.get((row, col)), best.get(col), digits) for col in comparison.columns]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+RESULT_FIELDS = ("steps", "wall_time_s", "tokens_per_sec", "onpolicy_fraction", "train_tokens")
+
+
+def runs_table(sweep: Sweep) -> tuple[list[str], list[dict[str, Any]]]:
+    """(header, rows) of every run: status, swept keys, every final metric, teacher and before-training scores."""
+    metric_names = sorted({name for run in sweep.runs for name in ((run.results or {}).get("metrics") or {})})
+    labels = row_labels(sweep, column_key(sweep))
+    header = ["run", "status", "method", *sweep.swept_keys]
+    header += [f"student_after/{m}" for m in metric_names] + [f"student_before/{m}" for m in metric_names]
+    header += [f"teacher/{m}" for m in metric_names] + list(RESULT_FIELDS) + ["error", "overrides", "directory"]
+    rows = []
+    for run in sweep.runs:
+        results = run.results or {}
+        row: dict[str, Any] = {"run": run.name, "status": run.status, "method": labels[str(run.directory)]}
+        row.update({key: _csv_value(run.get(key)) for key in sweep.swept_keys})
+        for prefix, scores in (("student_after", results.get("metrics")), ("student_before", results.get(
+                "student_before")), ("teacher", results.get("teacher"))):
+            row.update({f"{prefix}/{m}": (scores or {}).get(m, "") for m in metric_names})
+        row.update({key: results.get(key, "") for key in RESULT_FIELDS})
+        row.update({"error": run.error or "", "overrides": " ".join(run.overrides), "directory": str(run.directory)})
+        rows.append(row)
+    return header, rows
+
+
+def _csv_value(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def write_runs_csv(sweep: Sweep, path: str | Path) -> Path:
+    """`runs.csv`: one row per run, failed and unfinished included."""
+    header, rows = runs_table(sweep)
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def fixed_settings(sweep: Sweep, keys: tuple[str, ...] = ("task.name", "teacher.name", "student.name", "loss.name",
+                                                          "policy.name", "trainer.max_steps", "task.batch_size",
+                                                          "optimizer.lr", "seed")) -> dict[str, Any]:
+    """Settings shared by every run (the context a reader needs), leaving out what the sweep varied."""
+    fixed = {}
+    configs = [flatten(run.config) for run in sweep.runs if run.config]
+    for key in keys:
+        if key in sweep.swept_keys or not configs:
+            continue
+        values = {str(config.get(key)) for config in configs}
+        if len(values) == 1 and configs[0].get(key) is not None:
+            fixed[key] = configs[0][key]
+    return fixed
+
+
+def reference_scores(runs: list[RunRecord], metric: str) -> dict[str, float]:
+    """The teacher's and the untrained student's score, averaged over the runs that measured them."""
+    out = {}
+    for name in ("teacher", "student_before"):
+        values = [float(r.results[name][metric]) for r in runs
+                  if r.results and isinstance(r.results.get(name), dict) and metric in r.results[name]]
+        if values:
+            out[name] = statistics.fmean(values)
+    return out

@@ -24,6 +24,7 @@ from kdlab.config import config_errors, raise_if_any, register_resolvers, vocabu
 from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.sources import DataUnavailableError
 from kdlab.data.tasks import Task
+from kdlab.distributed import FSDP2Strategy
 from kdlab.generation import SamplingSettings
 from kdlab.losses.objective import build_objective
 from kdlab.models import HubUnavailableError, load_model, load_tokenizer, same_vocabulary
@@ -106,8 +107,12 @@ def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.T
     preemption = PreemptionCheckpoint(last_checkpoint(output_dir))
     extra = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
     callbacks = [checkpoints, preemption, LearningRateMonitor(logging_interval="step"), *extra]
+    # FSDP2 allocates its gather buffers lazily at the first forward; under inference mode (Lightning's default for
+    # validate, which runs first) they would become inference tensors that training cannot use. no_grad instead.
+    inference_mode = not isinstance(strategy, FSDP2Strategy) and cfg.trainer.get("inference_mode", True)
     trainer = hydra.utils.instantiate(
-        cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir)
+        cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir),
+        inference_mode=inference_mode,
     )
     return trainer, preemption
 

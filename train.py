@@ -7,6 +7,7 @@ first failure once the sweep is done), so `kdlab-report` can list the failed run
 
 import json
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -36,9 +37,16 @@ def main(cfg: DictConfig) -> float:
         # In a multirun, SystemExit would end the whole sweep: an exception lets Hydra go on with the next job.
         print(f"error: job failed: {type(err).__name__}: {err}", file=sys.stderr)
         raise
+    directory = Path(HydraConfig.get().runtime.output_dir)
     # a job resumed in the same directory after a failure has finished now: its old marker no longer applies
-    Path(HydraConfig.get().runtime.output_dir, FAILURE_MARKER).unlink(missing_ok=True)
+    (directory / FAILURE_MARKER).unlink(missing_ok=True)
+    if not cfg.get("keep_checkpoints", True) and _rank() == 0:
+        shutil.rmtree(directory / "checkpoints", ignore_errors=True)  # finished: nothing left to resume
     return value
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
 def in_multirun() -> bool:
@@ -50,7 +58,7 @@ def mark_failed(err: BaseException) -> None:
     a broken marker must not hide the run's own error."""
     try:
         directory = Path(HydraConfig.get().runtime.output_dir)
-        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+        rank = _rank()
         name = FAILURE_MARKER if rank == 0 else f"failed_rank{rank}.json"
         one_line = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         marker = {

@@ -95,6 +95,8 @@ def test_tiny_multirun_report_matches_the_runs_and_lists_the_failed_one(tmp_path
         assert float(rows[name]["student_after/accuracy"]) == result["metrics"]["accuracy"]
         assert float(rows[name]["tokens_per_sec"]) == result["tokens_per_sec"]
         assert int(rows[name]["steps"]) == result["steps"] == 2
+        # the sweep keeps outputs small: no exported student, checkpoints deleted once the run finished
+        assert not (jobs[name] / "student").exists() and not (jobs[name] / "checkpoints").exists()
     for plot in ("metric.png", "learning_curves.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in report
 

@@ -60,12 +60,15 @@ def test_gkd_grid_is_the_papers_grid_and_takes_the_small_run_overrides():
     params = basic_sweep_values(cfg.hydra.sweeper.params)
     assert params == {"loss": ["fkl", "rkl", "jsd0.1", "jsd0.5", "jsd0.9"],
                       "policy.student_fraction": ["0", "0.5", "1"], "seed": ["1", "2", "3"]}
-    small = compose_sweep("gkd_grid", ["trainer.max_steps=7", "export=false", "hydra.sweep.dir=/tmp/grid"])
-    assert small.trainer.max_steps == 7 and small.scheduler.total_steps == 7
-    assert small.export is False and small.hydra.sweep.dir == "/tmp/grid"
+    small = compose_sweep("gkd_grid", ["trainer.max_steps=7", "hydra.sweep.dir=/tmp/grid"])
+    assert small.trainer.max_steps == 7 and small.scheduler.total_steps == 7 and small.hydra.sweep.dir == "/tmp/grid"
+    assert small.export is False and small.keep_checkpoints is False  # small outputs by default; both can be true
+    kept = compose_sweep("gkd_grid", ["export=true", "keep_checkpoints=true"])
+    assert kept.export is True and kept.keep_checkpoints is True
     assert small.task.name == "arith" and small.teacher.name == compose_sweep("gkd_grid", []).teacher.name
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_two_trials_and_reports_the_best(tmp_path):
     """A real 2-trial Optuna search (hydra-optuna-sweeper) on tiny models: each trial's value is its results.json
     accuracy, and the best value Optuna reports is the best of those."""

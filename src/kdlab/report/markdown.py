@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from kdlab.report import plots
 from kdlab.report.runs import FAILED, FINISHED, UNFINISHED, Sweep, format_value
 from kdlab.report.tables import (
@@ -65,6 +67,7 @@ def report_markdown(sweep: Sweep, column: str | None = None, metric_plot: Path |
             f"{'teacher' if k == 'teacher' else 'student before training'} {v:.4f}" for k, v in refs.items())
             + " (mean over the runs that scored them).")
         lines.append("")
+    lines += _optuna_lines(sweep)
     if metric_plot or curves_plot:
         lines += ["## Plots", ""]
         for path, caption in ((metric_plot, f"{sweep.metric} per method"), (curves_plot, "learning curves")):
@@ -83,6 +86,17 @@ def report_markdown(sweep: Sweep, column: str | None = None, metric_plot: Path |
         lines.append("None: every run finished.")
     lines += ["", "Every run, its status, swept values and scores: [runs.csv](runs.csv).", ""]
     return "\n".join(lines)
+
+
+def _optuna_lines(sweep: Sweep) -> list[str]:
+    """The best trial of an Optuna search (hydra-optuna-sweeper writes optimization_results.yaml into the sweep)."""
+    path = sweep.directory / "optimization_results.yaml"
+    if not path.is_file():
+        return []
+    best = yaml.safe_load(path.read_text()) or {}
+    params = ", ".join(f"`{k}={format_value(v)}`" for k, v in (best.get("best_params") or {}).items())
+    value = best.get("best_value")
+    return ["## Optuna", "", f"Best trial: {params} with {sweep.metric} {format_value(value)}.", ""]
 
 
 def _distinct(sweep: Sweep, key: str) -> list[str]:

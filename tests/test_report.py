@@ -70,7 +70,7 @@ def test_tiny_multirun_report_matches_the_runs_and_lists_the_failed_one(tmp_path
     out = tmp_path / "report"
     assert report_main([str(sweep_dir), "--out", str(out)]) == 0
     sweep = load_sweep(sweep_dir)
-    assert sweep.swept_keys == ["loss.name", "policy.student_fraction"]
+    assert sweep.swept_keys == ["loss.name", "policy.student_fraction"] and sweep.planned_jobs == 4
     assert [run.status for run in sweep.runs] == ["finished", "finished", "finished", "failed"]
 
     results = {name: json.loads((jobs[name] / "results.json").read_text()) for name in ("0", "1", "2")}
@@ -178,10 +178,16 @@ def test_table_is_mean_and_sample_std_over_seeds_with_the_best_in_bold(grid):
 
 def test_report_lists_failed_and_unfinished_runs(grid, tmp_path_factory):
     root, _ = grid
+    # Hydra's record of the launch: the sweeper's lists, then the command line's (seed=1,2,3,4 replaces 1,2,3)
+    sweeper = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+               "params": {"loss": "fkl,jsd0.9", "policy.student_fraction": "0,1", "seed": "1,2,3"}}
+    overrides = {"task": ["seed=1,2,3,4", "trainer.max_steps=10"]}
+    (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": sweeper, "overrides": overrides}}))
     out = tmp_path_factory.mktemp("report")
     assert report_main([str(root), "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert "12 runs: 10 finished, 1 failed, 1 unfinished" in report
+    assert "The sweep was to launch 16 jobs: 4 never started" in report  # 2 losses x 2 fractions x 4 seeds
     failed = "| 8 | failed | `loss=jsd0.9 policy.student_fraction=0 seed=3` | ValueError: Invalid learning rate |"
     assert failed in report
     assert "| 11 | unfinished | `loss=jsd0.9 policy.student_fraction=1 seed=3` |" in report
@@ -229,3 +235,45 @@ def test_cli_errors_without_runs(tmp_path, capsys):
     assert "no run directories" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         report_main([])
+
+
+def _runs_from_sweep_configs(root: Path, sweep: str, jobs: list[list[str]]) -> None:
+    """Run directories holding the configs the ready sweep's jobs compose to (no training; accuracy = job number
+    / 100), so labels and swept keys are checked on the real sweep options."""
+    from omegaconf import OmegaConf
+
+    from tests.test_sweeps import compose_sweep
+
+    for i, overrides in enumerate(jobs):
+        cfg = compose_sweep(sweep, overrides)
+        config = OmegaConf.to_container(cfg, resolve=False)
+        config.pop("hydra")
+        config["output_dir"] = f"/runs/{i}"
+        config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+        _write_run(root, str(i), overrides, config, i / 100)
+
+
+def test_ready_sweeps_read_back_as_their_methods(tmp_path):
+    grid = tmp_path / "grid"
+    losses = ["fkl", "rkl", "jsd0.1", "jsd0.5", "jsd0.9"]
+    _runs_from_sweep_configs(grid, "gkd_grid", [[f"loss={loss}", f"policy.student_fraction={f}", "seed=1"]
+                                                 for loss in losses for f in (0, 1)])
+    sweep = load_sweep(grid)
+    assert sweep.swept_keys == ["loss.beta", "loss.name", "policy.student_fraction"]
+    cells = _cells(comparison_table_markdown(sweep))
+    rows = ["fkl", "rkl", "jsd(0.1)", "jsd(0.5)", "jsd(0.9)"]
+    assert sorted({row for row, _ in cells}) == sorted(rows)
+    for i, row in enumerate(rows):  # job 2i is lambda 0, 2i+1 lambda 1; accuracy = job / 100
+        assert cells[(row, "λ=0")].replace("**", "") == f"{2 * i / 100:.4f} (n=1)"
+        assert cells[(row, "λ=1")].replace("**", "") == f"{(2 * i + 1) / 100:.4f} (n=1)"
+    assert cells[("jsd(0.9)", "λ=1")].startswith("**")  # the highest of its column
+
+    ablation = tmp_path / "ablation"
+    options = ["ot", "ot_no_had", "ot_no_sl", "ot_no_sd", "ot_top10", "ot_sinkhorn5", "uld"]
+    _runs_from_sweep_configs(ablation, "ot_ablation", [[f"loss={option}"] for option in options])
+    sweep = load_sweep(ablation)
+    assert sweep.swept_keys == ["loss.beta", "loss.gamma", "loss.had_weight", "loss.name", "loss.sinkhorn_iterations",
+                                "loss.top_k"]
+    labels = [row for row, col in _cells(comparison_table_markdown(sweep))]
+    assert labels == ["ot", "ot(had_weight=0)", "ot(beta=0)", "ot(gamma=0)", "ot(top_k=10)",
+                      "ot(sinkhorn_iterations=5)", "uld"]

@@ -43,6 +43,10 @@ def report_markdown(sweep: Sweep, column: str | None = None, metric_plot: Path |
     lines.append(f"{len(sweep.runs)} runs: {counts[FINISHED]} finished, {counts[FAILED]} failed, "
                  f"{counts[UNFINISHED]} unfinished. Metric: `{sweep.metric}` of the student after training, on the "
                  f"validation split.")
+    missing = (sweep.planned_jobs or 0) - len(sweep.runs)
+    if missing > 0:
+        lines.append(f"The sweep was to launch {sweep.planned_jobs} jobs: {missing} never started (no directory; the "
+                     f"sweep was stopped or is still running).")
     lines.append("")
     if sweep.swept_keys:
         lines.append("Swept (detected from the runs): " + "; ".join(

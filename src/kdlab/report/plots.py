@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # files only: works on a headless machine and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 
 from kdlab.report.runs import STUDENT_FRACTION, RunRecord, Sweep  # noqa: E402
-from kdlab.report.tables import column_title, compare  # noqa: E402
+from kdlab.report.tables import column_title, compare, reference_scores  # noqa: E402
 
 
 def plot_metric(sweep: Sweep, path: str | Path, column: str | None = None) -> Path | None:
@@ -28,19 +28,20 @@ def plot_metric(sweep: Sweep, path: str | Path, column: str | None = None) -> Pa
     numeric = comparison.column_key is not None and all(isinstance(c, (int, float)) for c in comparison.columns)
     if comparison.column_key is not None and len(comparison.columns) > 1:
         positions = comparison.columns if numeric else list(range(len(comparison.columns)))
-        for row in comparison.rows:
+        spacing = min(b - a for a, b in zip(positions, positions[1:])) if len(positions) > 1 else 1.0
+        for i, row in enumerate(comparison.rows):
+            dodge = (i - (len(comparison.rows) - 1) / 2) * spacing * 0.02  # error bars side by side, not on top
             xs, means, stds = [], [], []
             for x, col in zip(positions, comparison.columns):
                 cell = comparison.cells.get((row, col))
                 if cell is not None and cell.mean is not None:
-                    xs.append(x)
+                    xs.append(x + dodge)
                     means.append(cell.mean)
                     stds.append(cell.std or 0.0)
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=row)
         if not numeric:
             ax.set_xticks(positions, [str(c) for c in comparison.columns])
         ax.set_xlabel("student fraction λ" if comparison.column_key == STUDENT_FRACTION else comparison.column_key)
-        ax.legend(fontsize=8)
     else:
         col = comparison.columns[0] if comparison.columns else None
         cells = [comparison.cells.get((row, col)) for row in comparison.rows]
@@ -48,6 +49,12 @@ def plot_metric(sweep: Sweep, path: str | Path, column: str | None = None) -> Pa
         stds = [c.std or 0.0 if c is not None else 0.0 for c in cells]
         ax.bar(range(len(comparison.rows)), means, yerr=stds, capsize=3)
         ax.set_xticks(range(len(comparison.rows)), comparison.rows, rotation=30, ha="right", fontsize=8)
+    references = reference_scores(sweep.runs, sweep.metric)
+    for name, style in (("teacher", "--"), ("student_before", ":")):
+        if name in references:
+            ax.axhline(references[name], color="gray", linestyle=style, linewidth=1,
+                       label=f"{name.replace('_', ' ')} {references[name]:.3f}")
+    ax.legend(fontsize=8)
     ax.set_ylabel(f"{sweep.metric} (student after training)")
     ax.set_title(f"{sweep.metric}: mean ± std over seeds")
     ax.grid(alpha=0.3)

@@ -61,6 +61,7 @@ class Sweep:
     swept_keys: list[str]  # dotted config keys whose values differ between runs (seed included)
     metric: str  # headline metric name (results["metric"]), e.g. "accuracy"
     wandb_group: str | None = None  # the W&B group the runs logged to, when they used logger=wandb
+    planned_jobs: int | None = None  # how many jobs the sweep was to launch (multirun.yaml), when known
 
     def by_status(self, status: str) -> list[RunRecord]:
         return [run for run in self.runs if run.status == status]
@@ -78,7 +79,31 @@ def load_sweep(directory: str | Path) -> Sweep:
         swept_keys=detect_swept_keys(runs),
         metric=_headline_metric(runs),
         wandb_group=_wandb_group(runs),
+        planned_jobs=planned_jobs(directory),
     )
+
+
+def planned_jobs(directory: Path) -> int | None:
+    """The number of jobs the multirun in `directory` was launched with, from Hydra's multirun.yaml: the product of
+    the sweep lists (the sweeper's params, then the command line's) for the basic sweeper, n_trials for Optuna. Jobs
+    that never started (a sweep killed half way) have no directory; this count shows them."""
+    hydra = (_read_yaml(directory / "multirun.yaml") or {}).get("hydra") or {}
+    sweeper = hydra.get("sweeper") or {}
+    target = str(sweeper.get("_target_", ""))
+    if "optuna" in target.lower():
+        return int(sweeper["n_trials"]) if sweeper.get("n_trials") is not None else None
+    if not target.endswith("BasicSweeper"):
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+    params += list((hydra.get("overrides") or {}).get("task") or [])
+    try:
+        parsed = OverridesParser.create().parse_overrides(params)
+    except Exception:  # a grammar this Hydra does not know: no count rather than a wrong one
+        return None
+    sizes = {o.key_or_group: len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in parsed}
+    return math.prod(sizes.values())
 
 
 def load_run(directory: str | Path) -> RunRecord:

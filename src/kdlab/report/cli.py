@@ -15,7 +15,8 @@ from kdlab.report.runs import FAILED, FINISHED, UNFINISHED, load_sweep
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="kdlab-report", description=__doc__.split("\n\n")[0],
+    description, examples = __doc__.split("\n\n", 1)
+    parser = argparse.ArgumentParser(prog="kdlab-report", description=description, epilog="examples:\n" + examples,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", nargs="?", help="a multirun directory (or any folder of run directories)")
     parser.add_argument("--out", help="where to write report.md, runs.csv and the plots (default: the sweep dir)")

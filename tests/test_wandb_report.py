@@ -179,6 +179,18 @@ def test_report_built_offline_holds_the_panels_filters_and_table(sweep_dir, no_w
     assert [expr.groupby_str_to_key(g).name for g in curve_runset.groupby] == [
         k.replace(".", ".value.", 1) if "." in k else f"{k}.value" for k in spec["swept_keys"] if k != "seed"]
 
+    # the whole report converts to the model `save()` uploads; only the run sets' project-id look-up needs the
+    # server, so they are detached from their project for this offline conversion
+    for grid in grids:
+        for runset in grid.runsets:
+            runset.entity = runset.project = ""
+    wire = report._to_model().model_dump(by_alias=True, exclude_none=True)
+    kinds = [block["type"] for block in wire["spec"]["blocks"]]
+    assert kinds.count("panel-grid") == len(grids) == 4 and kinds.count("markdown-block") == 2
+    assert table in [block.get("content") for block in wire["spec"]["blocks"]]
+    grid_runsets = [b["metadata"]["runSets"][0] for b in wire["spec"]["blocks"] if b["type"] == "panel-grid"]
+    assert all(rs["filters"]["filters"][0]["value"] == group for rs in grid_runsets)
+
 
 @pytest.mark.slow  # the tiny multirun
 def test_offline_build_writes_the_specification_and_returns_at_once(sweep_dir, no_wandb_login, capsys):

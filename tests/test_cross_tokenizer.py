@@ -9,6 +9,7 @@ import torch
 from kdlab.losses.cross_tokenizer import (
     log_sinkhorn,
     multilevel_ot,
+    ranked_topk_probs,
     sequence_ranked_topk,
     universal_logit_distillation,
 )
@@ -112,6 +113,36 @@ def test_sequence_ranking_orders_columns_by_their_sum_over_response_positions():
     # column sums over the two response positions: 0.6, 0.8, 0.6 -> column 1 first, then a tie broken by topk
     assert torch.allclose(ranked[0, :2, 0], torch.tensor([0.6, 0.2]))
     assert ranked[0, 2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("chunk_elements", [2**22, 3 * 40])  # one chunk; 3 rows per chunk, across sequences
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_chunked_ranked_topk_equals_softmax_then_ranking(monkeypatch, chunk_elements, temperature):
+    import kdlab.losses.divergences as divergences
+
+    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", chunk_elements)  # in value and in gradient
+    x = logits(3, 7, 40, seed=21)
+    mask = lengths_mask([7, 4, 1], 7)
+    weights = torch.randn(3, 7, 6, generator=torch.Generator().manual_seed(22))  # a random upstream gradient
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = ranked_topk_probs(a, mask, 6, temperature)
+    expected = sequence_ranked_topk(torch.softmax(b / temperature, -1), mask, 6)
+    assert torch.allclose(got, expected, atol=1e-7)
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-7)
+    assert a.grad[~mask].abs().max() == 0
+
+
+def test_ranked_topk_keeps_no_vocab_wide_float32_tensor_for_backward():
+    x = logits(2, 8, 64, seed=23, dtype=torch.bfloat16).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        top = ranked_topk_probs(x, lengths_mask([8, 5], 8), 4)
+    vocab_wide = [t for t in saved if t.numel() >= x.numel()]
+    assert len(vocab_wide) == 1 and vocab_wide[0].dtype == torch.bfloat16  # the input logits themselves, no copy
+    top.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("side", ["student", "teacher"])

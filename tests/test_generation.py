@@ -72,6 +72,20 @@ def test_samples_carry_no_gradient(tokenizer):
     assert not ids.requires_grad and ids.dtype == torch.long and mask.dtype == torch.bool
 
 
+def test_samples_can_be_scored_with_a_gradient_right_after_sampling(tokenizer):
+    # sampling runs under inference_mode; its tokens must still be usable by a training forward, which saves them
+    model = tiny_model(tokenizer)
+    prompt_ids, prompt_mask = _prompts(tokenizer, ["Question: 1 + 1?\nAnswer:", "Question: 12 * 3?\nAnswer:"])
+    ids, mask = generate_targets(model, prompt_ids, prompt_mask, SamplingSettings(max_new_tokens=5),
+                                 pad_token_id=0, eos_token_id=2)
+    assert not ids.is_inference() and not mask.is_inference()
+    logits = score_targets(model, prompt_ids, prompt_mask, ids, mask)
+    logits.logsumexp(-1)[mask].sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # the same tokens again, in place: they are ordinary tensors (an inference tensor would refuse this)
+    ids.add_(0)
+
+
 def test_seeded_sampling_is_reproducible(tokenizer):
     model = tiny_model(tokenizer)
     prompt_ids, prompt_mask = _prompts(tokenizer, ["Question: 4 - 1?\nAnswer:"] * 4)

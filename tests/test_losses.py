@@ -257,11 +257,14 @@ def test_chunked_equals_unchunked(name, reduction):
         assert torch.allclose(grad, ref_grad, atol=1e-6, rtol=1e-6)
 
 
-def test_no_vocab_wide_float32_tensor_is_kept_for_backward():
+@pytest.mark.parametrize("name", ["jsd", "tvd"])
+def test_no_vocab_wide_float32_tensor_is_kept_for_backward(name):
     # with a bf16 input, everything autograd saves outside the checkpointed chunks is the bf16 input slices and
-    # the per-row weights; float32 (rows, vocab) intermediates are recomputed in backward, not kept
+    # the per-row weights; float32 (rows, vocab) intermediates are recomputed in backward, not kept. The teacher
+    # needs a gradient here (jsd) or the loss has no closed-form gradient (tvd): both take the checkpointed path.
     s, t, mask = make(batch=4, positions=8, vocab=64, dtype=torch.bfloat16)
     s.requires_grad_()
+    t.requires_grad_(name == "jsd")
     saved = []
 
     def pack(x):
@@ -269,12 +272,72 @@ def test_no_vocab_wide_float32_tensor_is_kept_for_backward():
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        loss = generalized_jsd(s, t, mask, chunk_size=4)
+        loss = get_divergence(name)(s, t, mask, chunk_size=4)
     assert saved
     assert all(x.dtype == torch.bfloat16 or x.dim() < 2 for x in saved)
     assert all(x.numel() <= 4 * 64 for x in saved)
     loss.backward()
     assert s.grad.dtype == torch.bfloat16 and torch.isfinite(s.grad).all()
+
+
+# ---------------------------------------------------------------- the fused path (frozen teacher)
+
+FUSED = [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.9})]
+
+
+def _value_and_grad(name, kw, s, t, mask, teacher_grad, **params):
+    x = s.clone().requires_grad_()
+    y = t.clone().requires_grad_(teacher_grad)  # a teacher that needs a gradient forces the checkpointed path
+    loss = get_divergence(name)(x, y, mask, **kw, **params)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name,kw", FUSED)
+def test_fused_gradient_equals_autograd_through_the_formula(name, kw, reduction):
+    # float64: the closed-form gradient and autograd through the same formula agree to rounding
+    s, t, mask = make(batch=3, positions=6, vocab=9, seed=21, dtype=torch.float64)
+    params = dict(temperature=1.7, reduction=reduction, chunk_size=4)
+    fused_value, fused_grad = _value_and_grad(name, kw, s, t, mask, False, **params)
+    ref_value, ref_grad = _value_and_grad(name, kw, s, t, mask, True, **params)
+    assert torch.allclose(fused_value, ref_value, atol=1e-12, rtol=1e-12)
+    assert torch.allclose(fused_grad, ref_grad, atol=1e-12, rtol=1e-10)
+    assert torch.equal(fused_grad[~mask], torch.zeros_like(fused_grad[~mask]))
+
+
+@pytest.mark.parametrize("name,kw", FUSED)
+def test_fused_path_keeps_no_tensor_for_autograd_and_scales_by_the_incoming_gradient(name, kw):
+    s, t, mask = make(batch=4, positions=8, vocab=64, dtype=torch.bfloat16)
+    s.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        loss = get_divergence(name)(s, t, mask, chunk_size=4, **kw)
+    assert saved == []  # neither the logits nor any float32 intermediate: only the bf16 gradient buffer
+    (3.0 * loss).backward()
+    assert s.grad.dtype == torch.bfloat16
+    _, ref = _value_and_grad(name, kw, s.detach().float(), t.float(), mask, True, chunk_size=4)
+    assert torch.allclose(s.grad.float(), 3.0 * ref, atol=1e-3, rtol=1e-2)  # bf16 rounding of the stored gradient
+
+
+def test_fused_backward_twice_says_how_to_keep_the_graph():
+    s, t, mask = make()
+    s.requires_grad_()
+    loss = generalized_jsd(s, t, mask)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()
+
+
+def test_chunks_are_bounded_in_elements_not_only_rows(monkeypatch):
+    # a wide vocabulary shrinks the chunk below chunk_size rows; the value does not depend on it
+    import kdlab.losses.divergences as divergences
+
+    s, t, mask = make(batch=2, positions=8, vocab=32, seed=4)
+    full = generalized_jsd(s, t, mask, beta=0.3)
+    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 3 * 32)  # 3 rows per chunk
+    assert divergences._rows_per_chunk(1024, 32) == 3
+    assert torch.allclose(generalized_jsd(s, t, mask, beta=0.3), full, atol=1e-6)
 
 
 # ---------------------------------------------------------------- gradients

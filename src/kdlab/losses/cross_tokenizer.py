@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdlab.losses.divergences import _rows_per_chunk
+
 
 def _valid_length_mask(student_mask: Tensor, teacher_mask: Tensor) -> Tensor:
     """(B, T) true at positions t < min(student response length, teacher response length): matched by index."""
@@ -40,6 +42,72 @@ def sequence_ranked_topk(probs: Tensor, mask: Tensor, k: int) -> Tensor:
     k = min(k, probs.shape[-1])
     order = probs.sum(dim=1).topk(k, dim=-1).indices  # (B, k), by descending column sum
     return probs.gather(-1, order[:, None, :].expand(-1, probs.shape[1], -1))
+
+
+class _RankedTopK(torch.autograd.Function):
+    """softmax(logits / T) ranked per sequence and cut to k columns, without a (B, T, V) float32 tensor.
+
+    Forward walks rows in chunks: each chunk's log-normaliser and its masked probabilities' column sums per
+    sequence; then the top-k columns per sequence, and their probabilities exp(logit / T - lse) gathered from the
+    logits. Backward, chunk by chunk again, writes d/d logits = (mask / T) (scatter(g * q~) - q * <g, q~>) into one
+    buffer of the logits' dtype. The ranking itself carries no gradient (as with topk indices).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, mask: Tensor, k: int, temperature: float, rows: int) -> Tensor:
+        batch, positions, vocab = logits.shape
+        flat = logits.reshape(-1, vocab)
+        weight = mask.reshape(-1).float()
+        owner = torch.arange(batch, device=logits.device).repeat_interleave(positions)  # row -> its sequence
+        lse = torch.empty(flat.shape[0], device=logits.device)
+        column_sums = torch.zeros(batch, vocab, device=logits.device)
+        for start in range(0, flat.shape[0], rows):
+            x = flat[start : start + rows].float() / temperature
+            lse[start : start + rows] = torch.logsumexp(x, dim=-1)
+            probs = (x - lse[start : start + rows, None]).exp_().mul_(weight[start : start + rows, None])
+            column_sums.index_add_(0, owner[start : start + rows], probs)
+        order = column_sums.topk(k, dim=-1).indices  # (B, k), by descending column sum
+        index = order[owner]  # (B*T, k)
+        top = (flat.gather(1, index).float() / temperature - lse[:, None]).exp() * weight[:, None]
+        ctx.save_for_backward(logits, weight, lse, index, top)
+        ctx.temperature, ctx.rows = temperature, rows
+        return top.view(batch, positions, k)
+
+    @staticmethod
+    def backward(ctx, grad_top: Tensor):
+        logits, weight, lse, index, top = ctx.saved_tensors
+        vocab = logits.shape[-1]
+        flat = logits.reshape(-1, vocab)
+        g = grad_top.reshape(top.shape).float()
+        gq = g * top
+        inner = gq.sum(dim=-1)  # <g, q~> per row
+        grad = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], ctx.rows):
+            part = slice(start, start + ctx.rows)
+            q = (flat[part].float() / ctx.temperature - lse[part, None]).exp_()
+            out = q.mul_(-inner[part, None]).scatter_add_(1, index[part], gq[part])
+            grad[part] = out.mul_(weight[part, None] / ctx.temperature).to(grad.dtype)
+        return grad.view_as(logits), None, None, None, None
+
+
+def ranked_topk_probs(logits: Tensor, mask: Tensor, k: int, temperature: float = 1.0) -> Tensor:
+    """(B, T, k): `sequence_ranked_topk(softmax(logits / temperature), mask, k)`, computed from the logits in chunks.
+
+    Equal to the two-step form to float32 rounding (ties in the ranking aside), but never holds a float32 copy of
+    the (B, T, V) logits, in forward or backward: the memory of loss=ot is the logits' gradient and a chunk."""
+    k = min(k, logits.shape[-1])
+    rows = _rows_per_chunk(1 << 30, logits.shape[-1], logits.device)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        with torch.no_grad():
+            return _RankedTopK.forward(_NoCtx(), logits, mask.bool(), k, temperature, rows)
+    return _RankedTopK.apply(logits, mask.bool(), k, temperature, rows)
+
+
+class _NoCtx:
+    """Stands in for autograd's ctx when no gradient is needed (the teacher): saving is a no-op."""
+
+    def save_for_backward(self, *tensors: Tensor) -> None:
+        pass
 
 
 def log_sinkhorn(cost: Tensor, row_mask: Tensor, col_mask: Tensor, epsilon: float, iterations: int) -> Tensor:
@@ -91,10 +159,8 @@ def multilevel_ot(
             uniform weights on teacher positions i and student positions j (Sinkhorn distance, sequence level)
     The teacher side never carries a gradient. `components` names the terms to compute (ablations skip the rest).
     """
-    p = torch.softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    q = torch.softmax(student_logits.float() / temperature, dim=-1)
-    p_top = sequence_ranked_topk(p, teacher_mask, top_k)
-    q_top = sequence_ranked_topk(q, student_mask, top_k)
+    p_top = ranked_topk_probs(teacher_logits.detach(), teacher_mask, top_k, temperature)
+    q_top = ranked_topk_probs(student_logits, student_mask, top_k, temperature)
     k = max(p_top.shape[-1], q_top.shape[-1])  # a vocabulary smaller than top_k is zero-padded
     p_top = torch.nn.functional.pad(p_top, (0, k - p_top.shape[-1]))
     q_top = torch.nn.functional.pad(q_top, (0, k - q_top.shape[-1]))

@@ -5,6 +5,14 @@ a response token is scored, and returns a scalar. The work is done in chunks of 
 upcast to float32 on its own (float64 inputs stay float64) and checkpointed when a gradient is needed, so neither
 the forward nor the backward pass ever holds a float32 copy of the full (batch, positions, vocab) tensor.
 
+Forward KL, reverse KL and JSD have closed-form gradients with respect to the student logits. When only the
+student needs a gradient (the teacher is frozen: every training step), they take a fused path: one pass over the
+scored rows computes each chunk's loss and its gradient together, writes the gradient into one buffer of the
+student's dtype and drops the chunk. Backward is then a multiply, nothing is recomputed, the logits themselves are not
+kept for backward, and unscored rows (padding, prompts) cost nothing. Where the teacher needs a gradient too, or for
+the other divergences, each chunk is checkpointed instead (recomputed in backward). A chunk holds at most
+`chunk_size` rows and at most `CHUNK_ELEMENTS` entries, so a 128k vocabulary does not make a 1024-row chunk 512 MB.
+
 Temperature divides both logits before the softmax, as TRL's `generalized_jsd_loss`; there is no T^2 rescaling.
 """
 
@@ -19,6 +27,15 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 REDUCTIONS = ("token_mean", "sequence_mean", "sum")
+# At most this many (row, vocab) entries per chunk on CPU: 2^21 float32 values are 8 MB per temporary (16 rows at a
+# 128k vocabulary, 64 at 32k); benchmarks/bench_losses.py measured larger chunks no faster on CPU, and a chunk's
+# temporaries are most of the loss's own memory (docs/benchmarks.md).
+CHUNK_ELEMENTS = 2**21
+# On accelerators a 2M-entry chunk is a few microseconds of work per kernel, as short as its launch: 8x larger.
+CHUNK_ELEMENTS_ACCELERATOR = 2**24
+
+# (log q, log p) in the compute dtype -> (per-row loss, d loss / d (student logits / temperature)), rows of a chunk
+LossAndGrad = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -58,6 +75,13 @@ def _row_weights(mask: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
     raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
 
 
+def _rows_per_chunk(chunk_size: int, vocab: int, device: torch.device | None = None) -> int:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    budget = CHUNK_ELEMENTS if device is None or device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR
+    return max(1, min(chunk_size, budget // max(vocab, 1)))
+
+
 def _reduce_over_chunks(
     per_token_fn: Callable[[Tensor, Tensor], Tensor],
     student_logits: Tensor,
@@ -72,9 +96,8 @@ def _reduce_over_chunks(
     raw slices in their input dtype and does its own upcast, so the float32 copy exists one chunk at a time, and
     under checkpoint it is recomputed in backward instead of being kept alive for every chunk.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     batch, positions, vocab = student_logits.shape
+    chunk_size = _rows_per_chunk(chunk_size, vocab, student_logits.device)
     dtype = _compute_dtype(student_logits, other)
     if mask is None:
         mask = torch.ones(batch, positions, dtype=torch.bool, device=student_logits.device)
@@ -123,13 +146,70 @@ def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     return mix.masked_fill(both, -math.inf)
 
 
+def _log_softmax(logits: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    x = logits.to(dtype)
+    return F.log_softmax(x if temperature == 1.0 else x / temperature, dim=-1)
+
+
+class _FusedDivergence(torch.autograd.Function):
+    """Loss and its gradient with respect to the student logits in one chunked pass (the teacher gets none).
+
+    Forward walks the scored rows only, `rows` at a time, and writes weight * d loss / d logits of each chunk into a
+    buffer of the student's dtype; backward scales that buffer by the incoming gradient, in place, and hands it on.
+    The buffer is given away on the first backward, so backward runs once per forward (as every training step does).
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits: Tensor, teacher_logits: Tensor, weights: Tensor, loss_and_grad: LossAndGrad,
+                temperature: float, rows: int, dtype: torch.dtype) -> Tensor:
+        vocab = student_logits.shape[-1]
+        student_rows = student_logits.reshape(-1, vocab)
+        teacher_rows = teacher_logits.reshape(-1, vocab)
+        grad = torch.zeros_like(student_rows)
+        scored = weights.nonzero().squeeze(1)  # one host sync per call; padding rows are then skipped entirely
+        every_row = scored.numel() == weights.numel()
+        total = torch.zeros((), dtype=dtype, device=student_logits.device)
+        for start in range(0, scored.numel(), rows):
+            index = slice(start, start + rows) if every_row else scored[start : start + rows]
+            log_q = _log_softmax(student_rows[index], dtype, temperature)
+            log_p = _log_softmax(teacher_rows[index], dtype, temperature)
+            loss, dlogits = loss_and_grad(log_q, log_p)
+            w = weights[index]
+            total = total + (loss * w).sum()
+            grad[index] = dlogits.mul_((w / temperature)[:, None]).to(grad.dtype)
+        ctx.grad = grad.view_as(student_logits)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("kdlab's fused divergence gradient was already used: backward runs once per forward "
+                               "(for retain_graph, let the teacher logits require grad: the checkpointed path)")
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None, None
+
+
 def _divergence(fn: Callable[[Tensor, Tensor], Tensor], student_logits: Tensor, teacher_logits: Tensor,
-                mask: Tensor | None, temperature: float, reduction: str, chunk_size: int) -> Tensor:
-    """Validate, then reduce fn(log q, log p) over chunks (log-probs at `temperature`, in float32 or wider)."""
+                mask: Tensor | None, temperature: float, reduction: str, chunk_size: int,
+                loss_and_grad: LossAndGrad | None = None) -> Tensor:
+    """Validate, then reduce fn(log q, log p) over chunks (log-probs at `temperature`, in float32 or wider).
+
+    `loss_and_grad`, when given, is the same per-row loss with its closed-form gradient: the fused path, taken when
+    the student alone needs a gradient."""
     _check_inputs(student_logits, teacher_logits, mask, "teacher_logits", student_logits.shape)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     dtype = _compute_dtype(student_logits, teacher_logits)
+    fused = (loss_and_grad is not None and torch.is_grad_enabled() and student_logits.requires_grad
+             and not teacher_logits.requires_grad and student_logits.numel() > 0)
+    if fused:
+        batch, positions, vocab = student_logits.shape
+        if mask is None:
+            mask = torch.ones(batch, positions, dtype=torch.bool, device=student_logits.device)
+        weights = _row_weights(mask.bool(), reduction, dtype).reshape(-1)
+        rows = _rows_per_chunk(chunk_size, vocab, student_logits.device)
+        return _FusedDivergence.apply(student_logits, teacher_logits.detach(), weights, loss_and_grad, temperature,
+                                      rows, dtype)
 
     def per_token(s: Tensor, t: Tensor) -> Tensor:
         log_q = F.log_softmax(s.to(dtype) / temperature, dim=-1)
@@ -137,6 +217,48 @@ def _divergence(fn: Callable[[Tensor, Tensor], Tensor], student_logits: Tensor, 
         return fn(log_q, log_p)
 
     return _reduce_over_chunks(per_token, student_logits, teacher_logits, mask, reduction, chunk_size)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise sum_v a_v b_v without a (rows, vocab) product temporary."""
+    return torch.einsum("rv,rv->r", a, b)
+
+
+# The fused helpers below run without autograd, so they work in place on tensors that are dead after the line: a
+# chunk then needs about four (rows, vocab) temporaries, which is most of the loss's own memory.
+
+
+def _forward_kl_and_grad(log_q: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
+    # d KL(P||Q) / d logits = q - p
+    p = log_p.exp()
+    loss = _dot(p, (log_p - log_q).masked_fill_(p == 0, 0.0))
+    return loss, log_q.exp_().sub_(p)
+
+
+def _reverse_kl_and_grad(log_q: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
+    # d KL(Q||P) / d q_v = log q_v - log p_v + 1; through the softmax: q * (diff - KL), the constant cancels
+    q = log_q.exp()
+    diff = (log_q - log_p).masked_fill_(q == 0, 0.0)
+    loss = _dot(q, diff)
+    return loss, diff.sub_(loss[:, None]).mul_(q)
+
+
+def _jsd_and_grad(beta: float) -> LossAndGrad:
+    def loss_and_grad(log_q: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
+        # d JSD / d q_v = (1 - beta) log(q_v / m_v): the p/m and q/m terms of both KLs cancel exactly;
+        # through the softmax, q * (g - <q, g>). No gradient flows through log m here, so entries where both
+        # models are -inf need no detour (their -inf - -inf is masked with p == 0 and q == 0).
+        lm = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        p = log_p.exp()
+        kl_p = _dot(p, (log_p - lm).masked_fill_(p == 0, 0.0))
+        del p
+        q = log_q.exp()
+        diff = (log_q - lm).masked_fill_(q == 0, 0.0)
+        loss = beta * kl_p + (1.0 - beta) * _dot(q, diff)
+        g = diff.mul_(1.0 - beta)
+        return loss, g.sub_(_dot(q, g)[:, None]).mul_(q)
+
+    return loss_and_grad
 
 
 def _check_unit(name: str, value: float) -> None:
@@ -152,7 +274,7 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
     Both logits are divided by `temperature` before the softmax; no T^2 rescaling.
     """
     return _divergence(lambda lq, lp: _kl(lp, lq), student_logits, teacher_logits, mask,
-                       temperature, reduction, chunk_size)
+                       temperature, reduction, chunk_size, _forward_kl_and_grad)
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
@@ -163,7 +285,7 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
     Both logits are divided by `temperature` before the softmax; no T^2 rescaling.
     """
     return _divergence(lambda lq, lp: _kl(lq, lp), student_logits, teacher_logits, mask,
-                       temperature, reduction, chunk_size)
+                       temperature, reduction, chunk_size, _reverse_kl_and_grad)
 
 
 def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *, beta: float = 0.5,
@@ -186,7 +308,7 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor
         lm = _log_mix(lp, lq, beta)
         return beta * _kl(lp, lm) + (1.0 - beta) * _kl(lq, lm)
 
-    return _divergence(jsd, student_logits, teacher_logits, mask, **common)
+    return _divergence(jsd, student_logits, teacher_logits, mask, **common, loss_and_grad=_jsd_and_grad(beta))
 
 
 def total_variation(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,

@@ -1,0 +1,245 @@
+"""Whole on-policy JSD training steps of kdlab against TRL's GKDTrainer, side by side, with MFU.
+
+    python benchmarks/bench_step.py --out benchmarks/results/step_cpu_float32.json
+    python benchmarks/bench_step.py --device cuda --dtype bfloat16 --batch 32 --out benchmarks/results/step_cuda.json
+    python benchmarks/bench_step.py --profile 3 --no-trl --out /tmp/profile.json   # kdlab's profile only
+
+One step, on both sides: the student samples `--max-new-tokens` tokens for each prompt of the batch (lambda = 1),
+the frozen teacher and the student score the samples, generalized JSD(beta) over the response tokens, backward,
+AdamW step. Both sides get the same models (the shipped arith teacher and student, `from_pretrained`, copies of the
+same weights), the same batch of prompts (kdlab's arith data module, left-padded), the same sampling settings,
+the same optimizer (torch AdamW, same lr, no weight decay). kdlab runs its module's own step code
+(`_targets` + `_loss`, what `training_step` calls) without Lightning's loop; TRL runs `GKDTrainer.training_step`
+(sampling + `compute_loss` + backward) and the trainer's optimizer, without the HF Trainer loop. Steps alternate
+kdlab, TRL, kdlab, ... after one warm-up step each; tokens per second counts scored response tokens.
+
+Same loss on the same batch: before any step, both score one set of kdlab samples (identical weights), and both
+values are recorded. MFU: model FLOPs of a step over its time, against the matmul peak measured here (see
+docs/benchmarks.md for the count). TRL is optional (`pip install -e ".[bench]"`); without it only kdlab runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import cProfile
+import io
+import pstats
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DTYPES, interleaved_times, machine, matmul_peak_flops, parse, parser, stats, table, write  # noqa: E402
+
+from kdlab.data.datamodule import DistillationDataModule  # noqa: E402
+from kdlab.data.tasks import Task  # noqa: E402
+from kdlab.generation import SamplingSettings  # noqa: E402
+from kdlab.losses.objective import Objective  # noqa: E402
+from kdlab.module import DistillationModule  # noqa: E402
+from kdlab.policy import STUDENT, DataPolicy  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "kdlab" / "assets" / "arith"
+
+
+def load(device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+    teacher = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher", dtype=dtype).to(device).eval()
+    student = AutoModelForCausalLM.from_pretrained(ASSETS / "student", dtype=dtype).to(device)
+    teacher.requires_grad_(False)
+    return tokenizer, teacher, student
+
+
+def first_batch(tokenizer, batch_size: int, device: str) -> dict:
+    task = Task.from_config({"name": "arith", "train_size": max(64, batch_size), "val_size": 8, "eval_examples": 8,
+                             "batch_size": batch_size})
+    datamodule = DistillationDataModule(task, tokenizer)
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, task
+
+
+def non_embedding_params(model) -> int:
+    """Parameters a token's forward pass multiplies by: all but the input embedding (the LM head counts)."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    tied = embedding.data_ptr() == head.data_ptr()
+    return sum(p.numel() for p in model.parameters()) - (0 if tied else embedding.numel())
+
+
+class KdlabStep:
+    def __init__(self, student, teacher, tokenizer, task, args):
+        self.module = DistillationModule(
+            student=student, tokenizer=tokenizer, task=task, teacher=teacher,
+            objective=Objective("jsd", params={"beta": args.beta}),
+            policy=DataPolicy(1.0, sampling=SamplingSettings(max_new_tokens=args.max_new_tokens)),
+        )
+        self.module.train()
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+        self.tokens = []
+        self.widths = []
+
+    def loss_on(self, batch, ids, mask) -> float:
+        with torch.no_grad():
+            loss, _ = self.module._loss(batch, ids, mask, hard_labels=False)
+        return loss.item()
+
+    def __call__(self, batch) -> None:
+        ids, mask, teacher_ids, teacher_mask = self.module._targets(batch, STUDENT)
+        loss, _ = self.module._loss(batch, ids, mask, teacher_ids, teacher_mask, hard_labels=False)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.tokens.append(int(mask.sum()))
+        self.widths.append(ids.shape[1])
+
+
+class TrlStep:
+    def __init__(self, student, teacher, tokenizer, args, workdir: str):
+        from datasets import Dataset
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        config = GKDConfig(
+            output_dir=workdir, per_device_train_batch_size=args.batch, learning_rate=args.lr, weight_decay=0.0,
+            optim="adamw_torch", lmbda=1.0, beta=args.beta, temperature=1.0, max_new_tokens=args.max_new_tokens,
+            seq_kd=False, use_cpu=args.device == "cpu", bf16=args.dtype == "bfloat16" and args.device == "cuda",
+            report_to="none", save_strategy="no", logging_strategy="no", disable_dropout=True,
+            gradient_checkpointing=False, max_length=None,
+        )
+        dummy = Dataset.from_dict({"prompt": ["x"] * args.batch})  # batches come from `inputs`, not from here
+        self.trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dummy,
+                                  processing_class=tokenizer, data_collator=lambda rows: rows)
+        self.trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
+        self.trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which is not run here
+        self.model = self.trainer.model
+        self.model.train()
+        self.tokens = []
+        self.widths = []
+
+    @staticmethod
+    def inputs(batch: dict, ids=None, mask=None) -> dict:
+        """GKD's batch layout: prompts (left-padded) and prompt+completion with labels -100 off the completion."""
+        prompt, prompt_mask = batch["prompt_ids"], batch["prompt_mask"].long()
+        ids = batch["target_ids"] if ids is None else ids
+        mask = batch["target_mask"] if mask is None else mask
+        input_ids = torch.cat([prompt, ids], 1)
+        labels = torch.cat([torch.full_like(prompt, -100), ids.masked_fill(~mask.bool(), -100)], 1)
+        return {"prompts": prompt, "prompt_attention_mask": prompt_mask, "input_ids": input_ids,
+                "attention_mask": torch.cat([prompt_mask, mask.long()], 1), "labels": labels}
+
+    def loss_on(self, batch, ids, mask) -> float:
+        with torch.no_grad():
+            return self.trainer.compute_loss(self.model, self.inputs(batch, ids, mask)).item()
+
+    def __call__(self, batch) -> None:
+        inputs = self.inputs(batch)
+        self.trainer.training_step(self.model, inputs)  # replaces input_ids/labels by the student's samples
+        self.trainer.optimizer.step()
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        self.tokens.append(int((inputs["labels"] != -100).sum()))
+        self.widths.append(inputs["input_ids"].shape[1] - batch["prompt_ids"].shape[1])
+
+
+def step_flops(student_params: int, teacher_params: int, batch: int, prompt_width: int, sampled_width: float) -> float:
+    """2 P per token forward, 6 P forward + backward, over every (padded) position the step must process:
+    sampling (prompt prefill + sampled tokens) and teacher scoring forward only, the student's scoring with backward."""
+    positions = batch * (prompt_width + sampled_width)
+    return 2 * student_params * positions + 2 * teacher_params * positions + 6 * student_params * positions
+
+
+def profile(step, batch, steps: int, device: str) -> dict:
+    """cProfile (Python call tree) and torch.profiler (operators) over `steps` kdlab steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step(batch)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(batch)
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    ops = prof.key_averages().table(sort_by=sort, row_limit=20)
+    print(text.getvalue()[:6000])
+    print(ops)
+    return {"cprofile_cumulative_top": text.getvalue(), "torch_ops_top": ops}
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0], "benchmarks/results/step.json")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--no-trl", action="store_true", help="kdlab only")
+    p.add_argument("--profile", type=int, default=0, help="profile this many kdlab steps (cProfile + torch.profiler)")
+    p.add_argument("--seed", type=int, default=0)
+    args = parse(p)
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(args.seed)
+    dtype = DTYPES[args.dtype]
+    tokenizer, teacher, student = load(args.device, dtype)
+    batch, task = first_batch(tokenizer, args.batch, args.device)
+
+    kdlab = KdlabStep(copy.deepcopy(student), teacher, tokenizer, task, args)
+    steps = {"kdlab": kdlab}
+    trl_note = None
+    if not args.no_trl:
+        try:
+            steps["trl"] = TrlStep(copy.deepcopy(student), teacher, tokenizer, args, tempfile.mkdtemp())
+        except ImportError as error:
+            trl_note = f"TRL not installed ({error}): its column is skipped"
+            print(trl_note)
+
+    # the same loss on the same batch: one set of kdlab samples, scored by both with identical weights
+    with torch.no_grad():
+        ids, mask, _, _ = kdlab.module._targets(batch, STUDENT)
+    same_batch = {name: step.loss_on(batch, ids, mask) for name, step in steps.items()}
+
+    results = {"benchmark": "step", "machine": machine(args.device), "args": vars(args), "trl_note": trl_note,
+               "same_batch_loss": same_batch, "sampled_tokens_in_loss_check": int(mask.sum())}
+    if args.profile:
+        results["profile"] = profile(kdlab, batch, args.profile, args.device)
+    times = interleaved_times({name: (lambda s=step: s(batch)) for name, step in steps.items()}, args.repeats,
+                              args.device, warmup=1)
+    peak = matmul_peak_flops(args.device, dtype)
+    s_params, t_params = non_embedding_params(student), non_embedding_params(teacher)
+    prompt_width = batch["prompt_ids"].shape[1]
+    rows = []
+    for name, step in steps.items():
+        timed_tokens = step.tokens[-args.repeats:]
+        timed_widths = step.widths[-args.repeats:]
+        total_time = sum(times[name])
+        flops = sum(step_flops(s_params, t_params, args.batch, prompt_width, w) for w in timed_widths)
+        results[name] = {"time": stats(times[name]), "tokens": timed_tokens, "sampled_widths": timed_widths,
+                         "tokens_per_sec": sum(timed_tokens) / total_time, "steps_per_sec": args.repeats / total_time,
+                         "model_flops_per_sec": flops / total_time, "mfu": flops / total_time / peak}
+        rows.append({"": name, "step ms (median)": 1e3 * stats(times[name])["median_s"],
+                     "tokens/s": results[name]["tokens_per_sec"], "mean scored tokens":
+                     sum(timed_tokens) / len(timed_tokens), "MFU": results[name]["mfu"],
+                     "loss on shared batch": same_batch[name]})
+    if "trl" in steps:
+        results["throughput_ratio_kdlab_over_trl"] = (results["kdlab"]["tokens_per_sec"]
+                                                      / results["trl"]["tokens_per_sec"])
+        results["step_time_ratio_trl_over_kdlab"] = (results["trl"]["time"]["median_s"]
+                                                     / results["kdlab"]["time"]["median_s"])
+    results.update(matmul_peak_flops_per_sec=peak, student_non_embedding_params=s_params,
+                   teacher_non_embedding_params=t_params, prompt_width=prompt_width)
+    results["table"] = table(rows, list(rows[0]))
+    print(results["table"])
+    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; kdlab/TRL tokens per second: "
+          f"{results.get('throughput_ratio_kdlab_over_trl', float('nan')):.2f}")
+    write(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

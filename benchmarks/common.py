@@ -1,0 +1,184 @@
+"""What every benchmark shares: arguments, side-by-side timing, peak memory, machine description, JSON and tables.
+
+Comparisons are measured in one process, interleaved (A, B, A, B, ...) after a warm-up, so that a noisy shared
+machine slows both sides alike; results are medians with the spread (min, max) and the ratio of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype of the logits (loss benchmarks) or of the models' matmuls (step benchmark)")
+    p.add_argument("--out", default=default_out, help="where the JSON results go")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per case (after one warm-up)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's). On a CPU shared with other busy processes, 1 "
+                        "avoids OpenMP threads waiting on each other (measured 15-50x slower sampling with 2 threads)")
+    return p
+
+
+def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, device: str, warmup: int = 1
+                      ) -> dict[str, list[float]]:
+    """Seconds per call of each fn, measured round-robin so that machine noise hits every contender alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+            sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def stats(times: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
+
+
+def cuda_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated by the caching allocator during fn, above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> int:
+    """Reset the process's resident-memory high-water mark (Linux: clear_refs 5); return the current RSS in bytes.
+
+    Without the reset the peak would include import-time transients, which on a small case exceed the case itself."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kib("VmRSS") * 1024
+    except OSError:  # not Linux, or not allowed: fall back to ru_maxrss, which only ever grows
+        return peak_rss()
+
+
+def peak_rss() -> int:
+    try:
+        return _status_kib("VmHWM") * 1024
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def cpu_peak_bytes_in_subprocess(script: str, case: dict) -> int:
+    """Peak resident memory that one case adds, measured in a fresh process (`script --memory-case JSON`).
+
+    The child builds its inputs, resets the resident high-water mark, runs the case once and reads the mark; the
+    difference from the resident size before is what the case itself needed at its peak. A fresh process per case,
+    so that freed memory kept by the allocator of an earlier case does not hide this one's."""
+    out = subprocess.run([sys.executable, script, "--memory-case", json.dumps(case)], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory case {case} failed:\n{out.stderr[-2000:]}")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.import_module(name).__version__
+    except Exception:  # absent or broken: the column is skipped, and the JSON says so
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(device: str) -> dict[str, Any]:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": package_version("transformers"),
+        "trl": package_version("trl"),
+        "pot": package_version("ot"),
+        "device": device,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def matmul_peak_flops(device: str, dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> float:
+    """Measured matmul throughput (FLOP/s) of an n x n x n product: the hardware limit MFU is measured against."""
+    n = n or (8192 if device == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = interleaved_times({"mm": lambda: a @ b}, repeats, device, warmup=2)["mm"]
+    return 2 * n**3 / min(times)  # the best run: the peak the machine can reach, not its average under load
+
+
+def write(out: str, payload: dict[str, Any]) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A Markdown table (also what the scripts print), numbers rounded for reading."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return "-" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""The benchmark scripts run at a tiny size, and what they compare kdlab with computes the same values.
+
+No timing is asserted (a shared machine makes any threshold flaky); values and the JSON each script writes are."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdlab.losses import forward_kl, generalized_jsd, reverse_kl
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from reference import unchunked_generalized_jsd  # noqa: E402
+
+
+def run_script(name: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / name), "--out", str(out), "--repeats", "1", *args],
+                          capture_output=True, text=True, cwd=BENCHMARKS.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("beta,kdlab", [(0.0, forward_kl), (1.0, reverse_kl), (0.5, None), (0.2, None)])
+def test_unchunked_reference_equals_kdlab_in_value_and_gradient(beta, kdlab):
+    g = torch.Generator().manual_seed(0)
+    s = (3 * torch.randn(3, 7, 50, generator=g)).requires_grad_()
+    t = 3 * torch.randn(3, 7, 50, generator=g)
+    mask = torch.rand(3, 7, generator=g) < 0.7
+    fn = kdlab or (lambda a, b, m, **kw: generalized_jsd(a, b, m, beta=beta, **kw))
+    ours = fn(s, t, mask, chunk_size=4)
+    (our_grad,) = torch.autograd.grad(ours, s)
+    ref = unchunked_generalized_jsd(s, t, mask, beta=beta)
+    (ref_grad,) = torch.autograd.grad(ref, s)
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-6)
+    assert torch.allclose(our_grad, ref_grad, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_loss_benchmark_reports_equal_values_and_both_memories(tmp_path):
+    result = run_script("bench_losses.py", tmp_path, "--vocab", "300", "--sizes", "2x8", "--losses", "jsd",
+                        "--no-trl-check", "--threads", "1")
+    assert [c["loss"] for c in result["cases"]] == ["jsd"]
+    for case in result["cases"]:
+        assert case["value_abs_diff"] < 1e-5 and case["grad_max_abs_diff"] < 1e-6
+        assert case["kdlab_peak_bytes"] >= 0 and case["reference_peak_bytes"] > 0
+        assert case["kdlab_time"]["n"] == case["reference_time"]["n"] == 1
+    assert result["machine"]["torch"] == torch.__version__ and "| jsd |" in result["table"]
+
+
+def test_sinkhorn_benchmark_solvers_agree_with_pot(tmp_path):
+    result = run_script("bench_sinkhorn.py", tmp_path, "--positions", "6", "--k", "4", "--batches", "2",
+                        "--sweep-positions", "7", "--ot-positions", "5", "--vocab", "40", "--no-memory",
+                        "--threads", "1")
+    sinkhorn = [c for c in result["cases"] if c["part"] == "sinkhorn"]
+    assert [(c["batch"], c["positions"], c["k"]) for c in sinkhorn] == [(8, 6, 50), (8, 7, 4), (2, 7, 50)]
+    for case in sinkhorn:  # the same 20 unrolled iterations: the same value to float32 rounding
+        values = case["values"]
+        assert set(values) == {"kdlab", "pot_batch", "pot_loop"}
+        assert max(abs(v - values["kdlab"]) for v in values.values()) < 1e-5 * max(1.0, abs(values["kdlab"]))
+    assert [c["part"] for c in result["cases"]][-1] == "multilevel_ot"
+
+
+@pytest.mark.slow
+def test_step_benchmark_runs_kdlab_steps_and_counts_flops(tmp_path):
+    result = run_script("bench_step.py", tmp_path, "--batch", "2", "--max-new-tokens", "4", "--no-trl",
+                        "--threads", "1")
+    kdlab = result["kdlab"]
+    assert 0 < kdlab["tokens"][0] <= 2 * 4 and kdlab["tokens_per_sec"] > 0
+    assert 0 < kdlab["mfu"] < 1 and result["matmul_peak_flops_per_sec"] > 0
+    assert result["same_batch_loss"]["kdlab"] >= 0
+
+
+def test_flop_count_counts_every_weight_but_the_input_embedding():
+    from bench_step import non_embedding_params, step_flops
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    assert non_embedding_params(model) == total - 50 * 16
+    # 2 P per position forward (sampling, teacher), 6 P for the student's scored forward + backward
+    assert step_flops(10, 20, batch=2, prompt_width=3, sampled_width=5) == (2 * 10 + 2 * 20 + 6 * 10) * 2 * 8

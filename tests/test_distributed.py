@@ -1,5 +1,5 @@
-"""DDP and FSDP2 on 2 CPU processes (gloo): the same loss curve and weights as one process with the same global
-batch, and an FSDP export that loads with `from_pretrained`."""
+"""DDP (Lightning's launcher) and FSDP2 (torchrun) on 2 CPU processes (gloo): the same loss curve and weights as one
+process with the same global batch, and an FSDP export that loads with `from_pretrained`."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ TWO_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2", "task.batch_siz
 TOLERANCE = 1e-5
 
 
-def _train(run_dir, *overrides):
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *COMMON, *overrides]
+def _train(run_dir, *overrides, launcher=()):
+    cmd = [sys.executable, *launcher, "train.py", f"hydra.run.dir={run_dir}", *COMMON, *overrides]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((run_dir / "results.json").read_text())
@@ -43,7 +43,10 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     _train(root / "single", "task.batch_size=8")
     _train(root / "ddp", "trainer=ddp", "strategy=ddp", *TWO_PROCESSES)
-    _train(root / "fsdp", "trainer=fsdp", "strategy=fsdp", *TWO_PROCESSES)
+    # FSDP through the torchrun recipe of docs/scaling.md (processes started outside Lightning), DDP through
+    # Lightning's own launcher: both ways of starting processes are covered.
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    _train(root / "fsdp", "trainer=fsdp", "strategy=fsdp", *TWO_PROCESSES, launcher=torchrun)
     return root
 
 
@@ -55,7 +58,8 @@ def test_two_processes_follow_the_single_process_loss_curve(runs, strategy):
     assert single[0] != single[-1]  # the runs trained
     for step, (a, b) in enumerate(zip(single, sharded)):
         assert abs(a - b) <= TOLERANCE * abs(a), f"step {step}: {a} vs {b}"
-    assert (runs / strategy / f"train_{strategy}_process_1.log").is_file() or strategy == "fsdp"
+    if strategy == "ddp":
+        assert (runs / strategy / "train_ddp_process_1.log").is_file()  # Lightning started the second process
 
 
 @pytest.mark.slow
@@ -81,3 +85,34 @@ def test_fsdp_export_is_a_whole_loadable_checkpoint_and_last_ckpt_is_sharded(run
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # one shard file per process
     results = json.loads((runs / "fsdp" / "results.json").read_text())
     assert results["steps"] == 4
+
+
+def test_slurm_launcher_config_instantiates_with_the_run_s_nodes_and_devices():
+    import hydra
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from kdlab.config import register_resolvers
+    from tests.conftest import CONF_DIR
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True, overrides=[
+            "hydra/launcher=slurm", "trainer=fsdp", "strategy=fsdp", "trainer.devices=8", "trainer.num_nodes=2",
+            "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=60"])
+        HydraConfig.instance().set_config(cfg)
+        launcher = hydra.utils.instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"  # Hydra's plugin scan imports its own copy of the class
+    params = launcher.params
+    assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (2, 8, 8)
+    assert params["partition"] == "gpu" and params["timeout_min"] == 60
+    assert params["signal_delay_s"] > 0 and params["max_num_timeout"] > 0  # warned before the limit, requeued
+
+
+def test_fsdp_strategy_builds_a_data_parallel_mesh_over_every_process():
+    from kdlab.distributed import FSDP2Strategy, ShardingOptions
+
+    strategy = FSDP2Strategy(mixed_precision="bf16", activation_checkpointing=True, offload_teacher=True)
+    assert strategy.sharding == ShardingOptions("bf16", True, True, True)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        FSDP2Strategy(mixed_precision="int8")

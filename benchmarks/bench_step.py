@@ -26,6 +26,7 @@ import io
 import pstats
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -80,8 +81,7 @@ class KdlabStep:
         )
         self.module.train()
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
-        self.tokens = []
-        self.widths = []
+        self.tokens, self.widths, self.sampling = [], [], []
 
     def loss_on(self, batch, ids, mask) -> float:
         with torch.no_grad():
@@ -89,7 +89,9 @@ class KdlabStep:
         return loss.item()
 
     def __call__(self, batch) -> None:
+        start = time.perf_counter()
         ids, mask, teacher_ids, teacher_mask = self.module._targets(batch, STUDENT)
+        self.sampling.append(time.perf_counter() - start)  # generate returns after its last host sync
         loss, _ = self.module._loss(batch, ids, mask, teacher_ids, teacher_mask, hard_labels=False)
         loss.backward()
         self.optimizer.step()
@@ -117,8 +119,16 @@ class TrlStep:
         self.trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which is not run here
         self.model = self.trainer.model
         self.model.train()
-        self.tokens = []
-        self.widths = []
+        self.tokens, self.widths, self.sampling = [], [], []
+        generate = self.trainer.generate_on_policy_outputs
+
+        def timed_generate(*a, **kw):  # the sampling share of TRL's step, for the breakdown
+            start = time.perf_counter()
+            out = generate(*a, **kw)
+            self.sampling.append(time.perf_counter() - start)
+            return out
+
+        self.trainer.generate_on_policy_outputs = timed_generate
 
     @staticmethod
     def inputs(batch: dict, ids=None, mask=None) -> dict:
@@ -222,8 +232,13 @@ def main() -> None:
         flops = sum(step_flops(s_params, t_params, args.batch, prompt_width, w) for w in timed_widths)
         results[name] = {"time": stats(times[name]), "tokens": timed_tokens, "sampled_widths": timed_widths,
                          "tokens_per_sec": sum(timed_tokens) / total_time, "steps_per_sec": args.repeats / total_time,
-                         "model_flops_per_sec": flops / total_time, "mfu": flops / total_time / peak}
+                         "model_flops_per_sec": flops / total_time, "mfu": flops / total_time / peak,
+                         "sampling_time": stats(step.sampling[-args.repeats:])}
+        rest = [t - g for t, g in zip(times[name], step.sampling[-args.repeats:])]
+        results[name]["rest_of_step_time"] = stats(rest)
         rows.append({"": name, "step ms (median)": 1e3 * stats(times[name])["median_s"],
+                     "sampling ms": 1e3 * stats(step.sampling[-args.repeats:])["median_s"],
+                     "rest ms": 1e3 * stats(rest)["median_s"],
                      "tokens/s": results[name]["tokens_per_sec"], "mean scored tokens":
                      sum(timed_tokens) / len(timed_tokens), "MFU": results[name]["mfu"],
                      "loss on shared batch": same_batch[name]})

@@ -65,6 +65,27 @@ def test_sinkhorn_agrees_with_a_naive_loop_and_with_pot():
         assert np.allclose(converged.numpy(), reference, atol=1e-6)
 
 
+def test_kernel_domain_sinkhorn_equals_the_log_domain_in_plan_and_gradient(monkeypatch):
+    import kdlab.losses.cross_tokenizer as ct
+
+    cost = (2 * torch.rand(3, 6, 5, generator=torch.Generator().manual_seed(3))).requires_grad_()
+    rows, cols = lengths_mask([6, 3, 0], 6), lengths_mask([5, 2, 4], 5)  # the last pair has an empty side
+    weights = torch.rand(3, 6, 5, generator=torch.Generator().manual_seed(4))
+
+    def plan_and_grad():
+        plan = log_sinkhorn(cost, rows, cols, epsilon=0.1, iterations=20)
+        (grad,) = torch.autograd.grad((plan * weights).sum(), cost)
+        return plan.detach(), grad
+
+    kernel_plan, kernel_grad = plan_and_grad()  # costs <= 2 at epsilon 0.1: the kernel domain
+    monkeypatch.setattr(ct, "KERNEL_MAX_EXPONENT", 0.0)  # forces the log domain
+    log_plan, log_grad = plan_and_grad()
+    assert torch.allclose(kernel_plan, log_plan, atol=1e-7, rtol=1e-5)
+    assert torch.allclose(kernel_grad[:2], log_grad[:2], atol=1e-6, rtol=1e-4)
+    # an empty side: no mass, and a finite (zero) gradient, where the log domain's is NaN
+    assert kernel_plan[2].abs().sum() == 0 and kernel_grad[2].abs().sum() == 0 and torch.isfinite(kernel_grad).all()
+
+
 def test_sinkhorn_has_no_nan_at_tiny_epsilon_where_the_kernel_underflows():
     cost = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(2)) * 5
     mask = torch.ones(1, 8, dtype=torch.bool)

@@ -110,14 +110,24 @@ class _NoCtx:
         pass
 
 
+# Kernel-domain Sinkhorn is used while every entry of exp(-C / epsilon) stays far from float32 underflow: with costs
+# in [0, c_max], the scalings stay below about exp(c_max / epsilon), 1e13 at this bound (MultiLevelOT's L1 costs of
+# at most 2 at epsilon 0.1 give 20). Past it, the log domain.
+KERNEL_MAX_EXPONENT = 30.0
+
+
 def log_sinkhorn(cost: Tensor, row_mask: Tensor, col_mask: Tensor, epsilon: float, iterations: int) -> Tensor:
     """Entropic optimal-transport plans (B, n, m) between uniform marginals over the unmasked rows and columns.
 
-    Log-domain Sinkhorn (Cuturi 2013; Peyré and Cuturi 2019, Alg. 3.1 in log form): dual potentials f, g are
-    updated with logsumexp, so a small `epsilon` never underflows `exp(-C/epsilon)` as the kernel-domain iteration
-    does. Masked rows and columns get zero mass. Batched, differentiable through the unrolled iterations.
+    Sinkhorn's iterations (Cuturi 2013; Peyré and Cuturi 2019, Alg. 3.1 and its log form), batched, differentiable
+    through the unrolled iterations; masked rows and columns get zero mass. When exp(-C/epsilon) could underflow
+    (large costs or a small `epsilon`), the dual potentials are updated with logsumexp in the log domain. Otherwise
+    the same iterates run in the kernel domain, u = a / (K v), v = b / (K^T u): two batched matrix-vector products
+    per iteration instead of two logsumexps over (B, n, m), several times faster (docs/benchmarks.md).
     """
     cost = cost.float()
+    if cost.numel() and cost.min() >= 0 and cost.max() <= KERNEL_MAX_EXPONENT * epsilon:
+        return _kernel_sinkhorn(cost, row_mask, col_mask, epsilon, iterations)
     rows = row_mask.sum(-1, keepdim=True).clamp(min=1)
     cols = col_mask.sum(-1, keepdim=True).clamp(min=1)
     neg = torch.finfo(cost.dtype).min / 4  # a large finite negative instead of -inf: no inf - inf
@@ -132,6 +142,72 @@ def log_sinkhorn(cost: Tensor, row_mask: Tensor, col_mask: Tensor, epsilon: floa
     log_plan = scaled + f[:, :, None] / epsilon + g[:, None, :] / epsilon
     pair = row_mask[:, :, None] & col_mask[:, None, :]
     return torch.where(pair, log_plan.exp(), torch.zeros_like(log_plan))
+
+
+def _kernel_sinkhorn(cost: Tensor, row_mask: Tensor, col_mask: Tensor, epsilon: float, iterations: int) -> Tensor:
+    """The log-domain iterates of `log_sinkhorn` as scalings: u = exp(f / epsilon), v = exp(g / epsilon)."""
+    a = row_mask.float() / row_mask.sum(-1, keepdim=True).clamp(min=1)  # (B, n), zero at masked rows
+    b = col_mask.float() / col_mask.sum(-1, keepdim=True).clamp(min=1)  # (B, m)
+    plan = _KernelSinkhorn.apply(cost, a, b, epsilon, iterations)
+    return torch.where(row_mask[:, :, None] & col_mask[:, None, :], plan, 0.0)
+
+
+class _KernelSinkhorn(torch.autograd.Function):
+    """Unrolled kernel-domain Sinkhorn with a hand-written backward through the same iterations.
+
+    Autograd through the loop would add one (B, n, m) outer product per matrix-vector product to the kernel's
+    gradient (40 for 20 iterations); here the backward runs on vectors and sums those rank-one terms in two batched
+    matrix products of inner size `iterations`. Same gradient as autograd through the loop (tested against the log
+    domain), a fraction of the time and one saved (B, n, m) tensor instead of one per iteration.
+    """
+
+    @staticmethod
+    def forward(ctx, cost: Tensor, a: Tensor, b: Tensor, epsilon: float, iterations: int) -> Tensor:
+        kernel = torch.exp(-cost / epsilon)  # (B, n, m), entries >= exp(-KERNEL_MAX_EXPONENT)
+        tiny = torch.finfo(kernel.dtype).tiny  # an empty side (all masked) gives 0 / tiny = 0, not 0 / 0
+        v = torch.ones_like(b)
+        us, vs, row_sums, col_sums = [], [torch.ones_like(b)], [], []
+        for _ in range(iterations):
+            s = torch.bmm(kernel, v[:, :, None]).squeeze(2)
+            u = a / s.clamp(min=tiny)
+            r = torch.bmm(u[:, None, :], kernel).squeeze(1)
+            v = b / r.clamp(min=tiny)
+            us.append(u)
+            vs.append(v)
+            row_sums.append(s)
+            col_sums.append(r)
+        u = us[-1] if us else torch.ones_like(a)
+        ctx.save_for_backward(kernel, a, b, torch.stack(us, -1) if us else a[..., None], torch.stack(vs, -1),
+                              torch.stack(row_sums, -1) if us else a[..., None],
+                              torch.stack(col_sums, -1) if us else b[..., None])
+        ctx.epsilon, ctx.iterations, ctx.tiny = epsilon, iterations, tiny
+        return u[:, :, None] * kernel * v[:, None, :]
+
+    @staticmethod
+    def backward(ctx, grad_plan: Tensor):
+        kernel, a, b, us, vs, row_sums, col_sums = ctx.saved_tensors
+        tiny, iterations = ctx.tiny, ctx.iterations
+        u_last = us[..., -1] if iterations else torch.ones_like(a)
+        v_last = vs[..., -1]
+        weighted = grad_plan * kernel  # (B, n, m)
+        grad_kernel = grad_plan * (u_last[:, :, None] * v_last[:, None, :])
+        grad_u = torch.bmm(weighted, v_last[:, :, None]).squeeze(2)  # d/du of u_i K_ij v_j
+        grad_v = torch.bmm(u_last[:, None, :], weighted).squeeze(1)
+        row_terms, col_terms = [], []  # rank-one pieces of the kernel's gradient: d/dK of K v and of K^T u
+        for t in reversed(range(iterations)):
+            u, v, s, r = us[..., t], vs[..., t + 1], row_sums[..., t], col_sums[..., t]
+            grad_r = -grad_v * v / r.clamp(min=tiny) * (r > tiny)  # v = b / r
+            grad_u = grad_u + torch.bmm(kernel, grad_r[:, :, None]).squeeze(2)  # r = K^T u
+            grad_s = -grad_u * u / s.clamp(min=tiny) * (s > tiny)  # u = a / s
+            grad_v = torch.bmm(grad_s[:, None, :], kernel).squeeze(1)  # s = K v_prev
+            row_terms.append((u, grad_r))
+            col_terms.append((grad_s, vs[..., t]))
+            grad_u = torch.zeros_like(grad_u)  # the earlier u feeds only its own r
+        if iterations:
+            left = torch.stack([x for x, _ in row_terms] + [x for x, _ in col_terms], -1)  # (B, n, 2T)
+            right = torch.stack([y for _, y in row_terms] + [y for _, y in col_terms], -1)  # (B, m, 2T)
+            grad_kernel = grad_kernel + torch.bmm(left, right.transpose(1, 2))
+        return grad_kernel * kernel / -ctx.epsilon, None, None, None, None
 
 
 def multilevel_ot(

@@ -220,8 +220,8 @@ def _divergence(fn: Callable[[Tensor, Tensor], Tensor], student_logits: Tensor, 
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise sum_v a_v b_v without a (rows, vocab) product temporary."""
-    return torch.einsum("rv,rv->r", a, b)
+    """Row-wise sum_v a_v b_v. Not einsum/bmm: their float32 accumulation over a 32k row was 100x less accurate."""
+    return (a * b).sum(dim=-1)
 
 
 # The fused helpers below run without autograd, so they work in place on tensors that are dead after the line: a
@@ -231,7 +231,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 def _forward_kl_and_grad(log_q: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
     # d KL(P||Q) / d logits = q - p
     p = log_p.exp()
-    loss = _dot(p, (log_p - log_q).masked_fill_(p == 0, 0.0))
+    loss = (log_p - log_q).masked_fill_(p == 0, 0.0).mul_(p).sum(dim=-1)
     return loss, log_q.exp_().sub_(p)
 
 
@@ -250,7 +250,7 @@ def _jsd_and_grad(beta: float) -> LossAndGrad:
         # models are -inf need no detour (their -inf - -inf is masked with p == 0 and q == 0).
         lm = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
         p = log_p.exp()
-        kl_p = _dot(p, (log_p - lm).masked_fill_(p == 0, 0.0))
+        kl_p = (log_p - lm).masked_fill_(p == 0, 0.0).mul_(p).sum(dim=-1)
         del p
         q = log_q.exp()
         diff = (log_q - lm).masked_fill_(q == 0, 0.0)

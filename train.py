@@ -2,7 +2,8 @@
 
 A job that raises leaves `failed.json` (the error in one line, and the traceback) in its run directory. In a
 multirun the error then goes back to Hydra, whose launcher records it and goes on with the next job (it re-raises the
-first failure once the sweep is done), so `kdlab-report` can list the failed run beside the others' results.
+first failure once the sweep is done), so `kdlab-report` can list the failed run beside the others' results. A job
+stopped by a signal or Ctrl-C leaves `interrupted.json` instead (it can resume) and stops the sweep.
 """
 
 import json
@@ -22,6 +23,7 @@ from kdlab.config import ConfigError, register_resolvers
 register_resolvers()
 
 FAILURE_MARKER = "failed.json"  # read by kdlab.report.runs
+INTERRUPTION_MARKER = "interrupted.json"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -37,9 +39,13 @@ def main(cfg: DictConfig) -> float:
         # In a multirun, SystemExit would end the whole sweep: an exception lets Hydra go on with the next job.
         print(f"error: job failed: {type(err).__name__}: {err}", file=sys.stderr)
         raise
+    except (KeyboardInterrupt, SystemExit) as err:  # stopped on a signal: resumable, so unfinished rather than failed
+        mark_failed(err, INTERRUPTION_MARKER)
+        raise
     directory = Path(HydraConfig.get().runtime.output_dir)
-    # a job resumed in the same directory after a failure has finished now: its old marker no longer applies
-    (directory / FAILURE_MARKER).unlink(missing_ok=True)
+    # a job resumed in the same directory after a failure has finished now: its old markers no longer apply
+    for marker in (FAILURE_MARKER, INTERRUPTION_MARKER):
+        (directory / marker).unlink(missing_ok=True)
     if not cfg.get("keep_checkpoints", True) and _rank() == 0:
         shutil.rmtree(directory / "checkpoints", ignore_errors=True)  # finished: nothing left to resume
     return value
@@ -53,17 +59,18 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def mark_failed(err: BaseException) -> None:
-    """Write `failed.json` into the job's directory (rank 0; other ranks suffix their rank), never raising itself:
-    a broken marker must not hide the run's own error."""
+def mark_failed(err: BaseException, marker: str = FAILURE_MARKER) -> None:
+    """Write `failed.json` (or `interrupted.json`) into the job's directory (rank 0; other ranks suffix their rank),
+    never raising itself: a broken marker must not hide the run's own error."""
     try:
         directory = Path(HydraConfig.get().runtime.output_dir)
         rank = _rank()
-        name = FAILURE_MARKER if rank == 0 else f"failed_rank{rank}.json"
-        one_line = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        name = marker if rank == 0 else marker.replace(".json", f"_rank{rank}.json")
+        text = getattr(err, "message", None) or str(err)  # RunInterrupted keeps its message beside the exit code
+        one_line = " ".join(line.strip() for line in text.splitlines() if line.strip())
         marker = {
             "error": f"{type(err).__name__}: {one_line}"[:500],
-            "message": str(err),
+            "message": text,
             "traceback": "".join(traceback.format_exception(err)),
         }
         directory.mkdir(parents=True, exist_ok=True)

@@ -220,6 +220,16 @@ def test_unresolved_hydra_config_is_resolved_as_far_as_it_can_be(tmp_path):
     assert record.config["output_dir"] == "${hydra:runtime.output_dir}" and record.get("nope", 7) == 7
 
 
+def test_interrupted_run_is_unfinished_with_how_to_resume(tmp_path):
+    run = _write_run(tmp_path, "0", ["seed=1"], {"seed": 1}, None)
+    message = "RunInterrupted: interrupted at step 7; last.ckpt is saved. Resume with: ... ckpt_path=last"
+    (run / "interrupted.json").write_text(json.dumps({"error": message}))
+    record = load_run(run)
+    assert (record.status, record.error) == ("unfinished", message)
+    (run / "results.json").write_text(json.dumps({"metrics": {"accuracy": 0.5}}))  # resumed and finished
+    assert load_run(run).status == "finished"
+
+
 def test_method_labels_and_sweep_group_names():
     assert method_label({"name": "jsd", "beta": 0.9}) == "jsd(0.9)"
     assert method_label({"name": "fkl"}) == "fkl"

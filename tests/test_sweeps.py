@@ -43,6 +43,7 @@ def test_every_value_of_every_swept_key_composes_and_validates(name):
     from kdlab.config import config_errors
 
     params = basic_sweep_values(compose_sweep(name, []).hydra.sweeper.params)
+    base = compose_sweep(name, ["loss=ot"]).loss
     for key, values in params.items():
         for value in values:
             cfg = compose_sweep(name, [f"{key}={value}"])
@@ -50,7 +51,6 @@ def test_every_value_of_every_swept_key_composes_and_validates(name):
             if key == "loss" and value.startswith("jsd"):  # jsd0.1 is loss=jsd with beta 0.1
                 assert cfg.loss.name == "jsd" and cfg.loss.beta == float(value[3:])
             if key == "loss" and value.startswith("ot_"):  # one setting changed from the paper's ot
-                base = compose_sweep(name, ["loss=ot"]).loss
                 changed = {k for k in cfg.loss if cfg.loss[k] != base[k]}
                 assert cfg.loss.name == "ot" and len(changed) == 1, (value, changed)
 

@@ -2,8 +2,8 @@
 
 A run directory is one Hydra job: `.hydra/overrides.yaml` (what the command line set), `config.yaml` (the resolved
 config, written by `kdlab.train.run`), `results.json` (written last, so its presence means the run finished) and
-`failed.json` (written by the root `train.py` when the job raised). A run with neither is unfinished: still running,
-killed, or crashed without Python seeing it.
+`failed.json` (written by the root `train.py` when the job raised). A run with neither is unfinished: interrupted
+(`interrupted.json` says how), still running, killed, or crashed without Python seeing it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import yaml
 
 FINISHED, FAILED, UNFINISHED = "finished", "failed", "unfinished"
 FAILURE_MARKER = "failed.json"  # written by the root train.py
+INTERRUPTION_MARKER = "interrupted.json"  # written by the root train.py when a signal or Ctrl-C stopped the run
 STUDENT_FRACTION = "policy.student_fraction"
 SEED = "seed"
 # Keys that differ between the jobs of any sweep without being parameters of the experiment.
@@ -113,12 +114,13 @@ def load_run(directory: str | Path) -> RunRecord:
     failure = _read_json(directory / FAILURE_MARKER)
     if failure is None:  # a DDP run whose rank 0 survived the failure of another rank
         failure = next((_read_json(p) for p in sorted(directory.glob("failed_rank*.json"))), None)
+    interruption = _read_json(directory / INTERRUPTION_MARKER)
     if results is not None:
         status, error = FINISHED, None
     elif failure is not None:
         status, error = FAILED, str(failure.get("error") or "failed (no message)")
-    else:
-        status, error = UNFINISHED, None
+    else:  # interrupted (resumable, with how to resume), killed, or still running
+        status, error = UNFINISHED, (str(interruption.get("error")) if interruption else None)
     return RunRecord(
         directory=directory,
         name=directory.name,
@@ -142,7 +144,7 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in (".hydra", "results.json", FAILURE_MARKER))
+    return any((path / name).exists() for name in (".hydra", "results.json", FAILURE_MARKER, INTERRUPTION_MARKER))
 
 
 def _job_order(path: Path, root: Path) -> tuple:

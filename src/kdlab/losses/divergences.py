@@ -1,9 +1,9 @@
 """Token-level divergences between a student Q and a teacher P over the same vocabulary.
 
 Every loss takes logits shaped (batch, positions, vocab) and an optional bool mask (batch, positions), True where
-a response token is scored, and returns a scalar. The work is done in chunks of `chunk_size` flattened rows, each
-upcast to float32 on its own (float64 inputs stay float64) and checkpointed when a gradient is needed, so neither
-the forward nor the backward pass ever holds a float32 copy of the full (batch, positions, vocab) tensor.
+a response token is scored, and returns a scalar. The work is done in chunks of flattened rows, each upcast to
+float32 on its own (float64 inputs stay float64), so neither the forward nor the backward pass ever holds a float32
+copy of the full (batch, positions, vocab) tensor.
 
 Forward KL, reverse KL and JSD have closed-form gradients with respect to the student logits. When only the
 student needs a gradient (the teacher is frozen: every training step), they take a fused path: one pass over the

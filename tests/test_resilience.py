@@ -56,6 +56,14 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_with_the_same_weights(
     assert straight_results["onpolicy_fraction"] > 0
 
 
+def test_sigterm_outside_training_stops_the_run_at_once(tmp_path):
+    done = _train(tmp_path, "eval.before=true", "+callbacks.kill._target_=tests.callbacks.SignalOnValidation",
+                  check=False)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert "outside training" in done.stderr
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "results.json").exists()
+
+
 def test_ckpt_path_last_without_a_checkpoint_says_how_to_fix_it_and_auto_starts_afresh(tmp_path):
     from kdlab.train import resolve_ckpt_path
 

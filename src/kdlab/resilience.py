@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -44,6 +46,28 @@ class TrainingDiverged(RuntimeError):
 def step_seed(seed: int, step: int, rank: int) -> int:
     """A distinct 63-bit seed for each (run seed, optimizer step, process)."""
     return ((seed * 1_000_003 + step) * 8191 + rank) % (2**63 - 1)
+
+
+@contextmanager
+def stop_on_sigterm(output_dir: Path) -> Iterator[None]:
+    """Outside training (data, models, evaluation), SIGTERM stops the run at once with RunInterrupted: there is no
+    step to finish, and `last.ckpt`, if any, is already on disk. During training PreemptionCheckpoint takes over.
+    Lightning's own handler, registered around each trainer call, calls this one too."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise RunInterrupted(signum, f"interrupted by {signal.Signals(signum).name} outside training; to resume "
+                                     f"from the last checkpoint: hydra.run.dir={output_dir} ckpt_path=last")
+
+    handle.kdlab_outer = True  # type: ignore[attr-defined]  # PreemptionCheckpoint does not chain to it
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class PreemptionCheckpoint(Callback):
@@ -99,7 +123,9 @@ class PreemptionCheckpoint(Callback):
             return None
         # Lightning's own SIGTERM handler would kill the other processes and raise mid-loop: it was replaced on
         # purpose. Others (a scheduler's, submitit's) get their turn now that the checkpoint is written.
-        return None if type(handler).__module__.startswith("lightning") else handler
+        if getattr(handler, "kdlab_outer", False) or type(handler).__module__.startswith("lightning"):
+            return None
+        return handler
 
     def _restore(self) -> None:
         self._saved = dict(self._previous)

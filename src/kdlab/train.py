@@ -30,7 +30,7 @@ from kdlab.losses.objective import build_objective
 from kdlab.models import HubUnavailableError, load_model, load_tokenizer, same_vocabulary
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
-from kdlab.resilience import PreemptionCheckpoint, RunInterrupted, TrainingDiverged
+from kdlab.resilience import PreemptionCheckpoint, RunInterrupted, TrainingDiverged, stop_on_sigterm
 from kdlab.rewards import RewardTerm
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -163,7 +163,20 @@ def format_results_table(results: dict[str, Any]) -> str:
 
 
 def run(cfg: DictConfig) -> float:
-    """Run one experiment; returns the student's final task metric (what a sweeper optimises)."""
+    """Run one experiment; returns the student's final task metric (what a sweeper optimises).
+
+    SIGTERM stops it at any point: at the end of the current step while training (after saving last.ckpt), at once
+    before and after training."""
+    try:
+        with stop_on_sigterm(Path(cfg.output_dir)):
+            return _run(cfg)
+    except RunInterrupted as err:
+        if rank_zero_only.rank == 0:
+            print(err.message, file=sys.stderr, flush=True)
+        raise
+
+
+def _run(cfg: DictConfig) -> float:
     register_resolvers()
     student_tokenizer, teacher_tokenizer, task = validate(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
@@ -218,8 +231,6 @@ def run(cfg: DictConfig) -> float:
         if preemption.stopped_by is not None:
             message = (f"interrupted at step {preemption.stopped_at_step}; {last_checkpoint(output_dir)} is saved. "
                        f"Resume with: python train.py <same overrides> hydra.run.dir={output_dir} ckpt_path=last")
-            if trainer.is_global_zero:
-                print(message, file=sys.stderr, flush=True)
             raise RunInterrupted(preemption.stopped_by, message)
         trainer.save_checkpoint(last_checkpoint(output_dir))
 

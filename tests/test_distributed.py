@@ -47,6 +47,9 @@ def runs(tmp_path_factory):
     # Lightning's own launcher: both ways of starting processes are covered.
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     _train(root / "fsdp", "trainer=fsdp", "strategy=fsdp", *TWO_PROCESSES, launcher=torchrun)
+    # On-policy under sharding: both processes sample every step, in lockstep (synced_gpus), without hanging.
+    _train(root / "fsdp_onpolicy", "trainer=fsdp", "strategy=fsdp", *TWO_PROCESSES, "policy=onpolicy",
+           "trainer.max_steps=2", "export=false")
     return root
 
 
@@ -116,3 +119,10 @@ def test_fsdp_strategy_builds_a_data_parallel_mesh_over_every_process():
     assert strategy.sharding == ShardingOptions("bf16", True, True, True)
     with pytest.raises(ValueError, match="mixed_precision"):
         FSDP2Strategy(mixed_precision="int8")
+
+
+@pytest.mark.slow
+def test_fsdp_samples_on_policy_on_every_process_in_lockstep(runs):
+    results = json.loads((runs / "fsdp_onpolicy" / "results.json").read_text())
+    assert results["steps"] == 2 and results["onpolicy_fraction"] == 1.0
+    assert len(_loss_curve(runs / "fsdp_onpolicy")) == 2

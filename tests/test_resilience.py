@@ -113,7 +113,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
 
     poison = NonFiniteAt(steps=[2, 3, 4], what="loss")
     with pytest.raises(TrainingDiverged, match=r"3 steps in a row .*lower optimizer.lr.*last.ckpt"):
-        _run_with(tmp_path, poison, ["trainer.max_steps=6"])
+        _run_with(tmp_path, poison, ["trainer.max_steps=6", "nonfinite.max_consecutive_steps=3"])
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     weights = [v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")]
     assert all(torch.isfinite(w).all() for w in weights)

@@ -103,8 +103,12 @@ def test_slurm_launcher_config_instantiates_with_the_run_s_nodes_and_devices():
         cfg = compose("train", return_hydra_config=True, overrides=[
             "hydra/launcher=slurm", "trainer=fsdp", "strategy=fsdp", "trainer.devices=8", "trainer.num_nodes=2",
             "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=60"])
-        HydraConfig.instance().set_config(cfg)
-        launcher = hydra.utils.instantiate(cfg.hydra.launcher)
+        previous = HydraConfig.instance().cfg
+        HydraConfig.instance().set_config(cfg)  # the launcher config interpolates ${hydra:...}
+        try:
+            launcher = hydra.utils.instantiate(cfg.hydra.launcher)
+        finally:
+            HydraConfig.instance().cfg = previous  # global state: later tests resolve ${hydra:runtime.output_dir}
     assert type(launcher).__name__ == "SlurmLauncher"  # Hydra's plugin scan imports its own copy of the class
     params = launcher.params
     assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (2, 8, 8)

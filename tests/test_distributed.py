@@ -130,3 +130,48 @@ def test_fsdp_samples_on_policy_on_every_process_in_lockstep(runs):
     results = json.loads((runs / "fsdp_onpolicy" / "results.json").read_text())
     assert results["steps"] == 2 and results["onpolicy_fraction"] == 1.0
     assert len(_loss_curve(runs / "fsdp_onpolicy")) == 2
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of one process, so FSDP2 can shard in this test process; torn down afterwards."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharding_options_take_effect(one_process_group, tokenizer):
+    from torch.distributed.fsdp import FSDPModule
+
+    from kdlab.distributed import ShardingOptions, shard_model, transformer_blocks
+    from tests.conftest import tiny_model
+
+    student, teacher = tiny_model(tokenizer, seed=0), tiny_model(tokenizer, seed=1)
+    ids = torch.randint(5, 100, (2, 7))
+    with torch.no_grad():
+        reference = student(input_ids=ids).logits
+    options = ShardingOptions(mixed_precision="bf16", activation_checkpointing=True, offload_teacher=True)
+    shard_model(student, one_process_group, options, frozen=False)
+    shard_model(teacher, one_process_group, options, frozen=True)
+
+    blocks = transformer_blocks(student)
+    assert len(blocks) == 2 and all(isinstance(b, FSDPModule) for b in [*blocks, student])
+    assert student.is_gradient_checkpointing and not teacher.is_gradient_checkpointing  # the teacher never trains
+    logits = student(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16  # computed with bf16 parameters ...
+    torch.testing.assert_close(logits.float(), reference, atol=0.05, rtol=0.05)  # ... to bf16 precision
+    # offload_teacher is a GPU option: on a CPU mesh the teacher's shards are in CPU memory already, and no policy
+    # (which would ask for an accelerator) is applied
+    assert all(p.device.type == "cpu" for p in teacher.parameters())
+    assert type(teacher._get_fsdp_state()._fsdp_param_group.offload_policy).__name__ == "OffloadPolicy"
+    logits.float().sum().backward()  # gradients reach the sharded float32 parameters through checkpointed blocks
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in student.parameters())

@@ -25,7 +25,8 @@ class ShardingOptions:
 
     mixed_precision: parameter dtype during forward/backward ("bf16"), gradients reduced in float32; null: float32.
     activation_checkpointing: recompute each student block in backward instead of keeping its activations.
-    offload_teacher: keep the teacher's shards in CPU memory and stream each block to the GPU when it runs.
+    offload_teacher: keep the teacher's shards in CPU memory and stream each block to the GPU when it runs (on a
+        CPU mesh the shards are in CPU memory already: nothing to do).
     reshard_after_forward: free gathered parameters after each block's forward (less memory, one more all-gather).
     """
 
@@ -74,7 +75,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks, found by the class names Hugging Face lists in `_no_split_modules`."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    # by MRO: once sharded, a block's class is FSDP's subclass of it (FSDPLlamaDecoderLayer)
+    blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not blocks:
         raise ValueError(
             f"{type(model).__name__} lists no transformer block classes in `_no_split_modules`, so FSDP cannot "
@@ -100,7 +102,9 @@ def shard_model(model: nn.Module, mesh: Any, options: ShardingOptions, *, frozen
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     param_dtype = DTYPES[options.mixed_precision] if options.mixed_precision else None
     precision = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    offload = CPUOffloadPolicy() if (frozen and options.offload_teacher) else OffloadPolicy()
+    # On a CPU mesh the shards already live in CPU memory (and FSDP's offload policy asks for an accelerator).
+    offload_wanted = frozen and options.offload_teacher and mesh.device_type != "cpu"
+    offload = CPUOffloadPolicy() if offload_wanted else OffloadPolicy()
     kwargs = dict(mesh=mesh, mp_policy=precision, offload_policy=offload,
                   reshard_after_forward=options.reshard_after_forward)
     for block in transformer_blocks(model):

@@ -7,7 +7,6 @@ stopped by a signal or Ctrl-C leaves `interrupted.json` instead (it can resume) 
 """
 
 import json
-import os
 import shutil
 import sys
 import traceback
@@ -15,10 +14,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from kdlab.config import ConfigError, register_resolvers
+from kdlab.config import ConfigError, in_multirun, register_resolvers
 
 register_resolvers()
 
@@ -52,11 +50,10 @@ def main(cfg: DictConfig) -> float:
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    # Lightning's reading of the launcher's environment (RANK, LOCAL_RANK, SLURM_PROCID, ...), as the run used it
+    from lightning.pytorch.utilities import rank_zero_only
 
-
-def in_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return rank_zero_only.rank
 
 
 def mark_failed(err: BaseException, marker: str = FAILURE_MARKER) -> None:

@@ -38,12 +38,19 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("kdlab.method", _method_label)
 
 
-def _sweep_group(default: str) -> str:
-    """The jobs of one multirun share one W&B group, named after the sweep directory; a single run keeps `default`."""
+def in_multirun() -> bool:
+    """True inside a job of a Hydra multirun (`python train.py -m ...`)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _sweep_group(default: str) -> str:
+    """The jobs of one multirun share one W&B group, named after the sweep directory; a single run keeps `default`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not in_multirun():
         return default
     from kdlab.report.runs import sweep_group_name
 

@@ -15,8 +15,10 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+from kdlab.models import DTYPES as MODEL_DTYPES
+
+# The models' dtype names, and the short ones FSDP configs usually carry.
+DTYPES = {**MODEL_DTYPES, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)

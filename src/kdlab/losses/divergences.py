@@ -212,9 +212,7 @@ def _divergence(fn: Callable[[Tensor, Tensor], Tensor], student_logits: Tensor, 
                                       rows, dtype)
 
     def per_token(s: Tensor, t: Tensor) -> Tensor:
-        log_q = F.log_softmax(s.to(dtype) / temperature, dim=-1)
-        log_p = F.log_softmax(t.to(dtype) / temperature, dim=-1)
-        return fn(log_q, log_p)
+        return fn(_log_softmax(s, dtype, temperature), _log_softmax(t, dtype, temperature))
 
     return _reduce_over_chunks(per_token, student_logits, teacher_logits, mask, reduction, chunk_size)
 

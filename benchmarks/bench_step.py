@@ -3,6 +3,7 @@
     python benchmarks/bench_step.py --out benchmarks/results/step_cpu_float32.json
     python benchmarks/bench_step.py --device cuda --dtype bfloat16 --batch 32 --out benchmarks/results/step_cuda.json
     python benchmarks/bench_step.py --profile 3 --no-trl --out /tmp/profile.json   # kdlab's profile only
+    python benchmarks/bench_step.py --compile off        # kdlab sampling through generate only
 
 One step, on both sides: the student samples `--max-new-tokens` tokens for each prompt of the batch (lambda = 1),
 the frozen teacher and the student score the samples, generalized JSD(beta) over the response tokens, backward,
@@ -11,7 +12,9 @@ same weights), the same batch of prompts (kdlab's arith data module, left-padded
 the same optimizer (torch AdamW, same lr, no weight decay). kdlab runs its module's own step code
 (`_targets` + `_loss`, what `training_step` calls) without Lightning's loop; TRL runs `GKDTrainer.training_step`
 (sampling + `compute_loss` + backward) and the trainer's optimizer, without the HF Trainer loop. Steps alternate
-kdlab, TRL, kdlab, ... after one warm-up step each; tokens per second counts scored response tokens.
+kdlab, TRL, kdlab, ... after one warm-up step each (timed on its own: the compiled side's includes compilation);
+tokens per second counts scored response tokens. kdlab runs twice by default: sampling through `generate` (the
+default `policy.sampling.compile=false`) and through its compiled static-cache loop (`compile=true`).
 
 Same loss on the same batch: before any step, both score one set of kdlab samples (identical weights), and both
 values are recorded. MFU: model FLOPs of a step over its time, against the matmul peak measured here (see
@@ -73,11 +76,11 @@ def non_embedding_params(model) -> int:
 
 
 class KdlabStep:
-    def __init__(self, student, teacher, tokenizer, task, args):
+    def __init__(self, student, teacher, tokenizer, task, args, compile: bool = False):
+        sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, compile=compile)
         self.module = DistillationModule(
             student=student, tokenizer=tokenizer, task=task, teacher=teacher,
-            objective=Objective("jsd", params={"beta": args.beta}),
-            policy=DataPolicy(1.0, sampling=SamplingSettings(max_new_tokens=args.max_new_tokens)),
+            objective=Objective("jsd", params={"beta": args.beta}), policy=DataPolicy(1.0, sampling=sampling),
         )
         self.module.train()
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
@@ -191,6 +194,8 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--no-trl", action="store_true", help="kdlab only")
+    p.add_argument("--compile", choices=["both", "off", "on"], default="both",
+                   help="kdlab's sampling: through generate (off), the compiled loop (on), or both side by side")
     p.add_argument("--profile", type=int, default=0, help="profile this many kdlab steps (cProfile + torch.profiler)")
     p.add_argument("--seed", type=int, default=0)
     args = parse(p)
@@ -200,8 +205,12 @@ def main() -> None:
     tokenizer, teacher, student = load(args.device, dtype)
     batch, task = first_batch(tokenizer, args.batch, args.device)
 
-    kdlab = KdlabStep(copy.deepcopy(student), teacher, tokenizer, task, args)
-    steps = {"kdlab": kdlab}
+    steps = {}
+    if args.compile in ("both", "off"):
+        steps["kdlab"] = KdlabStep(copy.deepcopy(student), teacher, tokenizer, task, args)
+    if args.compile in ("both", "on"):
+        steps["kdlab_compiled"] = KdlabStep(copy.deepcopy(student), teacher, tokenizer, task, args, compile=True)
+    kdlab = next(iter(steps.values()))
     trl_note = None
     if not args.no_trl:
         try:
@@ -217,10 +226,13 @@ def main() -> None:
 
     results = {"benchmark": "step", "machine": machine(args.device), "args": vars(args), "trl_note": trl_note,
                "same_batch_loss": same_batch, "sampled_tokens_in_loss_check": int(mask.sum())}
-    if args.profile:
-        results["profile"] = profile(kdlab, batch, args.profile, args.device)
+    first_step = {}
+    for name, step in steps.items():  # warm-up, timed: the compiled side compiles its decode step here
+        start = time.perf_counter()
+        step(batch)
+        first_step[name] = time.perf_counter() - start
     times = interleaved_times({name: (lambda s=step: s(batch)) for name, step in steps.items()}, args.repeats,
-                              args.device, warmup=1)
+                              args.device, warmup=0)
     peak = matmul_peak_flops(args.device, dtype)
     s_params, t_params = non_embedding_params(student), non_embedding_params(teacher)
     prompt_width = batch["prompt_ids"].shape[1]
@@ -233,26 +245,32 @@ def main() -> None:
         results[name] = {"time": stats(times[name]), "tokens": timed_tokens, "sampled_widths": timed_widths,
                          "tokens_per_sec": sum(timed_tokens) / total_time, "steps_per_sec": args.repeats / total_time,
                          "model_flops_per_sec": flops / total_time, "mfu": flops / total_time / peak,
-                         "sampling_time": stats(step.sampling[-args.repeats:])}
+                         "sampling_time": stats(step.sampling[-args.repeats:]), "first_step_s": first_step[name]}
         rest = [t - g for t, g in zip(times[name], step.sampling[-args.repeats:])]
         results[name]["rest_of_step_time"] = stats(rest)
         rows.append({"": name, "step ms (median)": 1e3 * stats(times[name])["median_s"],
                      "sampling ms": 1e3 * stats(step.sampling[-args.repeats:])["median_s"],
                      "rest ms": 1e3 * stats(rest)["median_s"],
-                     "tokens/s": results[name]["tokens_per_sec"], "mean scored tokens":
+                     "first step s": first_step[name], "tokens/s": results[name]["tokens_per_sec"],
+                     "mean scored tokens":
                      sum(timed_tokens) / len(timed_tokens), "MFU": results[name]["mfu"],
                      "loss on shared batch": same_batch[name]})
-    if "trl" in steps:
-        results["throughput_ratio_kdlab_over_trl"] = (results["kdlab"]["tokens_per_sec"]
-                                                      / results["trl"]["tokens_per_sec"])
-        results["step_time_ratio_trl_over_kdlab"] = (results["trl"]["time"]["median_s"]
-                                                     / results["kdlab"]["time"]["median_s"])
+    for name in (n for n in steps if n.startswith("kdlab") and "trl" in steps):
+        results[f"throughput_ratio_{name}_over_trl"] = (results[name]["tokens_per_sec"]
+                                                        / results["trl"]["tokens_per_sec"])
+        results[f"step_time_ratio_trl_over_{name}"] = (results["trl"]["time"]["median_s"]
+                                                       / results[name]["time"]["median_s"])
     results.update(matmul_peak_flops_per_sec=peak, student_non_embedding_params=s_params,
                    teacher_non_embedding_params=t_params, prompt_width=prompt_width)
     results["table"] = table(rows, list(rows[0]))
     print(results["table"])
-    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; kdlab/TRL tokens per second: "
-          f"{results.get('throughput_ratio_kdlab_over_trl', float('nan')):.2f}")
+    ratios = ", ".join(f"{key.removeprefix('throughput_ratio_')}: {value:.2f}" for key, value in results.items()
+                       if key.startswith("throughput_ratio_"))
+    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; tokens per second against TRL: {ratios or 'TRL not run'}")
+    if args.profile:  # after the timed steps (whose counts above are final), so the compiled step is warm
+        profiled = "kdlab_compiled" if "kdlab_compiled" in steps else "kdlab"
+        results["profiled"] = profiled
+        results["profile"] = profile(steps[profiled], batch, args.profile, args.device)
     write(args.out, results)
 
 

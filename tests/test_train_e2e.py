@@ -73,6 +73,28 @@ def test_run_directory_contract(tmp_path):
     assert torch.equal(model.model.embed_tokens.weight, weight)
 
 
+def test_compiled_sampling_trains_exactly_like_generate(tmp_path):
+    """policy.sampling.compile (and the task's) draws the same tokens as generate under the same seed, so the whole
+    on-policy run, from samples to losses to the evaluation's generations, is the same run."""
+    from torch._dynamo.utils import counters
+
+    runs, compiled_graphs = {}, {}
+    for compile in ("false", "true"):
+        before = counters["stats"]["unique_graphs"]
+        _, results = _run(tmp_path / compile, ["policy=onpolicy", f"policy.sampling.compile={compile}",
+                                               f"task.generation.compile={compile}"])
+        losses = [line.split(",") for line in (tmp_path / compile / "csv" / "metrics.csv").read_text().splitlines()]
+        column = losses[0].index("train/loss")
+        runs[compile] = results, [row[column] for row in losses[1:] if row[column]]
+        runs[compile] += ((tmp_path / compile / "generations" / "student_after.jsonl").read_text(),)
+        compiled_graphs[compile] = counters["stats"]["unique_graphs"] - before
+    assert compiled_graphs["false"] == 0 and compiled_graphs["true"] >= 2  # training's and evaluation's shapes
+    (plain, plain_losses, plain_text), (compiled, compiled_losses, compiled_text) = runs["false"], runs["true"]
+    assert len(plain_losses) == 3 and plain_losses == compiled_losses
+    assert plain["train_tokens"] == compiled["train_tokens"] and plain["metrics"] == compiled["metrics"]
+    assert plain_text == compiled_text
+
+
 def test_encoder_decoder_models_use_the_same_path(tmp_path):
     _, results = _run(tmp_path, ["teacher=tiny_t5", "student=tiny_t5", "policy=mixed", "loss=jsd"])
     assert results["steps"] == 3

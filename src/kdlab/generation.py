@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 
+from kdlab import decoding
 from kdlab.models import is_encoder_decoder
 
 
@@ -25,6 +26,9 @@ class SamplingSettings:
     top_p: float = 1.0
     top_k: int = 0
     num_beams: int = 1
+    # Sample through kdlab.decoding's compiled static-cache loop (same tokens as generate, less time per token; the
+    # first batch of each shape pays a compilation). Falls back to generate where that loop does not apply.
+    compile: bool = False
 
     def generation_config(self, pad_token_id: int, eos_token_id: int) -> GenerationConfig:
         kwargs = dict(
@@ -70,19 +74,31 @@ def generate_targets(
         # sampling time on the shipped models, docs/benchmarks.md). The clone makes the tokens a normal tensor that
         # autograd may save (the scoring pass embeds them). Sharded models keep no_grad: FSDP reuses the buffers it
         # gathers parameters into, and one allocated under inference_mode could not be used by a training forward.
+        config = settings.generation_config(pad_token_id, eos_token_id)
+        compiled = settings.compile and _compiled_loop_applies(model, config, synced_gpus)
         with torch.no_grad() if synced_gpus else torch.inference_mode():
-            out = model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask.long(),
-                generation_config=settings.generation_config(pad_token_id, eos_token_id),
-                synced_gpus=synced_gpus,
-            )
-        out = out.clone()
+            if compiled:
+                new_tokens = decoding.sample_compiled(model, prompt_ids, prompt_mask, config)
+            else:
+                out = model.generate(
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask.long(),
+                    generation_config=config,
+                    synced_gpus=synced_gpus,
+                )
+                # Decoder-only output repeats the prompt; encoder-decoder output starts with the decoder start token.
+                new_tokens = out[:, 1:] if is_encoder_decoder(model) else out[:, prompt_ids.shape[1]:]
+        new_tokens = new_tokens.clone()
     finally:
         model.train(was_training)
-    # Decoder-only output repeats the prompt; encoder-decoder output starts with the decoder start token.
-    new_tokens = out[:, 1:] if is_encoder_decoder(model) else out[:, prompt_ids.shape[1]:]
     if new_tokens.shape[1] == 0:  # max_new_tokens reached zero length: keep one EOS so shapes stay valid
-        new_tokens = torch.full_like(out[:, :1], eos_token_id)
+        new_tokens = torch.full_like(prompt_ids[:, :1], eos_token_id)
     mask = response_mask(new_tokens, eos_token_id)
     return new_tokens.masked_fill(~mask, pad_token_id), mask
+
+
+def _compiled_loop_applies(model: PreTrainedModel, config: GenerationConfig, synced_gpus: bool) -> bool:
+    reason = decoding.unsupported_reason(model, config, synced_gpus)
+    if reason is not None:
+        decoding.log_fallback(reason)
+    return reason is None

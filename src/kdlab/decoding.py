@@ -17,6 +17,7 @@ step in lockstep), models that cannot compile as one graph, and generation-confi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # Cache lengths are rounded up to a multiple of this, so prompts of different widths share one compiled step.
 CACHE_BUCKET = 64
+SKIP_REPEATED_GUARDS = True
 
 # Entries of a merged generation config this loop honours or that do nothing with one beam; any other entry that
 # is set to something other than a neutral value means `generate` would do something this loop does not (a logits
@@ -108,16 +110,29 @@ def sample_compiled(
     out = prompt_ids.new_full((batch, steps), config.pad_token_id)
     unfinished = torch.ones(batch, dtype=torch.bool, device=prompt_ids.device)
     position = positions[:, -1:]
-    for t in range(steps):
-        token = _choose(logits, warpers, config.do_sample, prompt_ids)
-        token = torch.where(unfinished, token, config.pad_token_id)
-        out[:, t] = token
-        unfinished &= ~torch.isin(token, eos)
-        if t == steps - 1 or not bool(unfinished.any()):
-            return out[:, : t + 1]
-        position = position + 1
-        logits = step(model, token[:, None], mask, position, cache, *arguments)
+    with contextlib.ExitStack() as stack:
+        for t in range(steps):
+            token = _choose(logits, warpers, config.do_sample, prompt_ids)
+            token = torch.where(unfinished, token, config.pad_token_id)
+            out[:, t] = token
+            unfinished &= ~torch.isin(token, eos)
+            if t == steps - 1 or not bool(unfinished.any()):
+                return out[:, : t + 1]
+            position = position + 1
+            logits = step(model, token[:, None], mask, position, cache, *arguments)
+            if t == 0 and SKIP_REPEATED_GUARDS:
+                stack.enter_context(_same_inputs_as_last_call())
     return out
+
+
+def _same_inputs_as_last_call():
+    """Dynamo checks its guards (every weight's dtype, device, shape ...) on every call: 10% of a decode step on the
+    shipped models. The first step of a loop checks them all and picks this model's and shape's graph; the later
+    steps call it with the same model, cache and shapes, only other values, so they run only the guards that tell
+    compiled graphs apart (`skip_guard_eval_unsafe`, whose one risk, inputs that changed in kind, cannot arise here)."""
+    if not hasattr(torch.compiler, "set_stance"):  # torch < 2.6
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
 def _choose(logits: Tensor, warpers: list, do_sample: bool, input_ids: Tensor) -> Tensor:

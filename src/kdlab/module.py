@@ -52,8 +52,11 @@ class DistillationModule(L.LightningModule):
         reward: RewardTerm | None = None,
         seed: int = 0,
         max_nonfinite_steps: int = 3,
+        score_groups: int = 4,
     ):
         super().__init__()
+        if score_groups < 1:
+            raise ValueError(f"score_groups={score_groups}: scoring needs at least one group of rows")
         if objective.needs_teacher and teacher is None:
             raise ValueError(f"loss={objective.name} compares the student with a teacher, but no teacher was given")
         self.student = student
@@ -87,6 +90,8 @@ class DistillationModule(L.LightningModule):
         self.seed = seed
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self._loss_skipped = False
+        # Scoring reads a batch in up to this many groups of rows of similar length (kdlab.models.score_targets)
+        self.score_groups = score_groups
 
     # -- modes ---------------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "DistillationModule":
@@ -160,18 +165,20 @@ class DistillationModule(L.LightningModule):
     ) -> tuple[Tensor, Tensor | None]:
         """(student logits, teacher logits or None) over the targets, each trimmed to its tokenizer's vocabulary."""
         prompt = (batch["prompt_ids"], batch["prompt_mask"])
-        student_logits = score_targets(self.student, *prompt, target_ids, target_mask)
+        # Sharded ranks must run the same forward passes, whatever their rows' lengths: one group there.
+        groups = 1 if self._sharded else self.score_groups
+        student_logits = score_targets(self.student, *prompt, target_ids, target_mask, groups)
         teacher_logits = None
         if self.objective.needs_teacher and self.cross_tokenizer:
             with torch.no_grad():
                 teacher_prompt = (batch["teacher_prompt_ids"], batch["teacher_prompt_mask"])
-                teacher_logits = score_targets(self.teacher, *teacher_prompt, teacher_ids, teacher_mask)
+                teacher_logits = score_targets(self.teacher, *teacher_prompt, teacher_ids, teacher_mask, groups)
             # Models may pad their output layer beyond their tokenizer: columns past it are no tokens at all.
             student_logits = student_logits[..., : len(self.tokenizer)]
             teacher_logits = teacher_logits[..., : len(self.teacher_tokenizer)]
         elif self.objective.needs_teacher:
             with torch.no_grad():
-                teacher_logits = score_targets(self.teacher, *prompt, target_ids, target_mask)
+                teacher_logits = score_targets(self.teacher, *prompt, target_ids, target_mask, groups)
             # Same tokenizer, but checkpoints may pad their embedding matrices to different sizes.
             vocab = len(self.tokenizer)
             if student_logits.shape[-1] != teacher_logits.shape[-1]:

@@ -205,6 +205,7 @@ def _run(cfg: DictConfig) -> float:
         reward=build_reward(cfg),
         seed=int(cfg.seed),
         max_nonfinite_steps=int(cfg.nonfinite.max_consecutive_steps),
+        score_groups=int(cfg.score_groups),
     )
 
     loggers = build_loggers(cfg)

@@ -51,7 +51,10 @@ def losses_plot(result: dict, out: Path) -> None:
                     label=f"unchunked reference, V={vocab // 1000}k")
             ax.plot(rows, [c["kdlab_peak_bytes"] / 2**20 for c in points], marker=marker,
                     label=f"kdlab, V={vocab // 1000}k")
-        ax.set(xscale="log", yscale="log", xlabel="batch x positions", title=loss)
+        ax.set(xscale="log", yscale="log", xlabel="rows (batch x positions)", title=loss)
+        sizes = sorted({c["batch"] * c["positions"] for c in cases})
+        ax.set_xticks(sizes, [str(n) for n in sizes])  # the measured sizes, not log-scale minor labels
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("peak memory of forward + backward, MiB")
     axes[-1].legend(fontsize=7)

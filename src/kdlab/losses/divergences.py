@@ -27,10 +27,11 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 REDUCTIONS = ("token_mean", "sequence_mean", "sum")
-# At most this many (row, vocab) entries per chunk on CPU: 2^21 float32 values are 8 MB per temporary (16 rows at a
-# 128k vocabulary, 64 at 32k); benchmarks/bench_losses.py measured larger chunks no faster on CPU, and a chunk's
-# temporaries are most of the loss's own memory (docs/benchmarks.md).
-CHUNK_ELEMENTS = 2**21
+# At most this many (row, vocab) entries per chunk on CPU: 2^19 float32 values are 2 MB per temporary (4 rows at a
+# 128k vocabulary, 16 at 32k), about a core's L2 cache. A chunk's temporaries are most of the loss's own memory:
+# benchmarks/bench_losses.py measured 2^19 against 2^21 at V = 128k, 2 x 128 positions, as 24-33% less peak memory
+# and 5-20% less time (docs/benchmarks.md).
+CHUNK_ELEMENTS = 2**19
 # On accelerators a 2M-entry chunk is a few microseconds of work per kernel, as short as its launch: 8x larger.
 CHUNK_ELEMENTS_ACCELERATOR = 2**24
 

@@ -141,3 +141,24 @@ def test_lockstep_generation_only_under_sharded_strategies(tokenizer):
                               (ModelParallelStrategy(), True)]:
         module._trainer = SimpleNamespace(strategy=strategy)
         assert module._sharded is sharded, type(strategy).__name__
+
+
+def test_scoring_in_length_groups_gives_the_loss_of_one_padded_batch(tokenizer):
+    module, datamodule = _module(tokenizer, loss="jsd")
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    ids, mask, _, _ = module._targets(batch, "ground_truth")  # answers of different lengths
+    from kdlab.models import length_groups
+
+    assert len(length_groups(batch["prompt_mask"].sum(1).tolist(), mask.sum(1).tolist(), 4)) > 1
+    losses = {}
+    for groups in (1, 4):
+        module.score_groups = groups
+        loss, _ = module._loss(batch, ids, mask, hard_labels=False)
+        (grad,) = torch.autograd.grad(loss, module.student.get_input_embeddings().weight)
+        losses[groups] = (loss.item(), grad)
+    assert losses[4][0] == pytest.approx(losses[1][0], rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(losses[4][1], losses[1][1], atol=1e-7, rtol=1e-4)
+    with pytest.raises(ValueError, match="score_groups=0"):
+        DistillationModule(student=module.student, tokenizer=tokenizer, objective=module.objective,
+                           policy=module.policy, task=module.task, teacher=module.teacher, score_groups=0)

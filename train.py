@@ -65,15 +65,15 @@ def mark_failed(err: BaseException, marker: str = FAILURE_MARKER) -> None:
         name = marker if rank == 0 else marker.replace(".json", f"_rank{rank}.json")
         text = getattr(err, "message", None) or str(err)  # RunInterrupted keeps its message beside the exit code
         one_line = " ".join(line.strip() for line in text.splitlines() if line.strip())
-        marker = {
+        record = {
             "error": f"{type(err).__name__}: {one_line}"[:500],
             "message": text,
             "traceback": "".join(traceback.format_exception(err)),
         }
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / name).write_text(json.dumps(marker, indent=2))
+        (directory / name).write_text(json.dumps(record, indent=2))
     except Exception as marker_err:
-        print(f"warning: could not write {FAILURE_MARKER}: {marker_err}", file=sys.stderr)
+        print(f"warning: could not write {marker}: {marker_err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -131,11 +131,14 @@ def test_what_the_loop_does_not_cover_goes_to_generate_with_the_reason(tokenizer
     llama = tiny_model(tokenizer)
     penalised = tiny_model(tokenizer)
     penalised.generation_config.repetition_penalty = 1.3  # as a checkpoint's generation_config.json may set
+    uncompilable = tiny_model(tokenizer)
+    uncompilable._can_compile_fullgraph = False  # as Hugging Face marks models with graph breaks
     cases = [
         (tiny_model(tokenizer, architecture="t5"), SamplingSettings(max_new_tokens=6), False, "encoder-decoder"),
         (llama, SamplingSettings(max_new_tokens=6, do_sample=False, num_beams=2), False, "beam search"),
         (llama, SamplingSettings(max_new_tokens=6), True, "sharded"),
         (penalised, SamplingSettings(max_new_tokens=6), False, "repetition_penalty"),
+        (uncompilable, SamplingSettings(max_new_tokens=6), False, "does not compile as one graph"),
     ]
     prompt_ids, prompt_mask = prompts(tokenizer, QUESTIONS[:2])
     decoding.log_fallback.cache_clear()

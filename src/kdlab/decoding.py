@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import inspect
 import logging
 from collections.abc import Callable
 
@@ -36,11 +35,12 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from kdlab.models import forward_parameters, is_encoder_decoder, real_token_positions
+
 log = logging.getLogger(__name__)
 
 # Cache lengths are rounded up to a multiple of this, so prompts of different widths share one compiled step.
 CACHE_BUCKET = 64
-SKIP_REPEATED_GUARDS = True
 
 # Entries of a merged generation config this loop honours or that do nothing with one beam; any other entry that
 # is set to something other than a neutral value means `generate` would do something this loop does not (a logits
@@ -62,7 +62,7 @@ def unsupported_reason(model: PreTrainedModel, config: GenerationConfig, synced_
     """Why the compiled loop cannot stand in for `model.generate(generation_config=config)`; None when it can."""
     if int(transformers.__version__.split(".")[0]) < 5:
         return f"it needs transformers>=5 (installed: {transformers.__version__})"
-    if getattr(model.config, "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         return "encoder-decoder models decode through generate"
     if synced_gpus:
         return "sharded models step in lockstep across ranks (generate's synced_gpus)"
@@ -100,7 +100,7 @@ def sample_compiled(
     prompt_mask = prompt_mask.long()
     # The mask covers the whole cache; positions not written yet are hidden by causality, not by the mask.
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, cache_len - width)], dim=1)
-    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    positions = real_token_positions(prompt_mask)
     arguments = _forward_arguments(model)
     # prefill: eager (its width varies batch to batch, and it runs once)
     logits = _last_logits(model, prompt_ids, mask, positions, cache, *arguments)
@@ -120,7 +120,7 @@ def sample_compiled(
                 return out[:, : t + 1]
             position = position + 1
             logits = step(model, token[:, None], mask, position, cache, *arguments)
-            if t == 0 and SKIP_REPEATED_GUARDS:
+            if t == 0:
                 stack.enter_context(_same_inputs_as_last_call())
     return out
 
@@ -161,7 +161,7 @@ def _warpers(config: GenerationConfig) -> list:
 def _forward_arguments(model: PreTrainedModel) -> tuple[str, bool]:
     """(name of the cache argument, whether the forward takes position ids): `cache` from transformers 5.2x on,
     `past_key_values` before; BLOOM (ALiBi) takes no positions."""
-    parameters = inspect.signature(type(model).forward).parameters
+    parameters = forward_parameters(type(model))
     return ("cache" if "cache" in parameters else "past_key_values"), "position_ids" in parameters
 
 

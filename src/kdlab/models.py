@@ -204,6 +204,7 @@ def length_groups(
     order = sorted(range(n), key=lambda row: (target_lengths[row], prompt_lengths[row]))
     edges = sorted({round(b * n / min(blocks, n)) for b in range(min(blocks, n) + 1)})  # block boundaries
     m = len(edges) - 1
+    block_prompt = [max(prompt_lengths[r] for r in order[edges[i]:edges[i + 1]]) for i in range(m)]
     # cost[k][j]: fewest positions for the first j blocks in k groups; start[k][j]: the block its last group starts
     inf = float("inf")
     cost, start = [[0.0] + [inf] * m], [[0] * (m + 1)]
@@ -214,7 +215,7 @@ def length_groups(
             longest_target = target_lengths[order[edges[j] - 1]]  # sorted: the group's last row is its longest
             longest_prompt = 0
             for i in range(j - 1, -1, -1):
-                longest_prompt = max(longest_prompt, max(prompt_lengths[r] for r in order[edges[i]:edges[i + 1]]))
+                longest_prompt = max(longest_prompt, block_prompt[i])
                 total = cost[k - 1][i] + (edges[j] - edges[i]) * (longest_prompt + longest_target)
                 if total < row_cost[j]:
                     row_cost[j], row_start[j] = total, i
@@ -280,7 +281,7 @@ def _score(
     if _takes_position_ids(_unwrap(model)):
         # Left padding shifts where each row starts: positions count real tokens only. Learned absolute positions
         # (OPT) depend on it; rotary ones are shift-invariant. BLOOM (ALiBi) has no positions and takes none.
-        kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = real_token_positions(attention_mask)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -291,6 +292,11 @@ def _score(
     return out.logits[:, :-1]
 
 
+def real_token_positions(mask: Tensor) -> Tensor:
+    """Position ids of left-padded rows: real tokens count from 0, padding sits at 0 (it is masked anyway)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The Hugging Face model inside DDP/FSDP-style wrappers (whose own forward takes only *args, **kwargs)."""
     while not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "module", None), torch.nn.Module):
@@ -299,13 +305,13 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @functools.cache
-def _forward_parameters(model_cls: type) -> frozenset[str]:
+def forward_parameters(model_cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(model_cls.forward).parameters)
 
 
 def _takes_position_ids(model: torch.nn.Module) -> bool:
     """Whether the model's forward names `position_ids` (inspected once per class)."""
-    return "position_ids" in _forward_parameters(type(model))
+    return "position_ids" in forward_parameters(type(model))
 
 
 def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:

@@ -15,6 +15,7 @@ a batch of empty responses gives zeros that still carry a gradient path.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kdlab.losses.divergences import _rows_per_chunk
@@ -54,19 +55,22 @@ class _RankedTopK(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, mask: Tensor, k: int, temperature: float, rows: int) -> Tensor:
+    def forward(ctx, logits: Tensor, mask: Tensor, k: int, temperature: float, rows: int,
+                per_batch: bool = False) -> Tensor:
         batch, positions, vocab = logits.shape
         flat = logits.reshape(-1, vocab)
         weight = mask.reshape(-1).float()
-        owner = torch.arange(batch, device=logits.device).repeat_interleave(positions)  # row -> its sequence
+        # row -> the group whose column sums rank it: its sequence, or the whole batch (the released code's ranking)
+        groups = 1 if per_batch else batch
+        owner = torch.arange(groups, device=logits.device).repeat_interleave(positions * (batch // groups))
         lse = torch.empty(flat.shape[0], device=logits.device)
-        column_sums = torch.zeros(batch, vocab, device=logits.device)
+        column_sums = torch.zeros(groups, vocab, device=logits.device)
         for start in range(0, flat.shape[0], rows):
             x = flat[start : start + rows].float() / temperature
             lse[start : start + rows] = torch.logsumexp(x, dim=-1)
             probs = (x - lse[start : start + rows, None]).exp_().mul_(weight[start : start + rows, None])
             column_sums.index_add_(0, owner[start : start + rows], probs)
-        order = column_sums.topk(k, dim=-1).indices  # (B, k), by descending column sum
+        order = column_sums.topk(k, dim=-1).indices  # (groups, k), by descending column sum
         index = order[owner]  # (B*T, k)
         top = (flat.gather(1, index).float() / temperature - lse[:, None]).exp() * weight[:, None]
         ctx.save_for_backward(logits, weight, lse, index, top)
@@ -87,20 +91,23 @@ class _RankedTopK(torch.autograd.Function):
             q = (flat[part].float() / ctx.temperature - lse[part, None]).exp_()
             out = q.mul_(-inner[part, None]).scatter_add_(1, index[part], gq[part])
             grad[part] = out.mul_(weight[part, None] / ctx.temperature).to(grad.dtype)
-        return grad.view_as(logits), None, None, None, None
+        return grad.view_as(logits), None, None, None, None, None
 
 
-def ranked_topk_probs(logits: Tensor, mask: Tensor, k: int, temperature: float = 1.0) -> Tensor:
+def ranked_topk_probs(
+    logits: Tensor, mask: Tensor, k: int, temperature: float = 1.0, per_batch: bool = False
+) -> Tensor:
     """(B, T, k): `sequence_ranked_topk(softmax(logits / temperature), mask, k)`, computed from the logits in chunks.
 
     Equal to the two-step form to float32 rounding (ties in the ranking aside), but never holds a float32 copy of
-    the (B, T, V) logits, in forward or backward: the memory of loss=ot is the logits' gradient and a chunk."""
+    the (B, T, V) logits, in forward or backward: the memory of loss=ot is the logits' gradient and a chunk.
+    `per_batch=True` ranks by column sums over the whole batch instead (the authors' released code)."""
     k = min(k, logits.shape[-1])
     rows = _rows_per_chunk(1 << 30, logits.shape[-1], logits.device)
     if not (torch.is_grad_enabled() and logits.requires_grad):
         with torch.no_grad():
-            return _RankedTopK.forward(_NoCtx(), logits, mask.bool(), k, temperature, rows)
-    return _RankedTopK.apply(logits, mask.bool(), k, temperature, rows)
+            return _RankedTopK.forward(_NoCtx(), logits, mask.bool(), k, temperature, rows, per_batch)
+    return _RankedTopK.apply(logits, mask.bool(), k, temperature, rows, per_batch)
 
 
 class _NoCtx:
@@ -135,7 +142,8 @@ def log_sinkhorn(cost: Tensor, row_mask: Tensor, col_mask: Tensor, epsilon: floa
     log_b = torch.where(col_mask, -cols.log(), neg)  # (B, m)
     scaled = -cost / epsilon
     f = torch.zeros_like(log_a)
-    g = torch.zeros_like(log_b)
+    # masked columns start without mass too (v = exp(g / epsilon) = 0): padding must not weigh on the first update
+    g = torch.where(col_mask, 0.0, -1e4 * epsilon)
     for _ in range(iterations):
         f = epsilon * (log_a - torch.logsumexp(scaled + g[:, None, :] / epsilon, dim=2))
         g = epsilon * (log_b - torch.logsumexp(scaled + f[:, :, None] / epsilon, dim=1))
@@ -165,8 +173,8 @@ class _KernelSinkhorn(torch.autograd.Function):
     def forward(ctx, cost: Tensor, a: Tensor, b: Tensor, epsilon: float, iterations: int) -> Tensor:
         kernel = torch.exp(-cost / epsilon)  # (B, n, m), entries >= exp(-KERNEL_MAX_EXPONENT)
         tiny = torch.finfo(kernel.dtype).tiny  # an empty side (all masked) gives 0 / tiny = 0, not 0 / 0
-        v = torch.ones_like(b)
-        us, vs, row_sums, col_sums = [], [torch.ones_like(b)], [], []
+        v = (b > 0).to(b.dtype)  # masked columns start without mass: padding must not weigh on the first update
+        us, vs, row_sums, col_sums = [], [v], [], []
         for _ in range(iterations):
             s = torch.bmm(kernel, v[:, :, None]).squeeze(2)
             u = a / s.clamp(min=tiny)
@@ -210,6 +218,9 @@ class _KernelSinkhorn(torch.autograd.Function):
         return grad_kernel * kernel / -ctx.epsilon, None, None, None, None
 
 
+VARIANTS = ("paper", "released_code")
+
+
 def multilevel_ot(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -222,44 +233,90 @@ def multilevel_ot(
     sd_temperature: float = 2.0,
     sinkhorn_epsilon: float = 0.1,
     sinkhorn_iterations: int = 20,
+    variant: str = "paper",
     components: tuple[str, ...] = ("had", "sl", "sd"),
 ) -> dict[str, Tensor]:
     """MultiLevelOT's distillation terms (Cui et al., AAAI 2025): {"had", "sl", "sd"}, each a scalar.
 
-    p = softmax(teacher / temperature), q = softmax(student / temperature); each ranked and truncated per sequence
-    to its top_k (`sequence_ranked_topk`): p~ (B, Tt, k), q~ (B, Ts, k). Then, for positions t matched by index up to
-    the shorter response (T = min(Tt, Ts) per sequence):
-      had = 1/T sum_t sum_i |p~_ti - q~_ti|                              (token level: holistic absolute difference)
-      sl  = -1/T sum_t sum_i softmax(q~_t / tau_SL)_i log softmax(p~_t / tau_SL)_i   (sequential logarithmic loss)
-      sd  = <P, C>, C_ij = || softmax(p~_i / tau_SD) - softmax(q~_j / tau_SD) ||_1, P the entropic OT plan between
-            uniform weights on teacher positions i and student positions j (Sinkhorn distance, sequence level)
+    With a temperature tau dividing the logits, t = softmax(teacher / tau) and s = softmax(student / tau), each
+    ranked and truncated per sequence to its top_k (`sequence_ranked_topk`): t^k (B, Tt, k), s^k (B, Ts, k). For
+    positions matched by index up to the shorter response (T = min(Tt, Ts) per sequence):
+      had = 1/T sum_t sum_i |t^k_ti - s^k_ti|             at tau = `temperature`    (holistic absolute difference)
+      sl  = -1/T sum_t sum_i t^k_ti log s^k_ti             at tau = `sl_temperature` (sequential logarithmic loss)
+      sd  = <P, C>, C_ij = sum_l |t^k_l(i) - s^k_l(j)|      at tau = `sd_temperature` (Sinkhorn distance), P the
+            entropic OT plan between uniform weights on teacher positions i and student positions j
+    The teacher weights the log of the student in sl, so its gradient matches the student to the teacher. A term
+    at another temperature ranks its own probabilities. log s^k is floored at float32's smallest normal number
+    (only a column past a vocabulary smaller than top_k, zero-padded, reaches it).
+    `variant="released_code"` reproduces the authors' code (2018cx/Multi-Level-OT) for comparisons with their
+    numbers: one ranking per batch, and sl and sd on a second softmax of the truncated probabilities with the roles
+    of sl reversed, sl = -1/T sum_t sum_i softmax(s^k_t / tau_SL)_i log softmax(t^k_t / tau_SL)_i and C_ij =
+    ||softmax(t^k_i / tau_SD) - softmax(s^k_j / tau_SD)||_1, t^k and s^k at `temperature` (docs/cross_tokenizer.md).
     The teacher side never carries a gradient. `components` names the terms to compute (ablations skip the rest).
     """
-    p_top = ranked_topk_probs(teacher_logits.detach(), teacher_mask, top_k, temperature)
-    q_top = ranked_topk_probs(student_logits, student_mask, top_k, temperature)
-    k = max(p_top.shape[-1], q_top.shape[-1])  # a vocabulary smaller than top_k is zero-padded
-    p_top = torch.nn.functional.pad(p_top, (0, k - p_top.shape[-1]))
-    q_top = torch.nn.functional.pad(q_top, (0, k - q_top.shape[-1]))
-
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is unknown; choose one of {VARIANTS}")
+    released = variant == "released_code"
+    pairs = _RankedPairs(student_logits, teacher_logits.detach(), student_mask, teacher_mask, top_k, released)
     matched = _valid_length_mask(student_mask, teacher_mask)  # (B, T)
-    width = matched.shape[1]
-    counts = matched.sum(-1).clamp(min=1)
+    width, counts = matched.shape[1], matched.sum(-1).clamp(min=1)
+
+    def position_mean(per_position: Tensor) -> Tensor:
+        return _mean_over_sequences((per_position * matched).sum(-1) / counts)
+
     out: dict[str, Tensor] = {}
     if "had" in components:
-        diff = (p_top[:, :width] - q_top[:, :width]).abs().sum(-1)
-        out["had"] = _mean_over_sequences((diff * matched).sum(-1) / counts)
+        t_top, s_top = pairs(temperature)
+        out["had"] = position_mean((t_top[:, :width] - s_top[:, :width]).abs().sum(-1))
     if "sl" in components:
-        log_p = torch.log_softmax(p_top[:, :width] / sl_temperature, dim=-1)
-        q_soft = torch.softmax(q_top[:, :width] / sl_temperature, dim=-1)
-        per_position = -(q_soft * log_p).sum(-1)
-        out["sl"] = _mean_over_sequences((per_position * matched).sum(-1) / counts)
+        out["sl"] = position_mean(_sequential_log_loss(pairs, width, temperature, sl_temperature, released))
     if "sd" in components:
-        p_sd = torch.softmax(p_top / sd_temperature, dim=-1)
-        q_sd = torch.softmax(q_top / sd_temperature, dim=-1)
-        cost = torch.cdist(p_sd, q_sd, p=1)  # (B, Tt, Ts)
+        t_sd, s_sd = _sinkhorn_inputs(pairs, temperature, sd_temperature, released)
+        cost = torch.cdist(t_sd, s_sd, p=1)  # (B, Tt, Ts)
         plan = log_sinkhorn(cost, teacher_mask.bool(), student_mask.bool(), sinkhorn_epsilon, sinkhorn_iterations)
         out["sd"] = _mean_over_sequences((plan * cost).sum(dim=(1, 2)))
     return out
+
+
+class _RankedPairs:
+    """(t^k, s^k) at a temperature, each side's ranked truncated probabilities, computed once per temperature; the
+    side with fewer than k columns (a vocabulary smaller than top_k) is zero-padded to the other."""
+
+    def __init__(self, student_logits: Tensor, teacher_logits: Tensor, student_mask: Tensor, teacher_mask: Tensor,
+                 top_k: int, per_batch: bool):
+        self.sides = ((teacher_logits, teacher_mask), (student_logits, student_mask))
+        self.top_k, self.per_batch = top_k, per_batch
+        self.cache: dict[float, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, temperature: float) -> tuple[Tensor, Tensor]:
+        if temperature not in self.cache:
+            t_top, s_top = (ranked_topk_probs(logits, mask, self.top_k, temperature, self.per_batch)
+                            for logits, mask in self.sides)
+            k = max(t_top.shape[-1], s_top.shape[-1])
+            self.cache[temperature] = F.pad(t_top, (0, k - t_top.shape[-1])), F.pad(s_top, (0, k - s_top.shape[-1]))
+        return self.cache[temperature]
+
+
+def _sequential_log_loss(pairs: "_RankedPairs", width: int, temperature: float, sl_temperature: float,
+                         released: bool) -> Tensor:
+    """(B, T) per position: -sum_i t^k_i log s^k_i at tau_SL (paper), or the released code's
+    -sum_i softmax(s^k / tau_SL)_i log softmax(t^k / tau_SL)_i on t^k, s^k at `temperature`."""
+    if released:
+        t_top, s_top = (x[:, :width] for x in pairs(temperature))
+        log_t = torch.log_softmax(t_top / sl_temperature, dim=-1)
+        return -(torch.softmax(s_top / sl_temperature, dim=-1) * log_t).sum(-1)
+    t_top, s_top = (x[:, :width] for x in pairs(sl_temperature))
+    return -(t_top * s_top.clamp(min=torch.finfo(s_top.dtype).tiny).log()).sum(-1)
+
+
+def _sinkhorn_inputs(pairs: "_RankedPairs", temperature: float, sd_temperature: float,
+                     released: bool) -> tuple[Tensor, Tensor]:
+    """The distributions the Sinkhorn cost compares: t^k, s^k at tau_SD (paper), or the released code's
+    softmax(t^k / tau_SD), softmax(s^k / tau_SD) on t^k, s^k at `temperature`."""
+    if released:
+        t_top, s_top = pairs(temperature)
+        return torch.softmax(t_top / sd_temperature, dim=-1), torch.softmax(s_top / sd_temperature, dim=-1)
+    return pairs(sd_temperature)
 
 
 def universal_logit_distillation(

@@ -12,6 +12,7 @@ from kdlab.losses.cross_tokenizer import (
     log_sinkhorn,
     multilevel_ot,
     ranked_topk_probs,
+    ranked_topk_probs_at,
     sequence_ranked_topk,
     universal_logit_distillation,
 )
@@ -268,6 +269,25 @@ def test_chunked_ranked_topk_equals_softmax_then_ranking(monkeypatch, chunk_elem
     (expected * weights).sum().backward()
     assert torch.allclose(a.grad, b.grad, atol=1e-7)
     assert a.grad[~mask].abs().max() == 0
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_ranked_topk_at_several_temperatures_equals_each_alone_in_value_and_gradient(monkeypatch, per_batch):
+    import kdlab.losses.divergences as divergences
+
+    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 3 * 40 * 2)  # 3 rows per chunk, across sequences
+    x = logits(3, 7, 40, seed=24)
+    mask = lengths_mask([7, 4, 1], 7)
+    gen = torch.Generator().manual_seed(25)
+    weights = [torch.randn(3, 7, 6, generator=gen) for _ in range(2)]
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    together = ranked_topk_probs_at(a, mask, 6, (1.0, 2.0), per_batch)
+    alone = [ranked_topk_probs(b, mask, 6, tau, per_batch) for tau in (1.0, 2.0)]
+    for got, expected in zip(together, alone):
+        assert torch.equal(got, expected)
+    sum((t * w).sum() for t, w in zip(together, weights)).backward()
+    sum((t * w).sum() for t, w in zip(alone, weights)).backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-7)
 
 
 def test_ranked_topk_keeps_no_vocab_wide_float32_tensor_for_backward():

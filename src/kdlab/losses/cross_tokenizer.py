@@ -46,51 +46,57 @@ def sequence_ranked_topk(probs: Tensor, mask: Tensor, k: int) -> Tensor:
 
 
 class _RankedTopK(torch.autograd.Function):
-    """softmax(logits / T) ranked per sequence and cut to k columns, without a (B, T, V) float32 tensor.
+    """softmax(logits / T) ranked per sequence and cut to k columns, for one or more temperatures T, without a
+    (B, T, V) float32 tensor.
 
     Forward walks rows in chunks: each chunk's log-normaliser and its masked probabilities' column sums per
-    sequence; then the top-k columns per sequence, and their probabilities exp(logit / T - lse) gathered from the
-    logits. Backward, chunk by chunk again, writes d/d logits = (mask / T) (scatter(g * q~) - q * <g, q~>) into one
-    buffer of the logits' dtype. The ranking itself carries no gradient (as with topk indices).
+    sequence, for every temperature; then each temperature's top-k columns per sequence, and their probabilities
+    exp(logit / T - lse) gathered from the logits. Backward, chunk by chunk again, writes the sum over temperatures
+    of d/d logits = (mask / T) (scatter(g * q~) - q * <g, q~>) into one buffer of the logits' dtype: several
+    temperatures (MultiLevelOT's tau_SL and tau_SD) cost one gradient of the logits, not one each. The ranking
+    itself carries no gradient (as with topk indices).
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, mask: Tensor, k: int, temperature: float, rows: int,
-                per_batch: bool = False) -> Tensor:
+    def forward(ctx, logits: Tensor, mask: Tensor, k: int, temperatures: tuple[float, ...], rows: int,
+                per_batch: bool = False) -> tuple[Tensor, ...]:
         batch, positions, vocab = logits.shape
         flat = logits.reshape(-1, vocab)
         weight = mask.reshape(-1).float()
         # row -> the group whose column sums rank it: its sequence, or the whole batch (the released code's ranking)
         groups = 1 if per_batch else batch
         owner = torch.arange(groups, device=logits.device).repeat_interleave(positions * (batch // groups))
-        lse = torch.empty(flat.shape[0], device=logits.device)
-        column_sums = torch.zeros(groups, vocab, device=logits.device)
+        lse = torch.empty(len(temperatures), flat.shape[0], device=logits.device)
+        column_sums = torch.zeros(len(temperatures), groups, vocab, device=logits.device)
         for start in range(0, flat.shape[0], rows):
-            x = flat[start : start + rows].float() / temperature
-            lse[start : start + rows] = torch.logsumexp(x, dim=-1)
-            probs = (x - lse[start : start + rows, None]).exp_().mul_(weight[start : start + rows, None])
-            column_sums.index_add_(0, owner[start : start + rows], probs)
-        order = column_sums.topk(k, dim=-1).indices  # (groups, k), by descending column sum
-        index = order[owner]  # (B*T, k)
-        top = (flat.gather(1, index).float() / temperature - lse[:, None]).exp() * weight[:, None]
-        ctx.save_for_backward(logits, weight, lse, index, top)
-        ctx.temperature, ctx.rows = temperature, rows
-        return top.view(batch, positions, k)
+            part = slice(start, start + rows)
+            for i, temperature in enumerate(temperatures):
+                x = flat[part].float() / temperature
+                lse[i, part] = torch.logsumexp(x, dim=-1)
+                column_sums[i].index_add_(0, owner[part], (x - lse[i, part, None]).exp_().mul_(weight[part, None]))
+        index = column_sums.topk(k, dim=-1).indices[:, owner]  # (temperatures, B*T, k), by descending column sum
+        tops = []
+        for i, temperature in enumerate(temperatures):
+            tops.append((flat.gather(1, index[i]).float() / temperature - lse[i, :, None]).exp() * weight[:, None])
+        ctx.save_for_backward(logits, weight, lse, index, *tops)
+        ctx.temperatures, ctx.rows = temperatures, rows
+        return tuple(top.view(batch, positions, k) for top in tops)
 
     @staticmethod
-    def backward(ctx, grad_top: Tensor):
-        logits, weight, lse, index, top = ctx.saved_tensors
-        vocab = logits.shape[-1]
-        flat = logits.reshape(-1, vocab)
-        g = grad_top.reshape(top.shape).float()
-        gq = g * top
-        inner = gq.sum(dim=-1)  # <g, q~> per row
+    def backward(ctx, *grad_tops: Tensor):
+        logits, weight, lse, index, *tops = ctx.saved_tensors
+        flat = logits.reshape(-1, logits.shape[-1])
+        gqs = [g.reshape(top.shape).float() * top for g, top in zip(grad_tops, tops)]
+        inners = [gq.sum(dim=-1) for gq in gqs]  # <g, q~> per row
         grad = torch.empty_like(flat)
         for start in range(0, flat.shape[0], ctx.rows):
             part = slice(start, start + ctx.rows)
-            q = (flat[part].float() / ctx.temperature - lse[part, None]).exp_()
-            out = q.mul_(-inner[part, None]).scatter_add_(1, index[part], gq[part])
-            grad[part] = out.mul_(weight[part, None] / ctx.temperature).to(grad.dtype)
+            out = None
+            for i, temperature in enumerate(ctx.temperatures):
+                q = (flat[part].float() / temperature - lse[i, part, None]).exp_()
+                term = q.mul_(-inners[i][part, None]).scatter_add_(1, index[i, part], gqs[i][part]).div_(temperature)
+                out = term if out is None else out.add_(term)
+            grad[part] = out.mul_(weight[part, None]).to(grad.dtype)
         return grad.view_as(logits), None, None, None, None, None
 
 
@@ -102,12 +108,19 @@ def ranked_topk_probs(
     Equal to the two-step form to float32 rounding (ties in the ranking aside), but never holds a float32 copy of
     the (B, T, V) logits, in forward or backward: the memory of loss=ot is the logits' gradient and a chunk.
     `per_batch=True` ranks by column sums over the whole batch instead (the authors' released code)."""
+    return ranked_topk_probs_at(logits, mask, k, (temperature,), per_batch)[0]
+
+
+def ranked_topk_probs_at(
+    logits: Tensor, mask: Tensor, k: int, temperatures: tuple[float, ...], per_batch: bool = False
+) -> tuple[Tensor, ...]:
+    """`ranked_topk_probs` at each of `temperatures`, from one pass over the logits and with one gradient buffer."""
     k = min(k, logits.shape[-1])
-    rows = _rows_per_chunk(1 << 30, logits.shape[-1], logits.device)
+    rows = _rows_per_chunk(1 << 30, logits.shape[-1] * len(temperatures), logits.device)
     if not (torch.is_grad_enabled() and logits.requires_grad):
         with torch.no_grad():
-            return _RankedTopK.forward(_NoCtx(), logits, mask.bool(), k, temperature, rows, per_batch)
-    return _RankedTopK.apply(logits, mask.bool(), k, temperature, rows, per_batch)
+            return _RankedTopK.forward(_NoCtx(), logits, mask.bool(), k, temperatures, rows, per_batch)
+    return _RankedTopK.apply(logits, mask.bool(), k, temperatures, rows, per_batch)
 
 
 class _NoCtx:
@@ -257,7 +270,10 @@ def multilevel_ot(
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is unknown; choose one of {VARIANTS}")
     released = variant == "released_code"
-    pairs = _RankedPairs(student_logits, teacher_logits.detach(), student_mask, teacher_mask, top_k, released)
+    wanted = {"had": temperature, "sl": temperature if released else sl_temperature,
+              "sd": temperature if released else sd_temperature}
+    pairs = _RankedPairs(student_logits, teacher_logits.detach(), student_mask, teacher_mask, top_k, released,
+                         tuple(wanted[term] for term in components if term in wanted))
     matched = _valid_length_mask(student_mask, teacher_mask)  # (B, T)
     width, counts = matched.shape[1], matched.sum(-1).clamp(min=1)
 
@@ -279,21 +295,21 @@ def multilevel_ot(
 
 
 class _RankedPairs:
-    """(t^k, s^k) at a temperature, each side's ranked truncated probabilities, computed once per temperature; the
-    side with fewer than k columns (a vocabulary smaller than top_k) is zero-padded to the other."""
+    """(t^k, s^k) at each temperature the asked-for terms need, each side's ranked truncated probabilities from one
+    pass over its logits; the side with fewer than k columns (a vocabulary smaller than top_k) is zero-padded to the
+    other."""
 
     def __init__(self, student_logits: Tensor, teacher_logits: Tensor, student_mask: Tensor, teacher_mask: Tensor,
-                 top_k: int, per_batch: bool):
-        self.sides = ((teacher_logits, teacher_mask), (student_logits, student_mask))
-        self.top_k, self.per_batch = top_k, per_batch
+                 top_k: int, per_batch: bool, temperatures: tuple[float, ...]):
+        temperatures = tuple(dict.fromkeys(temperatures))  # distinct, in order
+        sides = [ranked_topk_probs_at(logits, mask, top_k, temperatures, per_batch) if temperatures else ()
+                 for logits, mask in ((teacher_logits, teacher_mask), (student_logits, student_mask))]
         self.cache: dict[float, tuple[Tensor, Tensor]] = {}
-
-    def __call__(self, temperature: float) -> tuple[Tensor, Tensor]:
-        if temperature not in self.cache:
-            t_top, s_top = (ranked_topk_probs(logits, mask, self.top_k, temperature, self.per_batch)
-                            for logits, mask in self.sides)
+        for temperature, t_top, s_top in zip(temperatures, *sides):
             k = max(t_top.shape[-1], s_top.shape[-1])
             self.cache[temperature] = F.pad(t_top, (0, k - t_top.shape[-1])), F.pad(s_top, (0, k - s_top.shape[-1]))
+
+    def __call__(self, temperature: float) -> tuple[Tensor, Tensor]:
         return self.cache[temperature]
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 # Task keys that change which tokens are scored; the others (batch sizes, evaluation, metric) do not touch a cache.
@@ -40,8 +41,12 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def task_settings(task_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The task's config without the keys that do not change the scored targets (TASK_KEYS_IGNORED)."""
-    return {key: value for key, value in dict(task_cfg).items() if key not in TASK_KEYS_IGNORED}
+    """The task's config without the keys that do not change the scored targets (TASK_KEYS_IGNORED), as plain
+    JSON-able values (an OmegaConf list and a Python list compare equal)."""
+    def plain(value: Any) -> Any:
+        return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+    return {key: plain(value) for key, value in dict(task_cfg).items() if key not in TASK_KEYS_IGNORED}
 
 
 def data_fingerprint(examples: Iterable[tuple[Sequence[int], Sequence[int]]]) -> str:

@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from kdlab.teachers.client import TeacherClient, TeacherServerError
-from kdlab.teachers.server import ServerLimits, TeacherScorer, TeacherServer, build_server
+from kdlab.teachers.server import TeacherScorer, TeacherServer, build_server
 from tests.conftest import CONF_DIR, REPO
+
+torch.set_num_threads(1)  # a tiny model on a shared 2-core machine: one thread is several times faster than two
 
 KEY = "test-key"
 SEQUENCES = [[1, 48, 30, 9, 57, 61, 12], [1, 48, 30], [1, 22, 5, 600, 33, 2]]  # different lengths: padding is tested
@@ -147,6 +149,15 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_goes_on(server, na
     assert got == status, out
     assert out["error"]["code"] == status and message in out["error"]["message"], out
     assert _post(server.url, "/v1/completions", _request(prompt=[[1, 2, 3]]))[0] == 200
+
+
+def test_sequences_past_the_models_positions_are_refused_even_under_a_larger_limit(server) -> None:
+    from kdlab.teachers.server import ApiError, ServerLimits, parse_completion_request
+
+    with pytest.raises(ApiError, match="513 tokens; at most 512") as err:
+        parse_completion_request(_request(prompt=[[1] * 513]), server.scorer,
+                                 ServerLimits(max_tokens_per_sequence=4096))
+    assert err.value.status == 400
 
 
 def test_unknown_path_is_404(server) -> None:
@@ -278,7 +289,7 @@ def test_the_command_line_server_serves_the_composed_teacher(reference) -> None:
     """`python -m kdlab.teachers.server` (the kdlab-serve-teacher script) composes conf/ and serves."""
     _, log_softmax = reference
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "KDLAB_TEACHER_API_KEY": KEY}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "KDLAB_TEACHER_API_KEY": KEY}
     process = subprocess.Popen([sys.executable, "-m", "kdlab.teachers.server", "teacher=arith_teacher",
                                 f"server.port={port}"], env=env, cwd=Path(REPO), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)

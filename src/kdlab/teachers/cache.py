@@ -131,7 +131,9 @@ class ShardWriter:
 
     def _store(self, values: Tensor) -> np.ndarray:
         stored = values.to(self.torch_dtype)
-        return stored.view(torch.int16).numpy().view(np.uint16) if self.torch_dtype == torch.bfloat16 else stored.numpy()
+        if self.torch_dtype == torch.bfloat16:  # numpy has no bfloat16: keep its bits
+            return stored.view(torch.int16).numpy().view(np.uint16)
+        return stored.numpy()
 
 
 # -- reading --------------------------------------------------------------------------------------------------------

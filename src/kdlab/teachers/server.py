@@ -136,10 +136,11 @@ def parse_completion_request(body: dict[str, Any], scorer: TeacherScorer, limits
                             "(this server takes token ids, not text)")
     if len(prompt) > limits.max_batch:
         raise ApiError(400, f"{len(prompt)} prompts in one request; at most {limits.max_batch} (server.max_batch)")
+    longest = min(limits.max_tokens_per_sequence, scorer.max_model_len or limits.max_tokens_per_sequence)
     for index, seq in enumerate(prompt):
-        if len(seq) > limits.max_tokens_per_sequence:
-            raise ApiError(400, f"prompt {index} has {len(seq)} tokens; at most {limits.max_tokens_per_sequence} "
-                                f"(server.max_tokens_per_sequence)")
+        if len(seq) > longest:
+            raise ApiError(400, f"prompt {index} has {len(seq)} tokens; at most {longest} "
+                                f"(server.max_tokens_per_sequence, and the model's max_model_len)")
         bad = next((x for x in seq if not (_is_id(x) and 0 <= x < scorer.vocab_size)), None)
         if bad is not None or not all(_is_id(x) for x in seq):
             raise ApiError(400, f"prompt {index} holds {bad!r}, not a token id in [0, {scorer.vocab_size})")

@@ -160,6 +160,18 @@ def test_sequences_past_the_models_positions_are_refused_even_under_a_larger_lim
     assert err.value.status == 400
 
 
+def test_a_body_without_content_length_is_411(server) -> None:
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=10) as conn:
+        conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Transfer-Encoding: chunked\r\n\r\n".encode())
+        reply = b""
+        while chunk := conn.recv(4096):  # the server closes the connection after an error
+            reply += chunk
+    reply = reply.decode()
+    assert reply.startswith("HTTP/1.1 411") and "Content-Length is required" in reply
+
+
 def test_unknown_path_is_404(server) -> None:
     assert _post(server.url, "/v1/chat/completions", _request())[0] == 404
     assert _post(server.url, "/admin", b"GET")[0] == 404

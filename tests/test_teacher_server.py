@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -208,6 +209,27 @@ def test_client_top_k_is_aligned_with_causal_logits(server, reference) -> None:
         assert torch.allclose(topk.tail[row, :n].double(), exact_tail, atol=1e-4)
 
 
+def test_client_target_top_k_is_aligned_with_score_targets(server, reference) -> None:
+    """Row j of a target: the teacher's distribution of target token j, as kdlab.models.score_targets' logits."""
+    from kdlab.data.datamodule import pad
+    from kdlab.models import load_model, score_targets
+
+    tokenizer, _ = reference
+    prompts, targets = [[1, 48, 30, 9], [1, 22]], [[57, 61, 12], [5, 600, 33, 2]]
+    client = TeacherClient(server.url, top_k=5, api_key=KEY)
+    client.check(746)
+    got = client.target_top_k(prompts, targets)
+    prompt_ids, prompt_mask = pad(prompts, tokenizer.pad_token_id, "left")
+    target_ids, target_mask = pad(targets, tokenizer.pad_token_id, "right")
+    teacher = load_model(_compose(["teacher=arith_teacher"]).teacher, tokenizer).eval()
+    with torch.no_grad():
+        logits = score_targets(teacher, prompt_ids, prompt_mask, target_ids, target_mask)
+    want = torch.log_softmax(logits.double(), dim=-1).topk(5)
+    assert torch.equal(got.mask, target_mask)
+    assert torch.equal(got.ids[target_mask], want.indices[target_mask])
+    assert torch.allclose(got.logprobs[target_mask].double(), want.values[target_mask], atol=1e-5)
+
+
 def test_client_refuses_another_tokenizer(server) -> None:
     with pytest.raises(TeacherServerError, match="vocabulary of 746 tokens, the student 500"):
         TeacherClient(server.url, top_k=4, api_key=KEY).check(500)
@@ -295,6 +317,44 @@ def test_client_retries_5xx_and_not_4xx() -> None:
     finally:
         flaky.shutdown()
         flaky.server_close()
+
+
+@pytest.mark.parametrize("entries,message", [
+    ([None, {"7": {"logprob": -0.1}}], "returned 1 log-probabilities per token, fewer than top_k=2"),
+    ([None, None], "malformed prompt_logprobs entry at position 1"),
+    ([None, {"7": {"rank": 1}, "8": {"rank": 2}}], "malformed prompt_logprobs entry at position 1"),
+    ([None], "prompt_logprobs of length 1 for a sequence of 2 tokens"),
+])
+def test_client_names_a_malformed_answer(entries, message) -> None:
+    """A server that answers 200 with the wrong content (a proxy, another API) gets one clear line too."""
+    class Canned(BaseHTTPRequestHandler):
+        def _send(self, payload: dict) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._send({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send({"choices": [{"index": 0, "prompt_logprobs": entries}]})
+
+        def log_message(self, *args) -> None:
+            pass
+
+    canned = ThreadingHTTPServer(("127.0.0.1", 0), Canned)
+    threading.Thread(target=canned.serve_forever, daemon=True).start()
+    try:
+        client = TeacherClient(f"http://127.0.0.1:{canned.server_address[1]}", top_k=2, retries=0)
+        assert client.check(746)["id"] == "m"
+        with pytest.raises(TeacherServerError, match=re.escape(message)):
+            client.top_k([[1, 7]])
+    finally:
+        canned.shutdown()
+        canned.server_close()
 
 
 def test_the_command_line_server_serves_the_composed_teacher(reference) -> None:

@@ -3,6 +3,7 @@
     client = TeacherClient("http://127.0.0.1:8000", top_k=32, api_key=...)
     client.check(vocab_size=len(tokenizer), tokenizer_fingerprint=...)   # once, at start-up
     topk = client.top_k(sequences)   # prompt + target ids per row, ground truth or the student's own samples
+    topk = client.target_top_k(prompts, targets)   # the same, aligned with score_targets' (batch, target, vocab)
 
 Alignment: `topk.logprobs[b, t]` is the teacher's distribution of token t + 1 of sequence b given tokens 0..t,
 the same alignment as a causal model's `logits[b, t]` over the same ids. The last token of each sequence has no
@@ -109,6 +110,22 @@ class TeacherClient:
         tail = tail_log_mass(logprobs).float().masked_fill(~mask, 0.0)
         return TopK(logprobs.masked_fill(~mask[..., None], 0.0), ids, tail, mask)
 
+    def target_top_k(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> TopK:
+        """Top-k aligned as `kdlab.models.score_targets`' logits: row j of example b is the distribution of
+        targets[b][j] given the prompt and targets[b][:j]; (batch, longest target, k), mask False past a target."""
+        if any(len(p) < 1 for p in prompts):
+            raise ValueError("every prompt needs at least one token (the first target token is predicted from it)")
+        full = self.top_k([list(p) + list(t) for p, t in zip(prompts, targets)])
+        width = max(1, max(len(t) for t in targets))
+        out = TopK(torch.zeros(len(prompts), width, self.k), torch.zeros(len(prompts), width, self.k, dtype=torch.long),
+                   torch.zeros(len(prompts), width), torch.zeros(len(prompts), width, dtype=torch.bool))
+        for row, (prompt, target) in enumerate(zip(prompts, targets)):
+            rows = slice(len(prompt) - 1, len(prompt) - 1 + len(target))
+            n = len(target)
+            out.logprobs[row, :n], out.ids[row, :n] = full.logprobs[row, rows], full.ids[row, rows]
+            out.tail[row, :n], out.mask[row, :n] = full.tail[row, rows], full.mask[row, rows]
+        return out
+
     def _fill(self, row: int, seq: list[int], entries: Any, logprobs: Tensor, ids: Tensor, mask: Tensor) -> None:
         """Row `row` from one choice's prompt_logprobs: entry t + 1 goes to position t, its k largest entries."""
         if not isinstance(entries, list) or len(entries) != len(seq):
@@ -116,7 +133,11 @@ class TeacherClient:
             raise TeacherServerError(f"teacher server at {self.url} returned prompt_logprobs of length {got} for a "
                                      f"sequence of {len(seq)} tokens (does it serve prompt_logprobs?)")
         for t, entry in enumerate(entries[1:]):
-            ranked = sorted(((float(v["logprob"]), int(token)) for token, v in entry.items()), reverse=True)
+            try:
+                ranked = sorted(((float(v["logprob"]), int(token)) for token, v in entry.items()), reverse=True)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise TeacherServerError(f"teacher server at {self.url} returned a malformed prompt_logprobs entry "
+                                         f"at position {t + 1}: {str(entry)[:80]}") from None
             if len(ranked) < self.k:
                 raise TeacherServerError(f"teacher server at {self.url} returned {len(ranked)} log-probabilities "
                                          f"per token, fewer than top_k={self.k} (vllm serve: --max-logprobs)")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from transformers import (
     AutoConfig,
@@ -23,6 +24,8 @@ from transformers import (
     AutoTokenizer,
     BloomConfig,
     BloomForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     LlamaConfig,
@@ -35,12 +38,15 @@ from transformers import (
     PreTrainedTokenizerBase,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
 
 # Architectures a preset can build from config with random weights (tests, ablations, `teacher=tiny_opt`): one per
-# family of the papers' models (GKD: T5; MultiLevelOT: Llama, Mistral, Qwen2 teachers, OPT, Pythia, BLOOM students).
+# family of the papers' models (GKD: T5; MultiLevelOT: Llama, Mistral, Qwen2 teachers, OPT, Pythia, BLOOM students),
+# and of the pairs distilled today (Qwen3; Gemma 3's text model; Llama 3.x and SmolLM2 are `llama`).
 ARCHITECTURES: dict[str, tuple[type, type]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "t5": (T5Config, T5ForConditionalGeneration),
@@ -49,6 +55,8 @@ ARCHITECTURES: dict[str, tuple[type, type]] = {
     "bloom": (BloomConfig, BloomForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,7 +107,7 @@ def _from_pretrained(loader, source: str, what: str, **kwargs):
             f"`student.path=/path/to/model_dir` or `teacher.path=...` (a folder written by save_pretrained, or by "
             f"`hf download {source} --local-dir model_dir` where there is network), or set HF_HOME to a cache that "
             f"holds it. "
-            f"Gated models (Llama 2) also need an accepted licence and HF_TOKEN."
+            f"Gated models (Llama, Gemma) also need an accepted licence and HF_TOKEN."
         ) from err
 
 
@@ -131,8 +139,15 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
         kwargs = {"dtype": dtype, **hub}
         if model_cfg.get("attn_implementation"):
             kwargs["attn_implementation"] = model_cfg["attn_implementation"]
-        return _from_pretrained(loader, source, "model", **kwargs)
+        model = _from_pretrained(loader, source, "model", **kwargs)
+    else:
+        model = _build(model_cfg, tokenizer, dtype)
+    return model
 
+
+def _build(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> PreTrainedModel:
+    """A random-init `architecture` with the tokenizer's special ids and its vocabulary, unless `config.vocab_size`
+    pads the output layer beyond it (as Qwen, Gemma and Llama checkpoints do)."""
     architecture = model_cfg.get("architecture")
     if architecture not in ARCHITECTURES:
         raise ValueError(
@@ -149,8 +164,16 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
     }
     if architecture == "t5":
         special["decoder_start_token_id"] = tokenizer.pad_token_id
-    config = config_cls(**special, **dict(model_cfg.get("config") or {}))
-    model = model_cls(config).to(dtype)
+    overrides = model_cfg.get("config") or {}
+    if isinstance(overrides, DictConfig):  # plain lists and dicts: configs validate field types (layer_types)
+        overrides = OmegaConf.to_container(overrides, resolve=True)
+    settings = {**special, **overrides}
+    if settings["vocab_size"] < len(tokenizer):
+        raise ValueError(
+            f"model '{model_cfg.get('name')}': config.vocab_size={settings['vocab_size']} is smaller than its "
+            f"tokenizer ({len(tokenizer)} tokens); leave it out, or pad beyond {len(tokenizer)}"
+        )
+    model = model_cls(config_cls(**settings)).to(dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

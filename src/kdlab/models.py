@@ -126,6 +126,8 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
 
     Pretrained: `dtype`, `attn_implementation` (sdpa, eager, flash_attention_2), `revision` and `trust_remote_code`
     (default false) go to `from_pretrained`. Random init draws from torch's global RNG, so the run seed fixes it.
+    `gradient_checkpointing: true` recomputes each transformer block in backward instead of keeping its activations
+    (in train mode only; it changes no value).
     """
     dtype_name = model_cfg.get("dtype", "float32")
     if dtype_name not in DTYPES:
@@ -142,7 +144,20 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
         model = _from_pretrained(loader, source, "model", **kwargs)
     else:
         model = _build(model_cfg, tokenizer, dtype)
+    if model_cfg.get("gradient_checkpointing", False):
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each transformer block in backward (non-reentrant checkpoints: no input needs grad). Idempotent, so
+    FSDP's `strategy.activation_checkpointing` may enable it again. transformers >= 5.24 names it
+    `activation_checkpointing_enable` (the older name warns)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _build(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> PreTrainedModel:

@@ -31,6 +31,7 @@ from kdlab.models import (
     load_tokenizer,
     score_targets,
 )
+from kdlab.rundir import RESULTS, STUDENT
 from tests.conftest import CONF_DIR, TINY_RUN, compose
 
 # (group, preset) -> (hub id, the class transformers builds for it, paper)
@@ -239,9 +240,9 @@ def test_tiny_preset_trains_end_to_end(preset, tmp_path):
     overrides = [o for o in TINY_RUN if not o.startswith(("teacher=", "student=", "trainer.max_steps="))]
     cfg = compose([*overrides, "trainer.max_steps=2", f"teacher={preset}", f"student={preset}"], output_dir=tmp_path)
     run(cfg)
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / RESULTS).read_text())
     assert results["steps"] == 2
     loader = AutoModelForSeq2SeqLM if preset == "tiny_t5" else AutoModelForCausalLM
-    exported = loader.from_pretrained(tmp_path / "student")
+    exported = loader.from_pretrained(tmp_path / STUDENT)
     architecture = OmegaConf.load(CONF_DIR / "student" / f"{preset}.yaml").architecture
     assert type(exported) is ARCHITECTURES[architecture][1]

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdlab.resilience import NonFiniteGuard, TrainingDiverged, step_seed
+from kdlab.rundir import CHECKPOINTS, RESULTS, STUDENT, last_checkpoint
 from kdlab.train import run
 from tests.conftest import REPO, TINY_RUN, compose
 
@@ -31,7 +32,7 @@ def _train(run_dir, *overrides, check=True):
 
 
 def _weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "student" / "model.safetensors"))
+    return load_file(str(run_dir / STUDENT / "model.safetensors"))
 
 
 @pytest.mark.slow
@@ -41,18 +42,18 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_with_the_same_weights(
     done = _train(killed, "+callbacks.kill._target_=tests.callbacks.SignalAt", "+callbacks.kill.step=2", check=False)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
     assert "interrupted at step 3" in done.stderr + done.stdout
-    assert (killed / "checkpoints" / "last.ckpt").exists() and not (killed / "results.json").exists()
-    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert last_checkpoint(killed).exists() and not (killed / RESULTS).exists()
+    assert torch.load(last_checkpoint(killed), weights_only=False)["global_step"] == 3
 
     _train(killed, "ckpt_path=last")
-    results = json.loads((killed / "results.json").read_text())
+    results = json.loads((killed / RESULTS).read_text())
     assert results["steps"] == 6
     ours, reference = _weights(killed), _weights(straight)
     assert ours.keys() == reference.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-6, msg=name)
     # the resumed half sampled on-policy too (not only fixed data): a draw the policy makes from (seed, step)
-    straight_results = json.loads((straight / "results.json").read_text())
+    straight_results = json.loads((straight / RESULTS).read_text())
     assert straight_results["onpolicy_fraction"] > 0
 
 
@@ -61,7 +62,7 @@ def test_sigterm_outside_training_stops_the_run_at_once(tmp_path):
                   check=False)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
     assert "outside training" in done.stderr
-    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "results.json").exists()
+    assert not (tmp_path / CHECKPOINTS).exists() and not (tmp_path / RESULTS).exists()
 
 
 def test_ckpt_path_last_without_a_checkpoint_says_how_to_fix_it_and_auto_starts_afresh(tmp_path):
@@ -70,9 +71,9 @@ def test_ckpt_path_last_without_a_checkpoint_says_how_to_fix_it_and_auto_starts_
     with pytest.raises(FileNotFoundError, match="ckpt_path=auto"):
         resolve_ckpt_path("last", tmp_path)
     assert resolve_ckpt_path("auto", tmp_path) is None
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
-    assert resolve_ckpt_path("auto", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+    (tmp_path / CHECKPOINTS).mkdir()
+    last_checkpoint(tmp_path).write_bytes(b"")
+    assert resolve_ckpt_path("auto", tmp_path) == str(last_checkpoint(tmp_path))
 
 
 def _run_with(tmp_path, callback, overrides=()):
@@ -100,7 +101,7 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, what):
 
     poison = NonFiniteAt(steps=[1], what=what)
     _run_with(tmp_path, poison)
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / RESULTS).read_text())
     assert results["steps"] == 4 and results["skipped_nonfinite_steps"] == 1
     for before, after in zip(poison.before[1], poison.after[1]):
         assert torch.equal(before, after)  # the poisoned step changed nothing
@@ -114,13 +115,13 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
     poison = NonFiniteAt(steps=[2, 3, 4], what="loss")
     with pytest.raises(TrainingDiverged, match=r"3 steps in a row .*lower optimizer.lr.*last.ckpt"):
         _run_with(tmp_path, poison, ["trainer.max_steps=6", "nonfinite.max_consecutive_steps=3"])
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(last_checkpoint(tmp_path), weights_only=False)
     weights = [v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")]
     assert all(torch.isfinite(w).all() for w in weights)
     good = poison.after[1]  # the weights after the last good step are the ones the checkpoint holds
     for saved, expected in zip(weights, good):
         assert torch.equal(saved, expected)
-    assert not (tmp_path / "results.json").exists()
+    assert not (tmp_path / RESULTS).exists()
 
 
 def test_guard_counts_only_consecutive_failures():

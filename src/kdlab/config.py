@@ -1,4 +1,4 @@
-"""Start-up validation of a composed config, and the `${kdlab.asset:...}` resolver for files shipped in the package.
+"""Start-up validation of a composed config.
 
 `validate` gathers every problem before anything heavy is built and raises one error listing them, each naming the
 key and the fix: a sweep should fail in its first second, not after a teacher has loaded.
@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from kdlab import ASSETS_DIR
 from kdlab.data.tasks import task_config_errors
 from kdlab.losses.objective import SFT
 from kdlab.losses.registry import (
@@ -24,43 +23,6 @@ from kdlab.policy import FIXED_SOURCES
 
 LOSS_COMMON_KEYS = {"name", "temperature", "ce_weight", "reduction", "chunk_size"}
 REDUCTIONS = ("token_mean", "sequence_mean", "sum")
-
-
-def register_resolvers() -> None:
-    """`${kdlab.asset:arith/teacher}`: absolute path of a file or folder shipped in `kdlab/assets/`."""
-    if not OmegaConf.has_resolver("kdlab.asset"):
-        OmegaConf.register_new_resolver("kdlab.asset", lambda rel: str(ASSETS_DIR / rel))
-    if not OmegaConf.has_resolver("kdlab.concat"):  # `${kdlab.concat:[a,b],${tags}}` -> one list
-        OmegaConf.register_new_resolver("kdlab.concat", lambda *lists: [x for part in lists for x in part])
-    if not OmegaConf.has_resolver("kdlab.sweep_group"):  # `${kdlab.sweep_group:<name outside a multirun>}`
-        OmegaConf.register_new_resolver("kdlab.sweep_group", _sweep_group)
-    if not OmegaConf.has_resolver("kdlab.method"):  # `${kdlab.method:${loss}}` -> fkl, jsd(0.9), ...
-        OmegaConf.register_new_resolver("kdlab.method", _method_label)
-
-
-def in_multirun() -> bool:
-    """True inside a job of a Hydra multirun (`python train.py -m ...`)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _sweep_group(default: str) -> str:
-    """The jobs of one multirun share one W&B group, named after the sweep directory; a single run keeps `default`."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not in_multirun():
-        return default
-    from kdlab.report.runs import sweep_group_name
-
-    return sweep_group_name(HydraConfig.get().sweep.dir)
-
-
-def _method_label(loss: Any) -> str:
-    from kdlab.report.runs import method_label
-
-    return method_label(OmegaConf.to_container(loss, resolve=True) if isinstance(loss, DictConfig) else loss)
 
 
 class ConfigError(ValueError):

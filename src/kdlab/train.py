@@ -20,7 +20,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from kdlab.config import config_errors, raise_if_any, register_resolvers, vocabulary_errors
+from kdlab import rundir
+from kdlab.config import ConfigError, config_errors, raise_if_any, vocabulary_errors
 from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.sources import DataUnavailableError
 from kdlab.data.tasks import Task
@@ -31,6 +32,7 @@ from kdlab.models import HubUnavailableError, load_model, load_tokenizer, same_v
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
 from kdlab.resilience import PreemptionCheckpoint, RunInterrupted, TrainingDiverged, stop_on_sigterm
+from kdlab.resolvers import in_multirun, register_resolvers
 from kdlab.rewards import RewardTerm
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -99,12 +101,12 @@ def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.T
     strategy = cfg.strategy
     strategy = hydra.utils.instantiate(strategy) if "_target_" in strategy else strategy.name
     checkpoints = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints",
+        dirpath=output_dir / rundir.CHECKPOINTS,
         save_last=True,
         save_top_k=0,
         every_n_train_steps=cfg.checkpoint.every_n_train_steps,
     )
-    preemption = PreemptionCheckpoint(last_checkpoint(output_dir))
+    preemption = PreemptionCheckpoint(rundir.last_checkpoint(output_dir))
     extra = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
     callbacks = [checkpoints, preemption, LearningRateMonitor(logging_interval="step"), *extra]
     # FSDP2 allocates its gather buffers lazily at the first forward; under inference mode (Lightning's default for
@@ -117,14 +119,10 @@ def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.T
     return trainer, preemption
 
 
-def last_checkpoint(output_dir: Path) -> Path:
-    return output_dir / "checkpoints" / "last.ckpt"
-
-
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     """`ckpt_path=last` resumes from this run directory's `checkpoints/last.ckpt` (which must exist); `auto` resumes
     from it when it exists and starts afresh otherwise (for jobs a scheduler may requeue); a path is used as is."""
-    last = last_checkpoint(output_dir)
+    last = rundir.last_checkpoint(output_dir)
     if ckpt_path == "last":
         if not last.exists():
             raise FileNotFoundError(f"ckpt_path=last: {last} does not exist; point hydra.run.dir at the run to "
@@ -176,6 +174,35 @@ def run(cfg: DictConfig) -> float:
         raise
 
 
+def run_job(cfg: DictConfig) -> float:
+    """`run` as one Hydra job (what the root train.py calls): the job's directory records how the job ended, for
+    `kdlab-report` and for a resume.
+
+    A job that raises leaves `failed.json` (the error in one line, and the traceback). In a multirun the error then
+    goes back to Hydra, whose launcher records it and goes on with the next job (it re-raises the first failure once
+    the sweep is done), so `kdlab-report` can list the failed run beside the others' results. A job stopped by a
+    signal or Ctrl-C leaves `interrupted.json` instead (it can resume) and stops the sweep. A job that finishes
+    clears the markers of an earlier attempt in the same directory.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        value = run(cfg)
+    except Exception as err:
+        rundir.write_marker(run_dir, err, rundir.FAILURE_MARKER)
+        if isinstance(err, ConfigError) and not in_multirun():
+            sys.exit(f"error: {err}")  # the message lists every problem and its fix; a stack trace would only bury it
+        # In a multirun, SystemExit would end the whole sweep: an exception lets Hydra go on with the next job.
+        print(f"error: job failed: {type(err).__name__}: {err}", file=sys.stderr)
+        raise
+    except (KeyboardInterrupt, SystemExit) as err:  # stopped on a signal: resumable, so unfinished rather than failed
+        rundir.write_marker(run_dir, err, rundir.INTERRUPTION_MARKER)
+        raise
+    rundir.mark_finished(run_dir, keep_checkpoints=bool(cfg.get("keep_checkpoints", True)))
+    return value
+
+
 def _run(cfg: DictConfig) -> float:
     register_resolvers()
     student_tokenizer, teacher_tokenizer, task = validate(cfg)
@@ -214,7 +241,7 @@ def _run(cfg: DictConfig) -> float:
         trainer, preemption = build_trainer(cfg, loggers, output_dir)
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         if trainer.is_global_zero:
-            OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+            OmegaConf.save(cfg, output_dir / rundir.CONFIG, resolve=True)
         generations = output_dir / "generations"
         teacher_scores = None
         if teacher is not None and cfg.eval.teacher:
@@ -227,13 +254,14 @@ def _run(cfg: DictConfig) -> float:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except TrainingDiverged as err:
-            raise TrainingDiverged(f"{err}. Checkpoint: {last_checkpoint(output_dir)}") from None
+            raise TrainingDiverged(f"{err}. Checkpoint: {rundir.last_checkpoint(output_dir)}") from None
         wall_time = time.perf_counter() - start
         if preemption.stopped_by is not None:
-            message = (f"interrupted at step {preemption.stopped_at_step}; {last_checkpoint(output_dir)} is saved. "
+            last = rundir.last_checkpoint(output_dir)
+            message = (f"interrupted at step {preemption.stopped_at_step}; {last} is saved. "
                        f"Resume with: python train.py <same overrides> hydra.run.dir={output_dir} ckpt_path=last")
             raise RunInterrupted(preemption.stopped_by, message)
-        trainer.save_checkpoint(last_checkpoint(output_dir))
+        trainer.save_checkpoint(rundir.last_checkpoint(output_dir))
 
         after = evaluate(trainer, module, datamodule, "student", generations / "student_after.jsonl")
         results = {
@@ -255,9 +283,9 @@ def _run(cfg: DictConfig) -> float:
             "data": task.report.to_dict(),
         }
         if cfg.export:
-            module.export_student(str(output_dir / "student"))  # every process: a sharded student is gathered
+            module.export_student(str(output_dir / rundir.STUDENT))  # every process: a sharded student is gathered
         if trainer.is_global_zero:
-            (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+            (output_dir / rundir.RESULTS).write_text(json.dumps(results, indent=2))
             print(f"\n{format_results_table(results)}\n\nrun directory: {output_dir}")
         succeeded = True
         return float(after[task.metric_name])

@@ -7,13 +7,15 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from kdlab.resilience import NonFiniteGuard, TrainingDiverged, step_seed
-from kdlab.rundir import CHECKPOINTS, RESULTS, STUDENT, last_checkpoint
+from kdlab.rundir import CHECKPOINTS, LAST_CHECKPOINT, RESULTS, STUDENT, last_checkpoint
 from kdlab.train import run
 from tests.conftest import REPO, TINY_RUN, compose
 
@@ -43,6 +45,7 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_with_the_same_weights(
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
     assert "interrupted at step 3" in done.stderr + done.stdout
     assert last_checkpoint(killed).exists() and not (killed / RESULTS).exists()
+    assert [p.name for p in (killed / CHECKPOINTS).iterdir()] == [LAST_CHECKPOINT]  # saved once: no last-v1.ckpt
     assert torch.load(last_checkpoint(killed), weights_only=False)["global_step"] == 3
 
     _train(killed, "ckpt_path=last")
@@ -93,6 +96,38 @@ def _run_with(tmp_path, callback, overrides=()):
         return run(cfg)
     finally:
         train_module.build_trainer = original
+
+
+def _record_saves(monkeypatch) -> list[tuple[str, int]]:
+    """(file name, global step) of every checkpoint the trainer writes."""
+    import lightning as L
+
+    saves, save = [], L.Trainer.save_checkpoint
+
+    def recording(trainer, filepath, *args, **kwargs):
+        saves.append((Path(filepath).name, trainer.global_step))
+        return save(trainer, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", recording)
+    return saves
+
+
+def test_sigterm_saves_the_checkpoint_of_its_step_once(tmp_path, monkeypatch):
+    from tests.callbacks import SignalAt
+
+    saves = _record_saves(monkeypatch)
+    with pytest.raises(SystemExit) as stopped:
+        _run_with(tmp_path, SignalAt(step=2), ["checkpoint.every_n_train_steps=100"])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert saves == [(LAST_CHECKPOINT, 3)]
+    assert [p.name for p in (tmp_path / CHECKPOINTS).iterdir()] == [LAST_CHECKPOINT]
+
+
+def test_periodic_checkpoints_and_the_final_one_save_each_step_once(tmp_path, monkeypatch):
+    saves = _record_saves(monkeypatch)
+    _run_with(tmp_path, Callback(), ["checkpoint.every_n_train_steps=2"])  # 4 steps: saves at 2 and 4, the end
+    assert saves == [(LAST_CHECKPOINT, 2), (LAST_CHECKPOINT, 4)]
+    assert torch.load(last_checkpoint(tmp_path), weights_only=False)["global_step"] == 4
 
 
 @pytest.mark.parametrize("what", ["loss", "gradient"])

@@ -16,7 +16,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,7 +31,7 @@ from kdlab.losses.objective import build_objective
 from kdlab.models import HubUnavailableError, load_model, load_tokenizer, same_vocabulary
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
-from kdlab.resilience import PreemptionCheckpoint, RunInterrupted, TrainingDiverged, stop_on_sigterm
+from kdlab.resilience import LastCheckpoint, PreemptionCheckpoint, RunInterrupted, TrainingDiverged, stop_on_sigterm
 from kdlab.resolvers import in_multirun, register_resolvers
 from kdlab.rewards import RewardTerm
 
@@ -100,21 +100,16 @@ def build_loggers(cfg: DictConfig) -> list:
 def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.Trainer, PreemptionCheckpoint]:
     strategy = cfg.strategy
     strategy = hydra.utils.instantiate(strategy) if "_target_" in strategy else strategy.name
-    checkpoints = ModelCheckpoint(
-        dirpath=output_dir / rundir.CHECKPOINTS,
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
-    )
-    preemption = PreemptionCheckpoint(rundir.last_checkpoint(output_dir))
+    last = LastCheckpoint(rundir.last_checkpoint(output_dir), int(cfg.checkpoint.every_n_train_steps))
+    preemption = PreemptionCheckpoint(last)
     extra = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
-    callbacks = [checkpoints, preemption, LearningRateMonitor(logging_interval="step"), *extra]
+    callbacks = [last, preemption, LearningRateMonitor(logging_interval="step"), *extra]
     # FSDP2 allocates its gather buffers lazily at the first forward; under inference mode (Lightning's default for
     # validate, which runs first) they would become inference tensors that training cannot use. no_grad instead.
     inference_mode = not isinstance(strategy, FSDP2Strategy) and cfg.trainer.get("inference_mode", True)
     trainer = hydra.utils.instantiate(
         cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir),
-        inference_mode=inference_mode,
+        inference_mode=inference_mode, enable_checkpointing=False,  # LastCheckpoint is the one writer of last.ckpt
     )
     return trainer, preemption
 
@@ -261,7 +256,6 @@ def _run(cfg: DictConfig) -> float:
             message = (f"interrupted at step {preemption.stopped_at_step}; {last} is saved. "
                        f"Resume with: python train.py <same overrides> hydra.run.dir={output_dir} ckpt_path=last")
             raise RunInterrupted(preemption.stopped_by, message)
-        trainer.save_checkpoint(rundir.last_checkpoint(output_dir))
 
         after = evaluate(trainer, module, datamodule, "student", generations / "student_after.jsonl")
         results = {

@@ -11,9 +11,9 @@ from kdlab.data.tasks import Task
 from kdlab.generation import SamplingSettings
 from kdlab.losses import forward_kl
 from kdlab.losses.objective import Objective
-from kdlab.models import score_targets
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
+from kdlab.scoring import score_targets
 from tests.conftest import tiny_model
 
 TASK = {"name": "arith", "train_size": 32, "val_size": 8, "eval_examples": 8, "batch_size": 4, "eval_batch_size": 8,
@@ -148,7 +148,7 @@ def test_scoring_in_length_groups_gives_the_loss_of_one_padded_batch(tokenizer):
     datamodule.setup()
     batch = next(iter(datamodule.train_dataloader()))
     ids, mask, _, _ = module._targets(batch, "ground_truth")  # answers of different lengths
-    from kdlab.models import length_groups
+    from kdlab.scoring import length_groups
 
     assert len(length_groups(batch["prompt_mask"].sum(1).tolist(), mask.sum(1).tolist(), 4)) > 1
     losses = {}

@@ -19,19 +19,18 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from kdlab import models
+from kdlab import models, scoring
 from kdlab.data.datamodule import pad
 from kdlab.generation import SamplingSettings, generate_targets
 from kdlab.models import (
     ARCHITECTURES,
     DTYPES,
     HubUnavailableError,
-    is_encoder_decoder,
     load_model,
     load_tokenizer,
-    score_targets,
 )
 from kdlab.rundir import RESULTS, STUDENT
+from kdlab.scoring import is_encoder_decoder, score_targets
 from tests.conftest import CONF_DIR, TINY_RUN, compose
 
 # (group, preset) -> (hub id, the class transformers builds for it, paper)
@@ -194,7 +193,7 @@ def test_tiny_preset_scores_padded_batches_like_unpadded_rows(preset):
 
 
 def test_position_ids_go_only_to_models_that_take_them():
-    takes = {name: models._takes_position_ids(_tiny(name)[0]) for name in TINY_PRESETS if name != "tiny_t5"}
+    takes = {name: scoring._takes_position_ids(_tiny(name)[0]) for name in TINY_PRESETS if name != "tiny_t5"}
     assert takes == {"tiny": True, "tiny_opt": True, "tiny_gpt_neox": True, "tiny_bloom": False,
                      "tiny_mistral": True, "tiny_qwen2": True}
 

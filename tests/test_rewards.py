@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdlab.models import score_targets
 from kdlab.rewards import (
     FinalAnswerCorrect,
     RewardTerm,
@@ -17,6 +16,7 @@ from kdlab.rewards import (
     policy_gradient_loss,
 )
 from kdlab.rundir import RESULTS, STUDENT
+from kdlab.scoring import score_targets
 from tests.conftest import TINY_RUN, compose, tiny_model
 
 

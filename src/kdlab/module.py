@@ -24,11 +24,11 @@ from kdlab.data.tasks import Task
 from kdlab.distributed import FSDP2Strategy, any_rank, full_state_dict, global_token_mean, is_sharded, shard_model
 from kdlab.generation import SamplingSettings, generate_targets
 from kdlab.losses.objective import Objective
-from kdlab.models import score_targets
 from kdlab.policy import STUDENT, DataPolicy
 from kdlab.resilience import NonFiniteGuard, step_seed
 from kdlab.retokenize import response_texts, retokenize
 from kdlab.rewards import RewardTerm, leave_one_out_advantages, policy_gradient_loss
+from kdlab.scoring import score_targets
 
 TEACHER_PREFIX = "teacher."
 

@@ -14,7 +14,18 @@ GROUPS = ["task", "teacher", "student", "loss", "policy", "reward", "trainer", "
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """A group's options: its files, less the partials (`_defaults.yaml`) that options include."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _leaves(node: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 # Options that are only valid together with others (no teacher means SFT).
@@ -27,6 +38,21 @@ def test_every_option_composes_resolves_and_validates(group, option, tmp_path):
     cfg = compose([override, *COMPANIONS.get(override, [])], output_dir=tmp_path)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert config_errors(cfg) == []
+
+
+def test_task_files_leave_shared_values_to_their_defaults():
+    """Each task default lives once: a task file sets only what differs from `_defaults.yaml` (and, for datasets,
+    `_dataset.yaml`), so changing a shared default cannot miss a task."""
+    import yaml
+
+    shared = {name: _leaves(yaml.safe_load((CONF_DIR / "task" / f"{name}.yaml").read_text()))
+              for name in ("_defaults", "_dataset")}
+    for option in _options("task"):
+        own = yaml.safe_load((CONF_DIR / "task" / f"{option}.yaml").read_text())
+        assert own["defaults"][-1] == "_self_" and own["defaults"][0] in shared, option
+        for base in shared.values():
+            repeated = {k: v for k, v in _leaves(own).items() if k in base and base[k] == v and k != "defaults"}
+            assert repeated == {}, f"conf/task/{option}.yaml repeats {repeated}"
 
 
 def test_each_group_has_options():

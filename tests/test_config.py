@@ -92,6 +92,9 @@ def test_teacher_none_means_no_teacher(tmp_path):
         (["loss.temperature=0"], "loss.temperature=0 must be > 0"),
         (["policy.sampling.top_p=0"], "top_p=0 must be in (0, 1]"),
         (["policy=seqkd", "teacher=none", "loss=sft"], "samples from the teacher but teacher=null"),
+        (["score_groups=0"], "score_groups=0 must be a positive integer"),
+        (["nonfinite.max_consecutive_steps=0"], "nonfinite.max_consecutive_steps=0 must be a positive integer"),
+        (["loss.reduction=mean"], "loss.reduction=mean is unknown; choose one of"),
     ],
 )
 def test_bad_values_fail_with_the_fix(overrides, message, tmp_path):
@@ -99,6 +102,22 @@ def test_bad_values_fail_with_the_fix(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert message in str(err.value)
+
+
+def test_run_settings_fail_at_start_up_before_any_model_loads(tmp_path, monkeypatch):
+    """score_groups and nonfinite were checked by the module, once both models had loaded; now by the config."""
+    from kdlab import train
+    from kdlab.train import run
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(train, "load_model", no_loading)
+    cfg = compose(["score_groups=-1", "nonfinite.max_consecutive_steps=0"], output_dir=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        run(cfg)
+    assert "score_groups=-1 must be" in str(err.value) and "score_groups=1 scores one padded batch" in str(err.value)
+    assert "nonfinite.max_consecutive_steps=0 must be" in str(err.value)
 
 
 def test_all_problems_are_reported_at_once(tmp_path):

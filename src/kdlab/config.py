@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig
 
 from kdlab.data.tasks import task_config_errors
+from kdlab.losses.divergences import REDUCTIONS
 from kdlab.losses.objective import SFT
 from kdlab.losses.registry import (
     CROSS_TOKENIZER_LOSSES,
@@ -22,7 +23,6 @@ from kdlab.losses.registry import (
 from kdlab.policy import FIXED_SOURCES
 
 LOSS_COMMON_KEYS = {"name", "temperature", "ce_weight", "reduction", "chunk_size"}
-REDUCTIONS = ("token_mean", "sequence_mean", "sum")
 
 
 class ConfigError(ValueError):
@@ -97,7 +97,7 @@ def config_errors(cfg: DictConfig) -> list[str]:
     """Every problem found in the config without loading anything."""
     from kdlab.rewards import reward_config_errors
 
-    errors = _loss_errors(cfg.loss) + _policy_errors(cfg.policy) + task_config_errors(cfg.task)
+    errors = _loss_errors(cfg.loss) + _policy_errors(cfg.policy) + task_config_errors(cfg.task) + _run_errors(cfg)
     errors += reward_config_errors(cfg.get("reward"), float(cfg.policy.get("student_fraction", 0.0)))
     loss_name = cfg.loss.get("name")
     has_teacher = cfg.get("teacher") is not None
@@ -111,6 +111,20 @@ def config_errors(cfg: DictConfig) -> list[str]:
             f"loss=sft with policy.student_fraction={fraction}: cross-entropy on the student's own samples only "
             f"reinforces them; use policy=supervised (or policy=seqkd with a teacher) for SFT"
         )
+    return errors
+
+
+def _run_errors(cfg: DictConfig) -> list[str]:
+    """Settings of the training run itself (conf/train.yaml), which the module would otherwise meet only after the
+    models have loaded."""
+    errors = []
+    if int(cfg.score_groups) < 1:
+        errors.append(f"score_groups={cfg.score_groups} must be a positive integer (the most groups of rows of "
+                      f"similar length a batch is scored in); score_groups=1 scores one padded batch")
+    steps = int(cfg.nonfinite.max_consecutive_steps)
+    if steps < 1:
+        errors.append(f"nonfinite.max_consecutive_steps={steps} must be a positive integer (how many skipped "
+                      f"non-finite steps in a row stop the run); 1 stops at the first")
     return errors
 
 

@@ -174,11 +174,11 @@ class PreemptionCheckpoint(Callback):
 
 
 class NonFiniteGuard:
-    """Counts consecutive skipped steps; `record` raises TrainingDiverged once `max_consecutive` is reached."""
+    """Counts consecutive skipped steps; `record` raises TrainingDiverged once `max_consecutive` is reached.
 
-    def __init__(self, max_consecutive: int = 3):
-        if max_consecutive < 1:
-            raise ValueError(f"nonfinite.max_consecutive_steps={max_consecutive} must be at least 1")
+    `max_consecutive` comes from `nonfinite.max_consecutive_steps` (its default and its check live in the config)."""
+
+    def __init__(self, max_consecutive: int):
         self.max_consecutive = max_consecutive
         self.streak = 0
         self.skipped = 0

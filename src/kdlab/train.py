@@ -194,7 +194,7 @@ def run_job(cfg: DictConfig) -> float:
     except (KeyboardInterrupt, SystemExit) as err:  # stopped on a signal: resumable, so unfinished rather than failed
         rundir.write_marker(run_dir, err, rundir.INTERRUPTION_MARKER)
         raise
-    rundir.mark_finished(run_dir, keep_checkpoints=bool(cfg.get("keep_checkpoints", True)))
+    rundir.mark_finished(run_dir, keep_checkpoints=bool(cfg.keep_checkpoints))
     return value
 
 

@@ -90,7 +90,7 @@ class DistillationModule(L.LightningModule):
         self.seed = seed
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self._loss_skipped = False
-        # Scoring reads a batch in up to this many groups of rows of similar length (kdlab.models.score_targets)
+        # Scoring reads a batch in up to this many groups of rows of similar length (kdlab.scoring.score_targets)
         self.score_groups = score_groups
 
     # -- modes ---------------------------------------------------------------------------------------------------

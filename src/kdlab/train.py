@@ -128,6 +128,70 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return ckpt_path
 
 
+def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher_tokenizer: Any,
+                 cross_tokenizer: bool) -> DistillationModule:
+    """Load the student and the teacher (when there is one) and put them in one module with the run's objective,
+    policy, optimizer and settings. `cross_tokenizer`: the teacher reads its own tokens, so the module gets its
+    tokenizer too."""
+    student = load_model(cfg.student, student_tokenizer)
+    teacher = load_model(cfg.teacher, teacher_tokenizer) if cfg.get("teacher") is not None else None
+    return DistillationModule(
+        student=student,
+        tokenizer=student_tokenizer,
+        objective=build_objective(cfg.loss),
+        policy=build_policy(cfg),
+        task=task,
+        teacher=teacher,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        eval_sampling=SamplingSettings(**task.config.generation),
+        teacher_tokenizer=teacher_tokenizer if cross_tokenizer else None,
+        reward=build_reward(cfg),
+        seed=int(cfg.seed),
+        max_nonfinite_steps=int(cfg.nonfinite.max_consecutive_steps),
+        score_groups=int(cfg.score_groups),
+    )
+
+
+def fit(trainer: L.Trainer, preemption: PreemptionCheckpoint, module: DistillationModule, datamodule: Any,
+        ckpt_path: str | None, output_dir: Path) -> float:
+    """Train; returns the wall time in seconds. A run that diverged or was stopped by a signal raises with where its
+    checkpoint is (and, when stopped, how to resume), so the job's marker says it."""
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except TrainingDiverged as err:
+        raise TrainingDiverged(f"{err}. Checkpoint: {rundir.last_checkpoint(output_dir)}") from None
+    if preemption.stopped_by is not None:
+        last = rundir.last_checkpoint(output_dir)
+        message = (f"interrupted at step {preemption.stopped_at_step}; {last} is saved. "
+                   f"Resume with: python train.py <same overrides> hydra.run.dir={output_dir} ckpt_path=last")
+        raise RunInterrupted(preemption.stopped_by, message)
+    return time.perf_counter() - start
+
+
+def results_record(cfg: DictConfig, task: Task, trainer: L.Trainer, module: DistillationModule,
+                   scores: dict[str, dict[str, float] | None], wall_time: float) -> dict[str, Any]:
+    """What `results.json` holds: the scores of teacher and student (before and after), the run's size and speed,
+    and the settings a comparison groups runs by."""
+    return {
+        "task": task.name,
+        "metric": task.metric_name,
+        "metrics": scores["student_after"],
+        **scores,
+        "steps": trainer.global_step,
+        "wall_time_s": round(wall_time, 3),
+        "train_tokens": module.train_tokens,
+        "tokens_per_sec": round(module.train_tokens / max(wall_time, 1e-9), 2),
+        "onpolicy_fraction": module.onpolicy_fraction,
+        "skipped_nonfinite_steps": module.nonfinite.skipped,
+        "loss": cfg.loss.name,
+        "student_fraction": float(cfg.policy.student_fraction),
+        "seed": int(cfg.seed),
+        "data": task.report.to_dict(),
+    }
+
+
 def evaluate(trainer: L.Trainer, module: DistillationModule, datamodule, role: str, save_as: Path) -> dict[str, float]:
     """The task metric of `role` ("student" or "teacher") by generation on the validation split; the generations
     go to `save_as` (JSON lines: prediction, reference) so a score can be checked by reading what was scored."""
@@ -211,24 +275,7 @@ def _run(cfg: DictConfig) -> float:
     datamodule = DistillationDataModule(task, student_tokenizer, seed=int(cfg.seed), teacher_tokenizer=teacher_tokens)
     datamodule.setup("fit")  # tokenize now: length rules and an empty training set show before models load
     _print_data_report(task, output_dir)
-    student = load_model(cfg.student, student_tokenizer)
-    teacher = load_model(cfg.teacher, teacher_tokenizer) if cfg.get("teacher") is not None else None
-    module = DistillationModule(
-        student=student,
-        tokenizer=student_tokenizer,
-        objective=build_objective(cfg.loss),
-        policy=build_policy(cfg),
-        task=task,
-        teacher=teacher,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        eval_sampling=SamplingSettings(**task.config.generation),
-        teacher_tokenizer=teacher_tokens,
-        reward=build_reward(cfg),
-        seed=int(cfg.seed),
-        max_nonfinite_steps=int(cfg.nonfinite.max_consecutive_steps),
-        score_groups=int(cfg.score_groups),
-    )
+    module = build_module(cfg, task, student_tokenizer, teacher_tokenizer, cross)
 
     loggers = build_loggers(cfg)
     succeeded = False
@@ -239,43 +286,16 @@ def _run(cfg: DictConfig) -> float:
             OmegaConf.save(cfg, output_dir / rundir.CONFIG, resolve=True)
         generations = output_dir / "generations"
         teacher_scores = None
-        if teacher is not None and cfg.eval.teacher:
+        if module.teacher is not None and cfg.eval.teacher:
             teacher_scores = evaluate(trainer, module, datamodule, "teacher", generations / "teacher.jsonl")
         before = None
         if cfg.eval.before:
             before = evaluate(trainer, module, datamodule, "student", generations / "student_before.jsonl")
 
-        start = time.perf_counter()
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        except TrainingDiverged as err:
-            raise TrainingDiverged(f"{err}. Checkpoint: {rundir.last_checkpoint(output_dir)}") from None
-        wall_time = time.perf_counter() - start
-        if preemption.stopped_by is not None:
-            last = rundir.last_checkpoint(output_dir)
-            message = (f"interrupted at step {preemption.stopped_at_step}; {last} is saved. "
-                       f"Resume with: python train.py <same overrides> hydra.run.dir={output_dir} ckpt_path=last")
-            raise RunInterrupted(preemption.stopped_by, message)
-
+        wall_time = fit(trainer, preemption, module, datamodule, ckpt_path, output_dir)
         after = evaluate(trainer, module, datamodule, "student", generations / "student_after.jsonl")
-        results = {
-            "task": task.name,
-            "metric": task.metric_name,
-            "metrics": after,
-            "teacher": teacher_scores,
-            "student_before": before,
-            "student_after": after,
-            "steps": trainer.global_step,
-            "wall_time_s": round(wall_time, 3),
-            "train_tokens": module.train_tokens,
-            "tokens_per_sec": round(module.train_tokens / max(wall_time, 1e-9), 2),
-            "onpolicy_fraction": module.onpolicy_fraction,
-            "skipped_nonfinite_steps": module.nonfinite.skipped,
-            "loss": cfg.loss.name,
-            "student_fraction": float(cfg.policy.student_fraction),
-            "seed": int(cfg.seed),
-            "data": task.report.to_dict(),
-        }
+        results = results_record(cfg, task, trainer, module, {"teacher": teacher_scores, "student_before": before,
+                                                              "student_after": after}, wall_time)
         if cfg.export:
             module.export_student(str(output_dir / rundir.STUDENT))  # every process: a sharded student is gathered
         if trainer.is_global_zero:

@@ -262,6 +262,22 @@ def test_report_of_a_finished_sweep_loads_neither_torch_nor_transformers(grid, t
     assert load_run(root / "12").get("method") == "jsd(0.9)"
 
 
+def test_config_and_report_do_not_import_each_other():
+    """Validation and reporting meet only in kdlab.resolvers and kdlab.rundir: neither imports the other, at the top
+    of a file or inside a function."""
+    import ast
+
+    def imported(path: Path) -> set[str]:
+        nodes = ast.walk(ast.parse(path.read_text()))
+        return {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import) for a in n.names}
+
+    src = REPO / "src" / "kdlab"
+    assert not any(m.startswith("kdlab.report") for m in imported(src / "config.py"))
+    for path in (src / "report").glob("*.py"):
+        assert "kdlab.config" not in imported(path), path.name
+
+
 def test_cli_errors_without_runs(tmp_path, capsys):
     assert report_main([str(tmp_path)]) == 2
     assert "no run directories" in capsys.readouterr().err

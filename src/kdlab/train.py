@@ -103,7 +103,8 @@ def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.T
     last = LastCheckpoint(rundir.last_checkpoint(output_dir), int(cfg.checkpoint.every_n_train_steps))
     preemption = PreemptionCheckpoint(last)
     extra = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
-    callbacks = [last, preemption, LearningRateMonitor(logging_interval="step"), *extra]
+    # last: a periodic save sees what the other callbacks did at the end of the step (as Lightning orders its own)
+    callbacks = [preemption, LearningRateMonitor(logging_interval="step"), *extra, last]
     # FSDP2 allocates its gather buffers lazily at the first forward; under inference mode (Lightning's default for
     # validate, which runs first) they would become inference tensors that training cannot use. no_grad instead.
     inference_mode = not isinstance(strategy, FSDP2Strategy) and cfg.trainer.get("inference_mode", True)

@@ -40,7 +40,8 @@ from common import (  # noqa: E402
     write,
 )
 
-from kdlab.models import load_model, load_tokenizer, score_targets  # noqa: E402
+from kdlab.models import load_model, load_tokenizer  # noqa: E402
+from kdlab.scoring import score_targets  # noqa: E402
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "src/kdlab/assets/arith/tokenizer"
 MODES = ("off", "on")

@@ -34,6 +34,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DTYPES, interleaved_times, machine, matmul_peak_flops, parse, parser, stats, table, write  # noqa: E402
@@ -46,6 +47,8 @@ from kdlab.module import DistillationModule  # noqa: E402
 from kdlab.policy import STUDENT, DataPolicy  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "kdlab" / "assets" / "arith"
+# the run settings the benchmark shares with `python train.py` (score_groups, nonfinite), read where they are set
+RUN_DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "train.yaml"
 
 
 def load(device: str, dtype: torch.dtype):
@@ -78,13 +81,21 @@ def non_embedding_params(model) -> int:
 class KdlabStep:
     def __init__(self, student, teacher, tokenizer, task, args, compile: bool = False):
         sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, compile=compile)
+        run = OmegaConf.load(RUN_DEFAULTS)
         self.module = DistillationModule(
             student=student, tokenizer=tokenizer, task=task, teacher=teacher,
             objective=Objective("jsd", params={"beta": args.beta}), policy=DataPolicy(1.0, sampling=sampling),
+            optimizer=self.adamw(args.lr), max_nonfinite_steps=run.nonfinite.max_consecutive_steps,
+            score_groups=run.score_groups,
         )
         self.module.train()
-        self.optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+        self.optimizer = self.adamw(args.lr)(student.parameters())
         self.tokens, self.widths, self.sampling = [], [], []
+
+    @staticmethod
+    def adamw(lr: float):
+        """The benchmark steps its own optimizer (TRL's settings); the module holds the same factory."""
+        return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
     def loss_on(self, batch, ids, mask) -> float:
         with torch.no_grad():

@@ -39,7 +39,7 @@ def compose(overrides: list[str] | None = None, output_dir: Path | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from kdlab.config import register_resolvers
+    from kdlab.resolvers import register_resolvers
 
     register_resolvers()
     overrides = list(overrides or [])

@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdlab.build_assets import main
+from kdlab.rundir import RESULTS
 from tests.conftest import CONF_DIR
 
 pytestmark = pytest.mark.slow
@@ -33,5 +34,5 @@ def test_build_assets_writes_loadable_tokenizer_teacher_and_student(tmp_path):
     assert len(unigram) != len(tokenizer)
     cross = AutoModelForCausalLM.from_pretrained(assets / "unigram_teacher")
     assert cross.config.hidden_size == 128 and cross.config.vocab_size == len(unigram)
-    results = json.loads((tmp_path / "work" / "teacher" / "results.json").read_text())
+    results = json.loads((tmp_path / "work" / "teacher" / RESULTS).read_text())
     assert results["loss"] == "sft" and results["teacher"] is None and results["steps"] == 2

@@ -14,7 +14,18 @@ GROUPS = ["task", "teacher", "student", "loss", "policy", "reward", "trainer", "
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """A group's options: its files, less the partials (`_defaults.yaml`) that options include."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _leaves(node: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 # Options that are only valid together with others (no teacher means SFT).
@@ -27,6 +38,21 @@ def test_every_option_composes_resolves_and_validates(group, option, tmp_path):
     cfg = compose([override, *COMPANIONS.get(override, [])], output_dir=tmp_path)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert config_errors(cfg) == []
+
+
+def test_task_files_leave_shared_values_to_their_defaults():
+    """Each task default lives once: a task file sets only what differs from `_defaults.yaml` (and, for datasets,
+    `_dataset.yaml`), so changing a shared default cannot miss a task."""
+    import yaml
+
+    shared = {name: _leaves(yaml.safe_load((CONF_DIR / "task" / f"{name}.yaml").read_text()))
+              for name in ("_defaults", "_dataset")}
+    for option in _options("task"):
+        own = yaml.safe_load((CONF_DIR / "task" / f"{option}.yaml").read_text())
+        assert own["defaults"][-1] == "_self_" and own["defaults"][0] in shared, option
+        for base in shared.values():
+            repeated = {k: v for k, v in _leaves(own).items() if k in base and base[k] == v and k != "defaults"}
+            assert repeated == {}, f"conf/task/{option}.yaml repeats {repeated}"
 
 
 def test_each_group_has_options():
@@ -49,7 +75,7 @@ def test_overrides_land(tmp_path):
 
 
 def test_ot_released_code_variant_sets_the_released_settings_and_keeps_overrides(tmp_path):
-    from kdlab.report.runs import method_label
+    from kdlab.resolvers import method_label
 
     def loss(*overrides):
         cfg = compose(["loss=ot", "teacher=arith_unigram_teacher", *overrides], output_dir=tmp_path)
@@ -81,6 +107,9 @@ def test_teacher_none_means_no_teacher(tmp_path):
         (["policy.sampling.top_p=0"], "top_p=0 must be in (0, 1]"),
         (["policy=seqkd", "teacher=none", "loss=sft"], "samples from the teacher but teacher=null"),
         (["loss=ot", "teacher=arith_unigram_teacher", "loss.variant=authors"], "loss.variant=authors is unknown"),
+        (["score_groups=0"], "score_groups=0 must be a positive integer"),
+        (["nonfinite.max_consecutive_steps=0"], "nonfinite.max_consecutive_steps=0 must be a positive integer"),
+        (["loss.reduction=mean"], "loss.reduction=mean is unknown; choose one of"),
     ],
 )
 def test_bad_values_fail_with_the_fix(overrides, message, tmp_path):
@@ -88,6 +117,22 @@ def test_bad_values_fail_with_the_fix(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert message in str(err.value)
+
+
+def test_run_settings_fail_at_start_up_before_any_model_loads(tmp_path, monkeypatch):
+    """score_groups and nonfinite were checked by the module, once both models had loaded; now by the config."""
+    from kdlab import train
+    from kdlab.train import run
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(train, "load_model", no_loading)
+    cfg = compose(["score_groups=-1", "nonfinite.max_consecutive_steps=0"], output_dir=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        run(cfg)
+    assert "score_groups=-1 must be" in str(err.value) and "score_groups=1 scores one padded batch" in str(err.value)
+    assert "nonfinite.max_consecutive_steps=0 must be" in str(err.value)
 
 
 def test_all_problems_are_reported_at_once(tmp_path):

@@ -124,7 +124,7 @@ def paper_multilevel_ot(s, t, s_len, t_len, k=50, tau=1.0, tau_sl=1.0, tau_sd=2.
     sl = -sum(float(t_k[i, j] * math.log(max(s_k[i, j], floor))) for i in range(width) for j in range(k))
     sl /= max(width, 1)
     t_k, s_k = both(tau_sd)
-    cost = np.array([[float(sum(abs(t_k[i, l] - s_k[j, l]) for l in range(k))) for j in range(s_len)]
+    cost = np.array([[float(sum(abs(t_k[i, c] - s_k[j, c]) for c in range(k))) for j in range(s_len)]
                      for i in range(t_len)])
     sd = float((naive_sinkhorn(cost, eps, iters) * cost).sum())
     return {"had": had, "sl": sl, "sd": sd}

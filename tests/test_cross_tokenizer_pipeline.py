@@ -11,6 +11,7 @@ from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.tasks import Task
 from kdlab.models import load_tokenizer, same_vocabulary
 from kdlab.retokenize import retokenize
+from kdlab.rundir import RESULTS
 from tests.conftest import REPO, TINY_RUN, compose
 
 UNIGRAM = REPO / "src/kdlab/assets/arith/unigram_tokenizer"
@@ -86,7 +87,7 @@ def test_cross_tokenizer_runs_end_to_end(tmp_path, loss, policy):
 
     cfg = compose([*TINY_RUN, f"loss={loss}", f"policy={policy}", f"teacher.tokenizer={UNIGRAM}"], output_dir=tmp_path)
     run(cfg)
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / RESULTS).read_text())
     assert results["steps"] == 3 and results["loss"] == loss and results["teacher"] is not None
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     terms = ["train/had", "train/sl", "train/sd"] if loss == "ot" else ["train/uld"]
@@ -107,6 +108,6 @@ def test_the_shipped_cross_tokenizer_teacher_distils_into_the_shipped_student(tm
     assert cfg.student.name == "arith-student" and not same_vocabulary(
         load_tokenizer(cfg.student), load_tokenizer(cfg.teacher))
     run(cfg)
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / RESULTS).read_text())
     assert results["teacher"]["accuracy"] > 0.1  # a trained teacher, scored in its own tokens (0.43 on 200 problems)
     assert results["steps"] == 2

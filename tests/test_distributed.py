@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from kdlab.rundir import RESULTS, STUDENT, last_checkpoint
 from tests.conftest import REPO, TINY_RUN
 
 # Supervised targets make every step deterministic given the weights, so the runs can be compared step by step;
@@ -30,7 +31,7 @@ def _train(run_dir, *overrides, launcher=()):
     cmd = [sys.executable, *launcher, "train.py", f"hydra.run.dir={run_dir}", *COMMON, *overrides]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((run_dir / "results.json").read_text())
+    return json.loads((run_dir / RESULTS).read_text())
 
 
 def _loss_curve(run_dir) -> list[float]:
@@ -68,8 +69,8 @@ def test_two_processes_follow_the_single_process_loss_curve(runs, strategy):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_end_with_the_single_process_weights(runs, strategy):
-    single = load_file(str(runs / "single" / "student" / "model.safetensors"))
-    sharded = load_file(str(runs / strategy / "student" / "model.safetensors"))
+    single = load_file(str(runs / "single" / STUDENT / "model.safetensors"))
+    sharded = load_file(str(runs / strategy / STUDENT / "model.safetensors"))
     assert single.keys() == sharded.keys()
     for name in single:
         torch.testing.assert_close(sharded[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
@@ -77,16 +78,16 @@ def test_two_processes_end_with_the_single_process_weights(runs, strategy):
 
 @pytest.mark.slow
 def test_fsdp_export_is_a_whole_loadable_checkpoint_and_last_ckpt_is_sharded(runs):
-    model = AutoModelForCausalLM.from_pretrained(runs / "fsdp" / "student")
-    exported = load_file(str(runs / "fsdp" / "student" / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(runs / "fsdp" / STUDENT)
+    exported = load_file(str(runs / "fsdp" / STUDENT / "model.safetensors"))
     for name, tensor in model.state_dict().items():  # full shapes, not one rank's shard
         if name in exported:
             assert exported[name].shape == tensor.shape
     assert sum(t.numel() for t in exported.values()) >= sum(p.numel() for p in model.parameters()) - sum(
         p.numel() for n, p in model.named_parameters() if n not in exported)
-    last = runs / "fsdp" / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(runs / "fsdp")
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # one shard file per process
-    results = json.loads((runs / "fsdp" / "results.json").read_text())
+    results = json.loads((runs / "fsdp" / RESULTS).read_text())
     assert results["steps"] == 4
 
 
@@ -95,7 +96,7 @@ def test_slurm_launcher_config_instantiates_with_the_run_s_nodes_and_devices():
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from kdlab.config import register_resolvers
+    from kdlab.resolvers import register_resolvers
     from tests.conftest import CONF_DIR
 
     register_resolvers()
@@ -127,7 +128,7 @@ def test_fsdp_strategy_builds_a_data_parallel_mesh_over_every_process():
 
 @pytest.mark.slow
 def test_fsdp_samples_on_policy_on_every_process_in_lockstep(runs):
-    results = json.loads((runs / "fsdp_onpolicy" / "results.json").read_text())
+    results = json.loads((runs / "fsdp_onpolicy" / RESULTS).read_text())
     assert results["steps"] == 2 and results["onpolicy_fraction"] == 1.0
     assert len(_loss_curve(runs / "fsdp_onpolicy")) == 2
 

@@ -5,7 +5,7 @@ import torch
 
 from kdlab.data.datamodule import pad
 from kdlab.generation import SamplingSettings, generate_targets, response_mask
-from kdlab.models import score_targets
+from kdlab.scoring import score_targets
 from tests.conftest import tiny_model
 
 GREEDY = SamplingSettings(max_new_tokens=8, do_sample=False)

@@ -12,9 +12,10 @@ from kdlab.data.datamodule import DistillationDataModule, pad
 from kdlab.data.tasks import Task
 from kdlab.generation import SamplingSettings
 from kdlab.losses.objective import Objective
-from kdlab.models import load_model, load_tokenizer, score_targets
+from kdlab.models import load_model, load_tokenizer
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
+from kdlab.scoring import score_targets
 from tests.conftest import compose
 
 PROMPTS = ["Question: Bo has 41 cards and buys 2.\nAnswer:", "Q: 9?\nA:", "Question: 12 + 7?\nAnswer:"]
@@ -122,7 +123,7 @@ def _fit_one_step(checkpointing: bool) -> tuple[dict[str, torch.Tensor], list[in
     module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl"),
                                 policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4)), task=task,
                                 teacher=teacher, optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
-                                score_groups=1)  # one scoring forward a step
+                                max_nonfinite_steps=10, score_groups=1)  # one scoring forward a step
     calls = _count_block_calls(student)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

@@ -22,18 +22,18 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from kdlab import models
+from kdlab import models, scoring
 from kdlab.data.datamodule import pad
 from kdlab.generation import SamplingSettings, generate_targets
 from kdlab.models import (
     ARCHITECTURES,
     DTYPES,
     HubUnavailableError,
-    is_encoder_decoder,
     load_model,
     load_tokenizer,
-    score_targets,
 )
+from kdlab.rundir import RESULTS, STUDENT
+from kdlab.scoring import is_encoder_decoder, score_targets
 from tests.conftest import CONF_DIR, TINY_RUN, compose
 
 # (group, preset) -> (hub id, the class transformers builds for it, paper or "today": the pairs distilled now)
@@ -242,7 +242,7 @@ def test_tiny_preset_scores_padded_batches_like_unpadded_rows(preset):
 
 
 def test_position_ids_go_only_to_models_that_take_them():
-    takes = {name: models._takes_position_ids(_tiny(name)[0]) for name in TINY_PRESETS if name != "tiny_t5"}
+    takes = {name: scoring._takes_position_ids(_tiny(name)[0]) for name in TINY_PRESETS if name != "tiny_t5"}
     assert takes == {"tiny": True, "tiny_opt": True, "tiny_gpt_neox": True, "tiny_bloom": False,
                      "tiny_mistral": True, "tiny_qwen2": True, "tiny_qwen3": True, "tiny_gemma3": True,
                      "tiny_llama3": True, "tiny_smollm2": True}
@@ -289,9 +289,9 @@ def test_tiny_preset_trains_end_to_end(preset, tmp_path):
     overrides = [o for o in TINY_RUN if not o.startswith(("teacher=", "student=", "trainer.max_steps="))]
     cfg = compose([*overrides, "trainer.max_steps=2", f"teacher={preset}", f"student={preset}"], output_dir=tmp_path)
     run(cfg)
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / RESULTS).read_text())
     assert results["steps"] == 2
     loader = AutoModelForSeq2SeqLM if preset == "tiny_t5" else AutoModelForCausalLM
-    exported = loader.from_pretrained(tmp_path / "student")
+    exported = loader.from_pretrained(tmp_path / STUDENT)
     architecture = OmegaConf.load(CONF_DIR / "student" / f"{preset}.yaml").architecture
     assert type(exported) is ARCHITECTURES[architecture][1]

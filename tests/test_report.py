@@ -3,6 +3,7 @@ the table's arithmetic and the swept-key detection on run directories written he
 
 import csv
 import json
+import os
 import statistics
 import struct
 import subprocess
@@ -13,8 +14,10 @@ import pytest
 import yaml
 
 from kdlab.report.cli import main as report_main
-from kdlab.report.runs import detect_swept_keys, load_run, load_sweep, method_label, sweep_group_name
+from kdlab.report.runs import detect_swept_keys, load_run, load_sweep
 from kdlab.report.tables import comparison_table_markdown
+from kdlab.resolvers import method_label, sweep_group_name
+from kdlab.rundir import CHECKPOINTS, CONFIG, FAILURE_MARKER, INTERRUPTION_MARKER, RESULTS, STUDENT
 from tests.conftest import REPO
 from tests.test_sweeps import TINY_JOB
 
@@ -64,8 +67,8 @@ def test_tiny_multirun_report_matches_the_runs_and_lists_the_failed_one(tmp_path
     assert sorted(jobs) == ["0", "1", "2", "3"]
     overrides = {name: yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text())[:2] for name, p in jobs.items()}
     assert overrides["3"] == ["loss=sft", "policy.student_fraction=1"]
-    assert not (jobs["3"] / "results.json").exists()
-    assert "loss=sft with policy.student_fraction=1.0" in json.loads((jobs["3"] / "failed.json").read_text())["error"]
+    assert not (jobs["3"] / RESULTS).exists()
+    assert "loss=sft with policy.student_fraction=1.0" in json.loads((jobs["3"] / FAILURE_MARKER).read_text())["error"]
 
     out = tmp_path / "report"
     assert report_main([str(sweep_dir), "--out", str(out)]) == 0
@@ -73,7 +76,7 @@ def test_tiny_multirun_report_matches_the_runs_and_lists_the_failed_one(tmp_path
     assert sweep.swept_keys == ["loss.name", "policy.student_fraction"] and sweep.planned_jobs == 4
     assert [run.status for run in sweep.runs] == ["finished", "finished", "finished", "failed"]
 
-    results = {name: json.loads((jobs[name] / "results.json").read_text()) for name in ("0", "1", "2")}
+    results = {name: json.loads((jobs[name] / RESULTS).read_text()) for name in ("0", "1", "2")}
     expected = {("fkl", "λ=0"): results["0"], ("fkl", "λ=1"): results["1"], ("sft", "λ=0"): results["2"]}
     report = (out / "report.md").read_text()
     cells = _cells(comparison_table_markdown(sweep))
@@ -96,7 +99,7 @@ def test_tiny_multirun_report_matches_the_runs_and_lists_the_failed_one(tmp_path
         assert float(rows[name]["tokens_per_sec"]) == result["tokens_per_sec"]
         assert int(rows[name]["steps"]) == result["steps"] == 2
         # the sweep keeps outputs small: no exported student, checkpoints deleted once the run finished
-        assert not (jobs[name] / "student").exists() and not (jobs[name] / "checkpoints").exists()
+        assert not (jobs[name] / STUDENT).exists() and not (jobs[name] / CHECKPOINTS).exists()
     for plot in ("metric.png", "learning_curves.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in report
 
@@ -117,12 +120,12 @@ def _write_run(root: Path, name: str, overrides: list[str], config: dict, accura
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / CONFIG).write_text(yaml.safe_dump(config))
     if accuracy is not None:
-        (run / "results.json").write_text(json.dumps({"metric": "accuracy", "metrics": {"accuracy": accuracy},
+        (run / RESULTS).write_text(json.dumps({"metric": "accuracy", "metrics": {"accuracy": accuracy},
                                                       "teacher": {"accuracy": 0.62}, "steps": 10}))
     if failed:
-        (run / "failed.json").write_text(json.dumps({"error": failed}))
+        (run / FAILURE_MARKER).write_text(json.dumps({"error": failed}))
     return run
 
 
@@ -223,10 +226,10 @@ def test_unresolved_hydra_config_is_resolved_as_far_as_it_can_be(tmp_path):
 def test_interrupted_run_is_unfinished_with_how_to_resume(tmp_path):
     run = _write_run(tmp_path, "0", ["seed=1"], {"seed": 1}, None)
     message = "RunInterrupted: interrupted at step 7; last.ckpt is saved. Resume with: ... ckpt_path=last"
-    (run / "interrupted.json").write_text(json.dumps({"error": message}))
+    (run / INTERRUPTION_MARKER).write_text(json.dumps({"error": message}))
     record = load_run(run)
     assert (record.status, record.error) == ("unfinished", message)
-    (run / "results.json").write_text(json.dumps({"metrics": {"accuracy": 0.5}}))  # resumed and finished
+    (run / RESULTS).write_text(json.dumps({"metrics": {"accuracy": 0.5}}))  # resumed and finished
     assert load_run(run).status == "finished"
 
 
@@ -238,6 +241,41 @@ def test_method_labels_and_sweep_group_names():
     assert sweep_group_name("outputs/multirun/2026-11-25/15-14-06") == "multirun-2026-11-25-15-14-06"
     assert sweep_group_name("/data/x/outputs/multirun/gkd_grid/2026-11-25_15-14-06") == \
         "multirun-gkd_grid-2026-11-25_15-14-06"
+
+
+def test_report_of_a_finished_sweep_loads_neither_torch_nor_transformers(grid, tmp_path_factory):
+    """kdlab-report runs where no training stack is installed and starts in a second, so reading runs (including one
+    whose only config is Hydra's unresolved copy, which needs kdlab's resolvers) must not pull torch in."""
+    root, _ = grid
+    (root / "12" / ".hydra").mkdir(parents=True)
+    (root / "12" / ".hydra" / "config.yaml").write_text("seed: 1\nloss: {name: jsd, beta: 0.9}\n"
+                                                         "method: ${kdlab.method:${loss}}\n")
+    out = tmp_path_factory.mktemp("report")
+    code = ("import sys; from kdlab.report.cli import main; status = main(sys.argv[1:]); "
+            "print('heavy:', [m for m in ('torch', 'transformers') if m in sys.modules]); sys.exit(status)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code, str(root), "--out", str(out)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "heavy: []" in done.stdout
+    assert "13 runs: 10 finished, 1 failed, 2 unfinished" in (out / "report.md").read_text()
+    assert load_run(root / "12").get("method") == "jsd(0.9)"
+
+
+def test_config_and_report_do_not_import_each_other():
+    """Validation and reporting meet only in kdlab.resolvers and kdlab.rundir: neither imports the other, at the top
+    of a file or inside a function."""
+    import ast
+
+    def imported(path: Path) -> set[str]:
+        nodes = ast.walk(ast.parse(path.read_text()))
+        return {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import) for a in n.names}
+
+    src = REPO / "src" / "kdlab"
+    assert not any(m.startswith("kdlab.report") for m in imported(src / "config.py"))
+    for path in (src / "report").glob("*.py"):
+        assert "kdlab.config" not in imported(path), path.name
 
 
 def test_cli_errors_without_runs(tmp_path, capsys):

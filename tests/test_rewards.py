@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdlab.models import score_targets
 from kdlab.rewards import (
     FinalAnswerCorrect,
     RewardTerm,
@@ -16,6 +15,8 @@ from kdlab.rewards import (
     leave_one_out_advantages,
     policy_gradient_loss,
 )
+from kdlab.rundir import RESULTS, STUDENT
+from kdlab.scoring import score_targets
 from tests.conftest import TINY_RUN, compose, tiny_model
 
 
@@ -85,7 +86,7 @@ def _student_weights(tmp_path, overrides):
     from kdlab.train import run
 
     run(compose([*TINY_RUN, "policy=onpolicy", "loss=rkl", *overrides], output_dir=tmp_path))
-    return load_file(tmp_path / "student" / "model.safetensors"), tmp_path
+    return load_file(tmp_path / STUDENT / "model.safetensors"), tmp_path
 
 
 @pytest.mark.slow
@@ -107,4 +108,4 @@ def test_a_user_reward_runs_end_to_end_and_every_term_is_logged(tmp_path):
         assert float(row["train/reward"]) == 0.5 and float(row["train/advantage"]) == 0.0  # equal rewards: A = 0
         expected = 0.25 * float(row["train/distill"]) + 0.75 * float(row["train/pg"])
         assert float(row["train/loss"]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
-    assert json.loads((run_dir / "results.json").read_text())["onpolicy_fraction"] == 1.0
+    assert json.loads((run_dir / RESULTS).read_text())["onpolicy_fraction"] == 1.0

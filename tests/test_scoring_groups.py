@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kdlab.data.datamodule import pad
-from kdlab.models import length_groups, load_model, score_targets
+from kdlab.models import load_model
+from kdlab.scoring import length_groups, score_targets
 from tests.conftest import tiny_model
 
 

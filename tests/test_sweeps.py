@@ -7,6 +7,7 @@ import sys
 import pytest
 import yaml
 
+from kdlab.rundir import CONFIG, RESULTS
 from tests.conftest import CONF_DIR, REPO
 
 SWEEPS_DIR = REPO / "sweeps"
@@ -24,7 +25,7 @@ def compose_sweep(name: str, overrides: list[str]):
     """The config one job of `python train.py -m -cd sweeps -cn <name> <overrides>` runs, composed in-process."""
     from hydra import compose, initialize_config_dir
 
-    from kdlab.config import register_resolvers
+    from kdlab.resolvers import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
@@ -79,8 +80,8 @@ def test_optuna_search_runs_two_trials_and_reports_the_best(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     trials = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     assert [p.name for p in trials] == ["0", "1"]
-    results = [json.loads((p / "results.json").read_text()) for p in trials]
-    lrs = [yaml.safe_load((p / "config.yaml").read_text())["optimizer"]["lr"] for p in trials]
+    results = [json.loads((p / RESULTS).read_text()) for p in trials]
+    lrs = [yaml.safe_load((p / CONFIG).read_text())["optimizer"]["lr"] for p in trials]
     assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and lrs[0] != lrs[1]  # drawn from the search space
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(r["metrics"]["accuracy"] for r in results)

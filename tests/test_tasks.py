@@ -12,6 +12,7 @@ from kdlab.data.datamodule import DistillationDataModule, PromptEncoder, Tokeniz
 from kdlab.data.files import read_records
 from kdlab.data.sources import DataUnavailableError
 from kdlab.data.tasks import Task
+from kdlab.rundir import RESULTS
 from tests.conftest import SHARED_DATA, compose
 
 TASKS = ["xsum", "wmt14_en_de", "gsm8k", "instruction", "dialogsum"]
@@ -367,7 +368,7 @@ def test_each_task_trains_and_scores_end_to_end_on_local_files(name, tmp_path):
     cfg = compose([*overrides, f"task={name}", f"task.data.path={folder}", "task.val_size=8",
                    "task.max_prompt_tokens=96", *beams], output_dir=tmp_path / "run")
     value = run(cfg)
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    results = json.loads((tmp_path / "run" / RESULTS).read_text())
     assert results["task"] == name and results["metric"] == HEADLINE[name]
     assert value == results["metrics"][HEADLINE[name]] and results["steps"] == 3
     assert results["data"]["train"]["used"] > 0 and results["teacher"] is not None

@@ -23,7 +23,7 @@ SMALL = ["teacher=arith_teacher", "task.train_size=23", "task.val_size=4", "cach
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from kdlab.config import register_resolvers
+    from kdlab.resolvers import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -31,7 +31,7 @@ SEQUENCES = [[1, 48, 30, 9, 57, 61, 12], [1, 48, 30], [1, 22, 5, 600, 33, 2]]  #
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from kdlab.config import register_resolvers
+    from kdlab.resolvers import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -212,7 +212,8 @@ def test_client_top_k_is_aligned_with_causal_logits(server, reference) -> None:
 def test_client_target_top_k_is_aligned_with_score_targets(server, reference) -> None:
     """Row j of a target: the teacher's distribution of target token j, as kdlab.models.score_targets' logits."""
     from kdlab.data.datamodule import pad
-    from kdlab.models import load_model, score_targets
+    from kdlab.models import load_model
+    from kdlab.scoring import score_targets
 
     tokenizer, _ = reference
     prompts, targets = [[1, 48, 30, 9], [1, 22]], [[57, 61, 12], [5, 600, 33, 2]]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from kdlab.rundir import CONFIG, RESULTS, STUDENT, last_checkpoint
 from kdlab.train import run
 from tests.conftest import REPO, TINY_RUN, compose
 
@@ -20,7 +21,7 @@ POLICIES = ["supervised", "onpolicy", "mixed", "seqkd"]
 def _run(tmp_path, overrides):
     cfg = compose(TINY_RUN + overrides, output_dir=tmp_path)
     value = run(cfg)
-    return value, json.loads((tmp_path / "results.json").read_text())
+    return value, json.loads((tmp_path / RESULTS).read_text())
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -52,7 +53,7 @@ def test_run_directory_contract(tmp_path):
     for key in ("metrics", "teacher", "student_before", "student_after", "steps", "wall_time_s", "tokens_per_sec"):
         assert key in results
     assert results["tokens_per_sec"] > 0 and results["train_tokens"] > 0
-    assert (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / CONFIG).is_file()
     # the reported scores are the GSM8K accuracy of the saved generations, recomputed here without evaluate
     from kdlab.data.answers import accuracy
 
@@ -61,10 +62,10 @@ def test_run_directory_contract(tmp_path):
         assert len(rows) == 8
         expected = accuracy([r["prediction"] for r in rows], [r["reference"] for r in rows])
         assert results[name]["accuracy"] == pytest.approx(expected)
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(last_checkpoint(tmp_path), weights_only=False)
     assert checkpoint["global_step"] == 3
     assert checkpoint["state_dict"] and not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
-    export = tmp_path / "student"
+    export = tmp_path / STUDENT
     model = AutoModelForCausalLM.from_pretrained(export)
     tokenizer = AutoTokenizer.from_pretrained(export)
     assert len(tokenizer) == model.config.vocab_size
@@ -98,7 +99,7 @@ def test_compiled_sampling_trains_exactly_like_generate(tmp_path):
 def test_encoder_decoder_models_use_the_same_path(tmp_path):
     _, results = _run(tmp_path, ["teacher=tiny_t5", "student=tiny_t5", "policy=mixed", "loss=jsd"])
     assert results["steps"] == 3
-    assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "student").config.is_encoder_decoder
+    assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / STUDENT).config.is_encoder_decoder
 
 
 def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path):
@@ -126,7 +127,7 @@ def test_train_py_entry_point_on_shipped_checkpoints(tmp_path):
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "student after" in done.stdout and "teacher" in done.stdout
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / RESULTS).read_text())
     # the shipped teacher scores 0.62 and the student 0.36 on all 200; on these first 8, 3 and 0 (greedy, fixed data)
     assert results["steps"] == 2 and results["teacher"]["accuracy"] >= 0.25
     assert results["teacher"]["accuracy"] > results["student_before"]["accuracy"]

@@ -11,9 +11,10 @@ from kdlab.data.tasks import Task
 from kdlab.generation import SamplingSettings
 from kdlab.losses import forward_kl
 from kdlab.losses.objective import Objective
-from kdlab.models import load_model, load_tokenizer, score_targets
+from kdlab.models import load_model, load_tokenizer
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
+from kdlab.scoring import score_targets
 from tests.conftest import TINY_RUN, compose
 
 TASK = {"name": "arith", "train_size": 16, "val_size": 4, "eval_examples": 4, "batch_size": 4, "eval_batch_size": 4,
@@ -34,7 +35,8 @@ def _module_and_batch(student_rows: int, teacher_rows: int):
     task = Task.from_config(TASK)
     module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl"),
                                 policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4)), task=task,
-                                teacher=teacher, score_groups=1)
+                                teacher=teacher, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+                                max_nonfinite_steps=10, score_groups=1)
     datamodule = DistillationDataModule(task, tokenizer)
     datamodule.setup("fit")
     return module, next(iter(datamodule.train_dataloader()))

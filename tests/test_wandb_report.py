@@ -26,6 +26,7 @@ from kdlab.report.runs import load_sweep
 from kdlab.report.tables import comparison_table_markdown
 from kdlab.report.wandb_report import SPEC_FILE, build_report, push_specification, wandb_unavailable
 from kdlab.report.wandb_spec import BOOKKEEPING, SPEC_FORMAT, report_from_spec, sweep_specification
+from kdlab.rundir import CONFIG
 from tests.conftest import REPO, TINY_RUN
 
 GRID = ["loss=fkl,jsd", "policy.student_fraction=0,1", "seed=0,1"]
@@ -64,7 +65,7 @@ def _closed_port() -> int:
 
 def _job_configs(sweep_dir) -> list[dict]:
     """Each job's resolved config read straight from disk, without kdlab's loader."""
-    return [yaml.safe_load((path / "config.yaml").read_text()) for path in sorted(sweep_dir.glob("[0-9]*"))]
+    return [yaml.safe_load((path / CONFIG).read_text()) for path in sorted(sweep_dir.glob("[0-9]*"))]
 
 
 def _panel_grids(spec: dict) -> list[dict]:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from kdlab import ASSETS_DIR
-from kdlab.config import register_resolvers
+from kdlab import ASSETS_DIR, rundir
 from kdlab.data.tasks import Task
 from kdlab.data.tokenizer import train_tokenizer
+from kdlab.resolvers import register_resolvers
 
 TOKENIZER_VOCAB = 1024  # saturates near 750: every word of the templates becomes one token
 UNIGRAM_VOCAB = 512  # the cross-tokenizer teacher's: another kind of tokenizer, a smaller vocabulary
@@ -61,8 +61,8 @@ def build_model(config_dir: Path, role: str, work_dir: Path, assets_dir: Path, o
     run(cfg)
     target = assets_dir / role
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(output_dir / "student", target)
-    results = json.loads((output_dir / "results.json").read_text())
+    shutil.copytree(output_dir / rundir.STUDENT, target)
+    results = json.loads((output_dir / rundir.RESULTS).read_text())
     print(f"{role}: {results['metrics']} after {results['steps']} steps, {results['wall_time_s']:.0f}s -> {target}")
     return results
 

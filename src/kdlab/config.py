@@ -1,4 +1,4 @@
-"""Start-up validation of a composed config, and the `${kdlab.asset:...}` resolver for files shipped in the package.
+"""Start-up validation of a composed config.
 
 `validate` gathers every problem before anything heavy is built and raises one error listing them, each naming the
 key and the fix: a sweep should fail in its first second, not after a teacher has loaded.
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from kdlab import ASSETS_DIR
 from kdlab.data.tasks import task_config_errors
 from kdlab.losses.cross_tokenizer import VARIANTS as OT_VARIANTS
+from kdlab.losses.divergences import REDUCTIONS
 from kdlab.losses.objective import SFT
 from kdlab.losses.registry import (
     CROSS_TOKENIZER_LOSSES,
@@ -24,54 +24,6 @@ from kdlab.losses.registry import (
 from kdlab.policy import FIXED_SOURCES
 
 LOSS_COMMON_KEYS = {"name", "temperature", "ce_weight", "reduction", "chunk_size"}
-REDUCTIONS = ("token_mean", "sequence_mean", "sum")
-
-
-def register_resolvers() -> None:
-    """`${kdlab.asset:arith/teacher}`: absolute path of a file or folder shipped in `kdlab/assets/`."""
-    if not OmegaConf.has_resolver("kdlab.asset"):
-        OmegaConf.register_new_resolver("kdlab.asset", lambda rel: str(ASSETS_DIR / rel))
-    if not OmegaConf.has_resolver("kdlab.concat"):  # `${kdlab.concat:[a,b],${tags}}` -> one list
-        OmegaConf.register_new_resolver("kdlab.concat", lambda *lists: [x for part in lists for x in part])
-    if not OmegaConf.has_resolver("kdlab.sweep_group"):  # `${kdlab.sweep_group:<name outside a multirun>}`
-        OmegaConf.register_new_resolver("kdlab.sweep_group", _sweep_group)
-    if not OmegaConf.has_resolver("kdlab.method"):  # `${kdlab.method:${loss}}` -> fkl, jsd(0.9), ...
-        OmegaConf.register_new_resolver("kdlab.method", _method_label)
-    if not OmegaConf.has_resolver("kdlab.ot_variant"):  # `${kdlab.ot_variant:${.variant},0.15,1.5}` -> 0.15 or 1.5
-        OmegaConf.register_new_resolver("kdlab.ot_variant", _ot_variant_value)
-
-
-def in_multirun() -> bool:
-    """True inside a job of a Hydra multirun (`python train.py -m ...`)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _sweep_group(default: str) -> str:
-    """The jobs of one multirun share one W&B group, named after the sweep directory; a single run keeps `default`."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not in_multirun():
-        return default
-    from kdlab.report.runs import sweep_group_name
-
-    return sweep_group_name(HydraConfig.get().sweep.dir)
-
-
-def _ot_variant_value(variant: str, paper: Any, released_code: Any) -> Any:
-    """A loss=ot setting that differs between the paper and the authors' released code: the one `variant` names.
-
-    The setting stays an ordinary key of the resolved config (saved with every run); an explicit override wins.
-    An unknown variant is reported by the config validation (`_cross_tokenizer_errors`)."""
-    return released_code if variant == "released_code" else paper
-
-
-def _method_label(loss: Any) -> str:
-    from kdlab.report.runs import method_label
-
-    return method_label(OmegaConf.to_container(loss, resolve=True) if isinstance(loss, DictConfig) else loss)
 
 
 class ConfigError(ValueError):
@@ -149,7 +101,7 @@ def config_errors(cfg: DictConfig) -> list[str]:
     """Every problem found in the config without loading anything."""
     from kdlab.rewards import reward_config_errors
 
-    errors = _loss_errors(cfg.loss) + _policy_errors(cfg.policy) + task_config_errors(cfg.task)
+    errors = _loss_errors(cfg.loss) + _policy_errors(cfg.policy) + task_config_errors(cfg.task) + _run_errors(cfg)
     errors += reward_config_errors(cfg.get("reward"), float(cfg.policy.get("student_fraction", 0.0)))
     loss_name = cfg.loss.get("name")
     has_teacher = cfg.get("teacher") is not None
@@ -163,6 +115,20 @@ def config_errors(cfg: DictConfig) -> list[str]:
             f"loss=sft with policy.student_fraction={fraction}: cross-entropy on the student's own samples only "
             f"reinforces them; use policy=supervised (or policy=seqkd with a teacher) for SFT"
         )
+    return errors
+
+
+def _run_errors(cfg: DictConfig) -> list[str]:
+    """Settings of the training run itself (conf/train.yaml), which the module would otherwise meet only after the
+    models have loaded."""
+    errors = []
+    if int(cfg.score_groups) < 1:
+        errors.append(f"score_groups={cfg.score_groups} must be a positive integer (the most groups of rows of "
+                      f"similar length a batch is scored in); score_groups=1 scores one padded batch")
+    steps = int(cfg.nonfinite.max_consecutive_steps)
+    if steps < 1:
+        errors.append(f"nonfinite.max_consecutive_steps={steps} must be a positive integer (how many skipped "
+                      f"non-finite steps in a row stop the run); 1 stops at the first")
     return errors
 
 

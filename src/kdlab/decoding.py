@@ -35,7 +35,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from kdlab.models import forward_parameters, is_encoder_decoder, real_token_positions
+from kdlab.scoring import forward_parameters, is_encoder_decoder, real_token_positions
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 
 from kdlab import decoding
-from kdlab.models import is_encoder_decoder
+from kdlab.scoring import is_encoder_decoder
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,11 @@ from kdlab.data.tasks import Task
 from kdlab.distributed import FSDP2Strategy, any_rank, full_state_dict, global_token_mean, is_sharded, shard_model
 from kdlab.generation import SamplingSettings, generate_targets
 from kdlab.losses.objective import Objective
-from kdlab.models import score_targets
 from kdlab.policy import STUDENT, DataPolicy
 from kdlab.resilience import NonFiniteGuard, step_seed
 from kdlab.retokenize import response_texts, retokenize
 from kdlab.rewards import RewardTerm, leave_one_out_advantages, policy_gradient_loss
+from kdlab.scoring import score_targets
 
 TEACHER_PREFIX = "teacher."
 
@@ -44,19 +44,19 @@ class DistillationModule(L.LightningModule):
         objective: Objective,
         policy: DataPolicy,
         task: Task,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        max_nonfinite_steps: int,
+        score_groups: int,
         teacher: PreTrainedModel | None = None,
-        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         eval_sampling: SamplingSettings = SamplingSettings(do_sample=False),
         teacher_tokenizer: PreTrainedTokenizerBase | None = None,
         reward: RewardTerm | None = None,
         seed: int = 0,
-        max_nonfinite_steps: int = 3,
-        score_groups: int = 4,
     ):
+        # optimizer, max_nonfinite_steps and score_groups have their defaults in conf/train.yaml only, and their
+        # checks in kdlab.config (at start-up, before any model loads)
         super().__init__()
-        if score_groups < 1:
-            raise ValueError(f"score_groups={score_groups}: scoring needs at least one group of rows")
         if objective.needs_teacher and teacher is None:
             raise ValueError(f"loss={objective.name} compares the student with a teacher, but no teacher was given")
         self.student = student
@@ -72,7 +72,7 @@ class DistillationModule(L.LightningModule):
         self.reward = reward  # GKD Eq. 5: a reward optimised on the student's own samples (None: pure distillation)
         self.policy = policy
         self.task = task
-        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+        self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.eval_sampling = eval_sampling
         self.eval_role = "student"  # which model validation generates with: "student" or "teacher"
@@ -90,7 +90,7 @@ class DistillationModule(L.LightningModule):
         self.seed = seed
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self._loss_skipped = False
-        # Scoring reads a batch in up to this many groups of rows of similar length (kdlab.models.score_targets)
+        # Scoring reads a batch in up to this many groups of rows of similar length (kdlab.scoring.score_targets)
         self.score_groups = score_groups
 
     # -- modes ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Surviving interruption and divergence: checkpoint on preemption signals, per-step seeding, non-finite steps.
 
+- `LastCheckpoint`: the one writer of `last.ckpt`, every n steps, on a stop request and when training ends, never
+  twice for one step.
 - `PreemptionCheckpoint`: SIGTERM (schedulers, `kill`), SIGINT (Ctrl-C) or SIGUSR1/SIGUSR2 (SLURM's and submitit's
   warning before a time limit) ask the run to stop. At the end of the current step every process agrees, saves
   `last.ckpt` together (sharded checkpoints are collective) and training stops; `ckpt_path=last` resumes exactly.
@@ -70,9 +72,46 @@ def stop_on_sigterm(output_dir: Path) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class LastCheckpoint(Callback):
+    """Saves `path` every `every_n_train_steps` optimizer steps, when asked (`save`, on a stop request) and when
+    training ends, at most once per step.
+
+    Lightning's ModelCheckpoint(save_last=True) cannot be the writer beside a preemption save: at the end of training
+    it saves again and, finding a last.ckpt it did not write itself, writes a second file (last-v1.ckpt) of the same
+    step. The trainer runs with `enable_checkpointing=False`, so this callback is the only one that saves.
+    """
+
+    def __init__(self, path: Path, every_n_train_steps: int):
+        self.path = Path(path)
+        self.every_n_train_steps = every_n_train_steps
+        self.saved_step: int | None = None  # the global step last.ckpt holds, when this run wrote or resumed it
+
+    def save(self, trainer: L.Trainer) -> None:
+        """Write last.ckpt for the current step unless it holds this step already (a collective: every rank calls)."""
+        if self.saved_step == trainer.global_step:
+            return
+        trainer.save_checkpoint(self.path)
+        self.saved_step = trainer.global_step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        resumed = trainer.ckpt_path is not None and Path(trainer.ckpt_path).resolve() == self.path.resolve()
+        self.saved_step = trainer.global_step if resumed else None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        every = self.every_n_train_steps
+        if every > 0 and trainer.global_step > 0 and trainer.global_step % every == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)  # not on an exception: a diverged run keeps the last good step's checkpoint
+
+
 class PreemptionCheckpoint(Callback):
-    def __init__(self, checkpoint_path: Path):
-        self.checkpoint_path = Path(checkpoint_path)
+    """Turns a stop signal into a checkpoint at the end of the current step (through `last`) and a stopped run."""
+
+    def __init__(self, last: LastCheckpoint):
+        self.last = last
         self.requested: int | None = None  # the signal received, until the run stops
         self.stopped_by: int | None = None  # the signal that stopped training
         self.stopped_at_step: int | None = None
@@ -93,8 +132,8 @@ class PreemptionCheckpoint(Callback):
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the step to end
         self.requested = signum
-        print(f"\nreceived {signal.Signals(signum).name}: saving last.ckpt at the end of this step, then stopping",
-              flush=True)
+        print(f"\nreceived {signal.Signals(signum).name}: saving {self.last.path.name} at the end of this step, then "
+              "stopping", flush=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -102,10 +141,10 @@ class PreemptionCheckpoint(Callback):
         if not any_rank(self.requested is not None, pl_module.device):
             return
         signum = self.requested or signal.SIGTERM  # a process that got no signal follows the others
-        trainer.save_checkpoint(self.checkpoint_path)
+        self.last.save(trainer)
         trainer.should_stop = True
         self.stopped_by, self.stopped_at_step = signum, trainer.global_step
-        rank_zero_info(f"saved {self.checkpoint_path} at step {trainer.global_step}")
+        rank_zero_info(f"saved {self.last.path} at step {trainer.global_step}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -135,11 +174,11 @@ class PreemptionCheckpoint(Callback):
 
 
 class NonFiniteGuard:
-    """Counts consecutive skipped steps; `record` raises TrainingDiverged once `max_consecutive` is reached."""
+    """Counts consecutive skipped steps; `record` raises TrainingDiverged once `max_consecutive` is reached.
 
-    def __init__(self, max_consecutive: int = 3):
-        if max_consecutive < 1:
-            raise ValueError(f"nonfinite.max_consecutive_steps={max_consecutive} must be at least 1")
+    `max_consecutive` comes from `nonfinite.max_consecutive_steps` (its default and its check live in the config)."""
+
+    def __init__(self, max_consecutive: int):
         self.max_consecutive = max_consecutive
         self.streak = 0
         self.skipped = 0

@@ -16,11 +16,12 @@ from typing import Any
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from kdlab.config import config_errors, raise_if_any, register_resolvers, vocabulary_errors
+from kdlab import rundir
+from kdlab.config import ConfigError, config_errors, raise_if_any, vocabulary_errors
 from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.sources import DataUnavailableError
 from kdlab.data.tasks import Task
@@ -30,7 +31,8 @@ from kdlab.losses.objective import build_objective
 from kdlab.models import HubUnavailableError, load_model, load_tokenizer, same_vocabulary
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
-from kdlab.resilience import PreemptionCheckpoint, RunInterrupted, TrainingDiverged, stop_on_sigterm
+from kdlab.resilience import LastCheckpoint, PreemptionCheckpoint, RunInterrupted, TrainingDiverged, stop_on_sigterm
+from kdlab.resolvers import in_multirun, register_resolvers
 from kdlab.rewards import RewardTerm
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -98,33 +100,25 @@ def build_loggers(cfg: DictConfig) -> list:
 def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.Trainer, PreemptionCheckpoint]:
     strategy = cfg.strategy
     strategy = hydra.utils.instantiate(strategy) if "_target_" in strategy else strategy.name
-    checkpoints = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints",
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
-    )
-    preemption = PreemptionCheckpoint(last_checkpoint(output_dir))
+    last = LastCheckpoint(rundir.last_checkpoint(output_dir), int(cfg.checkpoint.every_n_train_steps))
+    preemption = PreemptionCheckpoint(last)
     extra = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
-    callbacks = [checkpoints, preemption, LearningRateMonitor(logging_interval="step"), *extra]
+    # last: a periodic save sees what the other callbacks did at the end of the step (as Lightning orders its own)
+    callbacks = [preemption, LearningRateMonitor(logging_interval="step"), *extra, last]
     # FSDP2 allocates its gather buffers lazily at the first forward; under inference mode (Lightning's default for
     # validate, which runs first) they would become inference tensors that training cannot use. no_grad instead.
     inference_mode = not isinstance(strategy, FSDP2Strategy) and cfg.trainer.get("inference_mode", True)
     trainer = hydra.utils.instantiate(
         cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir),
-        inference_mode=inference_mode,
+        inference_mode=inference_mode, enable_checkpointing=False,  # LastCheckpoint is the one writer of last.ckpt
     )
     return trainer, preemption
-
-
-def last_checkpoint(output_dir: Path) -> Path:
-    return output_dir / "checkpoints" / "last.ckpt"
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     """`ckpt_path=last` resumes from this run directory's `checkpoints/last.ckpt` (which must exist); `auto` resumes
     from it when it exists and starts afresh otherwise (for jobs a scheduler may requeue); a path is used as is."""
-    last = last_checkpoint(output_dir)
+    last = rundir.last_checkpoint(output_dir)
     if ckpt_path == "last":
         if not last.exists():
             raise FileNotFoundError(f"ckpt_path=last: {last} does not exist; point hydra.run.dir at the run to "
@@ -133,6 +127,70 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     if ckpt_path == "auto":
         return str(last) if last.exists() else None
     return ckpt_path
+
+
+def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher_tokenizer: Any,
+                 cross_tokenizer: bool) -> DistillationModule:
+    """Load the student and the teacher (when there is one) and put them in one module with the run's objective,
+    policy, optimizer and settings. `cross_tokenizer`: the teacher reads its own tokens, so the module gets its
+    tokenizer too."""
+    student = load_model(cfg.student, student_tokenizer)
+    teacher = load_model(cfg.teacher, teacher_tokenizer) if cfg.get("teacher") is not None else None
+    return DistillationModule(
+        student=student,
+        tokenizer=student_tokenizer,
+        objective=build_objective(cfg.loss),
+        policy=build_policy(cfg),
+        task=task,
+        teacher=teacher,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        eval_sampling=SamplingSettings(**task.config.generation),
+        teacher_tokenizer=teacher_tokenizer if cross_tokenizer else None,
+        reward=build_reward(cfg),
+        seed=int(cfg.seed),
+        max_nonfinite_steps=int(cfg.nonfinite.max_consecutive_steps),
+        score_groups=int(cfg.score_groups),
+    )
+
+
+def fit(trainer: L.Trainer, preemption: PreemptionCheckpoint, module: DistillationModule, datamodule: Any,
+        ckpt_path: str | None, output_dir: Path) -> float:
+    """Train; returns the wall time in seconds. A run that diverged or was stopped by a signal raises with where its
+    checkpoint is (and, when stopped, how to resume), so the job's marker says it."""
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except TrainingDiverged as err:
+        raise TrainingDiverged(f"{err}. Checkpoint: {rundir.last_checkpoint(output_dir)}") from None
+    if preemption.stopped_by is not None:
+        last = rundir.last_checkpoint(output_dir)
+        message = (f"interrupted at step {preemption.stopped_at_step}; {last} is saved. "
+                   f"Resume with: python train.py <same overrides> hydra.run.dir={output_dir} ckpt_path=last")
+        raise RunInterrupted(preemption.stopped_by, message)
+    return time.perf_counter() - start
+
+
+def results_record(cfg: DictConfig, task: Task, trainer: L.Trainer, module: DistillationModule,
+                   scores: dict[str, dict[str, float] | None], wall_time: float) -> dict[str, Any]:
+    """What `results.json` holds: the scores of teacher and student (before and after), the run's size and speed,
+    and the settings a comparison groups runs by."""
+    return {
+        "task": task.name,
+        "metric": task.metric_name,
+        "metrics": scores["student_after"],
+        **scores,
+        "steps": trainer.global_step,
+        "wall_time_s": round(wall_time, 3),
+        "train_tokens": module.train_tokens,
+        "tokens_per_sec": round(module.train_tokens / max(wall_time, 1e-9), 2),
+        "onpolicy_fraction": module.onpolicy_fraction,
+        "skipped_nonfinite_steps": module.nonfinite.skipped,
+        "loss": cfg.loss.name,
+        "student_fraction": float(cfg.policy.student_fraction),
+        "seed": int(cfg.seed),
+        "data": task.report.to_dict(),
+    }
 
 
 def evaluate(trainer: L.Trainer, module: DistillationModule, datamodule, role: str, save_as: Path) -> dict[str, float]:
@@ -176,6 +234,35 @@ def run(cfg: DictConfig) -> float:
         raise
 
 
+def run_job(cfg: DictConfig) -> float:
+    """`run` as one Hydra job (what the root train.py calls): the job's directory records how the job ended, for
+    `kdlab-report` and for a resume.
+
+    A job that raises leaves `failed.json` (the error in one line, and the traceback). In a multirun the error then
+    goes back to Hydra, whose launcher records it and goes on with the next job (it re-raises the first failure once
+    the sweep is done), so `kdlab-report` can list the failed run beside the others' results. A job stopped by a
+    signal or Ctrl-C leaves `interrupted.json` instead (it can resume) and stops the sweep. A job that finishes
+    clears the markers of an earlier attempt in the same directory.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        value = run(cfg)
+    except Exception as err:
+        rundir.write_marker(run_dir, err, rundir.FAILURE_MARKER)
+        if isinstance(err, ConfigError) and not in_multirun():
+            sys.exit(f"error: {err}")  # the message lists every problem and its fix; a stack trace would only bury it
+        # In a multirun, SystemExit would end the whole sweep: an exception lets Hydra go on with the next job.
+        print(f"error: job failed: {type(err).__name__}: {err}", file=sys.stderr)
+        raise
+    except (KeyboardInterrupt, SystemExit) as err:  # stopped on a signal: resumable, so unfinished rather than failed
+        rundir.write_marker(run_dir, err, rundir.INTERRUPTION_MARKER)
+        raise
+    rundir.mark_finished(run_dir, keep_checkpoints=bool(cfg.keep_checkpoints))
+    return value
+
+
 def _run(cfg: DictConfig) -> float:
     register_resolvers()
     student_tokenizer, teacher_tokenizer, task = validate(cfg)
@@ -189,24 +276,7 @@ def _run(cfg: DictConfig) -> float:
     datamodule = DistillationDataModule(task, student_tokenizer, seed=int(cfg.seed), teacher_tokenizer=teacher_tokens)
     datamodule.setup("fit")  # tokenize now: length rules and an empty training set show before models load
     _print_data_report(task, output_dir)
-    student = load_model(cfg.student, student_tokenizer)
-    teacher = load_model(cfg.teacher, teacher_tokenizer) if cfg.get("teacher") is not None else None
-    module = DistillationModule(
-        student=student,
-        tokenizer=student_tokenizer,
-        objective=build_objective(cfg.loss),
-        policy=build_policy(cfg),
-        task=task,
-        teacher=teacher,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        eval_sampling=SamplingSettings(**task.config.generation),
-        teacher_tokenizer=teacher_tokens,
-        reward=build_reward(cfg),
-        seed=int(cfg.seed),
-        max_nonfinite_steps=int(cfg.nonfinite.max_consecutive_steps),
-        score_groups=int(cfg.score_groups),
-    )
+    module = build_module(cfg, task, student_tokenizer, teacher_tokenizer, cross)
 
     loggers = build_loggers(cfg)
     succeeded = False
@@ -214,50 +284,23 @@ def _run(cfg: DictConfig) -> float:
         trainer, preemption = build_trainer(cfg, loggers, output_dir)
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         if trainer.is_global_zero:
-            OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+            OmegaConf.save(cfg, output_dir / rundir.CONFIG, resolve=True)
         generations = output_dir / "generations"
         teacher_scores = None
-        if teacher is not None and cfg.eval.teacher:
+        if module.teacher is not None and cfg.eval.teacher:
             teacher_scores = evaluate(trainer, module, datamodule, "teacher", generations / "teacher.jsonl")
         before = None
         if cfg.eval.before:
             before = evaluate(trainer, module, datamodule, "student", generations / "student_before.jsonl")
 
-        start = time.perf_counter()
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        except TrainingDiverged as err:
-            raise TrainingDiverged(f"{err}. Checkpoint: {last_checkpoint(output_dir)}") from None
-        wall_time = time.perf_counter() - start
-        if preemption.stopped_by is not None:
-            message = (f"interrupted at step {preemption.stopped_at_step}; {last_checkpoint(output_dir)} is saved. "
-                       f"Resume with: python train.py <same overrides> hydra.run.dir={output_dir} ckpt_path=last")
-            raise RunInterrupted(preemption.stopped_by, message)
-        trainer.save_checkpoint(last_checkpoint(output_dir))
-
+        wall_time = fit(trainer, preemption, module, datamodule, ckpt_path, output_dir)
         after = evaluate(trainer, module, datamodule, "student", generations / "student_after.jsonl")
-        results = {
-            "task": task.name,
-            "metric": task.metric_name,
-            "metrics": after,
-            "teacher": teacher_scores,
-            "student_before": before,
-            "student_after": after,
-            "steps": trainer.global_step,
-            "wall_time_s": round(wall_time, 3),
-            "train_tokens": module.train_tokens,
-            "tokens_per_sec": round(module.train_tokens / max(wall_time, 1e-9), 2),
-            "onpolicy_fraction": module.onpolicy_fraction,
-            "skipped_nonfinite_steps": module.nonfinite.skipped,
-            "loss": cfg.loss.name,
-            "student_fraction": float(cfg.policy.student_fraction),
-            "seed": int(cfg.seed),
-            "data": task.report.to_dict(),
-        }
+        results = results_record(cfg, task, trainer, module, {"teacher": teacher_scores, "student_before": before,
+                                                              "student_after": after}, wall_time)
         if cfg.export:
-            module.export_student(str(output_dir / "student"))  # every process: a sharded student is gathered
+            module.export_student(str(output_dir / rundir.STUDENT))  # every process: a sharded student is gathered
         if trainer.is_global_zero:
-            (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+            (output_dir / rundir.RESULTS).write_text(json.dumps(results, indent=2))
             print(f"\n{format_results_table(results)}\n\nrun directory: {output_dir}")
         succeeded = True
         return float(after[task.metric_name])

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from kdlab.report.runs import FAILED, FINISHED, UNFINISHED, load_sweep
+from kdlab.rundir import FAILURE_MARKER, RESULTS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not sweep.runs:
-        print(f"error: no run directories under {args.sweep_dir} (a run directory holds .hydra/, results.json or "
-              f"failed.json)", file=sys.stderr)
+        print(f"error: no run directories under {args.sweep_dir} (a run directory holds .hydra/, {RESULTS} or "
+              f"{FAILURE_MARKER})", file=sys.stderr)
         return 2
     from kdlab.report.markdown import write_report  # matplotlib loads here, not for --wandb-push
     from kdlab.report.tables import comparison_table_markdown

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from kdlab.report import plots
-from kdlab.report.runs import FAILED, FINISHED, UNFINISHED, Sweep, format_value
+from kdlab.report.runs import FAILED, FINISHED, UNFINISHED, Sweep
 from kdlab.report.tables import (
     column_key,
     comparison_table_markdown,
@@ -15,6 +15,8 @@ from kdlab.report.tables import (
     reference_scores,
     write_runs_csv,
 )
+from kdlab.resolvers import format_value
+from kdlab.rundir import RESULTS
 
 METRIC_PLOT = "metric.png"
 CURVES_PLOT = "learning_curves.png"
@@ -83,7 +85,7 @@ def report_markdown(sweep: Sweep, column: str | None = None, metric_plot: Path |
         shared = set.intersection(*(set(run.overrides) for run in sweep.runs))  # said once, not per row
         lines += ["| run | status | overrides (those all runs share left out) | error |", "| --- | --- | --- | --- |"]
         for run in not_done:
-            error = (run.error or "no results.json and no failure marker: still running, killed or crashed")
+            error = (run.error or f"no {RESULTS} and no failure marker: still running, killed or crashed")
             own = [o for o in run.overrides if o not in shared] or run.overrides
             lines.append(f"| {run.name} | {run.status} | `{' '.join(own)}` | {_cell(error)} |")
     else:

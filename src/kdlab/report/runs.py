@@ -1,9 +1,9 @@
 """Runs of a sweep read back from disk: config, overrides, results and status, and the parameters the sweep varied.
 
-A run directory is one Hydra job: `.hydra/overrides.yaml` (what the command line set), `config.yaml` (the resolved
-config, written by `kdlab.train.run`), `results.json` (written last, so its presence means the run finished) and
-`failed.json` (written by the root `train.py` when the job raised). A run with neither is unfinished: interrupted
-(`interrupted.json` says how), still running, killed, or crashed without Python seeing it.
+A run directory is one Hydra job: `.hydra/overrides.yaml` (what the command line set) and the files `kdlab.rundir`
+names: the resolved config, the results (written last, so their presence means the run finished) and the failure
+marker (the job raised). A run with neither results nor failure is unfinished: interrupted (its interruption marker
+says how), still running, killed, or crashed without Python seeing it.
 """
 
 from __future__ import annotations
@@ -16,15 +16,13 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from kdlab.rundir import CONFIG, FAILURE_MARKER, INTERRUPTION_MARKER, RESULTS, other_rank_markers
+
 FINISHED, FAILED, UNFINISHED = "finished", "failed", "unfinished"
-FAILURE_MARKER = "failed.json"  # written by the root train.py
-INTERRUPTION_MARKER = "interrupted.json"  # written by the root train.py when a signal or Ctrl-C stopped the run
 STUDENT_FRACTION = "policy.student_fraction"
 SEED = "seed"
 # Keys that differ between the jobs of any sweep without being parameters of the experiment.
 NOT_PARAMETERS = ("output_dir", "ckpt_path", "logger.")
-# Loss parameters that name the method itself (GKD's jsd(beta), DistiLLM's skew alpha), so they go in its label.
-LABEL_PARAMS = {"jsd": "beta", "skl": "alpha", "srkl": "alpha"}
 _MISSING = object()
 
 
@@ -110,10 +108,10 @@ def planned_jobs(directory: Path) -> int | None:
 def load_run(directory: str | Path) -> RunRecord:
     directory = Path(directory)
     overrides = _read_yaml(directory / ".hydra" / "overrides.yaml") or []
-    results = _read_json(directory / "results.json")
+    results = _read_json(directory / RESULTS)
     failure = _read_json(directory / FAILURE_MARKER)
     if failure is None:  # a DDP run whose rank 0 survived the failure of another rank
-        failure = next((_read_json(p) for p in sorted(directory.glob("failed_rank*.json"))), None)
+        failure = next((_read_json(p) for p in other_rank_markers(directory, FAILURE_MARKER)), None)
     interruption = _read_json(directory / INTERRUPTION_MARKER)
     if results is not None:
         status, error = FINISHED, None
@@ -144,7 +142,7 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in (".hydra", "results.json", FAILURE_MARKER, INTERRUPTION_MARKER))
+    return any((path / name).exists() for name in (".hydra", RESULTS, FAILURE_MARKER, INTERRUPTION_MARKER))
 
 
 def _job_order(path: Path, root: Path) -> tuple:
@@ -153,7 +151,7 @@ def _job_order(path: Path, root: Path) -> tuple:
 
 
 def _load_config(directory: Path) -> dict:
-    resolved = _read_yaml(directory / "config.yaml")
+    resolved = _read_yaml(directory / CONFIG)
     if isinstance(resolved, dict):
         return resolved
     raw = directory / ".hydra" / "config.yaml"
@@ -161,7 +159,7 @@ def _load_config(directory: Path) -> dict:
         return {}
     from omegaconf import OmegaConf
 
-    from kdlab.config import register_resolvers
+    from kdlab.resolvers import register_resolvers
 
     register_resolvers()
     return _resolve_loosely(OmegaConf.load(raw))
@@ -302,38 +300,3 @@ def _wandb_group(runs: list[RunRecord]) -> str | None:
         if group:
             return str(group)
     return None
-
-
-def method_label(loss: Mapping[str, Any] | None, extra_keys: Iterable[str] = ()) -> str:
-    """How a table names a loss: `fkl`, `jsd(0.9)`, `skl(0.1)`; `extra_keys` are further loss keys a sweep varied,
-    written out, e.g. `ot(top_k=20, gamma=0)`."""
-    if not loss:
-        return "none"
-    name = str(loss.get("name", "?"))
-    params = []
-    own = LABEL_PARAMS.get(name)
-    if own and loss.get(own) is not None:
-        params.append(format_value(loss[own]))
-    if loss.get("variant", "paper") != "paper":  # loss=ot as the authors' released code: `ot(released_code)`
-        params.append(str(loss["variant"]))
-    for key in extra_keys:
-        if key not in (own, "name", "variant") and key in loss:
-            params.append(f"{key}={format_value(loss[key])}")
-    return f"{name}({', '.join(params)})" if params else name
-
-
-def format_value(value: Any) -> str:
-    """0.5 -> "0.5", 1.0 -> "1", 1e-4 -> "0.0001"; anything else as str."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    return f"{value:g}" if abs(value) >= 1e-4 or value == 0 else f"{value:.2g}"
-
-
-def sweep_group_name(sweep_dir: str | Path) -> str:
-    """The W&B group of a multirun's jobs, from its sweep directory: the path below `outputs/` (or its last two
-    parts), e.g. `outputs/multirun/2026-11-25/15-14-06` -> `multirun-2026-11-25-15-14-06`."""
-    parts = [p for p in Path(sweep_dir).parts if p not in ("/", ".", "..")]
-    if "outputs" in parts:
-        parts = parts[len(parts) - parts[::-1].index("outputs"):]
-    parts = parts[-3:] or ["sweep"]
-    return "-".join(parts)

@@ -22,9 +22,8 @@ from kdlab.report.runs import (
     RunRecord,
     Sweep,
     flatten,
-    format_value,
-    method_label,
 )
+from kdlab.resolvers import format_value, method_label
 
 
 @dataclass

@@ -262,7 +262,7 @@ def score_batch(model: torch.nn.Module, items: Sequence[Mapping[str, Any]], pad_
                 top_k: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """Top-k, ids and tail of every target token of a batch, the rows of all examples concatenated in order."""
     from kdlab.data.datamodule import Collator
-    from kdlab.models import score_targets
+    from kdlab.scoring import score_targets
 
     device = next(model.parameters()).device
     batch = Collator(pad_id)(list(items))

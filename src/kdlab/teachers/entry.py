@@ -19,7 +19,7 @@ def hydra_entry(config_name: str, fn: Callable[[DictConfig], object]) -> None:
     """Run `fn(cfg)` under `hydra.main` with `conf/<config_name>.yaml` as the primary config."""
     import hydra
 
-    from kdlab.config import register_resolvers
+    from kdlab.resolvers import register_resolvers
 
     register_resolvers()
     hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(fn)()

@@ -102,7 +102,7 @@ class PreemptionCheckpoint(Callback):
         if not any_rank(self.requested is not None, pl_module.device):
             return
         signum = self.requested or signal.SIGTERM  # a process that got no signal follows the others
-        trainer.save_checkpoint(self.checkpoint_path)
+        trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
         trainer.should_stop = True
         self.stopped_by, self.stopped_at_step = signum, trainer.global_step
         rank_zero_info(f"saved {self.checkpoint_path} at step {trainer.global_step}")

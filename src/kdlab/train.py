@@ -16,20 +16,23 @@ from typing import Any
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab.config import config_errors, raise_if_any, register_resolvers, vocabulary_errors
+from kdlab.console import run_end_lines, setup_console
 from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.sources import DataUnavailableError
 from kdlab.data.tasks import Task
 from kdlab.distributed import FSDP2Strategy
 from kdlab.generation import SamplingSettings
+from kdlab.last_step import LogLastStep, final_train_metrics
 from kdlab.losses.objective import build_objective
 from kdlab.models import HubUnavailableError, load_model, load_tokenizer, same_vocabulary
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
+from kdlab.progress import StepProgressBar
 from kdlab.resilience import PreemptionCheckpoint, RunInterrupted, TrainingDiverged, stop_on_sigterm
 from kdlab.rewards import RewardTerm
 
@@ -106,7 +109,10 @@ def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.T
     )
     preemption = PreemptionCheckpoint(last_checkpoint(output_dir))
     extra = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
-    callbacks = [checkpoints, preemption, LearningRateMonitor(logging_interval="step"), *extra]
+    # LogLastStep first: the learning rate monitor then logs the last step too
+    callbacks = [LogLastStep(), checkpoints, preemption, LearningRateMonitor(logging_interval="step"), *extra]
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in extra):
+        callbacks.append(StepProgressBar())
     # FSDP2 allocates its gather buffers lazily at the first forward; under inference mode (Lightning's default for
     # validate, which runs first) they would become inference tensors that training cannot use. no_grad instead.
     inference_mode = not isinstance(strategy, FSDP2Strategy) and cfg.trainer.get("inference_mode", True)
@@ -177,7 +183,9 @@ def run(cfg: DictConfig) -> float:
 
 
 def _run(cfg: DictConfig) -> float:
+    started = time.perf_counter()
     register_resolvers()
+    setup_console()
     student_tokenizer, teacher_tokenizer, task = validate(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     output_dir = Path(cfg.output_dir)
@@ -229,11 +237,12 @@ def _run(cfg: DictConfig) -> float:
         except TrainingDiverged as err:
             raise TrainingDiverged(f"{err}. Checkpoint: {last_checkpoint(output_dir)}") from None
         wall_time = time.perf_counter() - start
+        train_metrics = final_train_metrics(trainer)  # before evaluation logs its own
         if preemption.stopped_by is not None:
             message = (f"interrupted at step {preemption.stopped_at_step}; {last_checkpoint(output_dir)} is saved. "
                        f"Resume with: python train.py <same overrides> hydra.run.dir={output_dir} ckpt_path=last")
             raise RunInterrupted(preemption.stopped_by, message)
-        trainer.save_checkpoint(last_checkpoint(output_dir))
+        trainer.save_checkpoint(last_checkpoint(output_dir), weights_only=False)
 
         after = evaluate(trainer, module, datamodule, "student", generations / "student_after.jsonl")
         results = {
@@ -248,6 +257,7 @@ def _run(cfg: DictConfig) -> float:
             "train_tokens": module.train_tokens,
             "tokens_per_sec": round(module.train_tokens / max(wall_time, 1e-9), 2),
             "onpolicy_fraction": module.onpolicy_fraction,
+            "train": train_metrics,
             "skipped_nonfinite_steps": module.nonfinite.skipped,
             "loss": cfg.loss.name,
             "student_fraction": float(cfg.policy.student_fraction),
@@ -258,7 +268,9 @@ def _run(cfg: DictConfig) -> float:
             module.export_student(str(output_dir / "student"))  # every process: a sharded student is gathered
         if trainer.is_global_zero:
             (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-            print(f"\n{format_results_table(results)}\n\nrun directory: {output_dir}")
+            student_dir = output_dir / "student" if cfg.export else None
+            total = time.perf_counter() - started
+            print(f"\n{format_results_table(results)}\n\n{run_end_lines(total, results, output_dir, student_dir)}")
         succeeded = True
         return float(after[task.metric_name])
     finally:

@@ -67,9 +67,9 @@ def test_setup_console_silences_the_leafspec_warning_only():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         setup_console()
-        warnings.warn(f"{LEAFSPEC_WARNING}, use `isinstance(treespec, TreeSpec)` instead.", FutureWarning)
-        warnings.warn("`foo` is deprecated, use `bar` instead.", FutureWarning)
-        warnings.warn(LEAFSPEC_WARNING, UserWarning)  # same text, another category: not the known one
+        warnings.warn(f"{LEAFSPEC_WARNING}, use `isinstance(treespec, TreeSpec)` instead.", FutureWarning, 1)
+        warnings.warn("`foo` is deprecated, use `bar` instead.", FutureWarning, 1)
+        warnings.warn(LEAFSPEC_WARNING, UserWarning, 1)  # same text, another category: not the known one
     assert [str(w.message) for w in caught] == ["`foo` is deprecated, use `bar` instead.", LEAFSPEC_WARNING]
 
 

@@ -40,7 +40,7 @@ class DropMessages(logging.Filter):
 class ConsoleFormatter(logging.Formatter):
     """INFO lines as their bare message (the run's narrative), anything louder with its level, so it stands out.
 
-    Hydra's console handler uses it (conf/hydra/default.yaml); its log file keeps time stamps and logger names."""
+    Hydra's console handler uses it (conf/hydra/job_logging/kdlab.yaml); train.log keeps time stamps and names."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = super().format(record)
@@ -80,7 +80,7 @@ def quiet_weight_bars(weight_bytes: int | None) -> Iterator[None]:
     if set_hook is None or weight_bytes is None or weight_bytes >= SMALL_WEIGHTS_BYTES:
         yield
         return
-    previous = getattr(hf_logging, "_tqdm_hook", None)
+    previous = getattr(hf_logging, "_tqdm_hook", None)  # no getter: read it to chain to it and put it back
 
     def hook(factory: Any, args: tuple, kwargs: dict) -> Any:
         if kwargs.get("desc") in WEIGHT_BARS:
@@ -108,7 +108,7 @@ def weight_files_bytes(source: str, revision: str | None = None) -> int | None:
         if not isinstance(cached, str):
             return None
         folder = Path(cached).parent
-    files = [p for pattern in ("*.safetensors", "*.bin", "*.pt") for p in folder.glob(pattern)]
+    files = [p for pattern in ("*.safetensors", "*.bin") for p in folder.glob(pattern)]
     return sum(p.stat().st_size for p in files) if files else None
 
 

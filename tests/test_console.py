@@ -161,6 +161,7 @@ def test_train_py_debug_limit_console(tmp_path):
     lines = [line for line in _final_frames(output) if line.strip()]
     repeated = [line for line, count in Counter(lines).items() if count > 1]
     assert not repeated, repeated
+    assert "Seed set to 0" in lines  # Lightning's record once, bare: no "INFO: " copy, no time-stamped copy
     frames = [frame for line in output.split("\n") for frame in line.split("\r")]
     bar_frames = [frame for frame in frames if frame.startswith(("step ", "Validation"))]
     assert len(bar_frames) > 4 and all(len(frame) <= 80 for frame in bar_frames), max(bar_frames, key=len)

@@ -137,7 +137,10 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
         kwargs = {"dtype": dtype, **hub}
         if model_cfg.get("attn_implementation"):
             kwargs["attn_implementation"] = model_cfg["attn_implementation"]
-        model = _from_pretrained(loader, source, "model", **kwargs)
+        from kdlab.console import quiet_weight_bars, weight_files_bytes
+
+        with quiet_weight_bars(weight_files_bytes(source, hub.get("revision"))):
+            model = _from_pretrained(loader, source, "model", **kwargs)
     else:
         model = _build(model_cfg, tokenizer, dtype)
     if model_cfg.get("gradient_checkpointing", False):

@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kdlab.console import quiet_weight_bars
 from kdlab.data.tasks import Task
 from kdlab.distributed import FSDP2Strategy, any_rank, full_state_dict, global_token_mean, is_sharded, shard_model
 from kdlab.generation import SamplingSettings, generate_targets
@@ -320,10 +321,12 @@ class DistillationModule(L.LightningModule):
         state = full_state_dict(self.student) if is_sharded(self.student) else None
         if self.global_rank != 0:
             return
-        if state is None:
-            self.student.save_pretrained(directory)
-        else:
-            self.student.save_pretrained(directory, state_dict=state)
+        size = sum(p.numel() * p.element_size() for p in self.student.parameters())
+        with quiet_weight_bars(size):  # a one-shard bar for a small student says nothing
+            if state is None:
+                self.student.save_pretrained(directory)
+            else:
+                self.student.save_pretrained(directory, state_dict=state)
         self.tokenizer.save_pretrained(directory)
 
 

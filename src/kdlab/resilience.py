@@ -90,7 +90,7 @@ class LastCheckpoint(Callback):
         """Write last.ckpt for the current step unless it holds this step already (a collective: every rank calls)."""
         if self.saved_step == trainer.global_step:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # explicit: Lightning warns when it is unset
         self.saved_step = trainer.global_step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -16,21 +16,24 @@ from typing import Any
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab import rundir
 from kdlab.config import ConfigError, config_errors, raise_if_any, vocabulary_errors
+from kdlab.console import run_end_lines, setup_console
 from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.sources import DataUnavailableError
 from kdlab.data.tasks import Task
 from kdlab.distributed import FSDP2Strategy
 from kdlab.generation import SamplingSettings
+from kdlab.last_step import LogLastStep, final_train_metrics
 from kdlab.losses.objective import build_objective
 from kdlab.models import HubUnavailableError, load_model, load_tokenizer, same_vocabulary
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
+from kdlab.progress import StepProgressBar
 from kdlab.resilience import LastCheckpoint, PreemptionCheckpoint, RunInterrupted, TrainingDiverged, stop_on_sigterm
 from kdlab.resolvers import in_multirun, register_resolvers
 from kdlab.rewards import RewardTerm
@@ -103,8 +106,11 @@ def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.T
     last = LastCheckpoint(rundir.last_checkpoint(output_dir), int(cfg.checkpoint.every_n_train_steps))
     preemption = PreemptionCheckpoint(last)
     extra = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
-    # last: a periodic save sees what the other callbacks did at the end of the step (as Lightning orders its own)
-    callbacks = [preemption, LearningRateMonitor(logging_interval="step"), *extra, last]
+    # LogLastStep first: the learning rate monitor then logs the last step too. LastCheckpoint last: a periodic save
+    # sees what the other callbacks did at the end of the step (as Lightning orders its own)
+    callbacks = [LogLastStep(), preemption, LearningRateMonitor(logging_interval="step"), *extra, last]
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in extra):
+        callbacks.insert(-1, StepProgressBar())
     # FSDP2 allocates its gather buffers lazily at the first forward; under inference mode (Lightning's default for
     # validate, which runs first) they would become inference tensors that training cannot use. no_grad instead.
     inference_mode = not isinstance(strategy, FSDP2Strategy) and cfg.trainer.get("inference_mode", True)
@@ -264,7 +270,9 @@ def run_job(cfg: DictConfig) -> float:
 
 
 def _run(cfg: DictConfig) -> float:
+    started = time.perf_counter()
     register_resolvers()
+    setup_console()
     student_tokenizer, teacher_tokenizer, task = validate(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     output_dir = Path(cfg.output_dir)
@@ -294,14 +302,18 @@ def _run(cfg: DictConfig) -> float:
             before = evaluate(trainer, module, datamodule, "student", generations / "student_before.jsonl")
 
         wall_time = fit(trainer, preemption, module, datamodule, ckpt_path, output_dir)
+        train_metrics = final_train_metrics(trainer)  # before evaluation logs its own
         after = evaluate(trainer, module, datamodule, "student", generations / "student_after.jsonl")
         results = results_record(cfg, task, trainer, module, {"teacher": teacher_scores, "student_before": before,
                                                               "student_after": after}, wall_time)
+        results["train"] = train_metrics
         if cfg.export:
             module.export_student(str(output_dir / rundir.STUDENT))  # every process: a sharded student is gathered
         if trainer.is_global_zero:
             (output_dir / rundir.RESULTS).write_text(json.dumps(results, indent=2))
-            print(f"\n{format_results_table(results)}\n\nrun directory: {output_dir}")
+            student_dir = output_dir / rundir.STUDENT if cfg.export else None
+            total = time.perf_counter() - started
+            print(f"\n{format_results_table(results)}\n\n{run_end_lines(total, results, output_dir, student_dir)}")
         succeeded = True
         return float(after[task.metric_name])
     finally:

@@ -116,9 +116,10 @@ def test_each_step_trains_on_the_source_the_policy_drew(tokenizer, monkeypatch, 
 
     monkeypatch.setattr(kdlab.module, "generate_targets", recording_generate)
     scored = []
-    real_loss = module._loss
-    module._loss = lambda batch, ids, mask, *a, **k: scored.append((ids, mask)) or real_loss(batch, ids, mask, *a, **k)
+    real_scores = module._scores
+    module._scores = lambda batch, ids, mask, *a: scored.append((ids, mask)) or real_scores(batch, ids, mask, *a)
     _fit(module, datamodule, steps=2)
+    assert len(scored) == 2  # one scoring per step (one micro-batch each)
 
     if sampler is None:
         assert calls == []  # ground truth: nothing sampled
@@ -162,3 +163,13 @@ def test_scoring_in_length_groups_gives_the_loss_of_one_padded_batch(tokenizer):
     with pytest.raises(ValueError, match="score_groups=0"):
         DistillationModule(student=module.student, tokenizer=tokenizer, objective=module.objective,
                            policy=module.policy, task=module.task, teacher=module.teacher, score_groups=0)
+
+
+def test_gradient_clipping_bounds_the_update_under_manual_optimization(tokenizer):
+    module, datamodule = _module(tokenizer, fraction=0.0, loss="fkl")
+    module.optimizer_factory = lambda params: torch.optim.SGD(params, lr=1.0)
+    module.gradient_clip_val = 1e-3
+    before = [p.detach().clone() for p in module.student.parameters()]
+    _fit(module, datamodule, steps=1)
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(module.student.parameters(), before)])
+    assert update.norm().item() == pytest.approx(1e-3, rel=1e-3)  # SGD with lr 1: the clipped gradient's norm

@@ -110,9 +110,11 @@ def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.T
     # FSDP2 allocates its gather buffers lazily at the first forward; under inference mode (Lightning's default for
     # validate, which runs first) they would become inference tensors that training cannot use. no_grad instead.
     inference_mode = not isinstance(strategy, FSDP2Strategy) and cfg.trainer.get("inference_mode", True)
+    # The module accumulates and clips itself (one loss normalisation per window): these two keys go to it and to
+    # the datamodule, and Lightning, which refuses them under manual optimization, gets neutral values.
     trainer = hydra.utils.instantiate(
         cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir),
-        inference_mode=inference_mode,
+        inference_mode=inference_mode, accumulate_grad_batches=1, gradient_clip_val=None, gradient_clip_algorithm=None,
     )
     return trainer, preemption
 
@@ -186,7 +188,8 @@ def _run(cfg: DictConfig) -> float:
     # Teacher and student tokenize differently: every example is tokenized for each, and samples cross via text.
     cross = teacher_tokenizer is not None and not same_vocabulary(student_tokenizer, teacher_tokenizer)
     teacher_tokens = teacher_tokenizer if cross else None
-    datamodule = DistillationDataModule(task, student_tokenizer, seed=int(cfg.seed), teacher_tokenizer=teacher_tokens)
+    datamodule = DistillationDataModule(task, student_tokenizer, seed=int(cfg.seed), teacher_tokenizer=teacher_tokens,
+                                        accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches") or 1))
     datamodule.setup("fit")  # tokenize now: length rules and an empty training set show before models load
     _print_data_report(task, output_dir)
     student = load_model(cfg.student, student_tokenizer)
@@ -206,6 +209,8 @@ def _run(cfg: DictConfig) -> float:
         seed=int(cfg.seed),
         max_nonfinite_steps=int(cfg.nonfinite.max_consecutive_steps),
         score_groups=int(cfg.score_groups),
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+        gradient_clip_algorithm=cfg.trainer.get("gradient_clip_algorithm") or "norm",
     )
 
     loggers = build_loggers(cfg)

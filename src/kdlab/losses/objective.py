@@ -8,7 +8,8 @@
 A term whose weight is 0 is not computed at all (ablations cost nothing). The CE term is left out on steps that
 train on the student's own samples (`hard_labels=False`): cross-entropy on its own samples only reinforces them
 (GKD's on-policy objective has no such term). The module calls the objective once per step; it returns the total and
-each component, unweighted, for logging.
+each component, unweighted, for logging; a training step takes each term as a sum and normalises it once over
+the whole global batch (kdlab.losses.normalisation).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
+from kdlab.losses.normalisation import REDUCTION_UNITS, SEQUENCES, TOKENS, LossSum, as_loss_sum, unit_counts
 from kdlab.losses.registry import (
     CROSS_TOKENIZER_LOSSES,
     CROSS_TOKENIZER_WEIGHTS,
@@ -60,28 +62,50 @@ class Objective:
         teacher_mask: Tensor | None = None,
         hard_labels: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """`teacher_mask` marks the teacher's own response tokens (cross-tokenizer losses); default: `mask`.
+        """(total, each component unweighted) for this batch alone: every term divided by its own unit count.
+
+        A training step instead divides `terms(...)` by global counts (kdlab.losses.normalisation)."""
+        terms = self.terms(student_logits, teacher_logits, target_ids, mask, teacher_mask, hard_labels)
+        total = student_logits.sum() * 0.0  # a gradient path even when every term is switched off
+        for weight, term in terms.values():
+            total = total + weight * term.mean()
+        return total, {name: term.mean().detach() for name, (_, term) in terms.items()}
+
+    def terms(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor | None,
+        target_ids: Tensor,
+        mask: Tensor,
+        teacher_mask: Tensor | None = None,
+        hard_labels: bool = True,
+    ) -> dict[str, tuple[float, LossSum]]:
+        """Each active term by name: (its weight in the total, its LossSum). A term of weight 0 is not computed.
+
+        `teacher_mask` marks the teacher's own response tokens (cross-tokenizer losses); default: `mask`.
         `hard_labels=False` (targets sampled from the student) leaves the CE term out."""
         common = dict(reduction=self.reduction, chunk_size=self.chunk_size)
+        unit = REDUCTION_UNITS.get(self.reduction, TOKENS)
         if not self.needs_teacher:
-            ce = cross_entropy(student_logits, target_ids, mask, **common)
-            return ce, {"ce": ce.detach()}
+            return {"ce": (1.0, as_loss_sum(cross_entropy(student_logits, target_ids, mask, **common), mask, unit))}
         if self.cross_tokenizer:
-            total, components = self._cross_tokenizer_terms(
+            terms = self._cross_tokenizer_terms(
                 student_logits, teacher_logits, mask, mask if teacher_mask is None else teacher_mask
             )
         else:
             divergence = get_divergence(self.name)(
                 student_logits, teacher_logits, mask, temperature=self.temperature, **self.params, **common
             )
-            total, components = divergence, {self.name: divergence.detach()}
+            terms = {self.name: (1.0, as_loss_sum(divergence, mask, unit))}
         if self.ce_weight > 0 and hard_labels:
             ce = cross_entropy(student_logits, target_ids, mask, **common)
-            components["ce"] = ce.detach()
-            total = total + self.ce_weight * ce
-        return total, components
+            terms["ce"] = (self.ce_weight, as_loss_sum(ce, mask, unit))
+        return terms
 
-    def _cross_tokenizer_terms(self, student_logits, teacher_logits, mask, teacher_mask):
+    def _cross_tokenizer_terms(
+        self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, teacher_mask: Tensor
+    ) -> dict[str, tuple[float, LossSum]]:
+        """MultiLevelOT's or ULD's terms, each a mean over the batch's sequences turned into a sum over them."""
         w = {**DEFAULT_WEIGHTS, **self.weights}
         if self.name == "ot":
             term_weights = {"had": w["alpha"] * w["had_weight"], "sl": w["alpha"] * w["beta"],
@@ -92,13 +116,13 @@ class Objective:
         kwargs = dict(self.params)
         if self.name == "ot":
             kwargs["components"] = active
-        terms = CROSS_TOKENIZER_LOSSES[self.name](
+        values = CROSS_TOKENIZER_LOSSES[self.name](
             student_logits, teacher_logits, mask, teacher_mask, temperature=self.temperature, **kwargs
         ) if active else {}
-        total = student_logits.sum() * 0.0  # a gradient path even when every term is switched off
-        for term, value in terms.items():
-            total = total + term_weights[term] * value
-        return total, {term: value.detach() for term, value in terms.items()}
+        # Means over all rows; a row without scored tokens contributes 0, so mean * rows is the sum over sequences.
+        rows, sequences = mask.shape[0], unit_counts(mask)[SEQUENCES]
+        return {term: (term_weights[term], LossSum(value * rows, sequences, SEQUENCES))
+                for term, value in values.items()}
 
 
 def build_objective(loss_cfg: Mapping[str, Any]) -> Objective:

@@ -48,6 +48,20 @@ def test_overrides_land(tmp_path):
     assert cfg.loss.beta == 0.9 and cfg.policy.student_fraction == 0.25
 
 
+def test_ot_released_code_variant_sets_the_released_settings_and_keeps_overrides(tmp_path):
+    from kdlab.report.runs import method_label
+
+    def loss(*overrides):
+        cfg = compose(["loss=ot", "teacher=arith_unigram_teacher", *overrides], output_dir=tmp_path)
+        return OmegaConf.to_container(cfg.loss, resolve=True)
+
+    paper, released = loss(), loss("loss.variant=released_code")
+    assert (paper["alpha"], paper["sinkhorn_iterations"]) == (0.15, 20)
+    assert (released["alpha"], released["sinkhorn_iterations"]) == (1.5, 10)
+    assert loss("loss.variant=released_code", "loss.alpha=0.3")["alpha"] == 0.3
+    assert (method_label(paper), method_label(released)) == ("ot", "ot(released_code)")
+
+
 def test_teacher_none_means_no_teacher(tmp_path):
     cfg = compose(["teacher=none", "loss=sft", "policy=supervised"], output_dir=tmp_path)
     assert cfg.teacher is None and config_errors(cfg) == []
@@ -66,6 +80,7 @@ def test_teacher_none_means_no_teacher(tmp_path):
         (["loss.temperature=0"], "loss.temperature=0 must be > 0"),
         (["policy.sampling.top_p=0"], "top_p=0 must be in (0, 1]"),
         (["policy=seqkd", "teacher=none", "loss=sft"], "samples from the teacher but teacher=null"),
+        (["loss=ot", "teacher=arith_unigram_teacher", "loss.variant=authors"], "loss.variant=authors is unknown"),
     ],
 )
 def test_bad_values_fail_with_the_fix(overrides, message, tmp_path):

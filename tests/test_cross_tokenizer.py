@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from kdlab.losses.cross_tokenizer import (
     log_sinkhorn,
     multilevel_ot,
     ranked_topk_probs,
+    ranked_topk_probs_at,
     sequence_ranked_topk,
     universal_logit_distillation,
 )
@@ -93,39 +96,152 @@ def test_sinkhorn_has_no_nan_at_tiny_epsilon_where_the_kernel_underflows():
     assert torch.isfinite(plan).all() and torch.allclose(plan.sum(), torch.tensor(1.0), atol=1e-4)
 
 
-# -- MultiLevelOT: naive reference ---------------------------------------------------------------------------------
-def naive_multilevel_ot(s, t, s_len, t_len, k=50, tau=1.0, tau_sl=1.0, tau_sd=2.0, eps=0.1, iters=20):
-    """The three terms for one sequence pair, written out with loops and explicit sorts (float64)."""
-    p = torch.softmax(t[:t_len].double() / tau, -1)
-    q = torch.softmax(s[:s_len].double() / tau, -1)
+# -- MultiLevelOT: references written from the paper's equations ---------------------------------------------------
+def _ranked_truncated(logits_2d, tau, k, column_sums=None):
+    """softmax(logits / tau) per position (float64), columns ordered by descending column sum (by default the
+    sequence's own), the first k kept, zero-padded to k when the vocabulary is smaller."""
+    probs = torch.softmax(logits_2d.double() / tau, -1)
+    sums = probs.sum(0) if column_sums is None else column_sums
+    order = sorted(range(probs.shape[1]), key=lambda j: -float(sums[j]))[:k]
+    return torch.nn.functional.pad(probs[:, order], (0, max(0, k - len(order))))
 
-    def rank(x):
-        order = sorted(range(x.shape[1]), key=lambda j: -float(x[:, j].sum()))[:k]
-        return x[:, order]
 
-    p, q = rank(p), rank(q)
-    k = max(p.shape[1], q.shape[1])  # a vocabulary smaller than k is zero-padded
-    p, q = torch.nn.functional.pad(p, (0, k - p.shape[1])), torch.nn.functional.pad(q, (0, k - q.shape[1]))
+def paper_multilevel_ot(s, t, s_len, t_len, k=50, tau=1.0, tau_sl=1.0, tau_sd=2.0, eps=0.1, iters=20):
+    """Cui et al. (AAAI 2025) for one sequence pair, float64, loops: t = softmax_tau(teacher), s = softmax_tau(student),
+    t^k, s^k ranked per sequence and truncated to k;
+      L_HAD = 1/T sum_t sum_i |t^k_i - s^k_i|; L_SL = -1/T sum_t sum_i t^k_i log s^k_i (tau_SL);
+      C_ij = sum_l |t^k_l(i) - s^k_l(j)| (tau_SD), L_SD = <P, C> with P the Sinkhorn plan after `iters` iterations."""
+    k = min(k, max(s.shape[-1], t.shape[-1]))
     width = min(t_len, s_len)
-    had = sum(float((p[i] - q[i]).abs().sum()) for i in range(width)) / max(width, 1)
-    sl = 0.0
-    for i in range(width):
-        sl -= float((torch.softmax(q[i] / tau_sl, -1) * torch.log_softmax(p[i] / tau_sl, -1)).sum())
+
+    def both(temperature):
+        return _ranked_truncated(t[:t_len], temperature, k), _ranked_truncated(s[:s_len], temperature, k)
+
+    t_k, s_k = both(tau)
+    had = sum(float(sum(abs(t_k[i, j] - s_k[i, j]) for j in range(k))) for i in range(width)) / max(width, 1)
+    t_k, s_k = both(tau_sl)
+    floor = torch.finfo(torch.float32).tiny  # the documented floor of log s^k: only zero-padded columns reach it
+    sl = -sum(float(t_k[i, j] * math.log(max(s_k[i, j], floor))) for i in range(width) for j in range(k))
     sl /= max(width, 1)
-    p_sd, q_sd = torch.softmax(p / tau_sd, -1), torch.softmax(q / tau_sd, -1)
-    cost = np.array([[float((p_sd[i] - q_sd[j]).abs().sum()) for j in range(s_len)] for i in range(t_len)])
+    t_k, s_k = both(tau_sd)
+    cost = np.array([[float(sum(abs(t_k[i, l] - s_k[j, l]) for l in range(k))) for j in range(s_len)]
+                     for i in range(t_len)])
     sd = float((naive_sinkhorn(cost, eps, iters) * cost).sum())
     return {"had": had, "sl": sl, "sd": sd}
 
 
+def released_code_multilevel_ot(s, t, s_lens, t_lens, k=50, tau_sl=1.0, tau_sd=2.0, eps=0.1, iters=10):
+    """The documented `variant=released_code` for a batch, float64: one ranking by column sums over the batch's
+    response positions, then a second softmax of the truncated probabilities, SL with the student's weights on the
+    log of the teacher's. Per sequence as the paper's form otherwise."""
+    k = min(k, max(s.shape[-1], t.shape[-1]))
+    t_sums = sum(torch.softmax(t[b, :n].double(), -1).sum(0) for b, n in enumerate(t_lens))
+    s_sums = sum(torch.softmax(s[b, :n].double(), -1).sum(0) for b, n in enumerate(s_lens))
+    out = {"had": [], "sl": [], "sd": []}
+    for b, (s_len, t_len) in enumerate(zip(s_lens, t_lens)):
+        t_k, s_k = _ranked_truncated(t[b, :t_len], 1.0, k, t_sums), _ranked_truncated(s[b, :s_len], 1.0, k, s_sums)
+        width = min(s_len, t_len)
+        out["had"].append(float((t_k[:width] - s_k[:width]).abs().sum()) / max(width, 1))
+        sl = -(torch.softmax(s_k[:width] / tau_sl, -1) * torch.log_softmax(t_k[:width] / tau_sl, -1)).sum()
+        out["sl"].append(float(sl) / max(width, 1))
+        t_sd, s_sd = torch.softmax(t_k / tau_sd, -1), torch.softmax(s_k / tau_sd, -1)
+        cost = np.array([[float((t_sd[i] - s_sd[j]).abs().sum()) for j in range(s_len)] for i in range(t_len)])
+        out["sd"].append(float((naive_sinkhorn(cost, eps, iters) * cost).sum()))
+    return {term: float(np.mean(values)) for term, values in out.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("k", "vocabs"), [(50, (40, 60)), (5, (40, 60)), (20, (389, 746)), (20, (746, 389))])
+def test_multilevel_ot_agrees_with_the_papers_equations(k, vocabs, dtype):
+    s, t = logits(3, 7, vocabs[0], seed=3, dtype=dtype), logits(3, 9, vocabs[1], seed=4, dtype=dtype)
+    s_len, t_len = [7, 5, 2], [9, 3, 6]  # padding on both sides, different lengths per side
+    got = multilevel_ot(s, t, lengths_mask(s_len, 7), lengths_mask(t_len, 9), top_k=k)
+    expected = [paper_multilevel_ot(s[b], t[b], s_len[b], t_len[b], k=k) for b in range(3)]
+    for term in ("had", "sl", "sd"):
+        assert got[term].item() == pytest.approx(np.mean([e[term] for e in expected]), rel=1e-5, abs=1e-6), term
+
+
+def test_the_sequential_log_loss_depends_on_the_models_unlike_the_released_codes():
+    # The released code's second softmax flattens probabilities in [0, 1] to almost uniform: about log k, whatever
+    # the models say. The paper's L_SL follows the distributions (here: sharper logits, more mass in the top k).
+    mask = torch.ones(4, 16, dtype=torch.bool)
+    paper, released = [], []
+    for scale in (1.0, 3.0):
+        s, t = logits(4, 16, 500, seed=30, scale=scale), logits(4, 16, 700, seed=31, scale=scale)
+        paper.append(multilevel_ot(s, t, mask, mask, top_k=20)["sl"].item())
+        released.append(multilevel_ot(s, t, mask, mask, top_k=20, variant="released_code")["sl"].item())
+    assert released == pytest.approx([math.log(20)] * 2, abs=0.01)
+    assert paper[1] - paper[0] > 2.0, paper
+
+
 @pytest.mark.parametrize("k", [50, 5])
-def test_multilevel_ot_agrees_with_a_naive_reference(k):
+def test_released_code_variant_agrees_with_its_documented_form(k):
     s, t = logits(3, 7, 40, seed=3), logits(3, 9, 60, seed=4)
     s_len, t_len = [7, 5, 2], [9, 3, 6]
-    got = multilevel_ot(s, t, lengths_mask(s_len, 7), lengths_mask(t_len, 9), top_k=k)
-    expected = [naive_multilevel_ot(s[b], t[b], s_len[b], t_len[b], k=k) for b in range(3)]
+    got = multilevel_ot(s, t, lengths_mask(s_len, 7), lengths_mask(t_len, 9), top_k=k, sinkhorn_iterations=10,
+                        variant="released_code")
+    expected = released_code_multilevel_ot(s, t, s_len, t_len, k=k)
     for term in ("had", "sl", "sd"):
-        assert got[term].item() == pytest.approx(np.mean([e[term] for e in expected]), rel=1e-5, abs=1e-7), term
+        assert got[term].item() == pytest.approx(expected[term], rel=1e-5, abs=1e-6), term
+    with pytest.raises(ValueError, match="variant"):
+        multilevel_ot(s, t, lengths_mask(s_len, 7), lengths_mask(t_len, 9), variant="authors")
+
+
+def _shared_order_logits(positions, vocab, seed):
+    """Logits whose probabilities at every position decrease with the vocabulary index: the ranking is the
+    identity for any mixture of two such distributions, so "moving towards the teacher" is well defined."""
+    raw = torch.rand(positions, vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (4 * raw).sort(-1, descending=True).values
+
+
+def test_the_sequential_log_loss_falls_as_the_student_moves_towards_the_teacher():
+    teacher = _shared_order_logits(6, 12, seed=40)[None]
+    start = _shared_order_logits(6, 12, seed=41)[None]
+    p, q0 = torch.softmax(teacher, -1), torch.softmax(start, -1)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    values = []
+    for a in torch.linspace(0, 1, 6, dtype=torch.float64):
+        student = ((1 - a) * q0 + a * p).log()  # the student's distribution a of the way to the teacher's
+        values.append(multilevel_ot(student, teacher, mask, mask, top_k=12)["sl"].item())
+    assert all(later < earlier for earlier, later in zip(values, values[1:])), values
+
+
+def test_the_released_codes_sequential_log_loss_prefers_a_peaked_student_to_the_teacher():
+    # Its reversed roles reward the student for piling mass on the teacher's largest entries; the paper's L_SL, a
+    # cross-entropy of the student under the teacher, is least at the teacher itself.
+    teacher = _shared_order_logits(6, 12, seed=40)[None]
+    peaked = teacher.clone()
+    peaked[..., 0] += 20.0  # nearly all mass on the teacher's most probable entry
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    for variant, teacher_wins in (("paper", True), ("released_code", False)):
+        same = multilevel_ot(teacher.clone(), teacher, mask, mask, top_k=12, variant=variant)["sl"].item()
+        other = multilevel_ot(peaked, teacher, mask, mask, top_k=12, variant=variant)["sl"].item()
+        assert (same < other) == teacher_wins, (variant, same, other)
+
+
+def _normalised_distance(student, teacher, mask, k):
+    s, t = ranked_topk_probs(student.detach(), mask, k), ranked_topk_probs(teacher, mask, k)
+    return (s / s.sum(-1, keepdim=True) - t / t.sum(-1, keepdim=True)).abs().sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("variant", ["paper", "released_code"])
+def test_gradient_descent_on_the_sequential_log_loss_matches_the_student_to_the_teacher(variant):
+    # One position per sequence, so that the student can match the teacher's ranked top k exactly (up to the mass
+    # the teacher has outside it: the minimiser of -sum t^k log s^k is s^k proportional to t^k).
+    t = logits(6, 1, 30, seed=42)
+    s = logits(6, 1, 24, seed=43).requires_grad_(True)
+    mask = torch.ones(6, 1, dtype=torch.bool)
+    before = _normalised_distance(s, t, mask, 10)
+    optimizer = torch.optim.Adam([s], lr=0.1)
+    for _ in range(300):
+        optimizer.zero_grad()
+        multilevel_ot(s, t, mask, mask, top_k=10, variant=variant, components=("sl",))["sl"].backward()
+        optimizer.step()
+    after = _normalised_distance(s, t, mask, 10)
+    if variant == "paper":
+        assert after < 0.01 * before, (before, after)
+    else:  # the released code's gradient moves the student away from the teacher's distribution
+        assert after > before, (before, after)
 
 
 def test_sequence_ranking_orders_columns_by_their_sum_over_response_positions():
@@ -155,6 +271,25 @@ def test_chunked_ranked_topk_equals_softmax_then_ranking(monkeypatch, chunk_elem
     assert a.grad[~mask].abs().max() == 0
 
 
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_ranked_topk_at_several_temperatures_equals_each_alone_in_value_and_gradient(monkeypatch, per_batch):
+    import kdlab.losses.divergences as divergences
+
+    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 3 * 40 * 2)  # 3 rows per chunk, across sequences
+    x = logits(3, 7, 40, seed=24)
+    mask = lengths_mask([7, 4, 1], 7)
+    gen = torch.Generator().manual_seed(25)
+    weights = [torch.randn(3, 7, 6, generator=gen) for _ in range(2)]
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    together = ranked_topk_probs_at(a, mask, 6, (1.0, 2.0), per_batch)
+    alone = [ranked_topk_probs(b, mask, 6, tau, per_batch) for tau in (1.0, 2.0)]
+    for got, expected in zip(together, alone):
+        assert torch.equal(got, expected)
+    sum((t * w).sum() for t, w in zip(together, weights)).backward()
+    sum((t * w).sum() for t, w in zip(alone, weights)).backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-7)
+
+
 def test_ranked_topk_keeps_no_vocab_wide_float32_tensor_for_backward():
     x = logits(2, 8, 64, seed=23, dtype=torch.bfloat16).requires_grad_()
     saved = []
@@ -175,7 +310,7 @@ def test_ot_and_uld_are_invariant_to_a_permutation_of_either_vocabulary(side):
     for fn in (multilevel_ot, universal_logit_distillation):
         a, b = fn(s, t, sm, tm), fn(s2, t2, sm, tm)
         for term in a:
-            assert a[term].item() == pytest.approx(b[term].item(), abs=1e-6), (fn.__name__, term)
+            assert a[term].item() == pytest.approx(b[term].item(), rel=1e-6, abs=1e-6), (fn.__name__, term)
 
 
 def test_identical_inputs_give_zero_where_the_math_says_so():

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdlab import ASSETS_DIR
 from kdlab.data.tasks import task_config_errors
+from kdlab.losses.cross_tokenizer import VARIANTS as OT_VARIANTS
 from kdlab.losses.objective import SFT
 from kdlab.losses.registry import (
     CROSS_TOKENIZER_LOSSES,
@@ -36,6 +37,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("kdlab.sweep_group", _sweep_group)
     if not OmegaConf.has_resolver("kdlab.method"):  # `${kdlab.method:${loss}}` -> fkl, jsd(0.9), ...
         OmegaConf.register_new_resolver("kdlab.method", _method_label)
+    if not OmegaConf.has_resolver("kdlab.ot_variant"):  # `${kdlab.ot_variant:${.variant},0.15,1.5}` -> 0.15 or 1.5
+        OmegaConf.register_new_resolver("kdlab.ot_variant", _ot_variant_value)
 
 
 def in_multirun() -> bool:
@@ -55,6 +58,14 @@ def _sweep_group(default: str) -> str:
     from kdlab.report.runs import sweep_group_name
 
     return sweep_group_name(HydraConfig.get().sweep.dir)
+
+
+def _ot_variant_value(variant: str, paper: Any, released_code: Any) -> Any:
+    """A loss=ot setting that differs between the paper and the authors' released code: the one `variant` names.
+
+    The setting stays an ordinary key of the resolved config (saved with every run); an explicit override wins.
+    An unknown variant is reported by the config validation (`_cross_tokenizer_errors`)."""
+    return released_code if variant == "released_code" else paper
 
 
 def _method_label(loss: Any) -> str:
@@ -106,6 +117,9 @@ def _cross_tokenizer_errors(loss: Mapping[str, Any]) -> list[str]:
     for key in ("sl_temperature", "sd_temperature", "sinkhorn_epsilon"):
         if key in loss and float(loss[key]) <= 0:
             errors.append(f"loss.{key}={loss[key]} must be > 0")
+    if "variant" in loss and loss["variant"] not in OT_VARIANTS:
+        errors.append(f"loss.variant={loss['variant']} is unknown; choose one of {', '.join(OT_VARIANTS)} "
+                      "(paper: the paper's equations; released_code: the authors' code, docs/cross_tokenizer.md)")
     return errors
 
 

@@ -15,6 +15,7 @@ a batch of empty responses gives zeros that still carry a gradient path.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kdlab.losses.divergences import _rows_per_chunk
@@ -45,62 +46,81 @@ def sequence_ranked_topk(probs: Tensor, mask: Tensor, k: int) -> Tensor:
 
 
 class _RankedTopK(torch.autograd.Function):
-    """softmax(logits / T) ranked per sequence and cut to k columns, without a (B, T, V) float32 tensor.
+    """softmax(logits / T) ranked per sequence and cut to k columns, for one or more temperatures T, without a
+    (B, T, V) float32 tensor.
 
     Forward walks rows in chunks: each chunk's log-normaliser and its masked probabilities' column sums per
-    sequence; then the top-k columns per sequence, and their probabilities exp(logit / T - lse) gathered from the
-    logits. Backward, chunk by chunk again, writes d/d logits = (mask / T) (scatter(g * q~) - q * <g, q~>) into one
-    buffer of the logits' dtype. The ranking itself carries no gradient (as with topk indices).
+    sequence, for every temperature; then each temperature's top-k columns per sequence, and their probabilities
+    exp(logit / T - lse) gathered from the logits. Backward, chunk by chunk again, writes the sum over temperatures
+    of d/d logits = (mask / T) (scatter(g * q~) - q * <g, q~>) into one buffer of the logits' dtype: several
+    temperatures (MultiLevelOT's tau_SL and tau_SD) cost one gradient of the logits, not one each. The ranking
+    itself carries no gradient (as with topk indices).
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, mask: Tensor, k: int, temperature: float, rows: int) -> Tensor:
+    def forward(ctx, logits: Tensor, mask: Tensor, k: int, temperatures: tuple[float, ...], rows: int,
+                per_batch: bool = False) -> tuple[Tensor, ...]:
         batch, positions, vocab = logits.shape
         flat = logits.reshape(-1, vocab)
         weight = mask.reshape(-1).float()
-        owner = torch.arange(batch, device=logits.device).repeat_interleave(positions)  # row -> its sequence
-        lse = torch.empty(flat.shape[0], device=logits.device)
-        column_sums = torch.zeros(batch, vocab, device=logits.device)
+        # row -> the group whose column sums rank it: its sequence, or the whole batch (the released code's ranking)
+        groups = 1 if per_batch else batch
+        owner = torch.arange(groups, device=logits.device).repeat_interleave(positions * (batch // groups))
+        lse = torch.empty(len(temperatures), flat.shape[0], device=logits.device)
+        column_sums = torch.zeros(len(temperatures), groups, vocab, device=logits.device)
         for start in range(0, flat.shape[0], rows):
-            x = flat[start : start + rows].float() / temperature
-            lse[start : start + rows] = torch.logsumexp(x, dim=-1)
-            probs = (x - lse[start : start + rows, None]).exp_().mul_(weight[start : start + rows, None])
-            column_sums.index_add_(0, owner[start : start + rows], probs)
-        order = column_sums.topk(k, dim=-1).indices  # (B, k), by descending column sum
-        index = order[owner]  # (B*T, k)
-        top = (flat.gather(1, index).float() / temperature - lse[:, None]).exp() * weight[:, None]
-        ctx.save_for_backward(logits, weight, lse, index, top)
-        ctx.temperature, ctx.rows = temperature, rows
-        return top.view(batch, positions, k)
+            part = slice(start, start + rows)
+            for i, temperature in enumerate(temperatures):
+                x = flat[part].float() / temperature
+                lse[i, part] = torch.logsumexp(x, dim=-1)
+                column_sums[i].index_add_(0, owner[part], (x - lse[i, part, None]).exp_().mul_(weight[part, None]))
+        index = column_sums.topk(k, dim=-1).indices[:, owner]  # (temperatures, B*T, k), by descending column sum
+        tops = []
+        for i, temperature in enumerate(temperatures):
+            tops.append((flat.gather(1, index[i]).float() / temperature - lse[i, :, None]).exp() * weight[:, None])
+        ctx.save_for_backward(logits, weight, lse, index, *tops)
+        ctx.temperatures, ctx.rows = temperatures, rows
+        return tuple(top.view(batch, positions, k) for top in tops)
 
     @staticmethod
-    def backward(ctx, grad_top: Tensor):
-        logits, weight, lse, index, top = ctx.saved_tensors
-        vocab = logits.shape[-1]
-        flat = logits.reshape(-1, vocab)
-        g = grad_top.reshape(top.shape).float()
-        gq = g * top
-        inner = gq.sum(dim=-1)  # <g, q~> per row
+    def backward(ctx, *grad_tops: Tensor):
+        logits, weight, lse, index, *tops = ctx.saved_tensors
+        flat = logits.reshape(-1, logits.shape[-1])
+        gqs = [g.reshape(top.shape).float() * top for g, top in zip(grad_tops, tops)]
+        inners = [gq.sum(dim=-1) for gq in gqs]  # <g, q~> per row
         grad = torch.empty_like(flat)
         for start in range(0, flat.shape[0], ctx.rows):
             part = slice(start, start + ctx.rows)
-            q = (flat[part].float() / ctx.temperature - lse[part, None]).exp_()
-            out = q.mul_(-inner[part, None]).scatter_add_(1, index[part], gq[part])
-            grad[part] = out.mul_(weight[part, None] / ctx.temperature).to(grad.dtype)
-        return grad.view_as(logits), None, None, None, None
+            out = None
+            for i, temperature in enumerate(ctx.temperatures):
+                q = (flat[part].float() / temperature - lse[i, part, None]).exp_()
+                term = q.mul_(-inners[i][part, None]).scatter_add_(1, index[i, part], gqs[i][part]).div_(temperature)
+                out = term if out is None else out.add_(term)
+            grad[part] = out.mul_(weight[part, None]).to(grad.dtype)
+        return grad.view_as(logits), None, None, None, None, None
 
 
-def ranked_topk_probs(logits: Tensor, mask: Tensor, k: int, temperature: float = 1.0) -> Tensor:
+def ranked_topk_probs(
+    logits: Tensor, mask: Tensor, k: int, temperature: float = 1.0, per_batch: bool = False
+) -> Tensor:
     """(B, T, k): `sequence_ranked_topk(softmax(logits / temperature), mask, k)`, computed from the logits in chunks.
 
     Equal to the two-step form to float32 rounding (ties in the ranking aside), but never holds a float32 copy of
-    the (B, T, V) logits, in forward or backward: the memory of loss=ot is the logits' gradient and a chunk."""
+    the (B, T, V) logits, in forward or backward: the memory of loss=ot is the logits' gradient and a chunk.
+    `per_batch=True` ranks by column sums over the whole batch instead (the authors' released code)."""
+    return ranked_topk_probs_at(logits, mask, k, (temperature,), per_batch)[0]
+
+
+def ranked_topk_probs_at(
+    logits: Tensor, mask: Tensor, k: int, temperatures: tuple[float, ...], per_batch: bool = False
+) -> tuple[Tensor, ...]:
+    """`ranked_topk_probs` at each of `temperatures`, from one pass over the logits and with one gradient buffer."""
     k = min(k, logits.shape[-1])
-    rows = _rows_per_chunk(1 << 30, logits.shape[-1], logits.device)
+    rows = _rows_per_chunk(1 << 30, logits.shape[-1] * len(temperatures), logits.device)
     if not (torch.is_grad_enabled() and logits.requires_grad):
         with torch.no_grad():
-            return _RankedTopK.forward(_NoCtx(), logits, mask.bool(), k, temperature, rows)
-    return _RankedTopK.apply(logits, mask.bool(), k, temperature, rows)
+            return _RankedTopK.forward(_NoCtx(), logits, mask.bool(), k, temperatures, rows, per_batch)
+    return _RankedTopK.apply(logits, mask.bool(), k, temperatures, rows, per_batch)
 
 
 class _NoCtx:
@@ -135,7 +155,8 @@ def log_sinkhorn(cost: Tensor, row_mask: Tensor, col_mask: Tensor, epsilon: floa
     log_b = torch.where(col_mask, -cols.log(), neg)  # (B, m)
     scaled = -cost / epsilon
     f = torch.zeros_like(log_a)
-    g = torch.zeros_like(log_b)
+    # masked columns start without mass too (v = exp(g / epsilon) = 0): padding must not weigh on the first update
+    g = torch.where(col_mask, 0.0, -1e4 * epsilon)
     for _ in range(iterations):
         f = epsilon * (log_a - torch.logsumexp(scaled + g[:, None, :] / epsilon, dim=2))
         g = epsilon * (log_b - torch.logsumexp(scaled + f[:, :, None] / epsilon, dim=1))
@@ -165,8 +186,8 @@ class _KernelSinkhorn(torch.autograd.Function):
     def forward(ctx, cost: Tensor, a: Tensor, b: Tensor, epsilon: float, iterations: int) -> Tensor:
         kernel = torch.exp(-cost / epsilon)  # (B, n, m), entries >= exp(-KERNEL_MAX_EXPONENT)
         tiny = torch.finfo(kernel.dtype).tiny  # an empty side (all masked) gives 0 / tiny = 0, not 0 / 0
-        v = torch.ones_like(b)
-        us, vs, row_sums, col_sums = [], [torch.ones_like(b)], [], []
+        v = (b > 0).to(b.dtype)  # masked columns start without mass: padding must not weigh on the first update
+        us, vs, row_sums, col_sums = [], [v], [], []
         for _ in range(iterations):
             s = torch.bmm(kernel, v[:, :, None]).squeeze(2)
             u = a / s.clamp(min=tiny)
@@ -210,6 +231,9 @@ class _KernelSinkhorn(torch.autograd.Function):
         return grad_kernel * kernel / -ctx.epsilon, None, None, None, None
 
 
+VARIANTS = ("paper", "released_code")
+
+
 def multilevel_ot(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -222,44 +246,93 @@ def multilevel_ot(
     sd_temperature: float = 2.0,
     sinkhorn_epsilon: float = 0.1,
     sinkhorn_iterations: int = 20,
+    variant: str = "paper",
     components: tuple[str, ...] = ("had", "sl", "sd"),
 ) -> dict[str, Tensor]:
     """MultiLevelOT's distillation terms (Cui et al., AAAI 2025): {"had", "sl", "sd"}, each a scalar.
 
-    p = softmax(teacher / temperature), q = softmax(student / temperature); each ranked and truncated per sequence
-    to its top_k (`sequence_ranked_topk`): p~ (B, Tt, k), q~ (B, Ts, k). Then, for positions t matched by index up to
-    the shorter response (T = min(Tt, Ts) per sequence):
-      had = 1/T sum_t sum_i |p~_ti - q~_ti|                              (token level: holistic absolute difference)
-      sl  = -1/T sum_t sum_i softmax(q~_t / tau_SL)_i log softmax(p~_t / tau_SL)_i   (sequential logarithmic loss)
-      sd  = <P, C>, C_ij = || softmax(p~_i / tau_SD) - softmax(q~_j / tau_SD) ||_1, P the entropic OT plan between
-            uniform weights on teacher positions i and student positions j (Sinkhorn distance, sequence level)
+    With a temperature tau dividing the logits, t = softmax(teacher / tau) and s = softmax(student / tau), each
+    ranked and truncated per sequence to its top_k (`sequence_ranked_topk`): t^k (B, Tt, k), s^k (B, Ts, k). For
+    positions matched by index up to the shorter response (T = min(Tt, Ts) per sequence):
+      had = 1/T sum_t sum_i |t^k_ti - s^k_ti|             at tau = `temperature`    (holistic absolute difference)
+      sl  = -1/T sum_t sum_i t^k_ti log s^k_ti             at tau = `sl_temperature` (sequential logarithmic loss)
+      sd  = <P, C>, C_ij = sum_l |t^k_l(i) - s^k_l(j)|      at tau = `sd_temperature` (Sinkhorn distance), P the
+            entropic OT plan between uniform weights on teacher positions i and student positions j
+    The teacher weights the log of the student in sl, so its gradient matches the student to the teacher. A term
+    at another temperature ranks its own probabilities. log s^k is floored at float32's smallest normal number
+    (only a column past a vocabulary smaller than top_k, zero-padded, reaches it).
+    `variant="released_code"` reproduces the authors' code (2018cx/Multi-Level-OT) for comparisons with their
+    numbers: one ranking per batch, and sl and sd on a second softmax of the truncated probabilities with the roles
+    of sl reversed, sl = -1/T sum_t sum_i softmax(s^k_t / tau_SL)_i log softmax(t^k_t / tau_SL)_i and C_ij =
+    ||softmax(t^k_i / tau_SD) - softmax(s^k_j / tau_SD)||_1, t^k and s^k at `temperature` (docs/cross_tokenizer.md).
     The teacher side never carries a gradient. `components` names the terms to compute (ablations skip the rest).
     """
-    p_top = ranked_topk_probs(teacher_logits.detach(), teacher_mask, top_k, temperature)
-    q_top = ranked_topk_probs(student_logits, student_mask, top_k, temperature)
-    k = max(p_top.shape[-1], q_top.shape[-1])  # a vocabulary smaller than top_k is zero-padded
-    p_top = torch.nn.functional.pad(p_top, (0, k - p_top.shape[-1]))
-    q_top = torch.nn.functional.pad(q_top, (0, k - q_top.shape[-1]))
-
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is unknown; choose one of {VARIANTS}")
+    released = variant == "released_code"
+    wanted = {"had": temperature, "sl": temperature if released else sl_temperature,
+              "sd": temperature if released else sd_temperature}
+    pairs = _RankedPairs(student_logits, teacher_logits.detach(), student_mask, teacher_mask, top_k, released,
+                         tuple(wanted[term] for term in components if term in wanted))
     matched = _valid_length_mask(student_mask, teacher_mask)  # (B, T)
-    width = matched.shape[1]
-    counts = matched.sum(-1).clamp(min=1)
+    width, counts = matched.shape[1], matched.sum(-1).clamp(min=1)
+
+    def position_mean(per_position: Tensor) -> Tensor:
+        return _mean_over_sequences((per_position * matched).sum(-1) / counts)
+
     out: dict[str, Tensor] = {}
     if "had" in components:
-        diff = (p_top[:, :width] - q_top[:, :width]).abs().sum(-1)
-        out["had"] = _mean_over_sequences((diff * matched).sum(-1) / counts)
+        t_top, s_top = pairs(temperature)
+        out["had"] = position_mean((t_top[:, :width] - s_top[:, :width]).abs().sum(-1))
     if "sl" in components:
-        log_p = torch.log_softmax(p_top[:, :width] / sl_temperature, dim=-1)
-        q_soft = torch.softmax(q_top[:, :width] / sl_temperature, dim=-1)
-        per_position = -(q_soft * log_p).sum(-1)
-        out["sl"] = _mean_over_sequences((per_position * matched).sum(-1) / counts)
+        out["sl"] = position_mean(_sequential_log_loss(pairs, width, temperature, sl_temperature, released))
     if "sd" in components:
-        p_sd = torch.softmax(p_top / sd_temperature, dim=-1)
-        q_sd = torch.softmax(q_top / sd_temperature, dim=-1)
-        cost = torch.cdist(p_sd, q_sd, p=1)  # (B, Tt, Ts)
+        t_sd, s_sd = _sinkhorn_inputs(pairs, temperature, sd_temperature, released)
+        cost = torch.cdist(t_sd, s_sd, p=1)  # (B, Tt, Ts)
         plan = log_sinkhorn(cost, teacher_mask.bool(), student_mask.bool(), sinkhorn_epsilon, sinkhorn_iterations)
         out["sd"] = _mean_over_sequences((plan * cost).sum(dim=(1, 2)))
     return out
+
+
+class _RankedPairs:
+    """(t^k, s^k) at each temperature the asked-for terms need, each side's ranked truncated probabilities from one
+    pass over its logits; the side with fewer than k columns (a vocabulary smaller than top_k) is zero-padded to the
+    other."""
+
+    def __init__(self, student_logits: Tensor, teacher_logits: Tensor, student_mask: Tensor, teacher_mask: Tensor,
+                 top_k: int, per_batch: bool, temperatures: tuple[float, ...]):
+        temperatures = tuple(dict.fromkeys(temperatures))  # distinct, in order
+        sides = [ranked_topk_probs_at(logits, mask, top_k, temperatures, per_batch) if temperatures else ()
+                 for logits, mask in ((teacher_logits, teacher_mask), (student_logits, student_mask))]
+        self.cache: dict[float, tuple[Tensor, Tensor]] = {}
+        for temperature, t_top, s_top in zip(temperatures, *sides):
+            k = max(t_top.shape[-1], s_top.shape[-1])
+            self.cache[temperature] = F.pad(t_top, (0, k - t_top.shape[-1])), F.pad(s_top, (0, k - s_top.shape[-1]))
+
+    def __call__(self, temperature: float) -> tuple[Tensor, Tensor]:
+        return self.cache[temperature]
+
+
+def _sequential_log_loss(pairs: "_RankedPairs", width: int, temperature: float, sl_temperature: float,
+                         released: bool) -> Tensor:
+    """(B, T) per position: -sum_i t^k_i log s^k_i at tau_SL (paper), or the released code's
+    -sum_i softmax(s^k / tau_SL)_i log softmax(t^k / tau_SL)_i on t^k, s^k at `temperature`."""
+    if released:
+        t_top, s_top = (x[:, :width] for x in pairs(temperature))
+        log_t = torch.log_softmax(t_top / sl_temperature, dim=-1)
+        return -(torch.softmax(s_top / sl_temperature, dim=-1) * log_t).sum(-1)
+    t_top, s_top = (x[:, :width] for x in pairs(sl_temperature))
+    return -(t_top * s_top.clamp(min=torch.finfo(s_top.dtype).tiny).log()).sum(-1)
+
+
+def _sinkhorn_inputs(pairs: "_RankedPairs", temperature: float, sd_temperature: float,
+                     released: bool) -> tuple[Tensor, Tensor]:
+    """The distributions the Sinkhorn cost compares: t^k, s^k at tau_SD (paper), or the released code's
+    softmax(t^k / tau_SD), softmax(s^k / tau_SD) on t^k, s^k at `temperature`."""
+    if released:
+        t_top, s_top = pairs(temperature)
+        return torch.softmax(t_top / sd_temperature, dim=-1), torch.softmax(s_top / sd_temperature, dim=-1)
+    return pairs(sd_temperature)
 
 
 def universal_logit_distillation(

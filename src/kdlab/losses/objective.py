@@ -147,5 +147,8 @@ def build_objective(loss_cfg: Mapping[str, Any]) -> Objective:
     )
 
 
-def _number(value: Any) -> int | float:
+def _number(value: Any) -> int | float | str:
+    """A config value as the loss function takes it: ints stay ints, names (`variant`) stay strings."""
+    if isinstance(value, str):
+        return value
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else float(value)

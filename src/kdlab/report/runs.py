@@ -314,8 +314,10 @@ def method_label(loss: Mapping[str, Any] | None, extra_keys: Iterable[str] = ())
     own = LABEL_PARAMS.get(name)
     if own and loss.get(own) is not None:
         params.append(format_value(loss[own]))
+    if loss.get("variant", "paper") != "paper":  # loss=ot as the authors' released code: `ot(released_code)`
+        params.append(str(loss["variant"]))
     for key in extra_keys:
-        if key != own and key != "name" and key in loss:
+        if key not in (own, "name", "variant") and key in loss:
             params.append(f"{key}={format_value(loss[key])}")
     return f"{name}({', '.join(params)})" if params else name
 

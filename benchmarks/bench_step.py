@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ from common import DTYPES, interleaved_times, machine, matmul_peak_flops, parse,
 from kdlab.data.datamodule import DistillationDataModule  # noqa: E402
 from kdlab.data.tasks import Task  # noqa: E402
 from kdlab.generation import SamplingSettings  # noqa: E402
+from kdlab.losses import generalized_jsd  # noqa: E402
 from kdlab.losses.objective import Objective  # noqa: E402
 from kdlab.module import DistillationModule  # noqa: E402
 from kdlab.policy import STUDENT, DataPolicy  # noqa: E402
@@ -80,7 +82,7 @@ class KdlabStep:
         sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, compile=compile)
         self.module = DistillationModule(
             student=student, tokenizer=tokenizer, task=task, teacher=teacher,
-            objective=Objective("jsd", params={"beta": args.beta}), policy=DataPolicy(1.0, sampling=sampling),
+            objective=Objective("jsd", loss=partial(generalized_jsd, beta=args.beta)), policy=DataPolicy(1.0, sampling=sampling),
         )
         self.module.train()
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)

@@ -17,6 +17,7 @@ from kdlab.losses.cross_tokenizer import (
     universal_logit_distillation,
 )
 from kdlab.losses.objective import build_objective
+from tests.conftest import loss_config
 
 
 def logits(batch, length, vocab, seed, scale=3.0, dtype=torch.float32):
@@ -395,13 +396,13 @@ def test_ot_objective_weights_terms_as_the_paper_and_skips_switched_off_terms():
     t = logits(2, 6, 45, seed=22)
     target = torch.randint(0, 30, (2, 5), generator=torch.Generator().manual_seed(23))
     sm, tm = lengths_mask([5, 3], 5), lengths_mask([6, 4], 6)
-    cfg = {"name": "ot", "ce_weight": 1.0, "alpha": 0.15, "had_weight": 1.0, "beta": 0.1, "gamma": 0.1}
+    cfg = loss_config("ot", ce_weight=1.0, alpha=0.15, had_weight=1.0, beta=0.1, gamma=0.1)
     total, parts = build_objective(cfg)(s, t, target, sm, tm)
     expected = parts["ce"] + 0.15 * (parts["had"] + 0.1 * parts["sl"] + 0.1 * parts["sd"])
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     _, ablated = build_objective({**cfg, "gamma": 0.0})(s, t, target, sm, tm)
     assert set(ablated) == {"ce", "had", "sl"}
-    _, uld = build_objective({"name": "uld", "ce_weight": 0.5, "uld_weight": 2.0})(s, t, target, sm, tm)
+    _, uld = build_objective(loss_config("uld", ce_weight=0.5, uld_weight=2.0))(s, t, target, sm, tm)
     assert set(uld) == {"ce", "uld"}
 
 
@@ -409,8 +410,8 @@ def test_the_ce_term_is_left_out_on_the_students_own_samples():
     s, t = logits(1, 4, 30, seed=24), logits(1, 4, 30, seed=25)
     target = torch.randint(0, 30, (1, 4), generator=torch.Generator().manual_seed(26))
     mask = torch.ones(1, 4, dtype=torch.bool)
-    for cfg in ({"name": "ot", "ce_weight": 1.0}, {"name": "uld", "ce_weight": 1.0}, {"name": "fkl", "ce_weight": 1.0}):
-        objective = build_objective(cfg)
+    for name in ("ot", "uld", "fkl"):
+        objective = build_objective(loss_config(name, ce_weight=1.0))
         with_labels, parts = objective(s, t, target, mask, mask)
         without, own_samples = objective(s, t, target, mask, mask, hard_labels=False)
         assert "ce" in parts and "ce" not in own_samples

@@ -10,11 +10,11 @@ from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.tasks import Task
 from kdlab.generation import SamplingSettings
 from kdlab.losses import forward_kl
-from kdlab.losses.objective import Objective
+from kdlab.losses.objective import build_objective
 from kdlab.models import score_targets
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
-from tests.conftest import tiny_model
+from tests.conftest import loss_config, tiny_model
 
 TASK = {"name": "arith", "train_size": 32, "val_size": 8, "eval_examples": 8, "batch_size": 4, "eval_batch_size": 8,
         "generation": {"max_new_tokens": 8, "do_sample": False}}
@@ -25,7 +25,7 @@ def _module(tokenizer, fraction=1.0, loss="rkl", teacher=True):
     module = DistillationModule(
         student=tiny_model(tokenizer, seed=0),
         tokenizer=tokenizer,
-        objective=Objective(loss),
+        objective=build_objective(loss_config(loss)),
         policy=DataPolicy(fraction, sampling=SamplingSettings(max_new_tokens=8)),
         task=task,
         teacher=tiny_model(tokenizer, seed=1, width=48) if teacher else None,

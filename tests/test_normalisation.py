@@ -12,6 +12,7 @@ from kdlab.losses import cross_entropy, forward_kl, generalized_jsd
 from kdlab.losses.normalisation import NONE, SEQUENCES, TOKENS, LossSum, from_mean, normalised, unit_counts
 from kdlab.losses.objective import build_objective
 from kdlab.rewards import policy_gradient_loss, policy_gradient_sum
+from tests.conftest import loss_config
 
 VOCAB, TEACHER_VOCAB = 11, 17
 
@@ -34,14 +35,19 @@ def _batch(seed: int = 0):
 
 # Every kind of objective: token mean, sequence mean, sum, SFT, a divergence with a CE term, MultiLevelOT, ULD.
 OBJECTIVES = [
-    {"name": "jsd", "beta": 0.5},
-    {"name": "jsd", "beta": 0.5, "reduction": "sequence_mean"},
-    {"name": "fkl", "reduction": "sum"},
-    {"name": "sft"},
-    {"name": "rkl", "ce_weight": 0.5},
-    {"name": "ot", "ce_weight": 1.0, "top_k": 5},
-    {"name": "uld", "ce_weight": 1.0},
+    ("jsd", {}),
+    ("jsd", {"reduction": "sequence_mean"}),
+    ("fkl", {"reduction": "sum"}),
+    ("sft", {}),
+    ("rkl", {"ce_weight": 0.5}),
+    ("ot", {"top_k": 5}),
+    ("uld", {}),
 ]
+
+
+def _objective(case):
+    name, overrides = case
+    return build_objective(loss_config(name, **overrides))
 
 
 def _terms(objective, student, teacher, teacher_own, targets, mask, teacher_mask, rows=slice(None)):
@@ -60,9 +66,9 @@ def _loss(terms, counts) -> torch.Tensor:
     return sum(weight * normalised(term, counts) for weight, term in terms.values())
 
 
-@pytest.mark.parametrize("cfg", OBJECTIVES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
-def test_a_split_batch_with_global_counts_has_the_loss_and_gradient_of_the_whole_batch(cfg):
-    objective = build_objective(cfg)
+@pytest.mark.parametrize("case", OBJECTIVES, ids=lambda c: "-".join([c[0], *map(str, c[1].values())]))
+def test_a_split_batch_with_global_counts_has_the_loss_and_gradient_of_the_whole_batch(case):
+    objective = _objective(case)
     student, teacher, teacher_own, targets, mask, teacher_mask = _batch()
     whole_logits = student.clone().requires_grad_()
     whole_terms = _terms(objective, whole_logits, teacher, teacher_own, targets, mask, teacher_mask)
@@ -83,9 +89,9 @@ def test_a_split_batch_with_global_counts_has_the_loss_and_gradient_of_the_whole
     assert abs(own.item() - whole.item()) > 1e-3 * abs(whole.item())
 
 
-@pytest.mark.parametrize("cfg", OBJECTIVES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
-def test_each_term_s_sum_over_its_count_is_the_batch_mean_the_objective_reports(cfg):
-    objective = build_objective(cfg)
+@pytest.mark.parametrize("case", OBJECTIVES, ids=lambda c: "-".join([c[0], *map(str, c[1].values())]))
+def test_each_term_s_sum_over_its_count_is_the_batch_mean_the_objective_reports(case):
+    objective = _objective(case)
     student, teacher, teacher_own, targets, mask, teacher_mask = _batch(seed=1)
     teacher_logits, own_mask = (teacher_own, teacher_mask) if objective.cross_tokenizer else (teacher, None)
     total, components = objective(student, teacher_logits, targets, mask, own_mask)
@@ -99,16 +105,16 @@ def test_each_term_s_sum_over_its_count_is_the_batch_mean_the_objective_reports(
 
 def test_the_sums_are_those_of_the_plain_loss_functions():
     student, teacher, _, targets, mask, _ = _batch(seed=2)
-    jsd = build_objective({"name": "jsd", "beta": 0.3}).terms(student, teacher, targets, mask)["jsd"][1]
+    jsd = build_objective(loss_config("jsd", beta=0.3)).terms(student, teacher, targets, mask)["jsd"][1]
     assert jsd.unit == TOKENS and jsd.count.item() == 10  # 1 + 6 + 3 + 0 scored tokens
     per_token_sum = generalized_jsd(student, teacher, mask, beta=0.3, reduction="sum")
     torch.testing.assert_close(jsd.total, per_token_sum)
-    by_sequence = build_objective({"name": "fkl", "reduction": "sequence_mean"}).terms(student, teacher, targets, mask)
+    by_sequence = build_objective(loss_config("fkl", reduction="sequence_mean")).terms(student, teacher, targets, mask)
     fkl = by_sequence["fkl"][1]
     assert fkl.unit == SEQUENCES and fkl.count.item() == 3  # the row without a scored token is no sequence
     expected = sum(forward_kl(student[i : i + 1], teacher[i : i + 1], mask[i : i + 1]) for i in range(3))
     torch.testing.assert_close(fkl.total, expected)
-    ce = build_objective({"name": "sft"}).terms(student, None, targets, mask)["ce"][1]
+    ce = build_objective(loss_config("sft")).terms(student, None, targets, mask)["ce"][1]
     torch.testing.assert_close(ce.mean(), cross_entropy(student, targets, mask))
 
 

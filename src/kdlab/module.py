@@ -78,12 +78,10 @@ class DistillationModule(L.LightningModule):
         gradient_clip_algorithm: str = "norm",
     ):
         super().__init__()
-        # Manual optimization: a step must count its whole accumulation window's units before any backward pass
-        # (kdlab.losses.normalisation), which Lightning's automatic accumulation cannot; so the module accumulates,
-        # clips (`trainer.gradient_clip_val`, handed over by kdlab.train) and steps itself.
+        # A step counts its whole window's units before any backward (kdlab.losses.normalisation), which Lightning's
+        # accumulation cannot: the module accumulates, clips (`trainer.gradient_clip_val`) and steps itself.
         self.automatic_optimization = False
-        self.gradient_clip_val = gradient_clip_val
-        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
         if score_groups < 1:
             raise ValueError(f"score_groups={score_groups}: scoring needs at least one group of rows")
         if objective.needs_teacher and teacher is None:
@@ -113,8 +111,7 @@ class DistillationModule(L.LightningModule):
         self._references: list[str] = []
         self._onpolicy_steps = 0
         self._policy_steps = 0
-        self._step_start = 0.0
-        self._step_tokens = 0
+        self._step_start, self._step_tokens = 0.0, 0
         self.train_tokens = 0  # scored response tokens seen in training (this process)
         self.seed = seed
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)

@@ -95,6 +95,31 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
+def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher_tokenizer: Any,
+                 teacher_tokens: Any) -> DistillationModule:
+    """Load the models and build the module: objective, policy, reward, optimizer, and the two trainer keys the module
+    applies itself (gradient clipping; accumulation is the datamodule's window) under manual optimization."""
+    teacher = load_model(cfg.teacher, teacher_tokenizer) if cfg.get("teacher") is not None else None
+    return DistillationModule(
+        student=load_model(cfg.student, student_tokenizer),
+        tokenizer=student_tokenizer,
+        objective=build_objective(cfg.loss),
+        policy=build_policy(cfg),
+        task=task,
+        teacher=teacher,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        eval_sampling=SamplingSettings(**task.config.generation),
+        teacher_tokenizer=teacher_tokens,
+        reward=build_reward(cfg),
+        seed=int(cfg.seed),
+        max_nonfinite_steps=int(cfg.nonfinite.max_consecutive_steps),
+        score_groups=int(cfg.score_groups),
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+        gradient_clip_algorithm=cfg.trainer.get("gradient_clip_algorithm") or "norm",
+    )
+
+
 def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.Trainer, PreemptionCheckpoint]:
     strategy = cfg.strategy
     strategy = hydra.utils.instantiate(strategy) if "_target_" in strategy else strategy.name
@@ -192,26 +217,7 @@ def _run(cfg: DictConfig) -> float:
                                         accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches") or 1))
     datamodule.setup("fit")  # tokenize now: length rules and an empty training set show before models load
     _print_data_report(task, output_dir)
-    student = load_model(cfg.student, student_tokenizer)
-    teacher = load_model(cfg.teacher, teacher_tokenizer) if cfg.get("teacher") is not None else None
-    module = DistillationModule(
-        student=student,
-        tokenizer=student_tokenizer,
-        objective=build_objective(cfg.loss),
-        policy=build_policy(cfg),
-        task=task,
-        teacher=teacher,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        eval_sampling=SamplingSettings(**task.config.generation),
-        teacher_tokenizer=teacher_tokens,
-        reward=build_reward(cfg),
-        seed=int(cfg.seed),
-        max_nonfinite_steps=int(cfg.nonfinite.max_consecutive_steps),
-        score_groups=int(cfg.score_groups),
-        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
-        gradient_clip_algorithm=cfg.trainer.get("gradient_clip_algorithm") or "norm",
-    )
+    module = build_module(cfg, task, student_tokenizer, teacher_tokenizer, teacher_tokens)
 
     loggers = build_loggers(cfg)
     succeeded = False
@@ -222,7 +228,7 @@ def _run(cfg: DictConfig) -> float:
             OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         generations = output_dir / "generations"
         teacher_scores = None
-        if teacher is not None and cfg.eval.teacher:
+        if module.teacher is not None and cfg.eval.teacher:
             teacher_scores = evaluate(trainer, module, datamodule, "teacher", generations / "teacher.jsonl")
         before = None
         if cfg.eval.before:

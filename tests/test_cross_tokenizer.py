@@ -416,3 +416,18 @@ def test_the_ce_term_is_left_out_on_the_students_own_samples():
         without, own_samples = objective(s, t, target, mask, mask, hard_labels=False)
         assert "ce" in parts and "ce" not in own_samples
         assert with_labels.item() == pytest.approx(without.item() + parts["ce"].item(), rel=1e-6)
+
+
+def test_cross_tokenizer_losses_take_the_calling_convention_of_the_others():
+    s, t = logits(2, 4, 30, seed=31), logits(2, 4, 45, seed=32)
+    mask = lengths_mask([4, 2], 4)
+    for fn in (multilevel_ot, universal_logit_distillation):
+        explicit = fn(s, t, mask, teacher_mask=mask)
+        default = fn(s, t, mask)  # the teacher's mask is the student's when both have the same positions
+        assert explicit.keys() == default.keys() and all(torch.equal(explicit[k], default[k]) for k in explicit)
+        ones = torch.ones(2, 4, dtype=torch.bool)
+        unmasked, scored_everywhere = fn(s, t), fn(s, t, ones, teacher_mask=ones)  # no mask: every position
+        assert all(torch.equal(unmasked[k], scored_everywhere[k]) for k in unmasked)
+        assert not torch.equal(unmasked[next(iter(unmasked))], explicit[next(iter(explicit))])
+    assert universal_logit_distillation(s, t, mask, components=()) == {}
+    assert set(multilevel_ot(s, t, mask, components=("sl",))) == {"sl"}

@@ -81,6 +81,18 @@ def test_step_benchmark_runs_kdlab_steps_and_counts_flops(tmp_path):
     assert result["same_batch_loss"]["kdlab"] == result["same_batch_loss"]["kdlab_compiled"] >= 0
 
 
+@pytest.mark.slow
+def test_activation_checkpointing_benchmark_keeps_fewer_tensors_with_the_same_gradients(tmp_path):
+    result = run_script("bench_activation_checkpointing.py", tmp_path, "--sizes", "2x64", "--layers", "2",
+                        "--width", "32", "--heads", "4", "--kv-heads", "2", "--head-dim", "8", "--intermediate", "64",
+                        "--vocab", "768", "--threads", "1")
+    (case,) = result["results"]
+    assert case["grad_max_abs_diff"] < 1e-6  # checkpointing changes no gradient
+    assert 0 < case["on_saved_bytes"] < 0.5 * case["off_saved_bytes"]  # the blocks' activations are not kept
+    assert case["off_peak_bytes"] >= 0 and case["on_peak_bytes"] >= 0
+    assert case["off_time"]["n"] == case["on_time"]["n"] == 1
+
+
 def test_flop_count_counts_every_weight_but_the_input_embedding():
     from bench_step import non_embedding_params, step_flops
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -11,11 +11,14 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     BloomForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
     GPTNeoXForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
     OPTForCausalLM,
     Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
     T5ForConditionalGeneration,
 )
 
@@ -33,7 +36,7 @@ from kdlab.models import (
 )
 from tests.conftest import CONF_DIR, TINY_RUN, compose
 
-# (group, preset) -> (hub id, the class transformers builds for it, paper)
+# (group, preset) -> (hub id, the class transformers builds for it, paper or "today": the pairs distilled now)
 HUB_PRESETS = {
     ("teacher", "flan_t5_xl"): ("google/flan-t5-xl", T5ForConditionalGeneration, "GKD"),
     ("teacher", "t5_xl"): ("google/t5-v1_1-xl", T5ForConditionalGeneration, "GKD"),
@@ -49,8 +52,32 @@ HUB_PRESETS = {
     ("student", "opt_350m"): ("facebook/opt-350m", OPTForCausalLM, "MultiLevelOT"),
     ("student", "pythia_410m"): ("EleutherAI/pythia-410m", GPTNeoXForCausalLM, "MultiLevelOT"),
     ("student", "bloomz_560m"): ("bigscience/bloomz-560m", BloomForCausalLM, "MultiLevelOT"),
+    ("student", "qwen3_0_6b"): ("Qwen/Qwen3-0.6B", Qwen3ForCausalLM, "today"),
+    ("student", "qwen3_1_7b"): ("Qwen/Qwen3-1.7B", Qwen3ForCausalLM, "today"),
+    ("student", "qwen3_4b"): ("Qwen/Qwen3-4B", Qwen3ForCausalLM, "today"),
+    ("student", "qwen3_8b"): ("Qwen/Qwen3-8B", Qwen3ForCausalLM, "today"),
+    ("teacher", "qwen3_8b"): ("Qwen/Qwen3-8B", Qwen3ForCausalLM, "today"),
+    ("teacher", "qwen3_14b"): ("Qwen/Qwen3-14B", Qwen3ForCausalLM, "today"),
+    ("teacher", "qwen3_32b"): ("Qwen/Qwen3-32B", Qwen3ForCausalLM, "today"),
+    ("student", "llama3_2_1b_instruct"): ("meta-llama/Llama-3.2-1B-Instruct", LlamaForCausalLM, "today"),
+    ("student", "llama3_2_3b_instruct"): ("meta-llama/Llama-3.2-3B-Instruct", LlamaForCausalLM, "today"),
+    ("teacher", "llama3_1_8b_instruct"): ("meta-llama/Llama-3.1-8B-Instruct", LlamaForCausalLM, "today"),
+    ("student", "gemma3_270m_it"): ("google/gemma-3-270m-it", Gemma3ForCausalLM, "today"),
+    ("student", "gemma3_1b_it"): ("google/gemma-3-1b-it", Gemma3ForCausalLM, "today"),
+    # 4B and up are image-text models: AutoModelForCausalLM builds Gemma3ForConditionalGeneration for them
+    ("student", "gemma3_4b_it"): ("google/gemma-3-4b-it", Gemma3ForConditionalGeneration, "today"),
+    ("teacher", "gemma3_12b_it"): ("google/gemma-3-12b-it", Gemma3ForConditionalGeneration, "today"),
+    ("teacher", "gemma3_27b_it"): ("google/gemma-3-27b-it", Gemma3ForConditionalGeneration, "today"),
+    ("student", "smollm2_135m_instruct"): ("HuggingFaceTB/SmolLM2-135M-Instruct", LlamaForCausalLM, "today"),
+    ("student", "smollm2_360m_instruct"): ("HuggingFaceTB/SmolLM2-360M-Instruct", LlamaForCausalLM, "today"),
+    ("student", "smollm2_1_7b_instruct"): ("HuggingFaceTB/SmolLM2-1.7B-Instruct", LlamaForCausalLM, "today"),
+    ("teacher", "smollm2_1_7b_instruct"): ("HuggingFaceTB/SmolLM2-1.7B-Instruct", LlamaForCausalLM, "today"),
 }
-TINY_PRESETS = ["tiny", "tiny_t5", "tiny_opt", "tiny_gpt_neox", "tiny_bloom", "tiny_mistral", "tiny_qwen2"]
+# Students of 4B and more load in bfloat16: float32 weights with AdamW's two moments take 16 bytes a parameter, 64 GB
+# and more, past one 80 GB GPU before any activation.
+BFLOAT16_STUDENTS = {"qwen3_4b", "qwen3_8b", "gemma3_4b_it"}
+TINY_PRESETS = ["tiny", "tiny_t5", "tiny_opt", "tiny_gpt_neox", "tiny_bloom", "tiny_mistral", "tiny_qwen2",
+                "tiny_qwen3", "tiny_gemma3", "tiny_llama3", "tiny_smollm2"]
 NEW_TINY_PRESETS = TINY_PRESETS[2:]
 
 
@@ -72,7 +99,8 @@ def test_hub_preset_composes_with_settings_the_loader_accepts(group, preset, tmp
     cfg = OmegaConf.to_container(compose([f"{group}={preset}"], output_dir=tmp_path)[group], resolve=True)
     assert cfg["path"] == hub_id and cfg["name"]
     assert cfg["dtype"] in DTYPES
-    assert cfg["dtype"] == ("bfloat16" if group == "teacher" else "float32")  # frozen teachers in half the memory
+    # frozen teachers in half the memory; students in float32 master weights where they fit one GPU with AdamW
+    assert cfg["dtype"] == ("bfloat16" if group == "teacher" or preset in BFLOAT16_STUDENTS else "float32")
     assert cfg["trust_remote_code"] is False and cfg["revision"]
     attention = cfg["attn_implementation"]
     assert _supports(model_cls, attention), f"{model_cls.__name__} has no {attention} attention"
@@ -164,6 +192,27 @@ def test_tiny_preset_builds_with_the_tokenizer_special_tokens(preset):
     assert 5_000 < sum(p.numel() for p in model.parameters()) < 200_000  # tiny: seconds on a CPU
 
 
+def test_tiny_presets_of_today_s_families_carry_what_sets_each_apart():
+    qwen3, tokenizer = _tiny("tiny_qwen3")
+    assert qwen3.config.head_dim * qwen3.config.num_attention_heads != qwen3.config.hidden_size  # head_dim apart
+    assert hasattr(qwen3.model.layers[0].self_attn, "q_norm")
+    gemma3, _ = _tiny("tiny_gemma3")
+    assert gemma3.config.layer_types == ["sliding_attention", "full_attention"]
+    longest_prompt = max(len(ids) for ids in tokenizer(PROMPTS, add_special_tokens=False)["input_ids"])
+    assert gemma3.config.sliding_window < longest_prompt  # the local layer's window cuts into the test prompts
+    assert gemma3.config.final_logit_softcapping is None and gemma3.config.attn_logit_softcapping is None
+    llama3, _ = _tiny("tiny_llama3")
+    rotary = llama3.model.rotary_emb
+    dim = llama3.config.hidden_size // llama3.config.num_attention_heads
+    unscaled = 1.0 / 500000.0 ** (torch.arange(0, dim, 2).float() / dim)
+    scaled = rotary.inv_freq
+    assert torch.equal(scaled[0], unscaled[0]) and (scaled[1:] < unscaled[1:]).all()  # llama3 scaling at work
+    smollm2, _ = _tiny("tiny_smollm2")
+    assert smollm2.config.num_attention_heads == 3 * smollm2.config.num_key_value_heads
+    for model in (qwen3, gemma3, llama3, smollm2):
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied, as the small ones
+
+
 PROMPTS = ["Question: Bo has 41 cards and buys 2.\nAnswer:", "Q: 9?\nA:", "Question: 12 + 7?\nAnswer:"]
 TARGETS = [" 41 + 2 = 43", " 9", " 19 and then some"]
 
@@ -195,7 +244,8 @@ def test_tiny_preset_scores_padded_batches_like_unpadded_rows(preset):
 def test_position_ids_go_only_to_models_that_take_them():
     takes = {name: models._takes_position_ids(_tiny(name)[0]) for name in TINY_PRESETS if name != "tiny_t5"}
     assert takes == {"tiny": True, "tiny_opt": True, "tiny_gpt_neox": True, "tiny_bloom": False,
-                     "tiny_mistral": True, "tiny_qwen2": True}
+                     "tiny_mistral": True, "tiny_qwen2": True, "tiny_qwen3": True, "tiny_gemma3": True,
+                     "tiny_llama3": True, "tiny_smollm2": True}
 
 
 def _naive_greedy(model, prompt: list[int], steps: int, eos: int, start: int | None) -> list[int]:

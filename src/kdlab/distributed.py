@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
 from kdlab.models import DTYPES as MODEL_DTYPES
+from kdlab.models import enable_activation_checkpointing
 
 # The models' dtype names, and the short ones FSDP configs usually carry.
 DTYPES = {**MODEL_DTYPES, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -100,8 +101,8 @@ def shard_model(model: nn.Module, mesh: Any, options: ShardingOptions, *, frozen
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    if options.activation_checkpointing and not frozen:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if options.activation_checkpointing and not frozen:  # may repeat `student.gradient_checkpointing`: idempotent
+        enable_activation_checkpointing(model)
     param_dtype = DTYPES[options.mixed_precision] if options.mixed_precision else None
     precision = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     # On a CPU mesh the shards already live in CPU memory (and FSDP's offload policy asks for an accelerator).

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from transformers import (
     AutoConfig,
@@ -23,6 +24,8 @@ from transformers import (
     AutoTokenizer,
     BloomConfig,
     BloomForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     LlamaConfig,
@@ -35,12 +38,15 @@ from transformers import (
     PreTrainedTokenizerBase,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
 
 # Architectures a preset can build from config with random weights (tests, ablations, `teacher=tiny_opt`): one per
-# family of the papers' models (GKD: T5; MultiLevelOT: Llama, Mistral, Qwen2 teachers, OPT, Pythia, BLOOM students).
+# family of the papers' models (GKD: T5; MultiLevelOT: Llama, Mistral, Qwen2 teachers, OPT, Pythia, BLOOM students),
+# and of the pairs distilled today (Qwen3; Gemma 3's text model; Llama 3.x and SmolLM2 are `llama`).
 ARCHITECTURES: dict[str, tuple[type, type]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "t5": (T5Config, T5ForConditionalGeneration),
@@ -49,6 +55,8 @@ ARCHITECTURES: dict[str, tuple[type, type]] = {
     "bloom": (BloomConfig, BloomForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,7 +107,7 @@ def _from_pretrained(loader, source: str, what: str, **kwargs):
             f"`student.path=/path/to/model_dir` or `teacher.path=...` (a folder written by save_pretrained, or by "
             f"`hf download {source} --local-dir model_dir` where there is network), or set HF_HOME to a cache that "
             f"holds it. "
-            f"Gated models (Llama 2) also need an accepted licence and HF_TOKEN."
+            f"Gated models (Llama, Gemma) also need an accepted licence and HF_TOKEN."
         ) from err
 
 
@@ -118,6 +126,8 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
 
     Pretrained: `dtype`, `attn_implementation` (sdpa, eager, flash_attention_2), `revision` and `trust_remote_code`
     (default false) go to `from_pretrained`. Random init draws from torch's global RNG, so the run seed fixes it.
+    `gradient_checkpointing: true` recomputes each transformer block in backward instead of keeping its activations
+    (in train mode only; it changes no value).
     """
     dtype_name = model_cfg.get("dtype", "float32")
     if dtype_name not in DTYPES:
@@ -131,8 +141,28 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
         kwargs = {"dtype": dtype, **hub}
         if model_cfg.get("attn_implementation"):
             kwargs["attn_implementation"] = model_cfg["attn_implementation"]
-        return _from_pretrained(loader, source, "model", **kwargs)
+        model = _from_pretrained(loader, source, "model", **kwargs)
+    else:
+        model = _build(model_cfg, tokenizer, dtype)
+    if model_cfg.get("gradient_checkpointing", False):
+        enable_activation_checkpointing(model)
+    return model
 
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each transformer block in backward (non-reentrant checkpoints: no input needs grad). Idempotent, so
+    FSDP's `strategy.activation_checkpointing` may enable it again. transformers >= 5.24 names it
+    `activation_checkpointing_enable` (the older name warns)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _build(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> PreTrainedModel:
+    """A random-init `architecture` with the tokenizer's special ids and its vocabulary, unless `config.vocab_size`
+    pads the output layer beyond it (as Qwen, Gemma and Llama checkpoints do)."""
     architecture = model_cfg.get("architecture")
     if architecture not in ARCHITECTURES:
         raise ValueError(
@@ -149,8 +179,16 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
     }
     if architecture == "t5":
         special["decoder_start_token_id"] = tokenizer.pad_token_id
-    config = config_cls(**special, **dict(model_cfg.get("config") or {}))
-    model = model_cls(config).to(dtype)
+    overrides = model_cfg.get("config") or {}
+    if isinstance(overrides, DictConfig):  # plain lists and dicts: configs validate field types (layer_types)
+        overrides = OmegaConf.to_container(overrides, resolve=True)
+    settings = {**special, **overrides}
+    if settings["vocab_size"] < len(tokenizer):
+        raise ValueError(
+            f"model '{model_cfg.get('name')}': config.vocab_size={settings['vocab_size']} is smaller than its "
+            f"tokenizer ({len(tokenizer)} tokens); leave it out, or pad beyond {len(tokenizer)}"
+        )
+    model = model_cls(config_cls(**settings)).to(dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

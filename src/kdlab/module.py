@@ -205,10 +205,10 @@ class DistillationModule(L.LightningModule):
         elif self.objective.needs_teacher:
             with torch.no_grad():
                 teacher_logits = score_targets(self.teacher, *prompt, target_ids, target_mask, groups)
-            # Same tokenizer, but checkpoints may pad their embedding matrices to different sizes.
-            vocab = len(self.tokenizer)
-            if student_logits.shape[-1] != teacher_logits.shape[-1]:
-                student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
+            # Same tokenizer, but checkpoints pad their output layers beyond it, each size its own way (Qwen3: 151,936
+            # rows for 151,669 tokens; Gemma 3: 262,144 or 262,208): the loss sees the token columns both models have.
+            vocab = min(len(self.tokenizer), student_logits.shape[-1], teacher_logits.shape[-1])
+            student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
         return student_logits, teacher_logits
 
     def _step_targets(self, batch: dict, source: str) -> StepTargets:

@@ -1,0 +1,237 @@
+"""Token-level divergences between a student's full logits and a teacher known only by its top-k plus a tail.
+
+A cached teacher (`kdlab-cache-teacher`) or a teacher server (`prompt_logprobs`) gives, per scored token, the
+log-probabilities of its k most likely tokens and their ids; the rest of its mass is one number, the tail
+log(1 - sum_i p_i). Each loss here compares two distributions over the same k + 1 buckets: the k teacher ids, and
+one "tail" bucket for every other token.
+
+    teacher buckets: p_1 .. p_k (the given top-k), p_tail = 1 - sum_i p_i
+    student buckets: q_1 .. q_k = softmax(student logits) at the teacher's ids, q_tail = 1 - sum_i q_i
+
+The approximation, stated once: each loss equals the dense divergence between these two bucketed distributions.
+By the data-processing inequality it is at most the dense divergence between the full distributions (the tail's
+inner shape is lost), and it equals the dense loss exactly when k = vocabulary size (the tail is empty). The
+teacher's buckets are renormalised to sum to 1: a no-op up to rounding for float32 top-k, it absorbs the rounding of
+float16/bfloat16 caches. Temperature is not offered: a tempered teacher cannot be recovered from its top-k alone.
+
+Shapes: student_logits (batch, positions, vocab); teacher_logprobs and teacher_ids (batch, positions, k), ids
+distinct within a row; teacher_tail (batch, positions) or None (then computed with `tail_log_mass`); mask (batch,
+positions) bool, True where a token is scored. Reductions as in `kdlab.losses`: token_mean (default), sequence_mean,
+sum. Computed in float32 (float64 inputs stay float64), chunked over rows, each chunk checkpointed so that no
+float32 copy of the full (batch, positions, vocab) tensor exists in forward or backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+REDUCTIONS = ("token_mean", "sequence_mean", "sum")
+CHUNK_ELEMENTS = 2**19  # (row, vocab) entries per chunk: the same budget as kdlab.losses.divergences on CPU
+
+# (log q buckets, log p buckets), each (rows, k + 1) -> per-row loss
+BucketDivergence = Callable[[Tensor, Tensor], Tensor]
+
+
+def tail_log_mass(topk_logprobs: Tensor) -> Tensor:
+    """log(1 - sum_i exp(topk_logprobs[..., i])), in float64 internally; -inf where the top-k holds all the mass.
+
+    A remainder below the rounding of the sum itself (k float32 ulps of 1) cannot be told from zero, so it is zero:
+    otherwise a teacher given over the whole vocabulary would keep a spurious tail of ~1e-7 that the student,
+    with no token left outside the top-k, could not match (an infinite forward KL).
+    """
+    total = topk_logprobs.double().exp().sum(dim=-1)
+    rest = 1.0 - total
+    noise = topk_logprobs.shape[-1] * torch.finfo(torch.float32).eps
+    rest = torch.where(rest > noise, rest, torch.zeros_like(rest))
+    return rest.log().to(torch.promote_types(topk_logprobs.dtype, torch.float32))
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """sum_b a_b (log a_b - log b_b) per row; buckets with a_b == 0 contribute 0 (and no NaN gradient)."""
+    a = log_a.exp()
+    diff = torch.where(a > 0, log_a - log_b, 0.0)
+    return (a * diff).sum(dim=-1)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
+    """log(w a + (1 - w) b) in log space; buckets empty in both stay -inf without a NaN gradient."""
+    if w == 0.0:
+        return log_b
+    if w == 1.0:
+        return log_a
+    both = torch.isneginf(log_a) & torch.isneginf(log_b)
+    mix = torch.logaddexp(log_a.masked_fill(both, 0.0) + math.log(w), log_b.masked_fill(both, 0.0) + math.log1p(-w))
+    return mix.masked_fill(both, -math.inf)
+
+
+def student_buckets(student_logits: Tensor, teacher_ids: Tensor) -> Tensor:
+    """(rows, k + 1) student log-probabilities: at the teacher's ids, then the tail (every other token).
+
+    The tail is logsumexp over the logits outside the ids minus logsumexp over all of them, not log(1 - sum q_i):
+    exact where the top-k holds nearly all the mass, and -inf (with a zero gradient) when no token is left.
+    """
+    lse_all = torch.logsumexp(student_logits, dim=-1, keepdim=True)
+    at_ids = student_logits.gather(-1, teacher_ids) - lse_all
+    outside = student_logits.scatter(-1, teacher_ids, -math.inf)
+    empty = teacher_ids.shape[-1] >= student_logits.shape[-1]
+    if empty:  # k == V: logsumexp over nothing has a NaN gradient; the bucket is simply empty
+        tail = torch.full_like(lse_all, -math.inf)
+    else:
+        tail = torch.logsumexp(outside, dim=-1, keepdim=True) - lse_all
+    return torch.cat([at_ids, tail], dim=-1)
+
+
+def teacher_buckets(teacher_logprobs: Tensor, teacher_tail: Tensor) -> Tensor:
+    """(rows, k + 1) teacher log-probabilities, top-k then tail, renormalised to sum to 1 (see the module doc)."""
+    buckets = torch.cat([teacher_logprobs, teacher_tail[..., None]], dim=-1)
+    return buckets - torch.logsumexp(buckets, dim=-1, keepdim=True)
+
+
+def _row_weights(mask: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    m = mask.to(dtype)
+    if reduction == "token_mean":
+        return m / m.sum().clamp(min=1)
+    if reduction == "sequence_mean":
+        per_seq = m.sum(dim=1, keepdim=True)
+        return m / (per_seq.clamp(min=1) * (per_seq > 0).sum().clamp(min=1))
+    if reduction == "sum":
+        return m
+    raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
+
+
+def _check_shapes(student_logits: Tensor, logprobs: Tensor, ids: Tensor, tail: Tensor | None,
+                  mask: Tensor | None) -> None:
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be (batch, positions, vocab), got {tuple(student_logits.shape)}")
+    lead = tuple(student_logits.shape[:2])
+    if logprobs.dim() != 3 or tuple(logprobs.shape[:2]) != lead or logprobs.shape != ids.shape:
+        raise ValueError(f"teacher_logprobs {tuple(logprobs.shape)} and teacher_ids {tuple(ids.shape)} must both be "
+                         f"(batch, positions, k) with (batch, positions) = {lead}")
+    if not 1 <= ids.shape[-1] <= student_logits.shape[-1]:
+        raise ValueError(f"k = {ids.shape[-1]} must be in [1, vocab = {student_logits.shape[-1]}]")
+    for name, t in (("teacher_tail", tail), ("mask", mask)):
+        if t is not None and tuple(t.shape) != lead:
+            raise ValueError(f"{name} shape {tuple(t.shape)} must be (batch, positions) = {lead}")
+
+
+def _sparse_divergence(fn: BucketDivergence, student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
+                       teacher_tail: Tensor | None, mask: Tensor | None, reduction: str, chunk_size: int) -> Tensor:
+    """sum_rows weight[row] * fn(student buckets, teacher buckets), over chunks of flattened rows."""
+    _check_shapes(student_logits, teacher_logprobs, teacher_ids, teacher_tail, mask)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    batch, positions, vocab = student_logits.shape
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logprobs.dtype), torch.float32)
+    if teacher_tail is None:
+        teacher_tail = tail_log_mass(teacher_logprobs)
+    if mask is None:
+        mask = torch.ones(batch, positions, dtype=torch.bool, device=student_logits.device)
+    weights = _row_weights(mask.bool(), reduction, dtype).reshape(-1)
+    n, k = batch * positions, teacher_ids.shape[-1]
+    rows = (student_logits.reshape(n, vocab), teacher_logprobs.reshape(n, k), teacher_ids.reshape(n, k).long(),
+            teacher_tail.reshape(n))
+    if n == 0:
+        return student_logits.sum().to(dtype) * 0.0
+
+    def chunk_loss(s: Tensor, lp: Tensor, ids: Tensor, tail: Tensor, w: Tensor) -> Tensor:
+        log_q = student_buckets(s.to(dtype), ids)
+        log_p = teacher_buckets(lp.to(dtype), tail.to(dtype))
+        return torch.where(w > 0, fn(log_q, log_p) * w, 0.0).sum()  # where: unscored garbage must not leak
+
+    step = max(1, min(chunk_size, CHUNK_ELEMENTS // max(vocab, 1)))
+    use_ckpt = torch.is_grad_enabled() and student_logits.requires_grad
+    total = None
+    for start in range(0, n, step):
+        args = [t[start : start + step] for t in (*rows, weights)]
+        part = (checkpoint(chunk_loss, *args, use_reentrant=False, preserve_rng_state=False) if use_ckpt
+                else chunk_loss(*args))
+        total = part if total is None else total + part
+    return total
+
+
+def _check_unit(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in the range [0, 1], got {value}")
+
+
+def sparse_forward_kl(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
+                      teacher_tail: Tensor | None = None, mask: Tensor | None = None, *,
+                      reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
+    """KL(P || Q) over the k + 1 buckets (module doc): sum_b p_b (log p_b - log q_b) per scored token."""
+    return _sparse_divergence(lambda lq, lp: _kl(lp, lq), student_logits, teacher_logprobs, teacher_ids,
+                              teacher_tail, mask, reduction, chunk_size)
+
+
+def sparse_reverse_kl(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
+                      teacher_tail: Tensor | None = None, mask: Tensor | None = None, *,
+                      reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
+    """KL(Q || P) over the k + 1 buckets: sum_b q_b (log q_b - log p_b) per scored token."""
+    return _sparse_divergence(lambda lq, lp: _kl(lq, lp), student_logits, teacher_logprobs, teacher_ids,
+                              teacher_tail, mask, reduction, chunk_size)
+
+
+def sparse_generalized_jsd(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
+                           teacher_tail: Tensor | None = None, mask: Tensor | None = None, *, beta: float = 0.5,
+                           reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
+    """JSD(beta) = beta KL(P || M) + (1-beta) KL(Q || M), M = beta P + (1-beta) Q, over the k + 1 buckets.
+
+    As kdlab's dense `generalized_jsd` (GKD's convention): beta == 0 is forward KL and beta == 1 reverse KL, exactly.
+    """
+    _check_unit("beta", beta)
+    common = dict(reduction=reduction, chunk_size=chunk_size)
+    if beta == 0.0:
+        return sparse_forward_kl(student_logits, teacher_logprobs, teacher_ids, teacher_tail, mask, **common)
+    if beta == 1.0:
+        return sparse_reverse_kl(student_logits, teacher_logprobs, teacher_ids, teacher_tail, mask, **common)
+
+    def jsd(lq: Tensor, lp: Tensor) -> Tensor:
+        lm = _log_mix(lp, lq, beta)
+        return beta * _kl(lp, lm) + (1.0 - beta) * _kl(lq, lm)
+
+    return _sparse_divergence(jsd, student_logits, teacher_logprobs, teacher_ids, teacher_tail, mask, **common)
+
+
+def sparse_total_variation(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
+                           teacher_tail: Tensor | None = None, mask: Tensor | None = None, *,
+                           reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
+    """TVD = 0.5 sum_b |p_b - q_b| over the k + 1 buckets."""
+    return _sparse_divergence(lambda lq, lp: 0.5 * (lp.exp() - lq.exp()).abs().sum(dim=-1), student_logits,
+                              teacher_logprobs, teacher_ids, teacher_tail, mask, reduction, chunk_size)
+
+
+def sparse_skew_forward_kl(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
+                           teacher_tail: Tensor | None = None, mask: Tensor | None = None, *, alpha: float = 0.1,
+                           reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
+    """SKL(alpha) = KL(P || alpha P + (1-alpha) Q) over the k + 1 buckets (DistiLLM, Ko et al. ICML 2024)."""
+    _check_unit("alpha", alpha)
+    return _sparse_divergence(lambda lq, lp: _kl(lp, _log_mix(lp, lq, alpha)), student_logits, teacher_logprobs,
+                              teacher_ids, teacher_tail, mask, reduction, chunk_size)
+
+
+def sparse_skew_reverse_kl(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
+                           teacher_tail: Tensor | None = None, mask: Tensor | None = None, *, alpha: float = 0.1,
+                           reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
+    """SRKL(alpha) = KL(Q || alpha Q + (1-alpha) P) over the k + 1 buckets (DistiLLM, Ko et al. ICML 2024)."""
+    _check_unit("alpha", alpha)
+    return _sparse_divergence(lambda lq, lp: _kl(lq, _log_mix(lq, lp, alpha)), student_logits, teacher_logprobs,
+                              teacher_ids, teacher_tail, mask, reduction, chunk_size)
+
+
+def top_k_of_logits(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(top-k log-probs, their ids, tail log-mass) of dense teacher logits (..., vocab), in float32 or wider.
+
+    The tail is logsumexp over the other logits minus logsumexp over all: exact, unlike 1 - sum of the top-k.
+    """
+    dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
+    logprobs = torch.log_softmax(teacher_logits.to(dtype), dim=-1)
+    values, ids = logprobs.topk(k, dim=-1)
+    if k >= logprobs.shape[-1]:
+        tail = torch.full(values.shape[:-1], -math.inf, dtype=dtype, device=values.device)
+    else:
+        tail = torch.logsumexp(logprobs.scatter(-1, ids, -math.inf), dim=-1)
+    return values, ids, tail

@@ -1,0 +1,192 @@
+"""Client of a teacher server (`kdlab-serve-teacher` or `vllm serve`): top-k log-probabilities of token sequences.
+
+    client = TeacherClient("http://127.0.0.1:8000", top_k=32, api_key=...)
+    client.check(vocab_size=len(tokenizer), tokenizer_fingerprint=...)   # once, at start-up
+    topk = client.top_k(sequences)   # prompt + target ids per row, ground truth or the student's own samples
+    topk = client.target_top_k(prompts, targets)   # the same, aligned with score_targets' (batch, target, vocab)
+
+Alignment: `topk.logprobs[b, t]` is the teacher's distribution of token t + 1 of sequence b given tokens 0..t,
+the same alignment as a causal model's `logits[b, t]` over the same ids. The last token of each sequence has no
+row (nothing after it is scored: `mask` is False there and on padding). Tail: log(1 - sum of the top-k), the mass
+of every other token (`kdlab.losses.sparse.tail_log_mass`).
+
+Every failure is one `TeacherServerError` line naming the URL: a server that is down (after `retries` tries with
+exponential backoff), a timeout, a refused API key, a request the server rejects, and a server whose token ids do
+not fit the student's vocabulary (another tokenizer). Connection errors, timeouts, 429 and 5xx are retried; other
+4xx answers are not (asking again would not change them).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kdlab.losses.sparse import tail_log_mass
+
+
+class TeacherServerError(RuntimeError):
+    """The teacher server cannot give what the run needs; the message says which URL and what to do."""
+
+
+@dataclass
+class TopK:
+    """A teacher's top-k over a batch: logprobs and ids (batch, positions, k), tail and mask (batch, positions)."""
+
+    logprobs: Tensor
+    ids: Tensor
+    tail: Tensor
+    mask: Tensor
+
+
+class TeacherClient:
+    """Batched, authenticated, retried requests for prompt log-probabilities (see the module doc)."""
+
+    def __init__(self, url: str, top_k: int, model: str | None = None, api_key: str | None = None,
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, max_batch: int = 32):
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.url = url.rstrip("/")
+        self.k, self.model, self.api_key = top_k, model, api_key
+        self.timeout, self.retries, self.backoff, self.max_batch = timeout, retries, backoff, max_batch
+        self.vocab_size: int | None = None
+
+    # -- start-up ---------------------------------------------------------------------------------------------------
+    def check(self, vocab_size: int, tokenizer_fingerprint: str | None = None) -> dict[str, Any]:
+        """The served model's card, after checking it can be this run's teacher; remembers the vocabulary size.
+
+        vLLM's /v1/models names the model and its `max_model_len`; kdlab's server adds its vocabulary size and
+        tokenizer fingerprint, compared here. Against vLLM the ids of every answer are still checked (`top_k`).
+        """
+        cards = self._request("GET", "/v1/models").get("data") or []
+        names = [c.get("id") for c in cards]
+        if self.model is None:
+            if len(cards) != 1:
+                raise TeacherServerError(f"teacher server at {self.url} serves {names}: name one (teacher.model)")
+            self.model = names[0]
+        if self.model not in names:
+            raise TeacherServerError(f"teacher server at {self.url} serves {names}, not {self.model!r}")
+        card = cards[names.index(self.model)]
+        extra = card.get("kdlab") or {}
+        if extra.get("vocab_size") not in (None, vocab_size):
+            raise TeacherServerError(f"teacher server at {self.url} has a vocabulary of {extra['vocab_size']} "
+                                     f"tokens, the student {vocab_size}: it serves another tokenizer")
+        if tokenizer_fingerprint and extra.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint):
+            raise TeacherServerError(f"teacher server at {self.url} uses another tokenizer (fingerprint "
+                                     f"{extra['tokenizer_fingerprint']}, the student's {tokenizer_fingerprint})")
+        self.vocab_size = vocab_size
+        return card
+
+    # -- scoring ----------------------------------------------------------------------------------------------------
+    def top_k(self, sequences: Sequence[Sequence[int]]) -> TopK:
+        """Top-k of every position of every sequence (module doc for the alignment), in requests of max_batch."""
+        if self.model is None or self.vocab_size is None:
+            raise TeacherServerError(f"teacher server at {self.url}: call check() before top_k()")
+        seqs = [[int(x) for x in s] for s in sequences]
+        width = max(1, max(len(s) for s in seqs) - 1)
+        logprobs = torch.full((len(seqs), width, self.k), -torch.inf, dtype=torch.float32)
+        ids = torch.zeros((len(seqs), width, self.k), dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for start in range(0, len(seqs), self.max_batch):
+            group = seqs[start : start + self.max_batch]
+            # max_tokens 1: vLLM wants one generated token; prompt_logprobs do not depend on it
+            body = {"model": self.model, "prompt": group, "max_tokens": 1, "prompt_logprobs": self.k}
+            choices = sorted(self._request("POST", "/v1/completions", body).get("choices") or [],
+                             key=lambda c: c.get("index", 0))
+            if len(choices) != len(group):
+                raise TeacherServerError(f"teacher server at {self.url} answered {len(choices)} choices for "
+                                         f"{len(group)} prompts")
+            for offset, (seq, choice) in enumerate(zip(group, choices)):
+                self._fill(start + offset, seq, choice.get("prompt_logprobs"), logprobs, ids, mask)
+        tail = tail_log_mass(logprobs).float().masked_fill(~mask, 0.0)
+        return TopK(logprobs.masked_fill(~mask[..., None], 0.0), ids, tail, mask)
+
+    def target_top_k(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> TopK:
+        """Top-k aligned as `kdlab.models.score_targets`' logits: row j of example b is the distribution of
+        targets[b][j] given the prompt and targets[b][:j]; (batch, longest target, k), mask False past a target."""
+        if any(len(p) < 1 for p in prompts):
+            raise ValueError("every prompt needs at least one token (the first target token is predicted from it)")
+        full = self.top_k([list(p) + list(t) for p, t in zip(prompts, targets)])
+        width = max(1, max(len(t) for t in targets))
+        out = TopK(torch.zeros(len(prompts), width, self.k), torch.zeros(len(prompts), width, self.k, dtype=torch.long),
+                   torch.zeros(len(prompts), width), torch.zeros(len(prompts), width, dtype=torch.bool))
+        for row, (prompt, target) in enumerate(zip(prompts, targets)):
+            rows = slice(len(prompt) - 1, len(prompt) - 1 + len(target))
+            n = len(target)
+            out.logprobs[row, :n], out.ids[row, :n] = full.logprobs[row, rows], full.ids[row, rows]
+            out.tail[row, :n], out.mask[row, :n] = full.tail[row, rows], full.mask[row, rows]
+        return out
+
+    def _fill(self, row: int, seq: list[int], entries: Any, logprobs: Tensor, ids: Tensor, mask: Tensor) -> None:
+        """Row `row` from one choice's prompt_logprobs: entry t + 1 goes to position t, its k largest entries."""
+        if not isinstance(entries, list) or len(entries) != len(seq):
+            got = len(entries) if isinstance(entries, list) else type(entries).__name__
+            raise TeacherServerError(f"teacher server at {self.url} returned prompt_logprobs of length {got} for a "
+                                     f"sequence of {len(seq)} tokens (does it serve prompt_logprobs?)")
+        for t, entry in enumerate(entries[1:]):
+            try:
+                ranked = sorted(((float(v["logprob"]), int(token)) for token, v in entry.items()), reverse=True)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise TeacherServerError(f"teacher server at {self.url} returned a malformed prompt_logprobs entry "
+                                         f"at position {t + 1}: {str(entry)[:80]}") from None
+            if len(ranked) < self.k:
+                raise TeacherServerError(f"teacher server at {self.url} returned {len(ranked)} log-probabilities "
+                                         f"per token, fewer than top_k={self.k} (vllm serve: --max-logprobs)")
+            top = ranked[: self.k]
+            outside = [token for _, token in top if not 0 <= token < self.vocab_size]
+            if outside:
+                raise TeacherServerError(f"teacher server at {self.url} returned token id {outside[0]}, outside the "
+                                         f"student's vocabulary of {self.vocab_size}: it serves another tokenizer")
+            logprobs[row, t] = torch.tensor([value for value, _ in top])
+            ids[row, t] = torch.tensor([token for _, token in top])
+            mask[row, t] = True
+
+    # -- transport --------------------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
+        """JSON in, JSON out, with the retry policy of the module doc."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as err:
+                message = _error_message(err)
+                if err.code in (401, 403):
+                    raise TeacherServerError(f"teacher server at {self.url} refused the API key ({err.code}: "
+                                             f"{message}); set teacher.api_key to the server's key") from None
+                if err.code != 429 and err.code < 500:
+                    raise TeacherServerError(f"teacher server at {self.url} rejected {method} {path} "
+                                             f"({err.code}: {message})") from None
+                last = f"HTTP {err.code}: {message}"
+            except (TimeoutError, socket.timeout):
+                last = f"no answer within {self.timeout}s"
+            except (urllib.error.URLError, ConnectionError, http.client.HTTPException, ValueError) as err:
+                reason = getattr(err, "reason", err)
+                timed_out = isinstance(reason, (TimeoutError, socket.timeout))
+                last = f"no answer within {self.timeout}s" if timed_out else (str(reason) or type(err).__name__)
+        raise TeacherServerError(f"teacher server at {self.url} failed {self.retries + 1} tries ({last}): is it "
+                                 f"running and reachable? (teacher.url)")
+
+
+def _error_message(err: urllib.error.HTTPError) -> str:
+    """The `error.message` of an OpenAI-style error body, else the HTTP reason."""
+    try:
+        return str(json.loads(err.read())["error"]["message"])
+    except Exception:
+        return str(err.reason)

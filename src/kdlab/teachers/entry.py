@@ -1,0 +1,25 @@
+"""Hydra entry points of the teacher tools, composing the same `conf/` as `train.py`.
+
+The tools take the run's own overrides (`teacher=...`, `task=...`), so the teacher they serve or cache is the one a
+training run would load. `conf/` sits beside `src/` (the editable install this project uses); with a copy of the
+package elsewhere, pass `--config-dir <repo>/conf`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig
+
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+
+
+def hydra_entry(config_name: str, fn: Callable[[DictConfig], object]) -> None:
+    """Run `fn(cfg)` under `hydra.main` with `conf/<config_name>.yaml` as the primary config."""
+    import hydra
+
+    from kdlab.config import register_resolvers
+
+    register_resolvers()
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(fn)()

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ from common import DTYPES, interleaved_times, machine, matmul_peak_flops, parse,
 from kdlab.data.datamodule import DistillationDataModule  # noqa: E402
 from kdlab.data.tasks import Task  # noqa: E402
 from kdlab.generation import SamplingSettings  # noqa: E402
+from kdlab.losses import generalized_jsd  # noqa: E402
 from kdlab.losses.objective import Objective  # noqa: E402
 from kdlab.module import DistillationModule  # noqa: E402
 from kdlab.policy import STUDENT, DataPolicy  # noqa: E402
@@ -84,7 +86,8 @@ class KdlabStep:
         run = OmegaConf.load(RUN_DEFAULTS)
         self.module = DistillationModule(
             student=student, tokenizer=tokenizer, task=task, teacher=teacher,
-            objective=Objective("jsd", params={"beta": args.beta}), policy=DataPolicy(1.0, sampling=sampling),
+            objective=Objective("jsd", loss=partial(generalized_jsd, beta=args.beta)),
+            policy=DataPolicy(1.0, sampling=sampling),
             optimizer=self.adamw(args.lr), max_nonfinite_steps=run.nonfinite.max_consecutive_steps,
             score_groups=run.score_groups,
         )

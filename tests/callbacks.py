@@ -51,7 +51,7 @@ class NonFiniteAt(Callback):
 
 
 class _NaNLoss:
-    """The wrapped objective with its loss multiplied by NaN (its other attributes pass through)."""
+    """The wrapped objective with every term's sum multiplied by NaN (its other attributes pass through)."""
 
     def __init__(self, objective):
         self.objective = objective
@@ -59,9 +59,9 @@ class _NaNLoss:
     def __getattr__(self, name):
         return getattr(self.objective, name)
 
-    def __call__(self, *args, **kwargs):
-        loss, components = self.objective(*args, **kwargs)
-        return loss * math.nan, components
+    def terms(self, *args, **kwargs):
+        terms = self.objective.terms(*args, **kwargs)
+        return {name: (weight, term._replace(total=term.total * math.nan)) for name, (weight, term) in terms.items()}
 
 
 class SignalOnValidation(Callback):

@@ -49,6 +49,17 @@ def compose(overrides: list[str] | None = None, output_dir: Path | None = None):
         return hydra_compose(config_name="train", overrides=overrides)
 
 
+def loss_config(name: str, **overrides) -> dict:
+    """`conf/loss/<name>.yaml` resolved, with `overrides` on top: what `loss=<name> loss.key=value` composes."""
+    from omegaconf import OmegaConf
+
+    from kdlab.resolvers import register_resolvers
+
+    register_resolvers()
+    node = OmegaConf.merge(OmegaConf.load(CONF_DIR / "loss" / f"{name}.yaml"), overrides)
+    return OmegaConf.to_container(node, resolve=True)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from kdlab.models import load_tokenizer

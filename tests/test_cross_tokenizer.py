@@ -17,6 +17,7 @@ from kdlab.losses.cross_tokenizer import (
     universal_logit_distillation,
 )
 from kdlab.losses.objective import build_objective
+from tests.conftest import loss_config
 
 
 def logits(batch, length, vocab, seed, scale=3.0, dtype=torch.float32):
@@ -395,13 +396,13 @@ def test_ot_objective_weights_terms_as_the_paper_and_skips_switched_off_terms():
     t = logits(2, 6, 45, seed=22)
     target = torch.randint(0, 30, (2, 5), generator=torch.Generator().manual_seed(23))
     sm, tm = lengths_mask([5, 3], 5), lengths_mask([6, 4], 6)
-    cfg = {"name": "ot", "ce_weight": 1.0, "alpha": 0.15, "had_weight": 1.0, "beta": 0.1, "gamma": 0.1}
+    cfg = loss_config("ot", ce_weight=1.0, alpha=0.15, had_weight=1.0, beta=0.1, gamma=0.1)
     total, parts = build_objective(cfg)(s, t, target, sm, tm)
     expected = parts["ce"] + 0.15 * (parts["had"] + 0.1 * parts["sl"] + 0.1 * parts["sd"])
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     _, ablated = build_objective({**cfg, "gamma": 0.0})(s, t, target, sm, tm)
     assert set(ablated) == {"ce", "had", "sl"}
-    _, uld = build_objective({"name": "uld", "ce_weight": 0.5, "uld_weight": 2.0})(s, t, target, sm, tm)
+    _, uld = build_objective(loss_config("uld", ce_weight=0.5, uld_weight=2.0))(s, t, target, sm, tm)
     assert set(uld) == {"ce", "uld"}
 
 
@@ -409,9 +410,24 @@ def test_the_ce_term_is_left_out_on_the_students_own_samples():
     s, t = logits(1, 4, 30, seed=24), logits(1, 4, 30, seed=25)
     target = torch.randint(0, 30, (1, 4), generator=torch.Generator().manual_seed(26))
     mask = torch.ones(1, 4, dtype=torch.bool)
-    for cfg in ({"name": "ot", "ce_weight": 1.0}, {"name": "uld", "ce_weight": 1.0}, {"name": "fkl", "ce_weight": 1.0}):
-        objective = build_objective(cfg)
+    for name in ("ot", "uld", "fkl"):
+        objective = build_objective(loss_config(name, ce_weight=1.0))
         with_labels, parts = objective(s, t, target, mask, mask)
         without, own_samples = objective(s, t, target, mask, mask, hard_labels=False)
         assert "ce" in parts and "ce" not in own_samples
         assert with_labels.item() == pytest.approx(without.item() + parts["ce"].item(), rel=1e-6)
+
+
+def test_cross_tokenizer_losses_take_the_calling_convention_of_the_others():
+    s, t = logits(2, 4, 30, seed=31), logits(2, 4, 45, seed=32)
+    mask = lengths_mask([4, 2], 4)
+    for fn in (multilevel_ot, universal_logit_distillation):
+        explicit = fn(s, t, mask, teacher_mask=mask)
+        default = fn(s, t, mask)  # the teacher's mask is the student's when both have the same positions
+        assert explicit.keys() == default.keys() and all(torch.equal(explicit[k], default[k]) for k in explicit)
+        ones = torch.ones(2, 4, dtype=torch.bool)
+        unmasked, scored_everywhere = fn(s, t), fn(s, t, ones, teacher_mask=ones)  # no mask: every position
+        assert all(torch.equal(unmasked[k], scored_everywhere[k]) for k in unmasked)
+        assert not torch.equal(unmasked[next(iter(unmasked))], explicit[next(iter(explicit))])
+    assert universal_logit_distillation(s, t, mask, components=()) == {}
+    assert set(multilevel_ot(s, t, mask, components=("sl",))) == {"sl"}

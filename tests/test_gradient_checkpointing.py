@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from kdlab.data.datamodule import DistillationDataModule, pad
 from kdlab.data.tasks import Task
 from kdlab.generation import SamplingSettings
+from kdlab.losses import forward_kl
 from kdlab.losses.objective import Objective
 from kdlab.models import load_model, load_tokenizer
 from kdlab.module import DistillationModule
@@ -120,7 +121,7 @@ def _fit_one_step(checkpointing: bool) -> tuple[dict[str, torch.Tensor], list[in
     student, tokenizer = _student("tiny", checkpointing, seed=0)
     teacher, _ = _student("tiny", False, seed=1)
     task = Task.from_config(TASK)
-    module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl"),
+    module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl", forward_kl),
                                 policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4)), task=task,
                                 teacher=teacher, optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
                                 max_nonfinite_steps=10, score_groups=1)  # one scoring forward a step

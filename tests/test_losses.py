@@ -11,7 +11,6 @@ from kdlab.losses import (
     DIVERGENCES,
     SAME_VOCAB_LOSSES,
     cross_entropy,
-    divergence_params,
     forward_kl,
     generalized_jsd,
     get_divergence,
@@ -501,6 +500,3 @@ def test_registry():
         get_divergence("kl")
     for name in DIVERGENCES:
         assert name in str(err.value)
-    assert divergence_params("jsd") == {"beta"}
-    assert divergence_params("skl") == divergence_params("srkl") == {"alpha"}
-    assert divergence_params("fkl") == divergence_params("tvd") == set()

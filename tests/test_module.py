@@ -10,11 +10,11 @@ from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.tasks import Task
 from kdlab.generation import SamplingSettings
 from kdlab.losses import forward_kl
-from kdlab.losses.objective import Objective
+from kdlab.losses.objective import build_objective
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
 from kdlab.scoring import score_targets
-from tests.conftest import tiny_model
+from tests.conftest import loss_config, tiny_model
 
 TASK = {"name": "arith", "train_size": 32, "val_size": 8, "eval_examples": 8, "batch_size": 4, "eval_batch_size": 8,
         "generation": {"max_new_tokens": 8, "do_sample": False}}
@@ -25,7 +25,7 @@ def _module(tokenizer, fraction=1.0, loss="rkl", teacher=True):
     module = DistillationModule(
         student=tiny_model(tokenizer, seed=0),
         tokenizer=tokenizer,
-        objective=Objective(loss),
+        objective=build_objective(loss_config(loss)),
         policy=DataPolicy(fraction, sampling=SamplingSettings(max_new_tokens=8)),
         task=task,
         teacher=tiny_model(tokenizer, seed=1, width=48) if teacher else None,
@@ -118,9 +118,10 @@ def test_each_step_trains_on_the_source_the_policy_drew(tokenizer, monkeypatch, 
 
     monkeypatch.setattr(kdlab.module, "generate_targets", recording_generate)
     scored = []
-    real_loss = module._loss
-    module._loss = lambda batch, ids, mask, *a, **k: scored.append((ids, mask)) or real_loss(batch, ids, mask, *a, **k)
+    real_scores = module._scores
+    module._scores = lambda batch, ids, mask, *a: scored.append((ids, mask)) or real_scores(batch, ids, mask, *a)
     _fit(module, datamodule, steps=2)
+    assert len(scored) == 2  # one scoring per step (one micro-batch each)
 
     if sampler is None:
         assert calls == []  # ground truth: nothing sampled
@@ -161,3 +162,13 @@ def test_scoring_in_length_groups_gives_the_loss_of_one_padded_batch(tokenizer):
         losses[groups] = (loss.item(), grad)
     assert losses[4][0] == pytest.approx(losses[1][0], rel=1e-5, abs=1e-7)
     torch.testing.assert_close(losses[4][1], losses[1][1], atol=1e-7, rtol=1e-4)
+
+
+def test_gradient_clipping_bounds_the_update_under_manual_optimization(tokenizer):
+    module, datamodule = _module(tokenizer, fraction=0.0, loss="fkl")
+    module.optimizer_factory = lambda params: torch.optim.SGD(params, lr=1.0)
+    module.gradient_clip_val = 1e-3
+    before = [p.detach().clone() for p in module.student.parameters()]
+    _fit(module, datamodule, steps=1)
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(module.student.parameters(), before)])
+    assert update.norm().item() == pytest.approx(1e-3, rel=1e-3)  # SGD with lr 1: the clipped gradient's norm

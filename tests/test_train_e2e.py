@@ -131,3 +131,27 @@ def test_train_py_entry_point_on_shipped_checkpoints(tmp_path):
     # the shipped teacher scores 0.62 and the student 0.36 on all 200; on these first 8, 3 and 0 (greedy, fixed data)
     assert results["steps"] == 2 and results["teacher"]["accuracy"] >= 0.25
     assert results["teacher"]["accuracy"] > results["student_before"]["accuracy"]
+
+
+def scaled_forward_kl(student_logits, teacher_logits, mask=None, *, scale, **params):
+    """A user's own loss, plugged in by `loss._target_`: forward KL times `scale`."""
+    from kdlab.losses import forward_kl
+
+    return scale * forward_kl(student_logits, teacher_logits, mask, **params)
+
+
+def _first_train_loss(run_dir) -> float:
+    import csv
+
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        return next(float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss"))
+
+
+def test_a_user_loss_plugs_in_by_target(tmp_path):
+    common = ["loss=fkl", "policy=supervised", "eval.teacher=false", "eval.before=false"]
+    _run(tmp_path / "fkl", common)
+    _, results = _run(tmp_path / "user", [*common, "loss._target_=tests.test_train_e2e.scaled_forward_kl",
+                                          "+loss.scale=0.5"])
+    assert results["steps"] == 3
+    # the same first batch and weights: the step's loss is half of forward KL's (the function and its `scale` ran)
+    assert _first_train_loss(tmp_path / "user") == pytest.approx(0.5 * _first_train_loss(tmp_path / "fkl"), rel=1e-5)

@@ -33,7 +33,7 @@ def _module_and_batch(student_rows: int, teacher_rows: int):
     student, tokenizer = _padded("student", student_rows, seed=0)
     teacher, _ = _padded("teacher", teacher_rows, seed=1)
     task = Task.from_config(TASK)
-    module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl"),
+    module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl", forward_kl),
                                 policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4)), task=task,
                                 teacher=teacher, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
                                 max_nonfinite_steps=10, score_groups=1)

@@ -6,24 +6,17 @@ key and the fix: a sweep should fail in its first second, not after a teacher ha
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
+import torch
 from omegaconf import DictConfig
 
 from kdlab.data.tasks import task_config_errors
 from kdlab.losses.cross_tokenizer import VARIANTS as OT_VARIANTS
 from kdlab.losses.divergences import REDUCTIONS
-from kdlab.losses.objective import SFT
-from kdlab.losses.registry import (
-    CROSS_TOKENIZER_LOSSES,
-    DIVERGENCES,
-    SAME_VOCAB_LOSSES,
-    cross_tokenizer_params,
-    divergence_params,
-)
+from kdlab.losses.objective import CROSS_TOKENIZER_LOSSES, SFT, build_objective
 from kdlab.policy import FIXED_SOURCES
-
-LOSS_COMMON_KEYS = {"name", "temperature", "ce_weight", "reduction", "chunk_size"}
 
 
 class ConfigError(ValueError):
@@ -32,21 +25,16 @@ class ConfigError(ValueError):
 
 def _loss_errors(loss: Mapping[str, Any]) -> list[str]:
     name = loss.get("name")
-    known = sorted({*DIVERGENCES, *CROSS_TOKENIZER_LOSSES})
-    if name != SFT and name not in known:
-        return [f"loss={name} is unknown; choose loss=sft or one of {', '.join(known)}"]
+    if "_target_" not in loss:
+        return [f"loss={name} names no loss function: set loss._target_ (e.g. kdlab.losses.forward_kl, or "
+                "my_module.my_loss) with loss._partial_=true"]
     errors = []
     if name in CROSS_TOKENIZER_LOSSES:
-        own = cross_tokenizer_params(name)
         errors += _cross_tokenizer_errors(loss)
     else:
-        own = divergence_params(name) if name != SFT else set()
         for key in ("beta", "alpha"):
-            if key in own and not 0.0 <= float(loss.get(key, 0.5)) <= 1.0:
+            if key in loss and not 0.0 <= float(loss[key]) <= 1.0:
                 errors.append(f"loss.{key}={loss[key]} is outside [0, 1]; e.g. loss.{key}=0.5")
-    for key in loss:
-        if key not in LOSS_COMMON_KEYS | own:
-            errors.append(f"loss.{key} does not apply to loss={name}; its keys: {sorted(LOSS_COMMON_KEYS | own)}")
     if float(loss.get("temperature", 1.0)) <= 0:
         errors.append(f"loss.temperature={loss['temperature']} must be > 0; e.g. loss.temperature=1.0")
     if float(loss.get("ce_weight", 0.0)) < 0:
@@ -55,7 +43,37 @@ def _loss_errors(loss: Mapping[str, Any]) -> list[str]:
         errors.append(f"loss.reduction={loss['reduction']} is unknown; choose one of {REDUCTIONS}")
     if int(loss.get("chunk_size", 1024)) < 1:
         errors.append(f"loss.chunk_size={loss['chunk_size']} must be a positive integer")
-    return errors
+    return errors or _loss_call_errors(loss)
+
+
+def _loss_call_errors(loss: Mapping[str, Any]) -> list[str]:
+    """Build the objective and run it once on a tiny batch, so that a function that cannot be loaded, a key it does
+    not take or a value it refuses is reported at start-up, whatever function `loss._target_` names."""
+    from hydra.errors import InstantiationException
+
+    name, target = loss.get("name"), loss.get("_target_")
+    try:
+        objective = build_objective(loss)
+    except KeyError as err:
+        return [f"loss.{err.args[0]} is missing: loss={name} weighs its terms by it"]
+    except InstantiationException as err:
+        return [f"loss._target_={target} cannot be loaded: {err}"]
+    cross = objective.cross_tokenizer
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 3, 8, generator=generator)
+    teacher = torch.randn(2, 4 if cross else 3, 10 if cross else 8, generator=generator)
+    targets, mask = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+    teacher_mask = torch.ones(2, 4, dtype=torch.bool) if cross else None
+    try:
+        objective.terms(student, teacher if objective.needs_teacher else None, targets, mask, teacher_mask)
+    except TypeError as err:
+        key = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if key:
+            return [f"loss.{key.group(1)} does not apply to loss={name} ({target}: {err})"]
+        return [f"loss={name}: {target} cannot be called as fn(student_logits, teacher_logits, mask, **params): {err}"]
+    except (ValueError, RuntimeError) as err:
+        return [f"loss={name}: {target} refused its settings: {err}"]
+    return []
 
 
 def _cross_tokenizer_errors(loss: Mapping[str, Any]) -> list[str]:
@@ -133,7 +151,7 @@ def _run_errors(cfg: DictConfig) -> list[str]:
 
 
 def vocabulary_errors(loss_name: str, same_vocabulary: bool, student_name: str, teacher_name: str) -> list[str]:
-    if loss_name in SAME_VOCAB_LOSSES and not same_vocabulary:
+    if loss_name not in (SFT, *CROSS_TOKENIZER_LOSSES) and not same_vocabulary:
         return [
             f"loss={loss_name} compares teacher and student token by token, but the tokenizers of "
             f"teacher={teacher_name} and student={student_name} have different vocabularies. Use a cross-tokenizer "

@@ -1,4 +1,4 @@
-"""Sharding and cross-rank arithmetic: FSDP2 through Lightning's ModelParallelStrategy, and a global token mean.
+"""Sharding and cross-rank arithmetic: FSDP2 through Lightning's ModelParallelStrategy, and cross-rank flags.
 
 `strategy=fsdp` builds `FSDP2Strategy`: PyTorch's `fully_shard` (FSDP2) per transformer block, then per model, for
 the student and for the frozen teacher, applied in `DistillationModule.configure_model`. FSDP2 runs on CPU with gloo
@@ -134,24 +134,6 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def global_token_mean(loss: Tensor, tokens: int) -> tuple[Tensor, Tensor]:
-    """Rescale a per-process token mean so that the data-parallel gradient average is the mean over *all* scored
-    tokens of the global batch, and return (loss to backpropagate, global mean for logging).
-
-    DDP and FSDP average gradients over processes, which weighs each process's mean equally; when processes score
-    different numbers of tokens that is not the single-process loss. Scaling the local mean by
-    world * local_tokens / global_tokens (a constant, no gradient) makes the average exact.
-    """
-    world = world_size()
-    if world == 1:
-        return loss, loss.detach()
-    totals = torch.stack([loss.detach().float() * tokens, torch.tensor(float(tokens), device=loss.device)])
-    dist.all_reduce(totals)
-    global_tokens = totals[1].clamp_min(1.0)
-    scale = world * tokens / global_tokens
-    return loss * scale.to(loss.dtype), totals[0] / global_tokens
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

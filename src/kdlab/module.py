@@ -5,12 +5,17 @@ samples, or the student's own samples), both models score the same target tokens
 over response positions only. When the teacher tokenizes differently, both score the same target *text*, each in its
 own tokens, and a cross-tokenizer loss (loss=ot|uld) compares the two. The teacher never trains: no grad, eval mode
 whatever Lightning does to the module, left out of the optimizer, of checkpoints and of the student export.
+
+A train batch is this process's whole accumulation window. The step produces the targets of every micro-batch,
+counts their units (tokens, sequences) over the window and every process, then backpropagates each micro-batch's
+sum divided by those global counts, and steps once: one normalisation, whatever the split (losses/normalisation.py).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import lightning as L
@@ -21,20 +26,36 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab.console import quiet_weight_bars
+from kdlab.data.datamodule import split_rows
 from kdlab.data.tasks import Task
-from kdlab.distributed import FSDP2Strategy, any_rank, full_state_dict, global_token_mean, is_sharded, shard_model
+from kdlab.distributed import FSDP2Strategy, any_rank, full_state_dict, is_sharded, shard_model, world_size
 from kdlab.generation import SamplingSettings, generate_targets
+from kdlab.losses.normalisation import NONE, SEQUENCES, TOKENS, normalised, unit_counts
 from kdlab.losses.objective import Objective
 from kdlab.policy import STUDENT, DataPolicy
 from kdlab.resilience import NonFiniteGuard, step_seed
 from kdlab.retokenize import response_texts, retokenize
-from kdlab.rewards import RewardTerm, leave_one_out_advantages, policy_gradient_loss
+from kdlab.rewards import RewardTerm, leave_one_out_advantages, policy_gradient_sum
 from kdlab.scoring import score_targets
 
 TEACHER_PREFIX = "teacher."
 
 # Lightning warns when submodules are in eval mode as training starts; the frozen teacher is, by design.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+
+
+@dataclass
+class StepTargets:
+    """What one micro-batch trains on: its rows, the student's target tokens and mask, the teacher's own when the
+    tokenizers differ, and with a reward each sample's reward and advantage."""
+
+    batch: dict
+    ids: Tensor
+    mask: Tensor
+    teacher_ids: Tensor | None = None
+    teacher_mask: Tensor | None = None
+    rewards: Tensor | None = None
+    advantages: Tensor | None = None
 
 
 class DistillationModule(L.LightningModule):
@@ -54,10 +75,16 @@ class DistillationModule(L.LightningModule):
         teacher_tokenizer: PreTrainedTokenizerBase | None = None,
         reward: RewardTerm | None = None,
         seed: int = 0,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
     ):
         # optimizer, max_nonfinite_steps and score_groups have their defaults in conf/train.yaml only, and their
         # checks in kdlab.config (at start-up, before any model loads)
         super().__init__()
+        # A step counts its whole window's units before any backward (kdlab.losses.normalisation), which Lightning's
+        # accumulation cannot: the module accumulates, clips (`trainer.gradient_clip_val`) and steps itself.
+        self.automatic_optimization = False
+        self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
         if objective.needs_teacher and teacher is None:
             raise ValueError(f"loss={objective.name} compares the student with a teacher, but no teacher was given")
         self.student = student
@@ -85,8 +112,7 @@ class DistillationModule(L.LightningModule):
         self._references: list[str] = []
         self._onpolicy_steps = 0
         self._policy_steps = 0
-        self._step_start = 0.0
-        self._step_tokens = 0
+        self._step_start, self._step_tokens = 0.0, 0
         self.train_tokens = 0  # scored response tokens seen in training (this process)
         self.seed = seed
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
@@ -186,74 +212,124 @@ class DistillationModule(L.LightningModule):
             student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
         return student_logits, teacher_logits
 
-    def _reward_step(self, batch: dict) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """GKD Eq. 5 on the student's own samples: alpha * distillation + (1 - alpha) * REINFORCE.
+    def _step_targets(self, batch: dict, source: str) -> StepTargets:
+        """One micro-batch's targets from `source`, and with a reward (GKD Eq. 5, on the student's own samples)
+        each prompt sampled k times with its rewards and leave-one-out advantages. No gradient: sampling only."""
+        rewarded = source == STUDENT and self.reward is not None and self.reward.active
+        if rewarded:
+            k = self.reward.samples_per_prompt
+            batch = {key: v.repeat_interleave(k, dim=0) if isinstance(v, Tensor) else [x for x in v for _ in range(k)]
+                     for key, v in batch.items()}
+        targets = StepTargets(batch, *self._targets(batch, source))
+        if rewarded:
+            texts, _ = response_texts(targets.ids, targets.mask, self.tokenizer)
+            targets.rewards = self.reward.score([t.strip() for t in texts], batch["reference"]).to(self.device)
+            targets.advantages = leave_one_out_advantages(targets.rewards, self.reward.samples_per_prompt)
+        return targets
 
-        Each prompt is sampled k times (leave-one-out baseline); returns (loss, components, response mask)."""
-        k = self.reward.samples_per_prompt
-        big = {key: v.repeat_interleave(k, dim=0) if isinstance(v, Tensor) else [x for x in v for _ in range(k)]
-               for key, v in batch.items()}
-        target_ids, target_mask, teacher_ids, teacher_mask = self._targets(big, STUDENT)
-        student_logits, teacher_logits = self._scores(big, target_ids, target_mask, teacher_ids, teacher_mask)
-        distill, components = self.objective(
-            student_logits, teacher_logits, target_ids, target_mask, teacher_mask, hard_labels=False
-        )
-        texts, _ = response_texts(target_ids, target_mask, self.tokenizer)
-        rewards = self.reward.score([t.strip() for t in texts], big["reference"]).to(student_logits.device)
-        advantages = leave_one_out_advantages(rewards, k)
-        pg = policy_gradient_loss(student_logits, target_ids, target_mask, advantages)
-        alpha = self.reward.alpha
-        components.update(distill=distill.detach(), pg=pg.detach(), reward=rewards.mean(),
-                          advantage=advantages.abs().mean())
-        return alpha * distill + (1 - alpha) * pg, components, target_mask
+    def _global_counts(self, window: list[StepTargets]) -> dict[str, Tensor]:
+        """Each unit's count over the whole accumulation window and every process (one all-reduce), plus rows."""
+        local = torch.zeros(3, device=self.device)
+        for targets in window:
+            counts = unit_counts(targets.mask)
+            local[0] += counts[TOKENS].to(local.device)
+            local[1] += counts[SEQUENCES].to(local.device)
+            local[2] += targets.mask.shape[0]
+        if world_size() > 1:
+            dist.all_reduce(local)
+        return {TOKENS: local[0], SEQUENCES: local[1], "rows": local[2], NONE: torch.ones((), device=self.device)}
+
+    def _micro_loss(self, targets: StepTargets, hard_labels: bool,
+                    counts: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """This micro-batch's share of the global loss (every term's sum over the global count of its unit), and
+        its shares of each logged value, which add up over micro-batches and processes to the global values."""
+        t = targets
+        student_logits, teacher_logits = self._scores(t.batch, t.ids, t.mask, t.teacher_ids, t.teacher_mask)
+        terms = self.objective.terms(student_logits, teacher_logits, t.ids, t.mask, t.teacher_mask, hard_labels)
+        shares = {name: normalised(term, counts) for name, (_, term) in terms.items()}
+        loss = student_logits.sum() * 0.0 + sum(weight * shares[name] for name, (weight, _) in terms.items())
+        if t.advantages is not None:  # GKD Eq. 5: alpha * distillation + (1 - alpha) * REINFORCE
+            alpha = self.reward.alpha
+            shares["distill"] = loss
+            shares["pg"] = normalised(policy_gradient_sum(student_logits, t.ids, t.mask, t.advantages), counts)
+            loss = alpha * loss + (1 - alpha) * shares["pg"]
+            shares["reward"] = t.rewards.sum() / counts["rows"]
+            shares["advantage"] = t.advantages.abs().sum() / counts["rows"]
+        shares["loss"] = loss
+        return loss, {name: value.detach().float() for name, value in shares.items()}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
         # Sampling and dropout draw from a state fixed by (seed, step, rank): a resumed run repeats them exactly.
         torch.manual_seed(step_seed(self.seed, self.trainer.global_step, self.global_rank))
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        """One optimizer step on this process's accumulation window: targets for every micro-batch first, then
+        their units counted globally, then each micro-batch's normalised loss backpropagated, then one update."""
         source = self.policy.draw(self.trainer.global_step)  # one draw per optimizer step, the same on every rank
-        if source == STUDENT and self.reward is not None and self.reward.active:
-            loss, components, target_mask = self._reward_step(batch)
-        else:
-            target_ids, target_mask, teacher_ids, teacher_mask = self._targets(batch, source)
-            loss, components = self._loss(
-                batch, target_ids, target_mask, teacher_ids, teacher_mask, hard_labels=source != STUDENT
-            )
-
+        with torch.no_grad():
+            window = [self._step_targets(part, source) for part in split_rows(batch, self.task.config.batch_size)]
+        counts = self._global_counts(window)
+        world = world_size()  # DDP and FSDP average gradients over processes; the shares are of the global sum
+        shares: dict[str, Tensor] = {}
+        for targets in window:
+            loss, values = self._micro_loss(targets, source != STUDENT, counts)
+            self.manual_backward(loss * world)
+            for name, value in values.items():
+                shares[name] = shares.get(name, 0.0) + value
         self._policy_steps += 1
         self._onpolicy_steps += int(source == STUDENT)
-        self._step_tokens = int(target_mask.sum())
+        self._step_tokens = int(sum(int(t.mask.sum()) for t in window))
         self.train_tokens += self._step_tokens
-        batch_size = target_mask.shape[0]
-        # The mean over every scored token of the global batch, whatever each process scored; the all-reduce that
-        # computes it also tells every process whether any of them got a non-finite loss.
-        loss, global_loss = global_token_mean(loss, self._step_tokens)
-        self._loss_skipped = not bool(torch.isfinite(global_loss))
+        totals = _all_reduce_sum(shares)
+        self._optimizer_step(totals)
+        if bool(torch.isfinite(totals["loss"])):
+            self._log_step(totals, source, int(counts["rows"]))
+        return totals["loss"]
+
+    def _optimizer_step(self, totals: dict[str, Tensor]) -> None:
+        """Step the optimizer and the scheduler once. A non-finite loss (on any process: `totals` are global) is
+        recorded and its gradients dropped; gradients are checked and clipped in `on_before_optimizer_step`, which
+        `optimizer.step()` calls first. A skipped step applies nothing, but the step count moves on."""
+        self._loss_skipped = not bool(torch.isfinite(totals["loss"]))
         if self._loss_skipped:
-            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in components.items())
-            self.nonfinite.record(self.trainer.global_step, False, f"loss ({float(global_loss)}; {parts})")
-            return None  # every process skips backward and the optimizer has no gradients: the step is not applied
-        self.log("train/loss", global_loss, prog_bar=True, batch_size=batch_size)
-        for name, value in components.items():
-            self.log(f"train/{name}", value, batch_size=batch_size)
-        self.log("train/onpolicy", float(source == STUDENT), batch_size=batch_size)
-        self.log("train/onpolicy_fraction", self.onpolicy_fraction, batch_size=batch_size)
-        self.log("train/target_tokens", float(self._step_tokens), batch_size=batch_size)
-        return loss
+            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in totals.items() if k != "loss")
+            self.nonfinite.record(self.trainer.global_step, False, f"loss ({float(totals['loss'])}; {parts})")
+            for p in self.student.parameters():
+                p.grad = None  # the optimizer skips parameters without gradients: nothing is applied
+        optimizer = self.optimizers()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop every process's gradients when any holds a non-finite one; else clip them (as Lightning's automatic
+        optimization does, after the callbacks' hooks have seen them unclipped)."""
         if self._loss_skipped:
             return
         grads = [p.grad for p in self.student.parameters() if p.grad is not None]
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this rank's shard
         finite = not local or bool(torch.stack(torch._foreach_norm(local)).isfinite().all())
         finite = not any_rank(not finite, self.device)
+        self.nonfinite.record(self.trainer.global_step, finite, "gradient")
         if not finite:
             for p in self.student.parameters():
                 p.grad = None  # the optimizer skips parameters without gradients: nothing is applied
-        self.nonfinite.record(self.trainer.global_step, finite, "gradient")
+        elif self.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val,
+                                gradient_clip_algorithm=self.gradient_clip_algorithm)
+
+    def _log_step(self, totals: dict[str, Tensor], source: str, rows: int) -> None:
+        """train/loss is the loss normalised over the global batch; components are the global values too."""
+        self.log("train/loss", totals["loss"], prog_bar=True, batch_size=rows)
+        for name, value in totals.items():
+            if name != "loss":
+                self.log(f"train/{name}", value, batch_size=rows)
+        self.log("train/onpolicy", float(source == STUDENT), batch_size=rows)
+        self.log("train/onpolicy_fraction", self.onpolicy_fraction, batch_size=rows)
+        self.log("train/target_tokens", float(self._step_tokens), batch_size=rows)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Scored response tokens per second of the whole step: sampling, both forwards, backward, optimizer.
@@ -328,6 +404,15 @@ class DistillationModule(L.LightningModule):
             else:
                 self.student.save_pretrained(directory, state_dict=state)
         self.tokenizer.save_pretrained(directory)
+
+
+def _all_reduce_sum(values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each value summed over processes, in one all-reduce (every process holds the same names)."""
+    names = sorted(values)
+    stacked = torch.stack([values[name] for name in names])
+    if world_size() > 1:
+        dist.all_reduce(stacked)
+    return dict(zip(names, stacked))
 
 
 def _gather(items: list[str]) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from kdlab.data.answers import is_correct
+from kdlab.losses.normalisation import TOKENS, LossSum, unit_counts
 
 
 class FinalAnswerCorrect:
@@ -49,17 +50,23 @@ def leave_one_out_advantages(rewards: Tensor, samples_per_prompt: int) -> Tensor
     return (grouped - baseline).reshape(-1)
 
 
-def policy_gradient_loss(student_logits: Tensor, target_ids: Tensor, mask: Tensor, advantages: Tensor) -> Tensor:
-    """REINFORCE: -sum_i A_i * log q(y_i) / (response tokens in the batch), log q(y_i) the sum of the sample's token
-    log-probabilities.
+def policy_gradient_sum(student_logits: Tensor, target_ids: Tensor, mask: Tensor, advantages: Tensor) -> LossSum:
+    """REINFORCE as a sum over the batch's response tokens: -sum_i A_i * log q(y_i), counted in scored tokens.
 
-    Its gradient is the policy-gradient estimate of -E[r] (the advantages are constants), scaled per scored token as
-    the distillation term is (token_mean): a per-sequence sum would outweigh it by the response length (about 90
-    tokens here), and on the embedded task that collapsed the student within 20 steps. Float32 inside.
+    log q(y_i) is the sum of sample i's token log-probabilities. Its gradient is the policy-gradient estimate of -E[r]
+    (the advantages are constants); normalised per scored token as the distillation term is (token_mean): a
+    per-sequence sum would outweigh it by the response length (about 90 tokens here), and on the embedded task that
+    collapsed the student within 20 steps. Float32 inside.
     """
     log_probs = torch.log_softmax(student_logits.float(), dim=-1)
     token_log_probs = log_probs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1) * mask
-    return -(advantages.detach() * token_log_probs.sum(-1)).sum() / mask.sum().clamp(min=1)
+    total = -(advantages.detach() * token_log_probs.sum(-1)).sum()
+    return LossSum(total, unit_counts(mask)[TOKENS], TOKENS)
+
+
+def policy_gradient_loss(student_logits: Tensor, target_ids: Tensor, mask: Tensor, advantages: Tensor) -> Tensor:
+    """REINFORCE: -sum_i A_i * log q(y_i) / (response tokens in the batch); see `policy_gradient_sum`."""
+    return policy_gradient_sum(student_logits, target_ids, mask, advantages).mean()
 
 
 class RewardTerm:

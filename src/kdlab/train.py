@@ -100,6 +100,31 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
+def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher_tokenizer: Any,
+                 teacher_tokens: Any) -> DistillationModule:
+    """Load the models and build the module: objective, policy, reward, optimizer, and the two trainer keys the module
+    applies itself (gradient clipping; accumulation is the datamodule's window) under manual optimization."""
+    teacher = load_model(cfg.teacher, teacher_tokenizer) if cfg.get("teacher") is not None else None
+    return DistillationModule(
+        student=load_model(cfg.student, student_tokenizer),
+        tokenizer=student_tokenizer,
+        objective=build_objective(cfg.loss),
+        policy=build_policy(cfg),
+        task=task,
+        teacher=teacher,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        eval_sampling=SamplingSettings(**task.config.generation),
+        teacher_tokenizer=teacher_tokens,
+        reward=build_reward(cfg),
+        seed=int(cfg.seed),
+        max_nonfinite_steps=int(cfg.nonfinite.max_consecutive_steps),
+        score_groups=int(cfg.score_groups),
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+        gradient_clip_algorithm=cfg.trainer.get("gradient_clip_algorithm") or "norm",
+    )
+
+
 def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.Trainer, PreemptionCheckpoint]:
     strategy = cfg.strategy
     strategy = hydra.utils.instantiate(strategy) if "_target_" in strategy else strategy.name
@@ -114,9 +139,12 @@ def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.T
     # FSDP2 allocates its gather buffers lazily at the first forward; under inference mode (Lightning's default for
     # validate, which runs first) they would become inference tensors that training cannot use. no_grad instead.
     inference_mode = not isinstance(strategy, FSDP2Strategy) and cfg.trainer.get("inference_mode", True)
+    # The module accumulates and clips itself (one loss normalisation per window): these two keys go to it and to
+    # the datamodule, and Lightning, which refuses them under manual optimization, gets neutral values.
     trainer = hydra.utils.instantiate(
         cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir),
         inference_mode=inference_mode, enable_checkpointing=False,  # LastCheckpoint is the one writer of last.ckpt
+        accumulate_grad_batches=1, gradient_clip_val=None, gradient_clip_algorithm=None,
     )
     return trainer, preemption
 
@@ -133,31 +161,6 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     if ckpt_path == "auto":
         return str(last) if last.exists() else None
     return ckpt_path
-
-
-def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher_tokenizer: Any,
-                 cross_tokenizer: bool) -> DistillationModule:
-    """Load the student and the teacher (when there is one) and put them in one module with the run's objective,
-    policy, optimizer and settings. `cross_tokenizer`: the teacher reads its own tokens, so the module gets its
-    tokenizer too."""
-    student = load_model(cfg.student, student_tokenizer)
-    teacher = load_model(cfg.teacher, teacher_tokenizer) if cfg.get("teacher") is not None else None
-    return DistillationModule(
-        student=student,
-        tokenizer=student_tokenizer,
-        objective=build_objective(cfg.loss),
-        policy=build_policy(cfg),
-        task=task,
-        teacher=teacher,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        eval_sampling=SamplingSettings(**task.config.generation),
-        teacher_tokenizer=teacher_tokenizer if cross_tokenizer else None,
-        reward=build_reward(cfg),
-        seed=int(cfg.seed),
-        max_nonfinite_steps=int(cfg.nonfinite.max_consecutive_steps),
-        score_groups=int(cfg.score_groups),
-    )
 
 
 def fit(trainer: L.Trainer, preemption: PreemptionCheckpoint, module: DistillationModule, datamodule: Any,
@@ -281,10 +284,11 @@ def _run(cfg: DictConfig) -> float:
     # Teacher and student tokenize differently: every example is tokenized for each, and samples cross via text.
     cross = teacher_tokenizer is not None and not same_vocabulary(student_tokenizer, teacher_tokenizer)
     teacher_tokens = teacher_tokenizer if cross else None
-    datamodule = DistillationDataModule(task, student_tokenizer, seed=int(cfg.seed), teacher_tokenizer=teacher_tokens)
+    datamodule = DistillationDataModule(task, student_tokenizer, seed=int(cfg.seed), teacher_tokenizer=teacher_tokens,
+                                        accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches") or 1))
     datamodule.setup("fit")  # tokenize now: length rules and an empty training set show before models load
     _print_data_report(task, output_dir)
-    module = build_module(cfg, task, student_tokenizer, teacher_tokenizer, cross)
+    module = build_module(cfg, task, student_tokenizer, teacher_tokenizer, teacher_tokens)
 
     loggers = build_loggers(cfg)
     succeeded = False

@@ -174,12 +174,40 @@ class Collator:
         return batch
 
 
+def split_rows(batch: Mapping[str, Any], size: int) -> list[dict[str, Any]]:
+    """The batch's rows in consecutive micro-batches of `size` rows, each trimmed to its own padding.
+
+    A training step reads one accumulation window as one batch (`DistillationDataModule`) and scores it `size`
+    rows at a time; trimming keeps a micro-batch exactly as wide as if it had been collated alone (prompts are
+    left-padded, targets right-padded)."""
+    rows = len(batch["reference"])
+    parts = []
+    for start in range(0, rows, size):
+        part = {key: value[start : start + size] for key, value in batch.items()}
+        for key in [k for k in part if k.endswith("_mask")]:
+            used = part[key].any(dim=0).nonzero()
+            if used.numel() == 0:
+                continue
+            span = slice(int(used[0]), None) if "prompt" in key else slice(0, int(used[-1]) + 1)
+            ids = key[: -len("mask")] + "ids"
+            part[key], part[ids] = part[key][:, span], part[ids][:, span]
+        parts.append(part)
+    return parts
+
+
 class DistillationDataModule(L.LightningDataModule):
-    """Train batches follow `StepSampler`: a function of the run seed and the step, so data order is reproducible."""
+    """Train batches follow `StepSampler`: a function of the run seed and the step, so data order is reproducible.
+
+    One train batch is one optimizer step's whole accumulation window on this process: `accumulate_grad_batches`
+    micro-batches of `task.batch_size` rows, which the module splits (`split_rows`) after counting the window's
+    scored units, so that the loss is normalised once over the window (kdlab.losses.normalisation)."""
 
     def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, seed: int = 0, num_workers: int = 0,
-                 teacher_tokenizer: PreTrainedTokenizerBase | None = None):
+                 teacher_tokenizer: PreTrainedTokenizerBase | None = None, accumulate_grad_batches: int = 1):
         super().__init__()
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"trainer.accumulate_grad_batches={accumulate_grad_batches} must be at least 1")
+        self.accumulate_grad_batches = accumulate_grad_batches
         self.task = task
         self.tokenizer = tokenizer
         self.teacher_tokenizer = teacher_tokenizer  # None: the teacher reads the student's tokens
@@ -206,19 +234,19 @@ class DistillationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # The order is a function of (seed, step): a resumed run continues where it stopped, and W processes of
-        # batch B see the same global batches as one process of batch B*W (kdlab.data.order).
+        # windows of B rows see the same global batches as one process of B*W rows (kdlab.data.order), whether
+        # B is one batch or accumulate x task.batch_size.
         trainer = self.trainer
         world, rank, start, total = 1, 0, 0, None
         if trainer is not None:
-            world, rank = trainer.world_size, trainer.global_rank
-            micro = trainer.accumulate_grad_batches
-            start = trainer.global_step * micro
-            total = trainer.max_steps * micro if trainer.max_steps > 0 else None
-        sampler = StepSampler(len(self.train_set), self.task.config.batch_size, self.seed, num_replicas=world,
-                              rank=rank, start_step=start, num_steps=total)
+            world, rank, start = trainer.world_size, trainer.global_rank, trainer.global_step
+            total = trainer.max_steps if trainer.max_steps > 0 else None
+        window = self.task.config.batch_size * self.accumulate_grad_batches
+        sampler = StepSampler(len(self.train_set), window, self.seed, num_replicas=world, rank=rank,
+                              start_step=start, num_steps=total)
         return DataLoader(
             self.train_set,
-            batch_size=self.task.config.batch_size,
+            batch_size=window,
             sampler=sampler,
             drop_last=True,
             collate_fn=self.collate,

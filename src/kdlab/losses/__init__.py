@@ -3,19 +3,24 @@ chunk_size)` with logits (batch, positions, vocab), student = Q, teacher = P, an
 True where a response token is scored (None scores every position). Each returns a float32 (or float64) scalar
 reduced by "token_mean" (default), "sequence_mean" or "sum"; temperature divides both logits with no T^2
 rescaling; work is chunked over flattened rows so no full float32 copy of the logits is made. `cross_entropy`
-takes aligned labels instead of teacher logits. The registry maps config names (fkl, rkl, jsd, tvd, skl, srkl)
-to functions and lists each one's own knobs (beta, alpha).
+takes aligned labels instead of teacher logits. The cross-tokenizer losses `multilevel_ot` and
+`universal_logit_distillation` take each side's own logits and masks (`teacher_mask=`) and return their terms by
+name. Configs pick a loss by `_target_` (conf/loss/*.yaml); `DIVERGENCES` maps the config names to the divergences.
 """
 
+from kdlab.losses.cross_tokenizer import multilevel_ot, universal_logit_distillation
 from kdlab.losses.divergences import (
+    DIVERGENCES,
+    SAME_VOCAB_LOSSES,
     forward_kl,
     generalized_jsd,
+    get_divergence,
     reverse_kl,
     skew_forward_kl,
     skew_reverse_kl,
     total_variation,
 )
-from kdlab.losses.registry import DIVERGENCES, SAME_VOCAB_LOSSES, divergence_params, get_divergence
+from kdlab.losses.normalisation import LossSum
 from kdlab.losses.sft import cross_entropy
 
 __all__ = [
@@ -26,8 +31,10 @@ __all__ = [
     "skew_forward_kl",
     "skew_reverse_kl",
     "cross_entropy",
+    "multilevel_ot",
+    "universal_logit_distillation",
+    "LossSum",
     "DIVERGENCES",
     "SAME_VOCAB_LOSSES",
     "get_divergence",
-    "divergence_params",
 ]

@@ -6,7 +6,7 @@ is what makes vocabularies of different sizes and orders comparable), and MultiL
 distance between the two sequences of distributions, which needs no position correspondence at all.
 
 Shapes: `student_logits` (B, Ts, Vs) and `teacher_logits` (B, Tt, Vt), each aligned with its own response tokens;
-`student_mask` (B, Ts) and `teacher_mask` (B, Tt) are true at response positions, which start at position 0 (targets
+`mask` (B, Ts) and `teacher_mask` (B, Tt) are true at response positions, which start at position 0 (targets
 are right-padded). Everything is computed in float32 whatever the input dtype. Each function returns a dict of
 scalar components (means over the sequences of the batch); a sequence with an empty response contributes zero, and
 a batch of empty responses gives zeros that still carry a gradient path.
@@ -26,6 +26,18 @@ def _valid_length_mask(student_mask: Tensor, teacher_mask: Tensor) -> Tensor:
     length = torch.minimum(student_mask.sum(-1), teacher_mask.sum(-1))
     width = min(student_mask.shape[1], teacher_mask.shape[1])
     return torch.arange(width, device=length.device)[None, :] < length[:, None]
+
+
+def _masks(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None,
+           teacher_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Each side's response mask, as the other losses take one: every position when none is given; the teacher's is
+    the student's when both sides have the same positions."""
+    if mask is None:
+        mask = torch.ones(student_logits.shape[:2], dtype=torch.bool, device=student_logits.device)
+    if teacher_mask is None:
+        same = teacher_logits.shape[1] == mask.shape[1]
+        teacher_mask = mask if same else torch.ones(teacher_logits.shape[:2], dtype=torch.bool, device=mask.device)
+    return mask.bool(), teacher_mask.bool()
 
 
 def _mean_over_sequences(per_sequence: Tensor) -> Tensor:
@@ -237,8 +249,8 @@ VARIANTS = ("paper", "released_code")
 def multilevel_ot(
     student_logits: Tensor,
     teacher_logits: Tensor,
-    student_mask: Tensor,
-    teacher_mask: Tensor,
+    mask: Tensor | None = None,
+    teacher_mask: Tensor | None = None,
     *,
     temperature: float = 1.0,
     top_k: int = 50,
@@ -266,7 +278,9 @@ def multilevel_ot(
     of sl reversed, sl = -1/T sum_t sum_i softmax(s^k_t / tau_SL)_i log softmax(t^k_t / tau_SL)_i and C_ij =
     ||softmax(t^k_i / tau_SD) - softmax(s^k_j / tau_SD)||_1, t^k and s^k at `temperature` (docs/cross_tokenizer.md).
     The teacher side never carries a gradient. `components` names the terms to compute (ablations skip the rest).
+    `mask` marks the student's response positions, `teacher_mask` the teacher's (default: see `_masks`).
     """
+    student_mask, teacher_mask = _masks(student_logits, teacher_logits, mask, teacher_mask)
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is unknown; choose one of {VARIANTS}")
     released = variant == "released_code"
@@ -338,17 +352,22 @@ def _sinkhorn_inputs(pairs: "_RankedPairs", temperature: float, sd_temperature: 
 def universal_logit_distillation(
     student_logits: Tensor,
     teacher_logits: Tensor,
-    student_mask: Tensor,
-    teacher_mask: Tensor,
+    mask: Tensor | None = None,
+    teacher_mask: Tensor | None = None,
     *,
     temperature: float = 1.0,
+    components: tuple[str, ...] = ("uld",),
 ) -> dict[str, Tensor]:
     """ULD (Boizard et al., 2024): {"uld"}: 1/T sum_t sum_i |sort(p_t)_i - sort(q_t)_i|, T = the shorter response.
 
     Each position's full probability vector is sorted in descending order and the smaller vocabulary is zero-padded
     to the larger; positions are matched by index. The padded tail's |p_i - 0| terms are the larger side's own sorted
-    tail, so they are summed directly instead of materialising the padding.
+    tail, so they are summed directly instead of materialising the padding. `components` as for `multilevel_ot`:
+    () computes nothing. `mask` marks the student's response positions, `teacher_mask` the teacher's.
     """
+    if "uld" not in components:
+        return {}
+    student_mask, teacher_mask = _masks(student_logits, teacher_logits, mask, teacher_mask)
     matched = _valid_length_mask(student_mask, teacher_mask)
     width = matched.shape[1]
     p = torch.softmax(teacher_logits[:, :width].detach().float() / temperature, dim=-1).sort(-1, descending=True).values

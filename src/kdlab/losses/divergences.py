@@ -343,3 +343,23 @@ def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor
     _check_unit("alpha", alpha)
     return _divergence(lambda lq, lp: _kl(lq, _log_mix(lq, lp, alpha)), student_logits, teacher_logits, mask,
                        temperature, reduction, chunk_size)
+
+
+# The divergences by the names configs give them (`loss=jsd`); a config picks its function by `_target_`.
+DIVERGENCES: dict[str, Callable[..., Tensor]] = {
+    "fkl": forward_kl,
+    "rkl": reverse_kl,
+    "jsd": generalized_jsd,
+    "tvd": total_variation,
+    "skl": skew_forward_kl,
+    "srkl": skew_reverse_kl,
+}
+SAME_VOCAB_LOSSES = frozenset(DIVERGENCES)
+
+
+def get_divergence(name: str) -> Callable[..., Tensor]:
+    """The divergence function named `name` (fkl, rkl, jsd, tvd, skl, srkl)."""
+    try:
+        return DIVERGENCES[name]
+    except KeyError:
+        raise ValueError(f"unknown divergence {name!r}; known: {', '.join(sorted(DIVERGENCES))}") from None

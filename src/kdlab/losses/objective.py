@@ -5,42 +5,54 @@
     total = ce_weight * CE + uld_weight * ULD                                        (loss=uld)
     total = CE(student, targets)                                                     (loss=sft, no teacher needed)
 
+The loss function is chosen by Hydra: `conf/loss/*.yaml` names it by `_target_` with `_partial_: true`, so
+`loss._target_=my_module.my_loss` plugs in a user's own function with no registry. Every loss is called the same way,
+`fn(student_logits, teacher_logits, mask, **params)`; the cross-tokenizer ones (loss=ot|uld) also get
+`teacher_mask=` and `components=` (the terms to compute), and loss=sft gets the target ids in the teacher's place. A
+loss returns a mean over the units of its `reduction` (tokens by default), a `LossSum`, or, cross-tokenizer, a dict
+of per-sequence means by term name. The node's other keys are the objective's own: `name` (which calling convention),
+`ce_weight`, and for loss=ot|uld the term weights and the CE term's `reduction` and `chunk_size`. Every default
+lives in the YAML.
+
 A term whose weight is 0 is not computed at all (ablations cost nothing). The CE term is left out on steps that
 train on the student's own samples (`hard_labels=False`): cross-entropy on its own samples only reinforces them
-(GKD's on-policy objective has no such term). The module calls the objective once per step; it returns the total and
-each component, unweighted, for logging.
+(GKD's on-policy objective has no such term). A training step takes each term as a sum (`terms`) and normalises it
+once over the whole global batch (kdlab.losses.normalisation); `__call__` normalises over one batch (validation).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import hydra
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from kdlab.losses.registry import (
-    CROSS_TOKENIZER_LOSSES,
-    CROSS_TOKENIZER_WEIGHTS,
-    cross_tokenizer_params,
-    divergence_params,
-    get_divergence,
-)
+from kdlab.losses.normalisation import REDUCTION_UNITS, SEQUENCES, TOKENS, LossSum, as_loss_sum, unit_counts
 from kdlab.losses.sft import cross_entropy
 
 SFT = "sft"
-# Default weights of the cross-tokenizer terms: MultiLevelOT's alpha, beta, gamma as in the paper; ULD's lambda 1.
-DEFAULT_WEIGHTS = {"alpha": 0.15, "had_weight": 1.0, "beta": 0.1, "gamma": 0.1, "uld_weight": 1.0}
+# Cross-tokenizer losses: each term they return, and the config keys whose product weighs it.
+TERM_WEIGHT_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
+    "ot": {"had": ("alpha", "had_weight"), "sl": ("alpha", "beta"), "sd": ("alpha", "gamma")},
+    "uld": {"uld": ("uld_weight",)},
+}
+CROSS_TOKENIZER_LOSSES = tuple(TERM_WEIGHT_KEYS)
+# Keys of a loss node that configure the objective, not the loss function.
+OBJECTIVE_KEYS = ("name", "ce_weight")
+CE_KEYS = ("reduction", "chunk_size")  # loss=ot|uld: settings of the CE term only
 
 
 @dataclass(frozen=True)
 class Objective:
     name: str
-    params: Mapping[str, Any] = field(default_factory=dict)  # the loss's own knobs: beta, alpha, top_k, ...
-    temperature: float = 1.0
+    loss: Callable[..., Any]  # the loss function with its own settings bound (a Hydra partial)
     ce_weight: float = 0.0
-    reduction: str = "token_mean"
-    chunk_size: int = 1024
-    weights: Mapping[str, float] = field(default_factory=dict)  # cross-tokenizer term weights
+    reduction: str = "token_mean"  # of the CE term, and the unit a loss's plain mean is over
+    chunk_size: int = 1024  # of the CE term
+    term_weights: Mapping[str, float] = field(default_factory=dict)  # loss=ot|uld: each returned term's weight
 
     @property
     def needs_teacher(self) -> bool:
@@ -60,71 +72,71 @@ class Objective:
         teacher_mask: Tensor | None = None,
         hard_labels: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """`teacher_mask` marks the teacher's own response tokens (cross-tokenizer losses); default: `mask`.
-        `hard_labels=False` (targets sampled from the student) leaves the CE term out."""
-        common = dict(reduction=self.reduction, chunk_size=self.chunk_size)
-        if not self.needs_teacher:
-            ce = cross_entropy(student_logits, target_ids, mask, **common)
-            return ce, {"ce": ce.detach()}
-        if self.cross_tokenizer:
-            total, components = self._cross_tokenizer_terms(
-                student_logits, teacher_logits, mask, mask if teacher_mask is None else teacher_mask
-            )
-        else:
-            divergence = get_divergence(self.name)(
-                student_logits, teacher_logits, mask, temperature=self.temperature, **self.params, **common
-            )
-            total, components = divergence, {self.name: divergence.detach()}
-        if self.ce_weight > 0 and hard_labels:
-            ce = cross_entropy(student_logits, target_ids, mask, **common)
-            components["ce"] = ce.detach()
-            total = total + self.ce_weight * ce
-        return total, components
+        """(total, each component unweighted) for this batch alone: every term divided by its own unit count.
 
-    def _cross_tokenizer_terms(self, student_logits, teacher_logits, mask, teacher_mask):
-        w = {**DEFAULT_WEIGHTS, **self.weights}
-        if self.name == "ot":
-            term_weights = {"had": w["alpha"] * w["had_weight"], "sl": w["alpha"] * w["beta"],
-                            "sd": w["alpha"] * w["gamma"]}
-        else:
-            term_weights = {"uld": w["uld_weight"]}
-        active = tuple(term for term, weight in term_weights.items() if weight != 0)
-        kwargs = dict(self.params)
-        if self.name == "ot":
-            kwargs["components"] = active
-        terms = CROSS_TOKENIZER_LOSSES[self.name](
-            student_logits, teacher_logits, mask, teacher_mask, temperature=self.temperature, **kwargs
-        ) if active else {}
+        A training step instead divides `terms(...)` by global counts (kdlab.losses.normalisation)."""
+        terms = self.terms(student_logits, teacher_logits, target_ids, mask, teacher_mask, hard_labels)
         total = student_logits.sum() * 0.0  # a gradient path even when every term is switched off
-        for term, value in terms.items():
-            total = total + term_weights[term] * value
-        return total, {term: value.detach() for term, value in terms.items()}
+        for weight, term in terms.values():
+            total = total + weight * term.mean()
+        return total, {name: term.mean().detach() for name, (_, term) in terms.items()}
+
+    def terms(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor | None,
+        target_ids: Tensor,
+        mask: Tensor,
+        teacher_mask: Tensor | None = None,
+        hard_labels: bool = True,
+    ) -> dict[str, tuple[float, LossSum]]:
+        """Each active term by name: (its weight in the total, its LossSum). A term of weight 0 is not computed.
+
+        `teacher_mask` marks the teacher's own response tokens (cross-tokenizer losses); default: `mask`.
+        `hard_labels=False` (targets sampled from the student) leaves the CE term out."""
+        unit = REDUCTION_UNITS.get(self.reduction, TOKENS)
+        if not self.needs_teacher:
+            return {"ce": (1.0, as_loss_sum(self.loss(student_logits, target_ids, mask), mask, unit))}
+        if self.cross_tokenizer:
+            terms = self._cross_tokenizer_terms(student_logits, teacher_logits, mask, teacher_mask)
+        else:
+            terms = {self.name: (1.0, as_loss_sum(self.loss(student_logits, teacher_logits, mask), mask, unit))}
+        if self.ce_weight > 0 and hard_labels:
+            ce = cross_entropy(student_logits, target_ids, mask, reduction=self.reduction, chunk_size=self.chunk_size)
+            terms["ce"] = (self.ce_weight, as_loss_sum(ce, mask, unit))
+        return terms
+
+    def _cross_tokenizer_terms(
+        self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, teacher_mask: Tensor | None
+    ) -> dict[str, tuple[float, LossSum]]:
+        """The loss's terms, each a mean over the batch's sequences turned into a sum over them."""
+        active = tuple(term for term, weight in self.term_weights.items() if weight != 0)
+        values = self.loss(student_logits, teacher_logits, mask, teacher_mask=teacher_mask, components=active)
+        # Means over all rows; a row without scored tokens contributes 0, so mean * rows is the sum over sequences.
+        rows, sequences = mask.shape[0], unit_counts(mask)[SEQUENCES]
+        terms = {}
+        for term, value in values.items():
+            term_sum = value if isinstance(value, LossSum) else LossSum(value * rows, sequences, SEQUENCES)
+            terms[term] = (self.term_weights[term], term_sum)
+        return terms
 
 
 def build_objective(loss_cfg: Mapping[str, Any]) -> Objective:
-    """An Objective from a flat `conf/loss/*.yaml` node: name, the loss's own knobs (`beta`, `alpha`, `top_k`, ...),
-    temperature, ce_weight, reduction, chunk_size."""
+    """An Objective from a `conf/loss/*.yaml` node: its `_target_` (a partial) with the node's own settings bound,
+    and the objective's keys (name, ce_weight; for loss=ot|uld the term weights and the CE term's settings)."""
+    if isinstance(loss_cfg, DictConfig):
+        loss_cfg = OmegaConf.to_container(loss_cfg, resolve=True)
     name = loss_cfg["name"]
-    if name in CROSS_TOKENIZER_LOSSES:
-        weight_keys = CROSS_TOKENIZER_WEIGHTS[name]
-        own = cross_tokenizer_params(name) - weight_keys
-        weights = {key: float(loss_cfg[key]) for key in weight_keys if key in loss_cfg}
-    else:
-        own = divergence_params(name) if name != SFT else set()
-        weights = {}
+    weight_keys = TERM_WEIGHT_KEYS.get(name, {})
+    own = {*OBJECTIVE_KEYS}
+    if weight_keys:
+        own |= {key for keys in weight_keys.values() for key in keys} | set(CE_KEYS)
+    term_weights = {term: math.prod(float(loss_cfg[key]) for key in keys) for term, keys in weight_keys.items()}
     return Objective(
         name=name,
-        params={key: _number(loss_cfg[key]) for key in own if key in loss_cfg},
-        temperature=float(loss_cfg.get("temperature", 1.0)),
+        loss=hydra.utils.instantiate({key: value for key, value in loss_cfg.items() if key not in own}),
         ce_weight=float(loss_cfg.get("ce_weight", 0.0)),
         reduction=loss_cfg.get("reduction", "token_mean"),
         chunk_size=int(loss_cfg.get("chunk_size", 1024)),
-        weights=weights,
+        term_weights=term_weights,
     )
-
-
-def _number(value: Any) -> int | float | str:
-    """A config value as the loss function takes it: ints stay ints, names (`variant`) stay strings."""
-    if isinstance(value, str):
-        return value
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else float(value)

@@ -20,8 +20,8 @@ from kdlab.config import config_errors
 from kdlab.data.datamodule import DistillationDataModule, pad
 from kdlab.data.tasks import Task
 from kdlab.generation import SamplingSettings, generate_targets
-from kdlab.losses.objective import Objective
 from kdlab.lora import count_parameters
+from kdlab.losses.objective import Objective
 from kdlab.models import load_model, load_tokenizer, score_targets
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
@@ -213,26 +213,63 @@ COMMON = [*TINY_RUN, "trainer.max_steps=3", "policy=supervised", "loss=jsd", "ev
 TWO_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2", "task.batch_size=4"]
 
 
-def _train(run_dir, *overrides, launcher=()) -> dict:
+def _train(run_dir, *overrides, launcher=(), check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, *launcher, "train.py", f"hydra.run.dir={run_dir}", *COMMON, *overrides]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((run_dir / "results.json").read_text())
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _adapter(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "student" / "adapter" / "adapter_model.safetensors"))
 
 
 @pytest.mark.slow
-def test_ddp_and_fsdp_lora_runs_end_with_the_single_process_adapters(tmp_path):
+def test_ddp_and_fsdp_lora_runs_end_with_the_single_process_adapters_and_fsdp_resumes_exactly(tmp_path):
     _train(tmp_path / "single", "task.batch_size=8")
     _train(tmp_path / "ddp", "trainer=ddp", "strategy=ddp", *TWO_PROCESSES)
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    _train(tmp_path / "fsdp", "trainer=fsdp", "strategy=fsdp", *TWO_PROCESSES, launcher=torchrun)
-    single = load_file(str(tmp_path / "single" / "student" / "adapter" / "adapter_model.safetensors"))
+    fsdp = ["trainer=fsdp", "strategy=fsdp", *TWO_PROCESSES]
+    _train(tmp_path / "fsdp", *fsdp, launcher=torchrun)
+    single = _adapter(tmp_path / "single")
     assert single and all("lora_" in name for name in single)
     assert any(not torch.all(v == 0) for n, v in single.items() if "lora_B" in n)  # the adapters trained
     for strategy in ("ddp", "fsdp"):
-        adapter = load_file(str(tmp_path / strategy / "student" / "adapter" / "adapter_model.safetensors"))
+        adapter = _adapter(tmp_path / strategy)
         assert adapter.keys() == single.keys()
         for name in single:
             torch.testing.assert_close(adapter[name], single[name], rtol=1e-4, atol=1e-5, msg=f"{strategy} {name}")
         merged = load_file(str(tmp_path / strategy / "student" / "model.safetensors"))
         assert not any("lora_" in name for name in merged)
+    # A sharded checkpoint without the frozen base (and teacher) resumes: SIGTERM in step 2, then ckpt_path=last.
+    killed = tmp_path / "fsdp_killed"
+    done = _train(killed, *fsdp, "+callbacks.kill._target_=tests.callbacks.SignalAt", "+callbacks.kill.step=1",
+                  launcher=torchrun, check=False)
+    assert done.returncode != 0 and (killed / "checkpoints" / "last.ckpt").is_dir(), done.stderr[-3000:]
+    _train(killed, *fsdp, "ckpt_path=last", launcher=torchrun)
+    assert json.loads((killed / "results.json").read_text())["steps"] == 3
+    resumed, straight = _adapter(killed), _adapter(tmp_path / "fsdp")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_lora_benchmark_counts_parameters_and_compares_the_same_model(tmp_path):
+    out = tmp_path / "lora.json"
+    cmd = [sys.executable, "benchmarks/bench_lora.py", "--threads", "1", "--layers", "2", "--width", "64", "--heads",
+           "2", "--kv-heads", "1", "--head-dim", "32", "--intermediate", "128", "--vocab", "1024", "--sizes", "2x32",
+           "--steps", "2", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["mode"]: row for row in json.loads(out.read_text())["results"]}
+    assert rows["full"]["trainable"] == rows["full"]["total"] == 139712
+    # r * (in + out) per adapted layer, 2 layers: q 16*(64+64), v 16*(64+32)
+    assert rows["lora_r16_q_v"]["trainable"] == 2 * (2048 + 1536)
+    assert rows["lora_r16_q_v"]["total"] == 139712 + 7168
+    first = {mode: row["losses"][0] for mode, row in rows.items()}
+    assert len(set(first.values())) == 1, first  # B starts at 0: every mode starts from the same model
+    assert all(row["saved_for_backward_bytes"] > 0 and row["steps_peak_bytes"] > 0 for row in rows.values())
+    # dropout on the adapters' input keeps one more copy of each adapted layer's input for backward
+    assert rows["lora_r16_all_linear"]["saved_for_backward_bytes"] > rows["lora_r16_all_linear_no_dropout"][
+        "saved_for_backward_bytes"]

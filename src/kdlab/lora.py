@@ -12,11 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from copy import deepcopy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from transformers import PreTrainedModel
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 ADAPTER_KEY = "lora_"  # every adapter parameter's name holds it (lora_A, lora_B)
 PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the weights of the model it wraps
@@ -56,7 +59,7 @@ def _is_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) or OmegaConf.is_list(value)
 
 
-def lora_config(lora: Mapping[str, Any]):
+def lora_config(lora: Mapping[str, Any]) -> LoraConfig:
     """peft's LoraConfig for `student.lora` (plain LoRA: no DoRA, no rsLoRA, so the merge is W + alpha/r * B A)."""
     from peft import LoraConfig
 
@@ -90,11 +93,6 @@ def has_lora(model: nn.Module) -> bool:
     return any(ADAPTER_KEY in name for name, _ in model.named_parameters())
 
 
-def adapter_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The adapter entries of a state dict (what a LoRA checkpoint keeps of the student)."""
-    return {name: tensor for name, tensor in state.items() if ADAPTER_KEY in name}
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, each shared tensor once."""
     unique = {id(p): p for p in model.parameters()}.values()
@@ -110,16 +108,15 @@ def export_lora(model: PreTrainedModel, state: Mapping[str, Tensor], directory: 
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    copy = _fresh_copy(model, state)
-    config = copy.peft_config["default"]
+    fresh = _fresh_copy(model, state)
+    config = fresh.peft_config["default"]
     adapter_dir = Path(directory) / "adapter"
-    config.base_model_name_or_path = str(getattr(model.config, "_name_or_path", "") or "") or None
+    config.base_model_name_or_path = model.config._name_or_path or None  # a hub name or folder; None: built
     config.save_pretrained(str(adapter_dir))
-    adapter = get_peft_model_state_dict(copy, adapter_name="default")
+    adapter = get_peft_model_state_dict(fresh, adapter_name="default")
     weights = {PEFT_PREFIX + name: tensor.contiguous() for name, tensor in adapter.items()}
     save_file(weights, str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    merged = merge_adapters(copy)
-    merged.save_pretrained(str(directory))
+    merge_adapters(fresh).save_pretrained(str(directory))
 
 
 def _fresh_copy(model: PreTrainedModel, state: Mapping[str, Tensor]) -> PreTrainedModel:
@@ -128,21 +125,26 @@ def _fresh_copy(model: PreTrainedModel, state: Mapping[str, Tensor]) -> PreTrain
     from torch.distributed.fsdp import FSDPModule
 
     cls = next(c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule))
-    copy = cls(model.config).to(model.dtype)
-    copy.generation_config = model.generation_config
-    copy = inject_adapter_in_model(deepcopy(model.peft_config["default"]), copy)
-    missing, unexpected = copy.load_state_dict(dict(state), strict=False)
-    tied = {name for name in missing if _is_tied(copy, name)}
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"LoRA export: state dict does not fit the student (missing {sorted(set(missing) - tied)}, "
+    fresh = cls(model.config).to(model.dtype)
+    fresh.generation_config = model.generation_config
+    fresh = inject_adapter_in_model(deepcopy(model.peft_config["default"]), fresh)
+    missing, unexpected = fresh.load_state_dict(dict(state), strict=False)
+    missing = set(missing) - _tied_names(fresh)  # a tied output layer is saved once, under the embedding's name
+    if unexpected or missing:
+        raise RuntimeError(f"LoRA export: the state dict does not fit the student (missing {sorted(missing)}, "
                            f"unexpected {sorted(unexpected)})")
-    return copy
+    return fresh
 
 
-def _is_tied(model: nn.Module, name: str) -> bool:
-    """Whether parameter `name` is the same tensor as another parameter (a tied output layer)."""
-    target = model.get_parameter(name)
-    return any(p is target for n, p in model.named_parameters(remove_duplicate=False) if n != name)
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names of parameters that are the same tensor as a parameter named before them (tied weights)."""
+    seen: set[int] = set()
+    tied = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            tied.add(name)
+        seen.add(id(parameter))
+    return tied
 
 
 def merge_adapters(model: PreTrainedModel) -> PreTrainedModel:

@@ -165,6 +165,24 @@ def test_compiled_sampling_on_a_lora_student_draws_what_generate_draws():
     assert torch.equal(tokens, compiled_tokens) and torch.equal(mask, compiled_mask)
 
 
+def test_gradient_checkpointing_on_a_lora_student_gives_the_same_adapter_gradients():
+    no_dropout = [*LORA, "student.lora.dropout=0.0"]
+    plain, tokenizer = _student(no_dropout)
+    checkpointed, _ = _student([*no_dropout, "student.gradient_checkpointing=true"])
+    assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.modules())
+    prompt = torch.randint(3, len(tokenizer), (2, 6))
+    target = torch.randint(3, len(tokenizer), (2, 5))
+    batch = (prompt, torch.ones_like(prompt, dtype=torch.bool), target, torch.ones_like(target, dtype=torch.bool))
+    for model in (plain, checkpointed):
+        _perturb_adapters(model)
+        score_targets(model.train(), *batch).logsumexp(-1).mean().backward()
+    grads = {n: p.grad for n, p in checkpointed.named_parameters() if p.grad is not None}
+    assert set(grads) == {n for n, p in plain.named_parameters() if p.requires_grad}
+    for name, parameter in plain.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(grads[name], parameter.grad, rtol=0, atol=1e-6, msg=name)
+
+
 @pytest.fixture
 def one_process_mesh():
     import os

@@ -38,9 +38,11 @@ from kdlab.losses.divergences import (
 
 log = logging.getLogger(__name__)
 
-# At most this many (row, vocab) entries per chunk. Larger than the logit-level losses' budget: each chunk also runs
-# a matmul that reads the whole output weight, so fewer, taller chunks read it fewer times (64 rows at V = 262,144).
-FUSED_CHUNK_ELEMENTS = 2**24
+# At most this many (row, vocab) entries per chunk (220 rows at V = 151,936, 128 at 262,144). Far above the
+# logit-level losses' budget: each chunk runs three matmuls that read the whole output weight (and its gradient), so
+# short chunks re-read it often. Measured at V = 151,936, H = 1,024, 256 rows, one thread: 16 rows per chunk 31 s,
+# 64 rows 21 s, 256 rows 15.6 s (forward + backward of JSD). A chunk costs about five (rows, V) float32 temporaries.
+FUSED_CHUNK_ELEMENTS = 2**25
 FUSED_CHUNK_ELEMENTS_ACCELERATOR = 2**26
 # config keys with which Hugging Face models rescale their logits after the output layer: not a plain linear map
 _LOGIT_SCALES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
@@ -200,14 +202,14 @@ def _grad_buffer(t: Tensor | None, needed: bool) -> Tensor | None:
 class _FusedOutputLoss(torch.autograd.Function):
     """sum_rows w_row loss_row over the student's output layer applied chunk by chunk; gradients built in forward.
 
-    Forward keeps d(sum)/d(hidden, weight, bias) (shapes of the inputs: (N, H), (V, H), (V,)); backward multiplies
-    them by the incoming gradient in place, so it runs once per forward (as in every training step)."""
+    Forward keeps d(sum)/d(hidden, weight, bias) (shapes of the inputs: (N, H), (V, H), (V,)) and nothing else;
+    backward multiplies them by the incoming gradient in place and gives them away, so it runs once per forward (as
+    in every training step)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, row_weights: Tensor, softcap: float | None,
                 vocab: int | None, target: ChunkTarget, rows: int) -> Tensor:
-        layer = OutputLayer(weight, bias, softcap, vocab)
-        v, dtype = layer.columns, row_weights.dtype
+        layer, dtype = OutputLayer(weight, bias, softcap, vocab), row_weights.dtype
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w, grad_b = _grad_buffer(weight, ctx.needs_input_grad[1]), _grad_buffer(bias, ctx.needs_input_grad[2])
         scored = row_weights.nonzero().squeeze(1)  # unscored rows (padding, prompts) cost nothing
@@ -223,28 +225,22 @@ class _FusedOutputLoss(torch.autograd.Function):
             total += (loss * w).sum()
             g = g.mul_(w[:, None]) if dcap is None else g.mul_(w[:, None]).mul_(dcap)
             del dcap
-            if grad_b is not None:
-                grad_b[:v] += g.sum(dim=0)
-            if grad_w is not None:  # in place: g.T @ h would be a (V, H) temporary per chunk
-                g = g.to(grad_w.dtype)
-                grad_w[:v].addmm_(g.T, h.to(grad_w.dtype))
-            if grad_h is not None:
-                grad_h[index] = (g.to(weight.dtype) @ weight[:v]).to(grad_h.dtype)
-        # saved (not ctx attributes) so that saved_tensors_hooks see everything backward keeps
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
-        ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
+            _accumulate(g, h, weight, index, grad_h, grad_w, grad_b)
+        # ctx attributes, not save_for_backward: backward hands the buffers on and drops its own reference, so
+        # autograd moves them into .grad instead of copying a (V, H) weight gradient
+        ctx.grads = [grad_h, grad_w, grad_b]
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.used = False
         return total
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        if ctx.used:
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
             raise RuntimeError("kdlab's fused output-layer loss gradient was already used: backward runs once per "
                                "forward")
-        ctx.used = True
-        grads = [g.mul_(grad_output.to(g.dtype)).to(dtype) if present else None
-                 for g, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes)]
+        for i, dtype in enumerate(ctx.dtypes):
+            if grads[i] is not None:
+                grads[i] = grads[i].mul_(grad_output.to(grads[i].dtype)).to(dtype)
         return (*grads, None, None, None, None, None)
 
 
@@ -355,3 +351,149 @@ def fused_cross_entropy(hidden: Tensor, layer: OutputLayer, labels: Tensor, mask
         raise ValueError(f"labels shape {tuple(labels.shape)} must be {tuple(hidden.shape[:-1])}")
     return fused_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), layer, labels.reshape(-1), weights,
                                    chunk_size=chunk_size)
+
+
+def _uld_row_loss(log_q: Tensor, log_p: Tensor) -> Tensor:
+    """Per row: sum_i |sort(p)_i - sort(q)_i|, the smaller vocabulary zero-padded (ULD, Boizard et al. 2024)."""
+    p = log_p.exp().sort(-1, descending=True).values
+    q = log_q.exp().sort(-1, descending=True).values
+    shared = min(p.shape[-1], q.shape[-1])
+    return (p[:, :shared] - q[:, :shared]).abs().sum(-1) + p[:, shared:].sum(-1) + q[:, shared:].sum(-1)
+
+
+def fused_universal_logit_distillation(student_hidden: Tensor, student_layer: OutputLayer, teacher_hidden: Tensor,
+                                       teacher_layer: OutputLayer, student_mask: Tensor, teacher_mask: Tensor, *,
+                                       temperature: float = 1.0, chunk_size: int | None = None) -> dict[str, Tensor]:
+    """kdlab.losses.cross_tokenizer.universal_logit_distillation on the logits both layers would give, fused.
+
+    student_hidden (B, Ts, Hs) and teacher_hidden (B, Tt, Ht), each with its own response mask and vocabulary;
+    position t of one is matched with position t of the other up to the shorter response. Per sequence the mean
+    over matched positions, then the mean over sequences: row weight = matched / count(sequence) / B. ULD's sort
+    has no closed-form gradient worth writing, so each chunk's gradient is autograd's on that chunk alone."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    length = torch.minimum(student_mask.sum(-1), teacher_mask.sum(-1))
+    width = min(student_mask.shape[1], teacher_mask.shape[1])
+    matched = torch.arange(width, device=length.device)[None, :] < length[:, None]
+    dtype = _compute_dtype(student_hidden, student_layer.weight, teacher_hidden, teacher_layer.weight)
+    weights = matched.to(dtype) / (matched.sum(-1, keepdim=True).clamp(min=1) * max(matched.shape[0], 1))
+    hs = student_hidden[:, :width].reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden[:, :width].detach().reshape(-1, teacher_hidden.shape[-1])
+
+    def target(index: Any, logits: Tensor) -> tuple[Tensor, Tensor]:
+        log_p = _log_softmax_(_layer_chunk(ht[index], teacher_layer, dtype)[0], temperature)
+        with torch.enable_grad():
+            x = logits.requires_grad_()
+            loss = _uld_row_loss(F.log_softmax(x / temperature, dim=-1), log_p)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+        return loss.detach(), grad
+
+    return {"uld": _apply(hs, student_layer, weights.reshape(-1), target, chunk_size)}
+
+
+def _ranking(hidden: Tensor, layer: OutputLayer, weight: Tensor, owner: Tensor, groups: int, k: int,
+             temperatures: tuple[float, ...], rows: int) -> tuple[Tensor, Tensor]:
+    """First pass: per row and temperature the log-normaliser (nT, N); per group the top-k columns of its masked
+    probabilities' column sums, broadcast to its rows (nT, N, k)."""
+    dtype = weight.dtype
+    lse = torch.empty(len(temperatures), hidden.shape[0], dtype=dtype, device=hidden.device)
+    column_sums = torch.zeros(len(temperatures), groups, layer.columns, dtype=dtype, device=hidden.device)
+    for start in range(0, hidden.shape[0], rows):
+        part = slice(start, start + rows)
+        z, _ = _layer_chunk(hidden[part], layer, dtype)
+        for i, temperature in enumerate(temperatures):
+            x = z / temperature
+            lse[i, part] = torch.logsumexp(x, dim=-1)
+            column_sums[i].index_add_(0, owner[part], x.sub_(lse[i, part, None]).exp_().mul_(weight[part, None]))
+    return lse, column_sums.topk(k, dim=-1).indices[:, owner]
+
+
+def _selected_logits(hidden: Tensor, layer: OutputLayer, index: Tensor, dtype: torch.dtype) -> Tensor:
+    """logits at the chosen columns only, (rows, k): h . W[c] + b[c], soft-capped; no (rows, V) tensor."""
+    z = torch.einsum("nh,nkh->nk", hidden, layer.weight[index]).to(dtype)
+    if layer.bias is not None:
+        z = z + layer.bias[index].to(dtype)
+    return z if layer.softcap is None else torch.tanh(z / layer.softcap) * layer.softcap
+
+
+class _FusedRankedTopK(torch.autograd.Function):
+    """kdlab.losses.cross_tokenizer's ranked top-k probabilities from hidden states and the output layer.
+
+    Forward: a first pass over chunks of rows for each row's normaliser and each sequence's column sums, then each
+    row's probabilities at its sequence's top-k columns from those k columns of the weight alone. Backward recomputes
+    each chunk's logits (nothing (N, V) is kept), forms d/d logits = sum_T (mask / T)(scatter(g q~) - q <g, q~>),
+    chains the soft-cap, and accumulates the hidden states', weight's and bias's gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor, softcap: float | None,
+                vocab: int | None, k: int, temperatures: tuple[float, ...], rows: int, per_batch: bool):
+        layer = OutputLayer(weight, bias, softcap, vocab)
+        batch, positions = mask.shape
+        dtype = _compute_dtype(hidden, weight)
+        row_weight = mask.reshape(-1).to(dtype)
+        groups = 1 if per_batch else batch
+        owner = torch.arange(groups, device=hidden.device).repeat_interleave(positions * (batch // groups))
+        lse, index = _ranking(hidden, layer, row_weight, owner, groups, k, temperatures, rows)
+        tops = []
+        for i, temperature in enumerate(temperatures):
+            top = torch.empty(hidden.shape[0], k, dtype=dtype, device=hidden.device)
+            for start in range(0, hidden.shape[0], rows):
+                part = slice(start, start + rows)
+                z = _selected_logits(hidden[part], layer, index[i, part], dtype)
+                top[part] = (z / temperature - lse[i, part, None]).exp() * row_weight[part, None]
+            tops.append(top)
+        ctx.save_for_backward(hidden, weight, bias, row_weight, lse, index, *tops)
+        ctx.settings = (softcap, vocab, temperatures, rows)
+        return tuple(top.view(batch, positions, k) for top in tops)
+
+    @staticmethod
+    def backward(ctx, *grad_tops: Tensor):
+        hidden, weight, bias, row_weight, lse, index, *tops = ctx.saved_tensors
+        softcap, vocab, temperatures, rows = ctx.settings
+        layer, dtype = OutputLayer(weight, bias, softcap, vocab), row_weight.dtype
+        gqs = [torch.zeros_like(top) if g is None else g.reshape(top.shape).to(dtype) * top
+               for g, top in zip(grad_tops, tops)]
+        inners = [gq.sum(dim=-1) for gq in gqs]  # <g, q~> per row
+        grad_h, grad_w, grad_b = torch.zeros_like(hidden), _grad_buffer(weight, True), _grad_buffer(bias, True)
+        for start in range(0, hidden.shape[0], rows):
+            part = slice(start, start + rows)
+            z, dcap = _layer_chunk(hidden[part], layer, dtype)
+            g = torch.zeros_like(z)
+            for i, temperature in enumerate(temperatures):
+                q = (z / temperature).sub_(lse[i, part, None]).exp_()
+                g += q.mul_(-inners[i][part, None]).scatter_add_(1, index[i, part], gqs[i][part]).div_(temperature)
+            g.mul_(row_weight[part, None])
+            _accumulate(g if dcap is None else g.mul_(dcap), hidden[part], weight, part, grad_h, grad_w, grad_b)
+        grads = [grad_h, grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(bias.dtype)]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _accumulate(g: Tensor, h: Tensor, weight: Tensor, index: Any, grad_h: Tensor | None, grad_w: Tensor | None,
+                grad_b: Tensor | None) -> None:
+    """Chain d loss / d logits (rows, V) of a chunk into the hidden states', weight's and bias's gradients."""
+    v = g.shape[1]
+    if grad_b is not None:
+        grad_b[:v] += g.sum(dim=0)
+    if grad_w is not None:  # in place: g.T @ h would be a (V, H) temporary per chunk
+        g = g.to(grad_w.dtype)
+        grad_w[:v].addmm_(g.T, h.to(grad_w.dtype))
+    if grad_h is not None:
+        grad_h[index] = (g.to(weight.dtype) @ weight[:v]).to(grad_h.dtype)
+
+
+def fused_ranked_topk_probs_at(hidden: Tensor, layer: OutputLayer, mask: Tensor, k: int,
+                               temperatures: tuple[float, ...], per_batch: bool = False,
+                               chunk_size: int | None = None) -> tuple[Tensor, ...]:
+    """kdlab.losses.cross_tokenizer.ranked_topk_probs_at(layer.logits(hidden), mask, k, temperatures, per_batch),
+    without (B, T, V) logits: hidden (B, T, H), mask (B, T) -> one (B, T, k) tensor per temperature, each
+    sequence's probabilities on its k most used vocabulary entries (MultiLevelOT's t^k, s^k)."""
+    if hidden.dim() != 3 or tuple(mask.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"hidden (B, T, H) and mask (B, T) expected, got {tuple(hidden.shape)}, {tuple(mask.shape)}")
+    k = min(k, layer.columns)
+    rows = _rows(chunk_size, layer.columns * len(temperatures), hidden.device)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    args = (layer.softcap, layer.vocab, k, tuple(temperatures), rows, per_batch)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or layer.weight.requires_grad)):
+        with torch.no_grad():
+            return _FusedRankedTopK.apply(flat, layer.weight, layer.bias, mask.bool(), *args)
+    return _FusedRankedTopK.apply(flat, layer.weight, layer.bias, mask.bool(), *args)

@@ -335,3 +335,24 @@ def test_ranked_topk_equals_logits_path_at_two_temperatures(per_batch: bool) -> 
         _assert_close(a, b.to(a.dtype), 1e-6)  # today's path computes in float32
     for a, b in zip(_grads(value(ours), student, hs), _grads(value(ref), student, hs)):
         _assert_close(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("case", ["fkl", "jsd", "tvd", "ce"])
+def test_loss_slices_inside_a_matmul_chunk(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A matmul chunk of 5 rows whose loss runs 2 rows at a time (the cache-sized slices) gives today's values."""
+    import kdlab.losses.divergences as divergences
+
+    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 2 * 11)  # 2 rows of the 11-column vocabulary per slice
+    student, teacher = _layers(torch.float64)
+    hs, ht, mask = _hidden(torch.float64)
+    if case == "ce":
+        labels = torch.randint(0, 11, mask.shape, generator=torch.Generator().manual_seed(2))
+        ref = cross_entropy(student.logits(hs), labels, mask)
+        ours = fused_cross_entropy(hs, student, labels, mask, chunk_size=5)
+    else:
+        name, params, reference = CASES[case]
+        ref = reference(student.logits(hs), teacher.logits(ht), mask, temperature=0.7)
+        ours = fused_divergence(name, hs, student, ht, teacher, mask, temperature=0.7, chunk_size=5, **params)
+    _assert_close(ours, ref, 1e-10)
+    for a, b in zip(_grads(ours, student, hs), _grads(ref, student, hs)):
+        _assert_close(a, b, 1e-10)

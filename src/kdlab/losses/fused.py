@@ -34,6 +34,7 @@ from kdlab.losses.divergences import (
     _jsd_and_grad,
     _reverse_kl_and_grad,
     _row_weights,
+    _rows_per_chunk,
 )
 
 log = logging.getLogger(__name__)
@@ -170,19 +171,28 @@ def loss_and_grad_of(name: str, beta: float = 0.5, alpha: float = 0.1) -> LossAn
     return known[name]()
 
 
-# (indices of the chunk's rows, student logits of the chunk in the compute dtype) -> (per-row loss, d loss / d logits)
-ChunkTarget = Callable[[Any, Tensor], tuple[Tensor, Tensor]]
+# A loss seen from one chunk of rows: given the chunk's row index (what the targets of those rows need, e.g. the
+# teacher's logits of the chunk, is computed once here), a function of (slice of rows within the chunk, student
+# logits of those rows in the compute dtype, which it may overwrite) -> (per-row loss, d loss / d those logits)
+ChunkTarget = Callable[[Any], Callable[[slice, Tensor], tuple[Tensor, Tensor]]]
 
 
-def _layer_chunk(hidden: Tensor, layer: OutputLayer, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """(logits (rows, vocab) in `dtype`, d logits / d z or None): z = hidden @ W.T + b, then the soft-cap."""
+def _layer_chunk(hidden: Tensor, layer: OutputLayer, dtype: torch.dtype, cap: bool = True
+                 ) -> tuple[Tensor, Tensor | None]:
+    """(logits (rows, vocab) in `dtype`, d logits / d z or None): z = hidden @ W.T + b, then the soft-cap (unless
+    cap=False: then z itself and None)."""
     v = layer.columns
     z = F.linear(hidden, layer.weight[:v], None if layer.bias is None else layer.bias[:v]).to(dtype)
-    if layer.softcap is None:
+    return _softcap_(z, layer.softcap) if cap else (z, None)
+
+
+def _softcap_(z: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
+    """(c tanh(z / c) written over z, its derivative 1 - tanh^2 (a new tensor)), or (z, None) without a cap."""
+    if softcap is None:
         return z, None
-    t = z.div_(layer.softcap).tanh_()
-    dcap = 1.0 - t * t  # d (c tanh(z / c)) / dz
-    return t.mul_(layer.softcap), dcap
+    t = z.div_(softcap).tanh_()
+    dcap = 1.0 - t * t
+    return t.mul_(softcap), dcap
 
 
 def _log_softmax_(logits: Tensor, temperature: float) -> Tensor:
@@ -202,13 +212,17 @@ def _grad_buffer(t: Tensor | None, needed: bool) -> Tensor | None:
 class _FusedOutputLoss(torch.autograd.Function):
     """sum_rows w_row loss_row over the student's output layer applied chunk by chunk; gradients built in forward.
 
+    A chunk's matmuls run on `rows` rows (tall, so the weight is read few times); its loss runs on slices of
+    `loss_rows` rows (cache-sized), each writing its gradient over its own logits, so a chunk costs the student's
+    and the target's (rows, V) buffers and a slice's temporaries.
+
     Forward keeps d(sum)/d(hidden, weight, bias) (shapes of the inputs: (N, H), (V, H), (V,)) and nothing else;
     backward multiplies them by the incoming gradient in place and gives them away, so it runs once per forward (as
     in every training step)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, row_weights: Tensor, softcap: float | None,
-                vocab: int | None, target: ChunkTarget, rows: int) -> Tensor:
+                vocab: int | None, target: ChunkTarget, rows: int, loss_rows: int) -> Tensor:
         layer, dtype = OutputLayer(weight, bias, softcap, vocab), row_weights.dtype
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w, grad_b = _grad_buffer(weight, ctx.needs_input_grad[1]), _grad_buffer(bias, ctx.needs_input_grad[2])
@@ -217,14 +231,16 @@ class _FusedOutputLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=dtype, device=hidden.device)
         for start in range(0, scored.numel(), rows):
             index = slice(start, start + rows) if every_row else scored[start: start + rows]
-            h = hidden[index]
-            logits, dcap = _layer_chunk(h, layer, dtype)
-            loss, g = target(index, logits)  # consumes logits (in place)
-            del logits
-            w = row_weights[index]
-            total += (loss * w).sum()
-            g = g.mul_(w[:, None]) if dcap is None else g.mul_(w[:, None]).mul_(dcap)
-            del dcap
+            h, w = hidden[index], row_weights[index]
+            g, _ = _layer_chunk(h, layer, dtype, cap=False)  # becomes the gradient, slice by slice
+            part = target(index)
+            for sub in (slice(i, i + loss_rows) for i in range(0, g.shape[0], loss_rows)):
+                logits, dcap = _softcap_(g[sub], softcap)
+                loss, grad = part(sub, logits)
+                total += (loss * w[sub]).sum()
+                grad = grad.mul_(w[sub, None]) if dcap is None else grad.mul_(w[sub, None]).mul_(dcap)
+                g[sub] = grad  # a no-op copy where the loss already wrote its gradient over the logits
+            del part
             _accumulate(g, h, weight, index, grad_h, grad_w, grad_b)
         # ctx attributes, not save_for_backward: backward hands the buffers on and drops its own reference, so
         # autograd moves them into .grad instead of copying a (V, H) weight gradient
@@ -241,7 +257,7 @@ class _FusedOutputLoss(torch.autograd.Function):
         for i, dtype in enumerate(ctx.dtypes):
             if grads[i] is not None:
                 grads[i] = grads[i].mul_(grad_output.to(grads[i].dtype)).to(dtype)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _rows(chunk_size: int | None, vocab: int, device: torch.device) -> int:
@@ -262,8 +278,9 @@ def _apply(hidden: Tensor, layer: OutputLayer, row_weights: Tensor, target: Chun
     if tuple(row_weights.shape) != (hidden.shape[0],):
         raise ValueError(f"row_weights must be ({hidden.shape[0]},), got {tuple(row_weights.shape)}")
     rows = _rows(chunk_size, layer.columns, hidden.device)
+    loss_rows = _rows_per_chunk(rows, layer.columns, hidden.device)
     return _FusedOutputLoss.apply(hidden, layer.weight, layer.bias, row_weights, layer.softcap, layer.vocab, target,
-                                  rows)
+                                  rows, loss_rows)
 
 
 def fused_divergence_sum(loss: str | LossAndGrad, student_hidden: Tensor, student_layer: OutputLayer,
@@ -287,11 +304,15 @@ def fused_divergence_sum(loss: str | LossAndGrad, student_hidden: Tensor, studen
     dtype = row_weights.dtype
     teacher_hidden = teacher_hidden.detach()  # read, never differentiated (forward runs without autograd)
 
-    def target(index: Any, student_logits: Tensor) -> tuple[Tensor, Tensor]:
-        log_q = _log_softmax_(student_logits, temperature)
-        log_p = _log_softmax_(_layer_chunk(teacher_hidden[index], teacher_layer, dtype)[0], temperature)
-        value, grad = loss_and_grad(log_q, log_p)
-        return value, grad if temperature == 1.0 else grad.div_(temperature)
+    def target(index: Any) -> Callable[[slice, Tensor], tuple[Tensor, Tensor]]:
+        teacher_logits = _layer_chunk(teacher_hidden[index], teacher_layer, dtype)[0]
+
+        def part(sub: slice, student_logits: Tensor) -> tuple[Tensor, Tensor]:
+            log_q = _log_softmax_(student_logits, temperature)
+            value, grad = loss_and_grad(log_q, _log_softmax_(teacher_logits[sub], temperature))
+            return value, grad if temperature == 1.0 else grad.div_(temperature)
+
+        return part
 
     return _apply(student_hidden, student_layer, row_weights, target, chunk_size)
 
@@ -330,13 +351,18 @@ def fused_cross_entropy_sum(hidden: Tensor, layer: OutputLayer, labels: Tensor, 
     if tuple(labels.shape) != (hidden.shape[0],):
         raise ValueError(f"labels must be ({hidden.shape[0]},), got {tuple(labels.shape)}")
 
-    def target(index: Any, logits: Tensor) -> tuple[Tensor, Tensor]:
-        y = labels[index]
-        log_q = _log_softmax_(logits, 1.0)
-        loss = -log_q.gather(1, y[:, None]).squeeze(1)
-        grad = log_q.exp_()
-        grad[torch.arange(grad.shape[0], device=grad.device), y] -= 1.0
-        return loss, grad
+    def target(index: Any) -> Callable[[slice, Tensor], tuple[Tensor, Tensor]]:
+        chunk_labels = labels[index]
+
+        def part(sub: slice, logits: Tensor) -> tuple[Tensor, Tensor]:
+            y = chunk_labels[sub]
+            log_q = _log_softmax_(logits, 1.0)
+            loss = -log_q.gather(1, y[:, None]).squeeze(1)
+            grad = log_q.exp_()
+            grad[torch.arange(grad.shape[0], device=grad.device), y] -= 1.0
+            return loss, grad
+
+        return part
 
     return _apply(hidden, layer, row_weights, target, chunk_size)
 
@@ -380,13 +406,17 @@ def fused_universal_logit_distillation(student_hidden: Tensor, student_layer: Ou
     hs = student_hidden[:, :width].reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden[:, :width].detach().reshape(-1, teacher_hidden.shape[-1])
 
-    def target(index: Any, logits: Tensor) -> tuple[Tensor, Tensor]:
+    def target(index: Any) -> Callable[[slice, Tensor], tuple[Tensor, Tensor]]:
         log_p = _log_softmax_(_layer_chunk(ht[index], teacher_layer, dtype)[0], temperature)
-        with torch.enable_grad():
-            x = logits.requires_grad_()
-            loss = _uld_row_loss(F.log_softmax(x / temperature, dim=-1), log_p)
-            (grad,) = torch.autograd.grad(loss.sum(), x)
-        return loss.detach(), grad
+
+        def part(sub: slice, logits: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.enable_grad():
+                x = logits.detach().requires_grad_()
+                loss = _uld_row_loss(F.log_softmax(x / temperature, dim=-1), log_p[sub])
+                (grad,) = torch.autograd.grad(loss.sum(), x)
+            return loss.detach(), grad
+
+        return part
 
     return {"uld": _apply(hs, student_layer, weights.reshape(-1), target, chunk_size)}
 

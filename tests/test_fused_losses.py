@@ -356,3 +356,24 @@ def test_loss_slices_inside_a_matmul_chunk(case: str, monkeypatch: pytest.Monkey
     _assert_close(ours, ref, 1e-10)
     for a, b in zip(_grads(ours, student, hs), _grads(ref, student, hs)):
         _assert_close(a, b, 1e-10)
+
+
+@pytest.mark.slow
+def test_fused_benchmark_runs_and_its_implementations_agree(tmp_path) -> None:
+    """benchmarks/bench_fused.py at a tiny size: fused, today's path (and TRL's when installed) give one value
+    (slow: a fresh process per implementation for its memory; 2 minutes on a loaded 2-core machine)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "fused.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks/bench_fused.py"), "--out", str(out), "--repeats", "1",
+                           "--threads", "1", "--vocab", "300", "--hidden", "16", "--sizes", "2x8", "4x64",
+                           "--max-tflop", "1e-6"], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [(c["batch"], c["positions"]) for c in result["cases"]] == [(2, 8)]
+    assert result["skipped"] == ["V=300 H=16 4x64: 0.0 TFLOP per call, over --max-tflop"]
+    case = result["cases"][0]
+    assert case["value_max_abs_diff"] < 1e-6 and max(case["grad_max_abs_diff"].values()) < 1e-6
+    assert set(case["peak_bytes"]) == set(result["impls"]) >= {"fused", "logits"}
+    assert all(case["times"][impl]["n"] == 2 for impl in result["impls"])

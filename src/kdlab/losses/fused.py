@@ -11,7 +11,11 @@ gradient (it is frozen in every training step).
 The values and gradients are those of today's path (logits = the model's head on the hidden states, then the
 kdlab.losses function on the logits): same per-row formulas, same float32 (or float64) compute dtype, same row
 weights for each reduction. The memory the loss needs on top of its inputs is one chunk of each side's logits and
-its temporaries, plus the gradients themselves (hidden states (N, H), weight (V, H)), which any implementation needs.
+a cache-sized slice's temporaries, plus the gradients themselves (hidden states (N, H), weight (V, H)), which any
+implementation needs (docs/benchmarks.md section 6). ULD and MultiLevelOT's ranked top-k probabilities are here too:
+ULD row by row like the divergences; the ranking in two passes over chunks (column sums, then the top-k columns).
+
+Standalone functions: the training step does not call them yet (`loss.fused` is not wired in).
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ log = logging.getLogger(__name__)
 
 # At most this many (row, vocab) entries per chunk (220 rows at V = 151,936, 128 at 262,144). Far above the
 # logit-level losses' budget: each chunk runs three matmuls that read the whole output weight (and its gradient), so
-# short chunks re-read it often. Measured at V = 151,936, H = 1,024, 256 rows, one thread: 16 rows per chunk 31 s,
-# 64 rows 21 s, 256 rows 15.6 s (forward + backward of JSD). A chunk costs about five (rows, V) float32 temporaries.
+# short chunks re-read it often. Measured at V = 151,936, H = 1,024, 256 rows, one thread (before the loss ran in
+# slices): 16 rows per chunk 31 s, 64 rows 21 s, 256 rows 15.6 s (forward + backward of JSD). A chunk costs two
+# (rows, V) buffers of the compute dtype (the student's logits, then their gradient; the teacher's logits).
 FUSED_CHUNK_ELEMENTS = 2**25
 FUSED_CHUNK_ELEMENTS_ACCELERATOR = 2**26
 # config keys with which Hugging Face models rescale their logits after the output layer: not a plain linear map

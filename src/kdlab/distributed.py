@@ -74,6 +74,27 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._tensor_parallel_size = 1
         super().setup_environment()
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's sharded load, with the model's entries allowed to be partial: checkpoints leave out the frozen
+        teacher and a LoRA student's base (`DistillationModule.on_save_checkpoint`, rebuilt from their configs), and
+        a strict load would ask for them. The optimizer's entries must all be there."""
+        from lightning.fabric.strategies import model_parallel
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+        from torch.distributed.checkpoint import load as load_sharded
+
+        strict_load = model_parallel._distributed_checkpoint_load
+
+        def load(state: dict[str, Any], path: Any) -> None:
+            if set(state) != {"state_dict"}:
+                return strict_load(state, path)
+            load_sharded(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+
+        model_parallel._distributed_checkpoint_load = load
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        finally:
+            model_parallel._distributed_checkpoint_load = strict_load
+
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks, found by the class names Hugging Face lists in `_no_split_modules`."""

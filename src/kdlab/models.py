@@ -40,6 +40,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from kdlab.lora import add_lora, lora_enabled
+
 # Architectures a preset can build from config with random weights (tests, ablations, `teacher=tiny_opt`): one per
 # family of the papers' models (GKD: T5; MultiLevelOT: Llama, Mistral, Qwen2 teachers, OPT, Pythia, BLOOM students),
 # and of the pairs distilled today (Qwen3; Gemma 3's text model; Llama 3.x and SmolLM2 are `llama`).
@@ -123,7 +125,8 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
     Pretrained: `dtype`, `attn_implementation` (sdpa, eager, flash_attention_2), `revision` and `trust_remote_code`
     (default false) go to `from_pretrained`. Random init draws from torch's global RNG, so the run seed fixes it.
     `gradient_checkpointing: true` recomputes each transformer block in backward instead of keeping its activations
-    (in train mode only; it changes no value).
+    (in train mode only; it changes no value). `lora: {r, alpha, dropout, target_modules}` trains low-rank adapters
+    only, on a frozen base (kdlab.lora).
     """
     dtype_name = model_cfg.get("dtype", "float32")
     if dtype_name not in DTYPES:
@@ -143,6 +146,8 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
             model = _from_pretrained(loader, source, "model", **kwargs)
     else:
         model = _build(model_cfg, tokenizer, dtype)
+    if lora_enabled(model_cfg.get("lora")):  # adapters on a frozen base
+        model = add_lora(model, model_cfg["lora"])
     if model_cfg.get("gradient_checkpointing", False):
         enable_activation_checkpointing(model)
     return model

@@ -30,6 +30,7 @@ from kdlab.data.datamodule import split_rows
 from kdlab.data.tasks import Task
 from kdlab.distributed import FSDP2Strategy, any_rank, full_state_dict, is_sharded, shard_model, world_size
 from kdlab.generation import SamplingSettings, generate_targets
+from kdlab.lora import ADAPTER_KEY, export_lora, has_lora
 from kdlab.losses.normalisation import NONE, SEQUENCES, TOKENS, normalised, unit_counts
 from kdlab.losses.objective import Objective
 from kdlab.policy import STUDENT, DataPolicy
@@ -39,6 +40,7 @@ from kdlab.rewards import RewardTerm, leave_one_out_advantages, policy_gradient_
 from kdlab.scoring import score_targets
 
 TEACHER_PREFIX = "teacher."
+STUDENT_PREFIX = "student."
 
 # Lightning warns when submodules are in eval mode as training starts; the frozen teacher is, by design.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
@@ -382,8 +384,13 @@ class DistillationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints leave out the teacher, and a LoRA student's frozen base: both are rebuilt from their configs
+        on resume (`strict_loading` is off), so a checkpoint holds what training changed (for LoRA, the adapters),
+        the optimizer, the scheduler and the loop's counters: a resume is exact."""
+        lora = has_lora(self.student)
         checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(TEACHER_PREFIX)
+            k: v for k, v in checkpoint["state_dict"].items()
+            if not k.startswith(TEACHER_PREFIX) and (not lora or not k.startswith(STUDENT_PREFIX) or ADAPTER_KEY in k)
         }
         checkpoint["kdlab_policy_counts"] = (self._onpolicy_steps, self._policy_steps)
 
@@ -391,18 +398,22 @@ class DistillationModule(L.LightningModule):
         self._onpolicy_steps, self._policy_steps = checkpoint.get("kdlab_policy_counts", (0, 0))
 
     def export_student(self, directory: str) -> None:
-        """The student alone, in Hugging Face format with its tokenizer (loadable with `from_pretrained`).
+        """The student alone, in Hugging Face format with its tokenizer (loadable with `from_pretrained`). A LoRA
+        student writes the merged model there and its adapter in `directory/adapter` (kdlab.lora.export_lora).
 
         Every process calls it: a sharded student is first gathered whole (a collective), then rank 0 writes it."""
         state = full_state_dict(self.student) if is_sharded(self.student) else None
         if self.global_rank != 0:
             return
-        size = sum(p.numel() * p.element_size() for p in self.student.parameters())
-        with quiet_weight_bars(size):  # a one-shard bar for a small student says nothing
-            if state is None:
-                self.student.save_pretrained(directory)
-            else:
-                self.student.save_pretrained(directory, state_dict=state)
+        if has_lora(self.student):
+            export_lora(self.student, state if state is not None else self.student.state_dict(), directory)
+        else:
+            size = sum(p.numel() * p.element_size() for p in self.student.parameters())
+            with quiet_weight_bars(size):  # a one-shard bar for a small student says nothing
+                if state is None:
+                    self.student.save_pretrained(directory)
+                else:
+                    self.student.save_pretrained(directory, state_dict=state)
         self.tokenizer.save_pretrained(directory)
 
 

@@ -35,17 +35,22 @@ BOOKKEEPING = {"train/onpolicy", "train/onpolicy_fraction", "train/target_tokens
 NOT_HYPERPARAMETERS = ("output_dir", "ckpt_path", "logger.", "hydra.")
 
 
+def _wandb_groups(sweep: Any) -> list[str]:
+    """The W&B groups the sweep's runs logged under. One group per sweep is the rule (conf/logger/wandb.yaml); runs
+    logged under several (an older sweep, edited configs) are all selected rather than some silently dropped."""
+    groups = list(dict.fromkeys(str(g) for g in (run.get("logger.wandb.group") for run in sweep.runs) if g))
+    groups = groups or ([sweep.wandb_group] if sweep.wandb_group else [])
+    if not groups:
+        raise ValueError("the runs did not log to W&B: run the sweep with logger=wandb, then `wandb sync` its runs")
+    return groups
+
+
 def sweep_specification(sweep: Any, table_markdown: str, entity: str | None = None,
                         project: str | None = None) -> dict:
     """The report specification of `sweep` (a `kdlab.report.runs.Sweep`); raises ValueError when its runs did not
     log to W&B, since the report's run sets select the sweep's runs by their W&B group."""
     runs = sweep.runs
-    # One group per sweep is the rule (conf/logger/wandb.yaml); runs logged under several (an older sweep, edited
-    # configs) are all selected rather than some silently dropped.
-    groups = list(dict.fromkeys(str(g) for g in (run.get("logger.wandb.group") for run in runs) if g))
-    groups = groups or ([sweep.wandb_group] if sweep.wandb_group else [])
-    if not groups:
-        raise ValueError("the runs did not log to W&B: run the sweep with logger=wandb, then `wandb sync` its runs")
+    groups = _wandb_groups(sweep)
     summary_metric = f"summary:val/{sweep.metric}"
     swept = [key for key in sweep.swept_keys if not key.startswith(NOT_HYPERPARAMETERS)]
     methods = loss_methods(runs, swept)

@@ -79,3 +79,23 @@ def tiny_model(tokenizer, architecture: str = "llama", seed: int = 0, width: int
     else:
         config = dict(d_model=width, d_ff=2 * width, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2)
     return load_model({"name": f"tiny-{architecture}", "architecture": architecture, "config": config}, tokenizer)
+
+
+@pytest.fixture
+def one_process_mesh():
+    """A gloo process group of one process on a free loopback port, so FSDP2 can shard in the test process; torn
+    down afterwards. No MASTER_PORT is left in the environment: the DDP runs that later tests start as subprocesses
+    would inherit it, and this process may still hold the port."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()

@@ -133,24 +133,8 @@ def test_fsdp_samples_on_policy_on_every_process_in_lockstep(runs):
     assert len(_loss_curve(runs / "fsdp_onpolicy")) == 2
 
 
-@pytest.fixture
-def one_process_group():
-    """A gloo process group of one process, so FSDP2 can shard in this test process; torn down afterwards."""
-    import os
 
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_sharding_options_take_effect(one_process_group, tokenizer):
+def test_sharding_options_take_effect(one_process_mesh, tokenizer):
     from torch.distributed.fsdp import FSDPModule
 
     from kdlab.distributed import ShardingOptions, shard_model, transformer_blocks
@@ -161,8 +145,8 @@ def test_sharding_options_take_effect(one_process_group, tokenizer):
     with torch.no_grad():
         reference = student(input_ids=ids).logits
     options = ShardingOptions(mixed_precision="bf16", activation_checkpointing=True, offload_teacher=True)
-    shard_model(student, one_process_group, options, frozen=False)
-    shard_model(teacher, one_process_group, options, frozen=True)
+    shard_model(student, one_process_mesh, options, frozen=False)
+    shard_model(teacher, one_process_mesh, options, frozen=True)
 
     blocks = transformer_blocks(student)
     assert len(blocks) == 2 and all(isinstance(b, FSDPModule) for b in [*blocks, student])

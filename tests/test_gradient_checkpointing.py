@@ -1,7 +1,6 @@
 """`student.gradient_checkpointing=true` on one device: the same gradients, each block run twice, fewer tensors kept
 for backward; through Lightning's training loop, and together with FSDP's `strategy.activation_checkpointing`."""
 
-import os
 
 import lightning as L
 import pytest
@@ -141,19 +140,6 @@ def test_lightning_step_recomputes_the_student_and_updates_it_as_without():
     for name, value in plain_weights.items():
         torch.testing.assert_close(weights[name], value, atol=1e-6, rtol=0)
 
-
-@pytest.fixture
-def one_process_mesh():
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = "29547"
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp_activation_checkpointing_on_a_checkpointed_student_changes_nothing(one_process_mesh):

@@ -188,21 +188,6 @@ def test_gradient_checkpointing_on_a_lora_student_gives_the_same_adapter_gradien
             torch.testing.assert_close(grads[name], parameter.grad, rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.fixture
-def one_process_mesh():
-    import os
-
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = "29561"
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
 
 def test_fsdp_shards_a_lora_student_by_block_and_exports_it_whole(one_process_mesh, tmp_path):
     from kdlab.distributed import ShardingOptions, full_state_dict, shard_model, transformer_blocks

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-REDUCTIONS = ("token_mean", "sequence_mean", "sum")
-CHUNK_ELEMENTS = 2**19  # (row, vocab) entries per chunk: the same budget as kdlab.losses.divergences on CPU
+# the same reductions, chunk budget on CPU, and guarded KL and log-mixture over k + 1 buckets as over a vocabulary
+from kdlab.losses.divergences import CHUNK_ELEMENTS, REDUCTIONS, _kl, _log_mix
 
 # (log q buckets, log p buckets), each (rows, k + 1) -> per-row loss
 BucketDivergence = Callable[[Tensor, Tensor], Tensor]
@@ -49,24 +49,6 @@ def tail_log_mass(topk_logprobs: Tensor) -> Tensor:
     noise = topk_logprobs.shape[-1] * torch.finfo(torch.float32).eps
     rest = torch.where(rest > noise, rest, torch.zeros_like(rest))
     return rest.log().to(torch.promote_types(topk_logprobs.dtype, torch.float32))
-
-
-def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """sum_b a_b (log a_b - log b_b) per row; buckets with a_b == 0 contribute 0 (and no NaN gradient)."""
-    a = log_a.exp()
-    diff = torch.where(a > 0, log_a - log_b, 0.0)
-    return (a * diff).sum(dim=-1)
-
-
-def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
-    """log(w a + (1 - w) b) in log space; buckets empty in both stay -inf without a NaN gradient."""
-    if w == 0.0:
-        return log_b
-    if w == 1.0:
-        return log_a
-    both = torch.isneginf(log_a) & torch.isneginf(log_b)
-    mix = torch.logaddexp(log_a.masked_fill(both, 0.0) + math.log(w), log_b.masked_fill(both, 0.0) + math.log1p(-w))
-    return mix.masked_fill(both, -math.inf)
 
 
 def student_buckets(student_logits: Tensor, teacher_ids: Tensor) -> Tensor:

@@ -40,6 +40,8 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DTYPES, interleaved_times, machine, matmul_peak_flops, parse, parser, stats, table, write  # noqa: E402
 
+from kdlab.conf import task_node  # noqa: E402
+from kdlab.data.batch import Batch  # noqa: E402
 from kdlab.data.datamodule import DistillationDataModule  # noqa: E402
 from kdlab.data.tasks import Task  # noqa: E402
 from kdlab.generation import SamplingSettings  # noqa: E402
@@ -63,13 +65,12 @@ def load(device: str, dtype: torch.dtype):
     return tokenizer, teacher, student
 
 
-def first_batch(tokenizer, batch_size: int, device: str) -> dict:
-    task = Task.from_config({"name": "arith", "train_size": max(64, batch_size), "val_size": 8, "eval_examples": 8,
-                             "batch_size": batch_size})
+def first_batch(tokenizer, batch_size: int, device: str) -> tuple[Batch, Task]:
+    task = Task.from_config(task_node("arith", train_size=max(64, batch_size), val_size=8, eval_examples=8,
+                                      batch_size=batch_size))
     datamodule = DistillationDataModule(task, tokenizer)
     datamodule.setup()
-    batch = next(iter(datamodule.train_dataloader()))
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, task
+    return next(iter(datamodule.train_dataloader())).to(device), task
 
 
 def non_embedding_params(model) -> int:
@@ -100,21 +101,21 @@ class KdlabStep:
         """The benchmark steps its own optimizer (TRL's settings); the module holds the same factory."""
         return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
-    def loss_on(self, batch, ids, mask) -> float:
+    def loss_on(self, batch: Batch) -> float:
         with torch.no_grad():
-            loss, _ = self.module._loss(batch, ids, mask, hard_labels=False)
+            loss, _ = self.module._loss(batch, hard_labels=False)
         return loss.item()
 
-    def __call__(self, batch) -> None:
+    def __call__(self, batch: Batch) -> None:
         start = time.perf_counter()
-        ids, mask, teacher_ids, teacher_mask = self.module._targets(batch, STUDENT)
+        targets = self.module._targets(batch, STUDENT)
         self.sampling.append(time.perf_counter() - start)  # generate returns after its last host sync
-        loss, _ = self.module._loss(batch, ids, mask, teacher_ids, teacher_mask, hard_labels=False)
+        loss, _ = self.module._loss(targets, hard_labels=False)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.tokens.append(int(mask.sum()))
-        self.widths.append(ids.shape[1])
+        self.tokens.append(int(targets.student.target_mask.sum()))
+        self.widths.append(targets.student.target_ids.shape[1])
 
 
 class TrlStep:
@@ -148,19 +149,18 @@ class TrlStep:
         self.trainer.generate_on_policy_outputs = timed_generate
 
     @staticmethod
-    def inputs(batch: dict, ids=None, mask=None) -> dict:
+    def inputs(batch: Batch) -> dict:
         """GKD's batch layout: prompts (left-padded) and prompt+completion with labels -100 off the completion."""
-        prompt, prompt_mask = batch["prompt_ids"], batch["prompt_mask"].long()
-        ids = batch["target_ids"] if ids is None else ids
-        mask = batch["target_mask"] if mask is None else mask
+        prompt, prompt_mask = batch.student.prompt_ids, batch.student.prompt_mask.long()
+        ids, mask = batch.student.target
         input_ids = torch.cat([prompt, ids], 1)
         labels = torch.cat([torch.full_like(prompt, -100), ids.masked_fill(~mask.bool(), -100)], 1)
         return {"prompts": prompt, "prompt_attention_mask": prompt_mask, "input_ids": input_ids,
                 "attention_mask": torch.cat([prompt_mask, mask.long()], 1), "labels": labels}
 
-    def loss_on(self, batch, ids, mask) -> float:
+    def loss_on(self, batch: Batch) -> float:
         with torch.no_grad():
-            return self.trainer.compute_loss(self.model, self.inputs(batch, ids, mask)).item()
+            return self.trainer.compute_loss(self.model, self.inputs(batch)).item()
 
     def __call__(self, batch) -> None:
         inputs = self.inputs(batch)
@@ -168,7 +168,7 @@ class TrlStep:
         self.trainer.optimizer.step()
         self.trainer.optimizer.zero_grad(set_to_none=True)
         self.tokens.append(int((inputs["labels"] != -100).sum()))
-        self.widths.append(inputs["input_ids"].shape[1] - batch["prompt_ids"].shape[1])
+        self.widths.append(inputs["input_ids"].shape[1] - batch.student.prompt_ids.shape[1])
 
 
 def step_flops(student_params: int, teacher_params: int, batch: int, prompt_width: int, sampled_width: float) -> float:
@@ -235,8 +235,9 @@ def main() -> None:
 
     # the same loss on the same batch: one set of kdlab samples, scored by both with identical weights
     with torch.no_grad():
-        ids, mask, _, _ = kdlab.module._targets(batch, STUDENT)
-    same_batch = {name: step.loss_on(batch, ids, mask) for name, step in steps.items()}
+        sampled = kdlab.module._targets(batch, STUDENT)
+    same_batch = {name: step.loss_on(sampled) for name, step in steps.items()}
+    mask = sampled.student.target_mask
 
     results = {"benchmark": "step", "machine": machine(args.device), "args": vars(args), "trl_note": trl_note,
                "same_batch_loss": same_batch, "sampled_tokens_in_loss_check": int(mask.sum())}
@@ -249,7 +250,7 @@ def main() -> None:
                               args.device, warmup=0)
     peak = matmul_peak_flops(args.device, dtype)
     s_params, t_params = non_embedding_params(student), non_embedding_params(teacher)
-    prompt_width = batch["prompt_ids"].shape[1]
+    prompt_width = batch.student.prompt_ids.shape[1]
     rows = []
     for name, step in steps.items():
         timed_tokens = step.tokens[-args.repeats:]

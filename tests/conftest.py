@@ -36,17 +36,12 @@ TINY_RUN = [
 
 def compose(overrides: list[str] | None = None, output_dir: Path | None = None):
     """The config `python train.py <overrides>` would run, composed in-process."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from kdlab.conf import compose as compose_conf
 
-    from kdlab.resolvers import register_resolvers
-
-    register_resolvers()
     overrides = list(overrides or [])
     if output_dir is not None:
         overrides.append(f"output_dir={output_dir}")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
+    return compose_conf(overrides)
 
 
 def loss_config(name: str, **overrides) -> dict:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from kdlab.conf import task_node
 from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.tasks import Task
 from kdlab.models import load_tokenizer, same_vocabulary
@@ -30,25 +31,25 @@ def test_the_shipped_cross_tokenizer_differs_in_kind_and_vocabulary(tokenizer, u
 
 
 def test_each_example_is_tokenized_for_both_and_both_sides_hold_the_same_text(tokenizer, unigram):
-    task = Task.from_config(SMALL)
+    task = Task.from_config(task_node(**SMALL))
     dm = DistillationDataModule(task, tokenizer, teacher_tokenizer=unigram)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
-    for row in range(batch["prompt_ids"].shape[0]):
+    for row in range(len(batch)):
         texts = []
-        for prefix, tok in (("", tokenizer), ("teacher_", unigram)):
-            prompt = batch[f"{prefix}prompt_ids"][row][batch[f"{prefix}prompt_mask"][row]]
-            target = batch[f"{prefix}target_ids"][row][batch[f"{prefix}target_mask"][row]]
+        for side, tok in ((batch.student, tokenizer), (batch.teacher, unigram)):
+            prompt = side.prompt_ids[row][side.prompt_mask[row]]
+            target = side.target_ids[row][side.target_mask[row]]
             assert target[-1] == tok.eos_token_id
             texts.append(tok.decode(prompt) + tok.decode(target[:-1]))
         assert texts[0] == texts[1]
-    assert batch["teacher_prompt_ids"].max() < len(unigram)
+    assert batch.teacher.prompt_ids.max() < len(unigram)
 
 
 def test_a_shared_tokenizer_is_tokenized_once(tokenizer):
-    dm = DistillationDataModule(Task.from_config(SMALL), tokenizer)
+    dm = DistillationDataModule(Task.from_config(task_node(**SMALL)), tokenizer)
     dm.setup()
-    assert not any(key.startswith("teacher_") for key in next(iter(dm.train_dataloader())))
+    assert next(iter(dm.train_dataloader())).teacher is None
 
 
 def test_retokenized_samples_hold_the_same_text_and_keep_eos_only_where_the_sample_stopped(tokenizer, unigram):

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdlab.conf import task_node
 from kdlab.data.datamodule import DistillationDataModule, pad
 from kdlab.data.tasks import Task
 from kdlab.generation import SamplingSettings
@@ -119,7 +120,7 @@ TASK = {"name": "arith", "train_size": 16, "val_size": 4, "eval_examples": 4, "b
 def _fit_one_step(checkpointing: bool) -> tuple[dict[str, torch.Tensor], list[int]]:
     student, tokenizer = _student("tiny", checkpointing, seed=0)
     teacher, _ = _student("tiny", False, seed=1)
-    task = Task.from_config(TASK)
+    task = Task.from_config(task_node(**TASK))
     module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl", forward_kl),
                                 policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4)), task=task,
                                 teacher=teacher, optimizer=lambda params: torch.optim.SGD(params, lr=0.5),

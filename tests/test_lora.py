@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from kdlab import decoding
+from kdlab.conf import task_node
 from kdlab.config import config_errors
 from kdlab.data.datamodule import DistillationDataModule, pad
 from kdlab.data.tasks import Task
@@ -87,7 +88,7 @@ def _fit(steps: int, ckpt_dir, resume_from=None) -> DistillationModule:
     the optimizer has state to restore); the base and teacher are rebuilt from the seed, as a resumed run does."""
     student, tokenizer = _student([*LORA, "student.lora.dropout=0.1"], seed=0, preset="tiny")
     teacher, _ = _student([], seed=1, preset="tiny")
-    task = Task.from_config(TASK)
+    task = Task.from_config(task_node(**TASK))
     module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl", forward_kl),
                                 policy=DataPolicy(0.5, sampling=SamplingSettings(max_new_tokens=6), seed=3),
                                 task=task, teacher=teacher, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
@@ -129,7 +130,7 @@ def test_export_writes_a_peft_adapter_and_a_merged_model_with_the_same_logits(tm
     student, tokenizer = _student(LORA)
     _perturb_adapters(student)
     module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("sft", cross_entropy),
-                                policy=DataPolicy(0.0), task=Task.from_config(TASK),
+                                policy=DataPolicy(0.0), task=Task.from_config(task_node(**TASK)),
                                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), max_nonfinite_steps=10,
                                 score_groups=4)
     before = {k: v.clone() for k, v in student.state_dict().items()}

@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 
+from kdlab.conf import task_node
 from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.tasks import Task
 from kdlab.generation import SamplingSettings
@@ -21,7 +22,7 @@ TASK = {"name": "arith", "train_size": 32, "val_size": 8, "eval_examples": 8, "b
 
 
 def _module(tokenizer, fraction=1.0, loss="rkl", teacher=True):
-    task = Task.from_config(TASK)
+    task = Task.from_config(task_node(**TASK))
     module = DistillationModule(
         student=tiny_model(tokenizer, seed=0),
         tokenizer=tokenizer,
@@ -86,10 +87,10 @@ def test_training_step_loss_is_the_divergence_on_ground_truth_targets(tokenizer)
     student_before = copy.deepcopy(module.student).eval()
     _fit(module, datamodule, steps=1)
     batch = captured["batch"]
-    args = (batch["prompt_ids"], batch["prompt_mask"], batch["target_ids"], batch["target_mask"])
+    args = (*batch.student.prompt, *batch.student.target)
     with torch.no_grad():
         expected = forward_kl(score_targets(student_before, *args), score_targets(module.teacher, *args),
-                              batch["target_mask"])
+                              batch.student.target_mask)
     torch.testing.assert_close(captured["loss"], expected, atol=1e-6, rtol=1e-6)
 
 
@@ -119,7 +120,7 @@ def test_each_step_trains_on_the_source_the_policy_drew(tokenizer, monkeypatch, 
     monkeypatch.setattr(kdlab.module, "generate_targets", recording_generate)
     scored = []
     real_scores = module._scores
-    module._scores = lambda batch, ids, mask, *a: scored.append((ids, mask)) or real_scores(batch, ids, mask, *a)
+    module._scores = lambda batch: scored.append(batch.student.target) or real_scores(batch)
     _fit(module, datamodule, steps=2)
     assert len(scored) == 2  # one scoring per step (one micro-batch each)
 
@@ -150,14 +151,14 @@ def test_scoring_in_length_groups_gives_the_loss_of_one_padded_batch(tokenizer):
     module, datamodule = _module(tokenizer, loss="jsd")
     datamodule.setup()
     batch = next(iter(datamodule.train_dataloader()))
-    ids, mask, _, _ = module._targets(batch, "ground_truth")  # answers of different lengths
+    mask = module._targets(batch, "ground_truth").student.target_mask  # answers of different lengths
     from kdlab.scoring import length_groups
 
-    assert len(length_groups(batch["prompt_mask"].sum(1).tolist(), mask.sum(1).tolist(), 4)) > 1
+    assert len(length_groups(batch.student.prompt_mask.sum(1).tolist(), mask.sum(1).tolist(), 4)) > 1
     losses = {}
     for groups in (1, 4):
         module.score_groups = groups
-        loss, _ = module._loss(batch, ids, mask, hard_labels=False)
+        loss, _ = module._loss(batch, hard_labels=False)
         (grad,) = torch.autograd.grad(loss, module.student.get_input_embeddings().weight)
         losses[groups] = (loss.item(), grad)
     assert losses[4][0] == pytest.approx(losses[1][0], rel=1e-5, abs=1e-7)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdlab.data.datamodule import split_rows
+from kdlab.conf import task_node
 from kdlab.losses import cross_entropy, forward_kl, generalized_jsd
 from kdlab.losses.normalisation import NONE, SEQUENCES, TOKENS, LossSum, from_mean, normalised, unit_counts
 from kdlab.losses.objective import build_objective
@@ -146,17 +146,19 @@ def test_the_reinforce_term_splits_like_every_other_term():
     torch.testing.assert_close(split_grad, whole_grad)
 
 
-def test_split_rows_gives_micro_batches_as_wide_as_collated_alone(tokenizer):
-    from kdlab.data.datamodule import Collator
+def test_a_batch_splits_into_micro_batches_as_wide_as_collated_alone(tokenizer):
+    from kdlab.data.datamodule import Collator, Example, Tokens
 
-    items = [{"reference": str(i), "prompt": [5] * (1 + 3 * i), "target": [6] * (6 - i)} for i in range(4)]
-    collate = Collator(tokenizer.pad_token_id)
-    parts = split_rows(collate(items), 2)
+    items = [Example(str(i), Tokens([5] * (1 + 3 * i), [6] * (6 - i)), Tokens([7] * (4 - i), [8] * (1 + 2 * i)))
+             for i in range(4)]
+    collate = Collator(tokenizer.pad_token_id, teacher_pad_token_id=0)
+    parts = collate(items).split(2)
     assert len(parts) == 2
     for part, alone in zip(parts, (collate(items[:2]), collate(items[2:]))):
-        assert part.keys() == alone.keys() and part["reference"] == alone["reference"]
-        for key in ("prompt_ids", "prompt_mask", "target_ids", "target_mask"):
-            assert torch.equal(part[key], alone[key]), key
+        assert part.reference == alone.reference
+        for side in ("student", "teacher"):
+            for key in ("prompt_ids", "prompt_mask", "target_ids", "target_mask"):
+                assert torch.equal(getattr(getattr(part, side), key), getattr(getattr(alone, side), key)), key
 
 
 # -- whole runs ---------------------------------------------------------------------------------------------------
@@ -237,10 +239,10 @@ def test_an_accumulation_window_holds_the_examples_of_one_batch_of_its_size(toke
     from kdlab.data.tasks import Task
 
     def windows(batch_size: int, accumulate: int) -> list[list[str]]:
-        task = Task.from_config({"name": "arith", "train_size": 40, "val_size": 4, "batch_size": batch_size})
+        task = Task.from_config(task_node("arith", train_size=40, val_size=4, batch_size=batch_size))
         data = DistillationDataModule(task, tokenizer, seed=3, accumulate_grad_batches=accumulate)
         data.setup()
-        return [batch["reference"] for batch in data.train_dataloader()]
+        return [batch.reference for batch in data.train_dataloader()]
 
     whole, accumulated = windows(8, 1), windows(4, 2)
     assert len(whole) == len(accumulated) == 5 and all(len(w) == 8 for w in accumulated)

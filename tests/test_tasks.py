@@ -202,7 +202,7 @@ def test_skipping_long_examples_drops_training_ones_but_never_validation_ones(to
     long_summary = [dict(e, summary=e["summary"] * 5) for e in XSUM[:2]]
     train = TokenizedExamples(task.splits()["train"] + long_summary, task, tokenizer, "train")
     validation = TokenizedExamples(long_summary, task, tokenizer, "validation")
-    assert len(validation) == 2 and all(len(i["target"]) == 16 for i in validation)
+    assert len(validation) == 2 and all(len(i.student.target) == 16 for i in validation)
     report = task.report.to_dict()
     assert report["train"]["dropped"] == {"too long target": 10}  # every xsum summary is over 16 tokens here
     assert report["validation"]["truncated"] == {"target": 2}

@@ -64,7 +64,7 @@ def test_cached_values_are_the_teachers_top_k_of_each_target_token(one_shard, ru
     cache = open_cache(one_shard)
     assert len(cache) == len(examples) == 23 and cache.k == 4
     for index, example in enumerate(examples):
-        prompt, target = example["prompt"], example["target"]
+        prompt, target = example.student.prompt, example.student.target
         with torch.no_grad():  # one unpadded sequence: position p predicts token p + 1
             logits = teacher(input_ids=torch.tensor([prompt + target])).logits[0]
         full = torch.log_softmax(logits[len(prompt) - 1 : -1].double(), dim=-1)  # rows predicting target tokens

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from kdlab.conf import task_node
 from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.tasks import Task
 from kdlab.generation import SamplingSettings
@@ -32,7 +33,7 @@ def _padded(role: str, vocab_size: int, seed: int):
 def _module_and_batch(student_rows: int, teacher_rows: int):
     student, tokenizer = _padded("student", student_rows, seed=0)
     teacher, _ = _padded("teacher", teacher_rows, seed=1)
-    task = Task.from_config(TASK)
+    task = Task.from_config(task_node(**TASK))
     module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl", forward_kl),
                                 policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4)), task=task,
                                 teacher=teacher, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
@@ -44,7 +45,7 @@ def _module_and_batch(student_rows: int, teacher_rows: int):
 
 def _module_loss(module, batch) -> torch.Tensor:
     with torch.no_grad():
-        loss, _ = module._loss(batch, batch["target_ids"], batch["target_mask"])
+        loss, _ = module._loss(batch)
     return loss
 
 
@@ -62,10 +63,10 @@ def test_same_vocabulary_loss_is_the_loss_on_logits_trimmed_to_the_tokenizer(stu
     assert module.student.get_output_embeddings().weight.shape[0] == student_rows
     assert module.teacher.get_output_embeddings().weight.shape[0] == teacher_rows
     module.eval()
-    args = (batch["prompt_ids"], batch["prompt_mask"], batch["target_ids"], batch["target_mask"])
+    args = (*batch.student.prompt, *batch.student.target)
     with torch.no_grad():
         student_logits, teacher_logits = score_targets(module.student, *args), score_targets(module.teacher, *args)
-    by_hand = forward_kl(student_logits[..., :TOKENS], teacher_logits[..., :TOKENS], batch["target_mask"])
+    by_hand = forward_kl(student_logits[..., :TOKENS], teacher_logits[..., :TOKENS], batch.student.target_mask)
     torch.testing.assert_close(_module_loss(module, batch), by_hand, atol=1e-6, rtol=1e-6)
 
 
@@ -73,15 +74,15 @@ def test_padded_columns_do_not_move_the_loss():
     module, batch = _module_and_batch(768, 768)  # equal widths: nothing forces a trim but the padding itself
     module.eval()
     before = _module_loss(module, batch)
-    args = (batch["prompt_ids"], batch["prompt_mask"], batch["target_ids"], batch["target_mask"])
+    args = (*batch.student.prompt, *batch.student.target)
     with torch.no_grad():
         untrimmed_before = forward_kl(score_targets(module.student, *args), score_targets(module.teacher, *args),
-                                      batch["target_mask"])
+                                      batch.student.target_mask)
     _scrambled_padding(module.student)
     _scrambled_padding(module.teacher)
     with torch.no_grad():
         untrimmed_after = forward_kl(score_targets(module.student, *args), score_targets(module.teacher, *args),
-                                     batch["target_mask"])
+                                     batch.student.target_mask)
     assert abs(untrimmed_after - untrimmed_before) > 0.1  # the scrambled rows would change a loss that saw them
     assert torch.equal(_module_loss(module, batch), before)  # the module's loss does not see them
 

@@ -19,12 +19,10 @@ import json
 import shutil
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 from kdlab import ASSETS_DIR, rundir
+from kdlab.conf import compose
 from kdlab.data.tasks import Task
 from kdlab.data.tokenizer import train_tokenizer
-from kdlab.resolvers import register_resolvers
 
 TOKENIZER_VOCAB = 1024  # saturates near 750: every word of the templates becomes one token
 UNIGRAM_VOCAB = 512  # the cross-tokenizer teacher's: another kind of tokenizer, a smaller vocabulary
@@ -42,7 +40,7 @@ PARTS = ["tokenizer", "teacher", "student", "unigram_tokenizer", "unigram_teache
 
 def build_tokenizer(config_dir: Path, assets_dir: Path, name: str = "tokenizer") -> None:
     kind, vocab_size = TOKENIZERS[name]
-    task = Task.from_config(_compose(config_dir, []).task)
+    task = Task.from_config(compose([], config_dir).task)
     train = task.splits()["train"]
     texts = (task.prompt(e) + task.target(e) for e in train)
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size, kind=kind)
@@ -57,7 +55,7 @@ def build_model(config_dir: Path, role: str, work_dir: Path, assets_dir: Path, o
     output_dir = work_dir / role
     shutil.rmtree(output_dir, ignore_errors=True)
     tokenizer = f"student.tokenizer={assets_dir / tokenizer_name}"
-    cfg = _compose(config_dir, [f"experiment={experiment}", f"output_dir={output_dir}", tokenizer, *overrides])
+    cfg = compose([f"experiment={experiment}", f"output_dir={output_dir}", tokenizer, *overrides], config_dir)
     run(cfg)
     target = assets_dir / role
     shutil.rmtree(target, ignore_errors=True)
@@ -65,12 +63,6 @@ def build_model(config_dir: Path, role: str, work_dir: Path, assets_dir: Path, o
     results = json.loads((output_dir / rundir.RESULTS).read_text())
     print(f"{role}: {results['metrics']} after {results['steps']} steps, {results['wall_time_s']:.0f}s -> {target}")
     return results
-
-
-def _compose(config_dir: Path, overrides: list[str]):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab.console import quiet_weight_bars
-from kdlab.data.datamodule import split_rows
+from kdlab.data.batch import Batch
 from kdlab.data.tasks import Task
 from kdlab.distributed import FSDP2Strategy, any_rank, full_state_dict, is_sharded, shard_model, world_size
 from kdlab.generation import SamplingSettings, generate_targets
@@ -48,14 +48,10 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode",
 
 @dataclass
 class StepTargets:
-    """What one micro-batch trains on: its rows, the student's target tokens and mask, the teacher's own when the
-    tokenizers differ, and with a reward each sample's reward and advantage."""
+    """What one micro-batch trains on: its rows with the step's targets on each side, and with a reward each
+    sample's reward and advantage."""
 
-    batch: dict
-    ids: Tensor
-    mask: Tensor
-    teacher_ids: Tensor | None = None
-    teacher_mask: Tensor | None = None
+    batch: Batch
     rewards: Tensor | None = None
     advantages: Tensor | None = None
 
@@ -96,7 +92,7 @@ class DistillationModule(L.LightningModule):
             teacher.eval()
         self.tokenizer = tokenizer
         # None: the teacher reads the student's tokens. Otherwise batches carry the teacher's own tokens as well
-        # (`teacher_prompt_ids`, ...) and samples cross between the two through text (kdlab.retokenize).
+        # (`Batch.teacher`) and samples cross between the two through text (kdlab.retokenize).
         self.teacher_tokenizer = teacher_tokenizer
         self.objective = objective
         self.reward = reward  # GKD Eq. 5: a reward optimised on the student's own samples (None: pure distillation)
@@ -106,12 +102,7 @@ class DistillationModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.eval_sampling = eval_sampling
         self.eval_role = "student"  # which model validation generates with: "student" or "teacher"
-        self.last_scores: dict[str, float] = {}
-        self.last_predictions: list[str] = []
-        self.last_references: list[str] = []
         self.strict_loading = False  # checkpoints leave the teacher out; it is rebuilt from its config
-        self._predictions: list[str] = []
-        self._references: list[str] = []
         self._onpolicy_steps = 0
         self._policy_steps = 0
         self._step_start, self._step_tokens = 0.0, 0
@@ -134,37 +125,32 @@ class DistillationModule(L.LightningModule):
     def cross_tokenizer(self) -> bool:
         return self.teacher_tokenizer is not None
 
-    def _sample(self, role: str, batch: dict, settings: SamplingSettings) -> tuple[Tensor, Tensor]:
+    def _sample(self, role: str, batch: Batch, settings: SamplingSettings) -> tuple[Tensor, Tensor]:
         """Generate with `role`'s model from its own prompt tokens; (ids, mask) in its own tokens."""
         own = role == "teacher" and self.cross_tokenizer
         model = self.teacher if role == "teacher" else self.student
         tokenizer = self.teacher_tokenizer if own else self.tokenizer
-        prefix = "teacher_" if own else ""
         return generate_targets(
             model,
-            batch[f"{prefix}prompt_ids"],
-            batch[f"{prefix}prompt_mask"],
+            *batch.side(role).prompt,
             settings,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             synced_gpus=self._sharded,
         )
 
-    def _targets(self, batch: dict, source: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """(student target ids, mask, teacher target ids, mask) for `source`; the teacher's are None when both
-        models share a tokenizer. Samples from one side reach the other through text."""
+    def _targets(self, batch: Batch, source: str) -> Batch:
+        """`batch` with `source`'s targets on each side: its own (the ground truth), or samples of the student or the
+        teacher. Samples from one tokenizer reach the other side through text."""
         if source == "ground_truth":
-            student = batch["target_ids"], batch["target_mask"]
-            if not self.cross_tokenizer:
-                return *student, None, None
-            return *student, batch["teacher_target_ids"], batch["teacher_target_mask"]
+            return batch
         role = "student" if source == STUDENT else "teacher"
         ids, mask = self._sample(role, batch, self.policy.sampling)
         if not self.cross_tokenizer:
-            return ids, mask, None, None
+            return batch.with_targets((ids, mask), None)
         if role == "student":
-            return (ids, mask, *retokenize(ids, mask, self.tokenizer, self.teacher_tokenizer))
-        return (*retokenize(ids, mask, self.teacher_tokenizer, self.tokenizer), ids, mask)
+            return batch.with_targets((ids, mask), retokenize(ids, mask, self.tokenizer, self.teacher_tokenizer))
+        return batch.with_targets(retokenize(ids, mask, self.teacher_tokenizer, self.tokenizer), (ids, mask))
 
     @property
     def _sharded(self) -> bool:
@@ -172,60 +158,45 @@ class DistillationModule(L.LightningModule):
         # stepping until all have (synced_gpus) or the others hang. DDP replicas sample independently: no sync.
         return self._trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
-    def _loss(
-        self,
-        batch: dict,
-        target_ids: Tensor,
-        target_mask: Tensor,
-        teacher_ids: Tensor | None = None,
-        teacher_mask: Tensor | None = None,
-        hard_labels: bool = True,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        student_logits, teacher_logits = self._scores(batch, target_ids, target_mask, teacher_ids, teacher_mask)
-        return self.objective(student_logits, teacher_logits, target_ids, target_mask, teacher_mask, hard_labels)
+    def _loss(self, batch: Batch, hard_labels: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objective on `batch`'s targets, normalised within the batch (validation's loss)."""
+        student_logits, teacher_logits = self._scores(batch)
+        return self.objective(student_logits, teacher_logits, *batch.student.target, _teacher_mask(batch),
+                              hard_labels)
 
-    def _scores(
-        self,
-        batch: dict,
-        target_ids: Tensor,
-        target_mask: Tensor,
-        teacher_ids: Tensor | None,
-        teacher_mask: Tensor | None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """(student logits, teacher logits or None) over the targets, each trimmed to its tokenizer's vocabulary."""
-        prompt = (batch["prompt_ids"], batch["prompt_mask"])
+    def _scores(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """(student logits, teacher logits or None) over the batch's targets, each model reading its own tokens, each
+        trimmed to its tokenizer's vocabulary."""
         # Sharded ranks must run the same forward passes, whatever their rows' lengths: one group there.
         groups = 1 if self._sharded else self.score_groups
-        student_logits = score_targets(self.student, *prompt, target_ids, target_mask, groups)
+        student_logits = score_targets(self.student, *batch.student.prompt, *batch.student.target, groups)
         teacher_logits = None
         if self.objective.needs_teacher and self.cross_tokenizer:
             with torch.no_grad():
-                teacher_prompt = (batch["teacher_prompt_ids"], batch["teacher_prompt_mask"])
-                teacher_logits = score_targets(self.teacher, *teacher_prompt, teacher_ids, teacher_mask, groups)
+                teacher = batch.side("teacher")
+                teacher_logits = score_targets(self.teacher, *teacher.prompt, *teacher.target, groups)
             # Models may pad their output layer beyond their tokenizer: columns past it are no tokens at all.
             student_logits = student_logits[..., : len(self.tokenizer)]
             teacher_logits = teacher_logits[..., : len(self.teacher_tokenizer)]
         elif self.objective.needs_teacher:
             with torch.no_grad():
-                teacher_logits = score_targets(self.teacher, *prompt, target_ids, target_mask, groups)
+                teacher_logits = score_targets(self.teacher, *batch.student.prompt, *batch.student.target, groups)
             # Same tokenizer, but checkpoints pad their output layers beyond it, each size its own way (Qwen3: 151,936
             # rows for 151,669 tokens; Gemma 3: 262,144 or 262,208): the loss sees the token columns both models have.
             vocab = min(len(self.tokenizer), student_logits.shape[-1], teacher_logits.shape[-1])
             student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
         return student_logits, teacher_logits
 
-    def _step_targets(self, batch: dict, source: str) -> StepTargets:
+    def _step_targets(self, batch: Batch, source: str) -> StepTargets:
         """One micro-batch's targets from `source`, and with a reward (GKD Eq. 5, on the student's own samples)
         each prompt sampled k times with its rewards and leave-one-out advantages. No gradient: sampling only."""
         rewarded = source == STUDENT and self.reward is not None and self.reward.active
         if rewarded:
-            k = self.reward.samples_per_prompt
-            batch = {key: v.repeat_interleave(k, dim=0) if isinstance(v, Tensor) else [x for x in v for _ in range(k)]
-                     for key, v in batch.items()}
-        targets = StepTargets(batch, *self._targets(batch, source))
+            batch = batch.repeat_rows(self.reward.samples_per_prompt)
+        targets = StepTargets(self._targets(batch, source))
         if rewarded:
-            texts, _ = response_texts(targets.ids, targets.mask, self.tokenizer)
-            targets.rewards = self.reward.score([t.strip() for t in texts], batch["reference"]).to(self.device)
+            texts, _ = response_texts(*targets.batch.student.target, self.tokenizer)
+            targets.rewards = self.reward.score([t.strip() for t in texts], batch.reference).to(self.device)
             targets.advantages = leave_one_out_advantages(targets.rewards, self.reward.samples_per_prompt)
         return targets
 
@@ -233,10 +204,11 @@ class DistillationModule(L.LightningModule):
         """Each unit's count over the whole accumulation window and every process (one all-reduce), plus rows."""
         local = torch.zeros(3, device=self.device)
         for targets in window:
-            counts = unit_counts(targets.mask)
+            mask = targets.batch.student.target_mask
+            counts = unit_counts(mask)
             local[0] += counts[TOKENS].to(local.device)
             local[1] += counts[SEQUENCES].to(local.device)
-            local[2] += targets.mask.shape[0]
+            local[2] += mask.shape[0]
         if world_size() > 1:
             dist.all_reduce(local)
         return {TOKENS: local[0], SEQUENCES: local[1], "rows": local[2], NONE: torch.ones((), device=self.device)}
@@ -245,15 +217,17 @@ class DistillationModule(L.LightningModule):
                     counts: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """This micro-batch's share of the global loss (every term's sum over the global count of its unit), and
         its shares of each logged value, which add up over micro-batches and processes to the global values."""
-        t = targets
-        student_logits, teacher_logits = self._scores(t.batch, t.ids, t.mask, t.teacher_ids, t.teacher_mask)
-        terms = self.objective.terms(student_logits, teacher_logits, t.ids, t.mask, t.teacher_mask, hard_labels)
+        t, batch = targets, targets.batch
+        student_logits, teacher_logits = self._scores(batch)
+        terms = self.objective.terms(student_logits, teacher_logits, *batch.student.target, _teacher_mask(batch),
+                                     hard_labels)
         shares = {name: normalised(term, counts) for name, (_, term) in terms.items()}
         loss = student_logits.sum() * 0.0 + sum(weight * shares[name] for name, (weight, _) in terms.items())
         if t.advantages is not None:  # GKD Eq. 5: alpha * distillation + (1 - alpha) * REINFORCE
             alpha = self.reward.alpha
             shares["distill"] = loss
-            shares["pg"] = normalised(policy_gradient_sum(student_logits, t.ids, t.mask, t.advantages), counts)
+            pg = policy_gradient_sum(student_logits, *batch.student.target, t.advantages)
+            shares["pg"] = normalised(pg, counts)
             loss = alpha * loss + (1 - alpha) * shares["pg"]
             shares["reward"] = t.rewards.sum() / counts["rows"]
             shares["advantage"] = t.advantages.abs().sum() / counts["rows"]
@@ -265,12 +239,12 @@ class DistillationModule(L.LightningModule):
         # Sampling and dropout draw from a state fixed by (seed, step, rank): a resumed run repeats them exactly.
         torch.manual_seed(step_seed(self.seed, self.trainer.global_step, self.global_rank))
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         """One optimizer step on this process's accumulation window: targets for every micro-batch first, then
         their units counted globally, then each micro-batch's normalised loss backpropagated, then one update."""
         source = self.policy.draw(self.trainer.global_step)  # one draw per optimizer step, the same on every rank
         with torch.no_grad():
-            window = [self._step_targets(part, source) for part in split_rows(batch, self.task.config.batch_size)]
+            window = [self._step_targets(part, source) for part in batch.split(self.task.config.batch_size)]
         counts = self._global_counts(window)
         world = world_size()  # DDP and FSDP average gradients over processes; the shares are of the global sum
         shares: dict[str, Tensor] = {}
@@ -281,7 +255,7 @@ class DistillationModule(L.LightningModule):
                 shares[name] = shares.get(name, 0.0) + value
         self._policy_steps += 1
         self._onpolicy_steps += int(source == STUDENT)
-        self._step_tokens = int(sum(int(t.mask.sum()) for t in window))
+        self._step_tokens = int(sum(int(t.batch.student.target_mask.sum()) for t in window))
         self.train_tokens += self._step_tokens
         totals = _all_reduce_sum(shares)
         self._optimizer_step(totals)
@@ -344,26 +318,21 @@ class DistillationModule(L.LightningModule):
         return self._onpolicy_steps / max(1, self._policy_steps)
 
     # -- evaluation ----------------------------------------------------------------------------------------------
-    def on_validation_epoch_start(self) -> None:
-        self._predictions, self._references = [], []
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, list[str]]:
+        """Generate with `eval_role`'s model; returns the batch's generations and references, which
+        kdlab.evaluation.GenerationScorer collects, scores and logs at the end of the epoch."""
         ids, _ = self._sample(self.eval_role, batch, self.eval_sampling)
         own = self.eval_role == "teacher" and self.cross_tokenizer
         texts = (self.teacher_tokenizer if own else self.tokenizer).batch_decode(ids, skip_special_tokens=True)
-        self._predictions.extend(text.strip() for text in texts)  # the target template's leading space is no content
-        self._references.extend(batch["reference"])
         if self.eval_role == "student" and (self.teacher is not None or not self.objective.needs_teacher):
-            loss, _ = self._loss(batch, *self._targets(batch, "ground_truth"))
+            loss, _ = self._loss(batch)
             self.log("val/loss", loss, batch_size=ids.shape[0], sync_dist=True)
+        # the target template's leading space is no content
+        return {"predictions": [text.strip() for text in texts], "references": list(batch.reference)}
 
-    def on_validation_epoch_end(self) -> None:
-        predictions, references = _gather(self._predictions), _gather(self._references)
-        self.last_scores = self.task.score(predictions, references)
-        self.last_predictions, self.last_references = predictions, references
-        prefix = "teacher" if self.eval_role == "teacher" else "val"
-        for name, value in self.last_scores.items():
-            self.log(f"{prefix}/{name}", value, prog_bar=True)
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch.to(device) if isinstance(batch, Batch) else super().transfer_batch_to_device(batch, device,
+                                                                                                   dataloader_idx)
 
     # -- sharding, optimisation and checkpoints ------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -426,10 +395,6 @@ def _all_reduce_sum(values: dict[str, Tensor]) -> dict[str, Tensor]:
     return dict(zip(names, stacked))
 
 
-def _gather(items: list[str]) -> list[str]:
-    """Every rank's items, in rank order (validation data is split across ranks)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return items
-    gathered: list[list[str]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(gathered, items)
-    return [item for part in gathered for item in part]
+def _teacher_mask(batch: Batch) -> Tensor | None:
+    """The teacher's own target mask when it reads its own tokens (cross-tokenizer losses), else None."""
+    return batch.teacher.target_mask if batch.teacher is not None else None

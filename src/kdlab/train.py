@@ -27,6 +27,7 @@ from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.sources import DataUnavailableError
 from kdlab.data.tasks import Task
 from kdlab.distributed import FSDP2Strategy
+from kdlab.evaluation import GenerationScorer, evaluate
 from kdlab.generation import SamplingSettings
 from kdlab.last_step import LogLastStep, final_train_metrics
 from kdlab.losses.objective import build_objective
@@ -125,7 +126,8 @@ def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher_to
     )
 
 
-def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.Trainer, PreemptionCheckpoint]:
+def build_trainer(cfg: DictConfig, task: Task, loggers: list, output_dir: Path) -> tuple[L.Trainer,
+                                                                                       PreemptionCheckpoint]:
     strategy = cfg.strategy
     strategy = hydra.utils.instantiate(strategy) if "_target_" in strategy else strategy.name
     last = LastCheckpoint(rundir.last_checkpoint(output_dir), int(cfg.checkpoint.every_n_train_steps))
@@ -133,7 +135,8 @@ def build_trainer(cfg: DictConfig, loggers: list, output_dir: Path) -> tuple[L.T
     extra = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
     # LogLastStep first: the learning rate monitor then logs the last step too. LastCheckpoint last: a periodic save
     # sees what the other callbacks did at the end of the step (as Lightning orders its own)
-    callbacks = [LogLastStep(), preemption, LearningRateMonitor(logging_interval="step"), *extra, last]
+    callbacks = [LogLastStep(), preemption, LearningRateMonitor(logging_interval="step"), GenerationScorer(task),
+                 *extra, last]
     if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in extra):
         callbacks.insert(-1, StepProgressBar())
     # FSDP2 allocates its gather buffers lazily at the first forward; under inference mode (Lightning's default for
@@ -202,20 +205,14 @@ def results_record(cfg: DictConfig, task: Task, trainer: L.Trainer, module: Dist
     }
 
 
-def evaluate(trainer: L.Trainer, module: DistillationModule, datamodule, role: str, save_as: Path) -> dict[str, float]:
+def evaluate_and_save(trainer: L.Trainer, module: DistillationModule, datamodule: Any, role: str,
+                      save_as: Path) -> dict[str, float]:
     """The task metric of `role` ("student" or "teacher") by generation on the validation split; the generations
     go to `save_as` (JSON lines: prediction, reference) so a score can be checked by reading what was scored."""
-    module.eval_role = role
-    try:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    finally:
-        module.eval_role = "student"
+    generations = evaluate(trainer, module, datamodule, role)
     if trainer.is_global_zero:
-        save_as.parent.mkdir(parents=True, exist_ok=True)
-        with save_as.open("w") as f:
-            for prediction, reference in zip(module.last_predictions, module.last_references):
-                f.write(json.dumps({"prediction": prediction, "reference": reference}) + "\n")
-    return dict(module.last_scores)
+        generations.write_jsonl(save_as)
+    return generations.scores
 
 
 def format_results_table(results: dict[str, Any]) -> str:
@@ -293,21 +290,21 @@ def _run(cfg: DictConfig) -> float:
     loggers = build_loggers(cfg)
     succeeded = False
     try:
-        trainer, preemption = build_trainer(cfg, loggers, output_dir)
+        trainer, preemption = build_trainer(cfg, task, loggers, output_dir)
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         if trainer.is_global_zero:
             OmegaConf.save(cfg, output_dir / rundir.CONFIG, resolve=True)
         generations = output_dir / "generations"
         teacher_scores = None
         if module.teacher is not None and cfg.eval.teacher:
-            teacher_scores = evaluate(trainer, module, datamodule, "teacher", generations / "teacher.jsonl")
+            teacher_scores = evaluate_and_save(trainer, module, datamodule, "teacher", generations / "teacher.jsonl")
         before = None
         if cfg.eval.before:
-            before = evaluate(trainer, module, datamodule, "student", generations / "student_before.jsonl")
+            before = evaluate_and_save(trainer, module, datamodule, "student", generations / "student_before.jsonl")
 
         wall_time = fit(trainer, preemption, module, datamodule, ckpt_path, output_dir)
         train_metrics = final_train_metrics(trainer)  # before evaluation logs its own
-        after = evaluate(trainer, module, datamodule, "student", generations / "student_after.jsonl")
+        after = evaluate_and_save(trainer, module, datamodule, "student", generations / "student_after.jsonl")
         results = results_record(cfg, task, trainer, module, {"teacher": teacher_scores, "student_before": before,
                                                               "student_after": after}, wall_time)
         results["train"] = train_metrics

@@ -7,6 +7,7 @@ to stop. Length rules and chat templates are documented on `PromptEncoder` and `
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import lightning as L
@@ -15,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from kdlab.data.batch import Batch, Side
 from kdlab.data.order import StepSampler
 from kdlab.data.tasks import Task, lookup, with_field
 
@@ -89,7 +91,7 @@ class PromptEncoder:
 
 
 class TokenizedExamples(Dataset):
-    """Prompt ids, target ids and the reference text of each example, under the task's length rules.
+    """Prompt ids, target ids and the reference text of each example (`Example`), under the task's length rules.
 
     Targets end with EOS so the student learns to stop; a target over `max_target_tokens` keeps its start and gets
     no EOS (the student is never taught to stop mid-answer). With `task.long_examples=skip`, training examples over
@@ -97,8 +99,8 @@ class TokenizedExamples(Dataset):
     dataset's): they are truncated. Every drop and cut is counted in `task.report`.
 
     With a `teacher_tokenizer` (teacher and student tokenize differently), the text stays the source of truth: each
-    example is also tokenized for the teacher, with the teacher's own prompt format, as `teacher_prompt` and
-    `teacher_target`, under the same rules (reasons counted as "teacher prompt", "teacher target").
+    example is also tokenized for the teacher, with the teacher's own prompt format, as `Example.teacher`, under the
+    same rules (reasons counted as "teacher prompt", "teacher target").
     """
 
     def __init__(self, examples: Sequence[dict], task: Task, tokenizer: PreTrainedTokenizerBase,
@@ -107,26 +109,41 @@ class TokenizedExamples(Dataset):
         skip_long = split == "train" and c.long_examples == "skip"
         sides = {"": _encode(examples, task, tokenizer)}
         if teacher_tokenizer is not None:
-            sides["teacher_"] = _encode(examples, task, teacher_tokenizer)
-        self.items = []
+            sides["teacher "] = _encode(examples, task, teacher_tokenizer)
+        self.items: list[Example] = []
         for index, example in enumerate(examples):
-            cuts = [(prefix, cut) for prefix, side in sides.items() for cut in side[index][2:] if cut]
+            cuts = [(who, cut) for who, side in sides.items() for cut in side[index][2:] if cut]
             if skip_long and cuts:
-                prefix, cut = cuts[0]
-                task.report.record_drop(split, f"too long {prefix.replace('_', ' ')}{cut.split()[0]}")
+                who, cut = cuts[0]
+                task.report.record_drop(split, f"too long {who}{cut.split()[0]}")
                 continue
-            for prefix, cut in cuts:
-                task.report.record_truncation(split, prefix.replace("_", " ") + cut)
-            item = {"reference": task.reference(example)}
-            for prefix, side in sides.items():
-                item[f"{prefix}prompt"], item[f"{prefix}target"] = side[index][:2]
-            self.items.append(item)
+            for who, cut in cuts:
+                task.report.record_truncation(split, who + cut)
+            tokens = [Tokens(*side[index][:2]) for side in sides.values()]
+            self.items.append(Example(task.reference(example), *tokens))
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> "Example":
         return self.items[index]
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One example in one tokenizer's ids."""
+
+    prompt: list[int]
+    target: list[int]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized example: its reference text, the student's tokens, the teacher's own when they differ."""
+
+    reference: str
+    student: Tokens
+    teacher: Tokens | None = None
 
 
 def _encode(
@@ -158,48 +175,28 @@ def pad(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[Ten
 
 
 class Collator:
-    """Left-padded prompts and right-padded targets; the teacher's own tokens too when it tokenizes differently."""
+    """Examples -> `Batch`: left-padded prompts and right-padded targets, on the teacher's side too when the teacher
+    tokenizes differently."""
 
     def __init__(self, pad_token_id: int, teacher_pad_token_id: int | None = None):
-        self.pad_ids = {"": pad_token_id}
-        if teacher_pad_token_id is not None:
-            self.pad_ids["teacher_"] = teacher_pad_token_id
+        self.pad_token_id, self.teacher_pad_token_id = pad_token_id, teacher_pad_token_id
 
-    def __call__(self, items: Sequence[dict]) -> dict[str, Any]:
-        batch: dict[str, Any] = {"reference": [i["reference"] for i in items]}
-        for prefix, pad_id in self.pad_ids.items():
-            for part, side in (("prompt", "left"), ("target", "right")):
-                ids, mask = pad([i[f"{prefix}{part}"] for i in items], pad_id, side)
-                batch[f"{prefix}{part}_ids"], batch[f"{prefix}{part}_mask"] = ids, mask
-        return batch
+    def __call__(self, items: Sequence[Example]) -> Batch:
+        teacher = None
+        if self.teacher_pad_token_id is not None:
+            teacher = _side([i.teacher for i in items], self.teacher_pad_token_id)
+        return Batch(_side([i.student for i in items], self.pad_token_id), [i.reference for i in items], teacher)
 
 
-def split_rows(batch: Mapping[str, Any], size: int) -> list[dict[str, Any]]:
-    """The batch's rows in consecutive micro-batches of `size` rows, each trimmed to its own padding.
-
-    A training step reads one accumulation window as one batch (`DistillationDataModule`) and scores it `size`
-    rows at a time; trimming keeps a micro-batch exactly as wide as if it had been collated alone (prompts are
-    left-padded, targets right-padded)."""
-    rows = len(batch["reference"])
-    parts = []
-    for start in range(0, rows, size):
-        part = {key: value[start : start + size] for key, value in batch.items()}
-        for key in [k for k in part if k.endswith("_mask")]:
-            used = part[key].any(dim=0).nonzero()
-            if used.numel() == 0:
-                continue
-            span = slice(int(used[0]), None) if "prompt" in key else slice(0, int(used[-1]) + 1)
-            ids = key[: -len("mask")] + "ids"
-            part[key], part[ids] = part[key][:, span], part[ids][:, span]
-        parts.append(part)
-    return parts
+def _side(tokens: Sequence[Tokens], pad_id: int) -> Side:
+    return Side(*pad([t.prompt for t in tokens], pad_id, "left"), *pad([t.target for t in tokens], pad_id, "right"))
 
 
 class DistillationDataModule(L.LightningDataModule):
     """Train batches follow `StepSampler`: a function of the run seed and the step, so data order is reproducible.
 
     One train batch is one optimizer step's whole accumulation window on this process: `accumulate_grad_batches`
-    micro-batches of `task.batch_size` rows, which the module splits (`split_rows`) after counting the window's
+    micro-batches of `task.batch_size` rows, which the module splits (`Batch.split`) after counting the window's
     scored units, so that the loss is normalised once over the window (kdlab.losses.normalisation)."""
 
     def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, seed: int = 0, num_workers: int = 0,

@@ -20,7 +20,7 @@ import random
 import re
 import string
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from kdlab.data.arith import ArithSpec, make_splits
@@ -35,35 +35,35 @@ LONG_EXAMPLE_RULES = ("truncate", "skip")
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """Every field a task config may hold."""
+    """Every field a task config holds. The values live in `conf/task/` only (`_defaults.yaml`, then the task's own
+    file); code that builds a task outside `train.py` composes them (kdlab.conf.task_node)."""
 
     name: str
-    source: str = "arith"  # "arith": generated in process; "dataset": `data` (hub dataset or local files)
-    data: Mapping[str, Any] | None = None  # see kdlab.data.sources.DataSpec
-    metric: str = "gsm8k_accuracy"  # a folder of kdlab/metrics
-    metric_key: str = "accuracy"  # which of the metric's outputs is the task's headline number
-    prompt_template: str = "Question: {question}\nAnswer:"
-    target_template: str = " {answer}"
-    reference_field: str = "answer"
-    template_format: str = "format"
-    optional_fields: Sequence[str] = ()  # fields a template may use that can be blank (Dolly's context)
-    chat_template: str = "auto"  # "auto": wrap the prompt in the tokenizer's chat template when it has one
-    few_shot: int = 0  # solved training examples put before each prompt (removed from the training set)
-    few_shot_separator: str = "\n\n"
-    truncate_field: str | None = None  # a prompt too long is shortened by cutting the end of this field first
-    long_examples: str = "truncate"  # training examples over a length limit: "truncate" or "skip"
-    train_size: int | None = 4000  # arith: examples generated; dataset: a seeded sample of this many (null: all)
-    val_size: int = 200  # arith: examples generated; dataset: held out from train when splits.validation is null
-    data_seed: int = 1234
-    spec: Mapping[str, Any] = field(default_factory=dict)  # arith knobs (kdlab.data.arith.ArithSpec)
+    source: str  # "arith": generated in process; "dataset": `data` (hub dataset or local files)
+    data: Mapping[str, Any] | None  # see kdlab.data.sources.DataSpec
+    metric: str  # a folder of kdlab/metrics
+    metric_key: str  # which of the metric's outputs is the task's headline number
+    prompt_template: str
+    target_template: str
+    reference_field: str
+    template_format: str
+    optional_fields: Sequence[str]  # fields a template may use that can be blank (Dolly's context)
+    chat_template: str  # "auto": wrap the prompt in the tokenizer's chat template when it has one
+    few_shot: int  # solved training examples put before each prompt (removed from the training set)
+    few_shot_separator: str
+    truncate_field: str | None  # a prompt too long is shortened by cutting the end of this field first
+    long_examples: str  # training examples over a length limit: "truncate" or "skip"
+    train_size: int | None  # arith: examples generated; dataset: a seeded sample of this many (null: all)
+    val_size: int  # arith: examples generated; dataset: held out from train when splits.validation is null
+    data_seed: int
+    spec: Mapping[str, Any]  # arith knobs (kdlab.data.arith.ArithSpec)
     # lengths in tokens: prompts keep their end (nearest the answer), targets keep their start
-    max_prompt_tokens: int = 256
-    max_target_tokens: int = 160
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    eval_examples: int | None = 200  # the first this many validation examples are scored (null: all)
-    # how validation generates (greedy by default; num_beams > 1 for beam search)
-    generation: Mapping[str, Any] = field(default_factory=lambda: {"max_new_tokens": 160, "do_sample": False})
+    max_prompt_tokens: int
+    max_target_tokens: int
+    batch_size: int
+    eval_batch_size: int
+    eval_examples: int | None  # the first this many validation examples are scored (null: all)
+    generation: Mapping[str, Any]  # how validation generates (greedy by default; num_beams > 1 for beam search)
 
 
 TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskConfig))
@@ -71,7 +71,9 @@ TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskConfig))
 
 def task_config_errors(task_cfg: Mapping[str, Any]) -> list[str]:
     """Problems with a task node, each naming the key and the fix."""
-    errors = []
+    missing = [key for key in TASK_FIELDS if key not in task_cfg]
+    errors = [f"task {task_cfg.get('name', '?')} lacks {', '.join(missing)}: a task file lists `_defaults` first in "
+              f"its defaults list, and code builds a task node with kdlab.conf.task_node"] if missing else []
     for key in task_cfg:
         if key not in TASK_FIELDS:
             close = difflib.get_close_matches(str(key), TASK_FIELDS, n=1)

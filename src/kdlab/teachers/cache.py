@@ -225,7 +225,7 @@ def cache_config_errors(cache_cfg: Mapping[str, Any]) -> list[str]:
     return errors
 
 
-def run_fingerprints(task_cfg: Mapping[str, Any], tokenizer, examples: Sequence[Mapping[str, Any]],
+def run_fingerprints(task_cfg: Mapping[str, Any], tokenizer, examples: Sequence[Any],
                      teacher: torch.nn.Module | None = None, teacher_name: str | None = None) -> dict[str, Any]:
     """What a cache must agree with: tokenizer, task settings, the tokenized targets, and the teacher when loaded."""
     from kdlab.teachers.fingerprint import data_fingerprint, model_fingerprint, task_settings, tokenizer_fingerprint
@@ -234,7 +234,7 @@ def run_fingerprints(task_cfg: Mapping[str, Any], tokenizer, examples: Sequence[
         "format": FORMAT,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "task": task_settings(task_cfg),
-        "data": data_fingerprint((e["prompt"], e["target"]) for e in examples),
+        "data": data_fingerprint((e.student.prompt, e.student.target) for e in examples),
         "targets": "ground_truth",
         "examples": len(examples),
     }
@@ -258,23 +258,22 @@ def write_or_check_manifest(directory: Path, manifest: Mapping[str, Any]) -> Non
 
 
 @torch.no_grad()
-def score_batch(model: torch.nn.Module, items: Sequence[Mapping[str, Any]], pad_id: int,
+def score_batch(model: torch.nn.Module, items: Sequence[Any], pad_id: int,
                 top_k: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """Top-k, ids and tail of every target token of a batch, the rows of all examples concatenated in order."""
     from kdlab.data.datamodule import Collator
     from kdlab.scoring import score_targets
 
     device = next(model.parameters()).device
-    batch = Collator(pad_id)(list(items))
-    logits = score_targets(model, *(batch[key].to(device) for key in ("prompt_ids", "prompt_mask", "target_ids",
-                                                                        "target_mask")))
+    side = Collator(pad_id)(list(items)).student.to(device)
+    logits = score_targets(model, *side.prompt, *side.target)
     values, ids, tail = top_k_of_logits(logits, top_k)
-    lengths = [len(item["target"]) for item in items]
+    lengths = [len(item.student.target) for item in items]
     pick = lambda t: torch.cat([t[row, :n] for row, n in enumerate(lengths)]).cpu()  # noqa: E731
     return pick(values), pick(ids), pick(tail), lengths
 
 
-def write_shard(directory: Path, model: torch.nn.Module, examples: Sequence[Mapping[str, Any]], pad_id: int,
+def write_shard(directory: Path, model: torch.nn.Module, examples: Sequence[Any], pad_id: int,
                 cache_cfg: Mapping[str, Any]) -> ShardWriter:
     """Score this process's shard in batches, resuming after the examples already written; a tqdm bar shows it."""
     from tqdm.auto import tqdm

@@ -1,18 +1,17 @@
 """Hydra entry points of the teacher tools, composing the same `conf/` as `train.py`.
 
 The tools take the run's own overrides (`teacher=...`, `task=...`), so the teacher they serve or cache is the one a
-training run would load. `conf/` sits beside `src/` (the editable install this project uses); with a copy of the
-package elsewhere, pass `--config-dir <repo>/conf`.
+training run would load (`conf/` is found as kdlab.conf says; with a copy of the package elsewhere, pass
+`--config-dir <repo>/conf`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 from omegaconf import DictConfig
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+from kdlab.conf import CONF_DIR
 
 
 def hydra_entry(config_name: str, fn: Callable[[DictConfig], object]) -> None:

@@ -201,7 +201,7 @@ def profile(step, batch, steps: int, device: str) -> dict:
     return {"cprofile_cumulative_top": text.getvalue(), "torch_ops_top": ops}
 
 
-def main() -> None:
+def arguments():
     p = parser(__doc__.splitlines()[0], "benchmarks/results/step.json")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -212,19 +212,16 @@ def main() -> None:
                    help="kdlab's sampling: through generate (off), the compiled loop (on), or both side by side")
     p.add_argument("--profile", type=int, default=0, help="profile this many kdlab steps (cProfile + torch.profiler)")
     p.add_argument("--seed", type=int, default=0)
-    args = parse(p)
-    warnings.filterwarnings("ignore")
-    torch.manual_seed(args.seed)
-    dtype = DTYPES[args.dtype]
-    tokenizer, teacher, student = load(args.device, dtype)
-    batch, task = first_batch(tokenizer, args.batch, args.device)
+    return parse(p)
 
+
+def build_steps(args, student, teacher, tokenizer, task) -> tuple[dict, str | None]:
+    """The sides to time, each with its own copy of the student: kdlab (generate, compiled loop) and TRL."""
     steps = {}
     if args.compile in ("both", "off"):
         steps["kdlab"] = KdlabStep(copy.deepcopy(student), teacher, tokenizer, task, args)
     if args.compile in ("both", "on"):
         steps["kdlab_compiled"] = KdlabStep(copy.deepcopy(student), teacher, tokenizer, task, args, compile=True)
-    kdlab = next(iter(steps.values()))
     trl_note = None
     if not args.no_trl:
         try:
@@ -232,6 +229,18 @@ def main() -> None:
         except ImportError as error:
             trl_note = f"TRL not installed ({error}): its column is skipped"
             print(trl_note)
+    return steps, trl_note
+
+
+def main() -> None:
+    args = arguments()
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(args.seed)
+    dtype = DTYPES[args.dtype]
+    tokenizer, teacher, student = load(args.device, dtype)
+    batch, task = first_batch(tokenizer, args.batch, args.device)
+    steps, trl_note = build_steps(args, student, teacher, tokenizer, task)
+    kdlab = next(iter(steps.values()))
 
     # the same loss on the same batch: one set of kdlab samples, scored by both with identical weights
     with torch.no_grad():

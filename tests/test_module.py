@@ -173,3 +173,25 @@ def test_gradient_clipping_bounds_the_update_under_manual_optimization(tokenizer
     _fit(module, datamodule, steps=1)
     update = torch.cat([(p.detach() - b).flatten() for p, b in zip(module.student.parameters(), before)])
     assert update.norm().item() == pytest.approx(1e-3, rel=1e-3)  # SGD with lr 1: the clipped gradient's norm
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_evaluate_returns_the_generations_it_scored(tokenizer, role):
+    from kdlab.evaluation import GenerationScorer, evaluate
+    from kdlab.generation import generate_targets
+
+    module, datamodule = _module(tokenizer)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[GenerationScorer(module.task)])
+    generations = evaluate(trainer, module, datamodule, role)
+    datamodule.setup()
+    batch = next(iter(datamodule.val_dataloader()))
+    model = module.teacher if role == "teacher" else module.student
+    ids, _ = generate_targets(model, *batch.student.prompt, module.eval_sampling,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    by_hand = [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    assert generations.role == role and module.eval_role == "student"
+    assert generations.predictions == by_hand and generations.references == batch.reference
+    assert generations.scores == module.task.score(by_hand, batch.reference)
+    assert trainer.callback_metrics[f"{'teacher' if role == 'teacher' else 'val'}/accuracy"] == pytest.approx(
+        generations.scores["accuracy"])

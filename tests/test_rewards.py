@@ -79,7 +79,7 @@ def test_reward_settings_are_checked(tmp_path):
     assert any("samples_per_prompt must be >= 2" in e for e in errors)
     assert any("policy.student_fraction=0" in e for e in errors)
     with pytest.raises(TypeError, match="must be callable"):
-        RewardTerm(fn=3)
+        RewardTerm(fn=3, alpha=0.5, samples_per_prompt=4)
 
 
 def _student_weights(tmp_path, overrides):

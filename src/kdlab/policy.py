@@ -20,7 +20,9 @@ FIXED_SOURCES = ("ground_truth", "teacher")
 
 @dataclass(frozen=True)
 class DataPolicy:
-    student_fraction: float = 0.5
+    """The on-policy fraction (conf/policy/*.yaml sets it: no default here) and where fixed targets come from."""
+
+    student_fraction: float
     fixed_source: str = "ground_truth"
     sampling: SamplingSettings = SamplingSettings()
     seed: int = 0

@@ -70,9 +70,10 @@ def policy_gradient_loss(student_logits: Tensor, target_ids: Tensor, mask: Tenso
 
 
 class RewardTerm:
-    """The reward side of Eq. 5: a reward callable, the mixing weight `alpha` and k samples per prompt."""
+    """The reward side of Eq. 5: a reward callable, the mixing weight `alpha` and k samples per prompt (their
+    defaults live in conf/reward/*.yaml)."""
 
-    def __init__(self, fn, alpha: float = 0.5, samples_per_prompt: int = 4):
+    def __init__(self, fn, alpha: float, samples_per_prompt: int):
         if not callable(fn):
             raise TypeError(f"reward.fn must be callable (predictions, references) -> rewards; got {type(fn).__name__}")
         self.fn = fn

@@ -70,3 +70,20 @@ class SignalOnValidation(Callback):
     def on_validation_start(self, trainer, pl_module):
         if trainer.global_step == 0 and trainer.global_rank == 0:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+SERVERS: dict[str, object] = {}  # teacher servers a test started, by name, for ShutDownServerAt
+
+
+class ShutDownServerAt(Callback):
+    """Stops the named teacher server (from SERVERS) once `step` optimizer steps are done: the next step finds it
+    gone, as when a teacher server crashes mid-run."""
+
+    def __init__(self, step: int, name: str = "teacher"):
+        self.step, self.name = step, name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and self.name in SERVERS:
+            server = SERVERS.pop(self.name)
+            server.shutdown()
+            server.server_close()

@@ -33,13 +33,21 @@ from kdlab.generation import SamplingSettings, generate_targets
 from kdlab.lora import ADAPTER_KEY, export_lora, has_lora
 from kdlab.losses.normalisation import NONE, SEQUENCES, TOKENS, normalised, unit_counts
 from kdlab.losses.objective import Objective
+from kdlab.losses.sparse import TopK
 from kdlab.policy import STUDENT, DataPolicy
-from kdlab.resilience import NonFiniteGuard, step_seed
+from kdlab.resilience import LastCheckpoint, NonFiniteGuard, step_seed
 from kdlab.retokenize import response_texts, retokenize
 from kdlab.rewards import RewardTerm, leave_one_out_advantages, policy_gradient_sum
 from kdlab.scoring import score_targets
+from kdlab.teachers.client import TeacherServerError
+from kdlab.teachers.outside import CachedTeacher, RemoteTeacher
 
 TEACHER_PREFIX = "teacher."
+
+
+class TeacherUnavailable(TeacherServerError):
+    """The teacher server stopped answering mid-run; the message says where the checkpoint to resume from is."""
+
 STUDENT_PREFIX = "student."
 
 # Lightning warns when submodules are in eval mode as training starts; the frozen teacher is, by design.
@@ -54,6 +62,7 @@ class StepTargets:
     batch: Batch
     rewards: Tensor | None = None
     advantages: Tensor | None = None
+    teacher_top_k: TopK | None = None  # a cached or remote teacher's answer for these targets
 
 
 class DistillationModule(L.LightningModule):
@@ -75,6 +84,7 @@ class DistillationModule(L.LightningModule):
         seed: int = 0,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
+        outside_teacher: CachedTeacher | RemoteTeacher | None = None,
     ):
         # optimizer, max_nonfinite_steps and score_groups have their defaults in conf/train.yaml only, and their
         # checks in kdlab.config (at start-up, before any model loads)
@@ -83,10 +93,12 @@ class DistillationModule(L.LightningModule):
         # accumulation cannot: the module accumulates, clips (`trainer.gradient_clip_val`) and steps itself.
         self.automatic_optimization = False
         self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
-        if objective.needs_teacher and teacher is None:
+        if objective.needs_teacher and teacher is None and outside_teacher is None:
             raise ValueError(f"loss={objective.name} compares the student with a teacher, but no teacher was given")
         self.student = student
         self.teacher = teacher
+        # teacher=cached|remote: the teacher's top-k comes from outside the process (kdlab.teachers.outside)
+        self.outside_teacher = outside_teacher
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -171,7 +183,9 @@ class DistillationModule(L.LightningModule):
         groups = 1 if self._sharded else self.score_groups
         student_logits = score_targets(self.student, *batch.student.prompt, *batch.student.target, groups)
         teacher_logits = None
-        if self.objective.needs_teacher and self.cross_tokenizer:
+        if self.outside_teacher is not None:  # its top-k ids index the tokenizer's columns
+            student_logits = student_logits[..., : len(self.tokenizer)]
+        elif self.objective.needs_teacher and self.cross_tokenizer:
             with torch.no_grad():
                 teacher = batch.side("teacher")
                 teacher_logits = score_targets(self.teacher, *teacher.prompt, *teacher.target, groups)
@@ -194,6 +208,8 @@ class DistillationModule(L.LightningModule):
         if rewarded:
             batch = batch.repeat_rows(self.reward.samples_per_prompt)
         targets = StepTargets(self._targets(batch, source))
+        if self.outside_teacher is not None and self.objective.needs_teacher:
+            targets.teacher_top_k = self.outside_teacher.top_k(targets.batch)
         if rewarded:
             texts, _ = response_texts(*targets.batch.student.target, self.tokenizer)
             targets.rewards = self.reward.score([t.strip() for t in texts], batch.reference).to(self.device)
@@ -219,8 +235,8 @@ class DistillationModule(L.LightningModule):
         its shares of each logged value, which add up over micro-batches and processes to the global values."""
         t, batch = targets, targets.batch
         student_logits, teacher_logits = self._scores(batch)
-        terms = self.objective.terms(student_logits, teacher_logits, *batch.student.target, _teacher_mask(batch),
-                                     hard_labels)
+        teacher = t.teacher_top_k if t.teacher_top_k is not None else teacher_logits
+        terms = self.objective.terms(student_logits, teacher, *batch.student.target, _teacher_mask(batch), hard_labels)
         shares = {name: normalised(term, counts) for name, (_, term) in terms.items()}
         loss = student_logits.sum() * 0.0 + sum(weight * shares[name] for name, (weight, _) in terms.items())
         if t.advantages is not None:  # GKD Eq. 5: alpha * distillation + (1 - alpha) * REINFORCE
@@ -243,8 +259,14 @@ class DistillationModule(L.LightningModule):
         """One optimizer step on this process's accumulation window: targets for every micro-batch first, then
         their units counted globally, then each micro-batch's normalised loss backpropagated, then one update."""
         source = self.policy.draw(self.trainer.global_step)  # one draw per optimizer step, the same on every rank
+        lost = None
         with torch.no_grad():
-            window = [self._step_targets(part, source) for part in batch.split(self.task.config.batch_size)]
+            try:
+                window = [self._step_targets(part, source) for part in batch.split(self.task.config.batch_size)]
+            except TeacherServerError as err:  # before any backward: no process is left waiting in a collective
+                lost = err
+        if any_rank(lost is not None, self.device):
+            self._stop_without_teacher(lost)
         counts = self._global_counts(window)
         world = world_size()  # DDP and FSDP average gradients over processes; the shares are of the global sum
         shares: dict[str, Tensor] = {}
@@ -262,6 +284,18 @@ class DistillationModule(L.LightningModule):
         if bool(torch.isfinite(totals["loss"])):
             self._log_step(totals, source, int(counts["rows"]))
         return totals["loss"]
+
+    def _stop_without_teacher(self, error: Exception | None) -> None:
+        """The teacher server is gone (on this process or another): save `last.ckpt` as it stands before this step,
+        which a resumed run repeats exactly (its data and seed are functions of the step), and stop."""
+        step = self.trainer.global_step
+        last = next((c for c in self.trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+        if last is not None:
+            last.save(self.trainer)  # every process: a collective under DDP and FSDP
+        where = f"saved {last.path} at step {step}" if last is not None else f"at step {step}, no checkpoint callback"
+        raise TeacherUnavailable(f"{error or 'the teacher server failed on another process'}; {where}. Resume once "
+                                 "the server answers: python train.py <same overrides> hydra.run.dir=<this run> "
+                                 "ckpt_path=last")
 
     def _optimizer_step(self, totals: dict[str, Tensor]) -> None:
         """Step the optimizer and the scheduler once. A non-finite loss (on any process: `totals` are global) is

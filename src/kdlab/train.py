@@ -38,6 +38,7 @@ from kdlab.progress import StepProgressBar
 from kdlab.resilience import LastCheckpoint, PreemptionCheckpoint, RunInterrupted, TrainingDiverged, stop_on_sigterm
 from kdlab.resolvers import in_multirun, register_resolvers
 from kdlab.rewards import RewardTerm
+from kdlab.teachers.outside import CACHED, MODEL, REMOTE, build_outside_teacher, teacher_kind
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -57,8 +58,8 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, Task | None]:
             errors.append(f"task {cfg.task.get('name')}: {err}")
     tokenizers = {}
     for role in ("student", "teacher"):
-        if cfg.get(role) is None:
-            tokenizers[role] = None
+        if cfg.get(role) is None or (role == "teacher" and teacher_kind(cfg.teacher) != MODEL):
+            tokenizers[role] = None  # a cached or remote teacher is checked against the student's tokenizer later
             continue
         try:
             tokenizers[role] = load_tokenizer(cfg[role])
@@ -102,10 +103,10 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher_tokenizer: Any,
-                 teacher_tokens: Any) -> DistillationModule:
+                 teacher_tokens: Any, outside_teacher: Any = None) -> DistillationModule:
     """Load the models and build the module: objective, policy, reward, optimizer, and the two trainer keys the module
     applies itself (gradient clipping; accumulation is the datamodule's window) under manual optimization."""
-    teacher = load_model(cfg.teacher, teacher_tokenizer) if cfg.get("teacher") is not None else None
+    teacher = load_model(cfg.teacher, teacher_tokenizer) if teacher_kind(cfg.get("teacher")) == MODEL else None
     return DistillationModule(
         student=load_model(cfg.student, student_tokenizer),
         tokenizer=student_tokenizer,
@@ -123,6 +124,7 @@ def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher_to
         score_groups=int(cfg.score_groups),
         gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
         gradient_clip_algorithm=cfg.trainer.get("gradient_clip_algorithm") or "norm",
+        outside_teacher=outside_teacher,
     )
 
 
@@ -285,7 +287,10 @@ def _run(cfg: DictConfig) -> float:
                                         accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches") or 1))
     datamodule.setup("fit")  # tokenize now: length rules and an empty training set show before models load
     _print_data_report(task, output_dir)
-    module = build_module(cfg, task, student_tokenizer, teacher_tokenizer, teacher_tokens)
+    outside = None
+    if teacher_kind(cfg.get("teacher")) in (CACHED, REMOTE):  # checked against this run before any model loads
+        outside = build_outside_teacher(cfg.teacher, cfg.task, student_tokenizer, datamodule.train_set.items)
+    module = build_module(cfg, task, student_tokenizer, teacher_tokenizer, teacher_tokens, outside)
 
     loggers = build_loggers(cfg)
     succeeded = False

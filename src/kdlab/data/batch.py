@@ -52,12 +52,14 @@ class Side:
 
 @dataclass(frozen=True)
 class Batch:
-    """Rows of examples: the student's tokens, the teacher's own when it tokenizes differently (else None), and each
-    example's reference text (what a prediction is scored against, and a reward's second argument)."""
+    """Rows of examples: the student's tokens, the teacher's own when it tokenizes differently (else None), each
+    example's reference text (what a prediction is scored against, and a reward's second argument) and its row in
+    its split (a cached teacher's key; None where rows were not read from a split)."""
 
     student: Side
     reference: list[str]
     teacher: Side | None = None
+    index: Tensor | None = None  # int64 (rows,), kept on the CPU
 
     def __len__(self) -> int:
         return len(self.reference)
@@ -69,7 +71,7 @@ class Batch:
     def with_targets(self, student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor] | None) -> "Batch":
         """The same prompts with other targets (the step's: ground truth, or samples), on each side."""
         own = self.teacher.with_targets(*teacher) if self.teacher is not None and teacher is not None else None
-        return Batch(self.student.with_targets(*student), self.reference, own)
+        return Batch(self.student.with_targets(*student), self.reference, own, self.index)
 
     def split(self, size: int) -> list["Batch"]:
         """Consecutive micro-batches of `size` rows, each trimmed to its own padding (`Side.rows`)."""
@@ -77,17 +79,19 @@ class Batch:
         for start in range(0, len(self), size):
             stop = start + size
             teacher = self.teacher.rows(start, stop) if self.teacher is not None else None
-            parts.append(Batch(self.student.rows(start, stop), self.reference[start:stop], teacher))
+            index = self.index[start:stop] if self.index is not None else None
+            parts.append(Batch(self.student.rows(start, stop), self.reference[start:stop], teacher, index))
         return parts
 
     def repeat_rows(self, k: int) -> "Batch":
         """Each example k times in a row: k samples per prompt (GKD Eq. 5's reward step)."""
         teacher = self.teacher.repeat_rows(k) if self.teacher is not None else None
-        return Batch(self.student.repeat_rows(k), [r for r in self.reference for _ in range(k)], teacher)
+        index = self.index.repeat_interleave(k) if self.index is not None else None
+        return Batch(self.student.repeat_rows(k), [r for r in self.reference for _ in range(k)], teacher, index)
 
     def to(self, device: torch.device | str) -> "Batch":
         teacher = self.teacher.to(device) if self.teacher is not None else None
-        return Batch(self.student.to(device), self.reference, teacher)
+        return Batch(self.student.to(device), self.reference, teacher, self.index)
 
 
 def _trim(ids: Tensor, mask: Tensor, left: bool) -> tuple[Tensor, Tensor]:

@@ -120,7 +120,7 @@ class TokenizedExamples(Dataset):
             for who, cut in cuts:
                 task.report.record_truncation(split, who + cut)
             tokens = [Tokens(*side[index][:2]) for side in sides.values()]
-            self.items.append(Example(task.reference(example), *tokens))
+            self.items.append(Example(task.reference(example), *tokens, index=len(self.items)))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -139,11 +139,13 @@ class Tokens:
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized example: its reference text, the student's tokens, the teacher's own when they differ."""
+    """One tokenized example: its reference text, the student's tokens, the teacher's own when they differ, and its
+    row in its split (`TokenizedExamples.items[index]`, the key of a cached teacher's rows)."""
 
     reference: str
     student: Tokens
     teacher: Tokens | None = None
+    index: int = -1
 
 
 def _encode(
@@ -185,7 +187,8 @@ class Collator:
         teacher = None
         if self.teacher_pad_token_id is not None:
             teacher = _side([i.teacher for i in items], self.teacher_pad_token_id)
-        return Batch(_side([i.student for i in items], self.pad_token_id), [i.reference for i in items], teacher)
+        index = torch.tensor([i.index for i in items], dtype=torch.long)
+        return Batch(_side([i.student for i in items], self.pad_token_id), [i.reference for i in items], teacher, index)
 
 
 def _side(tokens: Sequence[Tokens], pad_id: int) -> Side:

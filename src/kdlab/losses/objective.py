@@ -32,6 +32,7 @@ from torch import Tensor
 
 from kdlab.losses.normalisation import REDUCTION_UNITS, SEQUENCES, TOKENS, LossSum, as_loss_sum, unit_counts
 from kdlab.losses.sft import cross_entropy
+from kdlab.losses.sparse import TopK, sparse_form
 
 SFT = "sft"
 # Cross-tokenizer losses: each term they return, and the config keys whose product weighs it.
@@ -84,7 +85,7 @@ class Objective:
     def terms(
         self,
         student_logits: Tensor,
-        teacher_logits: Tensor | None,
+        teacher_logits: Tensor | TopK | None,
         target_ids: Tensor,
         mask: Tensor,
         teacher_mask: Tensor | None = None,
@@ -92,13 +93,19 @@ class Objective:
     ) -> dict[str, tuple[float, LossSum]]:
         """Each active term by name: (its weight in the total, its LossSum). A term of weight 0 is not computed.
 
-        `teacher_mask` marks the teacher's own response tokens (cross-tokenizer losses); default: `mask`.
+        `teacher_logits` may be a `TopK` (a cached or remote teacher): the loss's top-k form is used
+        (kdlab.losses.sparse.sparse_form). `teacher_mask` marks the teacher's own response tokens (cross-tokenizer
+        losses); default: `mask`.
         `hard_labels=False` (targets sampled from the student) leaves the CE term out."""
         unit = REDUCTION_UNITS.get(self.reduction, TOKENS)
         if not self.needs_teacher:
             return {"ce": (1.0, as_loss_sum(self.loss(student_logits, target_ids, mask), mask, unit))}
         if self.cross_tokenizer:
             terms = self._cross_tokenizer_terms(student_logits, teacher_logits, mask, teacher_mask)
+        elif isinstance(teacher_logits, TopK):  # a cached or remote teacher: the divergence's top-k form
+            t = teacher_logits
+            value = sparse_form(self.loss)(student_logits, t.logprobs, t.ids, t.tail, mask)
+            terms = {self.name: (1.0, as_loss_sum(value, mask, unit))}
         else:
             terms = {self.name: (1.0, as_loss_sum(self.loss(student_logits, teacher_logits, mask), mask, unit))}
         if self.ce_weight > 0 and hard_labels:

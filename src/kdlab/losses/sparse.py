@@ -23,8 +23,10 @@ float32 copy of the full (batch, positions, vocab) tensor exists in forward or b
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -35,6 +37,21 @@ from kdlab.losses.divergences import CHUNK_ELEMENTS, REDUCTIONS, _kl, _log_mix
 
 # (log q buckets, log p buckets), each (rows, k + 1) -> per-row loss
 BucketDivergence = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class TopK:
+    """A teacher known by its top-k over a batch: logprobs and ids (batch, positions, k), tail (log of the remaining
+    mass) and mask (batch, positions), position t aligned with the student's logits at t (a cache row, a server's
+    prompt_logprobs)."""
+
+    logprobs: Tensor
+    ids: Tensor
+    tail: Tensor
+    mask: Tensor
+
+    def to(self, device: torch.device | str) -> "TopK":
+        return TopK(*(t.to(device) for t in (self.logprobs, self.ids, self.tail, self.mask)))
 
 
 def tail_log_mass(topk_logprobs: Tensor) -> Tensor:
@@ -217,3 +234,31 @@ def top_k_of_logits(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor, Ten
     else:
         tail = torch.logsumexp(logprobs.scatter(-1, ids, -math.inf), dim=-1)
     return values, ids, tail
+
+
+def _sparse_forms() -> dict[Callable[..., Tensor], Callable[..., Tensor]]:
+    from kdlab.losses import divergences as d
+
+    return {d.forward_kl: sparse_forward_kl, d.reverse_kl: sparse_reverse_kl, d.generalized_jsd: sparse_generalized_jsd,
+            d.total_variation: sparse_total_variation, d.skew_forward_kl: sparse_skew_forward_kl,
+            d.skew_reverse_kl: sparse_skew_reverse_kl}
+
+
+def sparse_form(loss: Callable[..., Any]) -> Callable[..., Tensor]:
+    """The top-k form of a dense divergence with its settings bound (a `conf/loss` partial): what a run with a cached
+    or remote teacher calls, as `fn(student_logits, teacher_logprobs, teacher_ids, teacher_tail, mask)`.
+
+    Raises ValueError for a loss without one (a user's own `_target_`, loss=ot|uld|sft) and for a temperature other
+    than 1 (a tempered teacher cannot be recovered from its top-k)."""
+    fn = loss.func if isinstance(loss, functools.partial) else loss
+    keywords = dict(loss.keywords) if isinstance(loss, functools.partial) else {}
+    sparse = _sparse_forms().get(fn)
+    if sparse is None:
+        known = ", ".join(f"{f.__module__}.{f.__name__}" for f in _sparse_forms())
+        raise ValueError(f"{getattr(fn, '__qualname__', fn)} has no top-k form for a cached or remote teacher; "
+                         f"those teachers train with {known} (loss=fkl|rkl|jsd|tvd|skl|srkl)")
+    temperature = keywords.pop("temperature", 1.0)
+    if temperature != 1.0:
+        raise ValueError(f"loss.temperature={temperature}: a cached or remote teacher gives its top-k at temperature "
+                         f"1, from which a tempered teacher cannot be recovered; use loss.temperature=1.0")
+    return functools.partial(sparse, **keywords)

@@ -258,15 +258,16 @@ def write_or_check_manifest(directory: Path, manifest: Mapping[str, Any]) -> Non
 
 
 @torch.no_grad()
-def score_batch(model: torch.nn.Module, items: Sequence[Any], pad_id: int,
-                top_k: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-    """Top-k, ids and tail of every target token of a batch, the rows of all examples concatenated in order."""
+def score_batch(model: torch.nn.Module, items: Sequence[Any], pad_id: int, top_k: int,
+                vocab: int | None = None) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """Top-k, ids and tail of every target token of a batch, the rows of all examples concatenated in order. With
+    `vocab`, over the tokenizer's columns only (checkpoints pad their output layer beyond it; training trims too)."""
     from kdlab.data.datamodule import Collator
     from kdlab.scoring import score_targets
 
     device = next(model.parameters()).device
     side = Collator(pad_id)(list(items)).student.to(device)
-    logits = score_targets(model, *side.prompt, *side.target)
+    logits = score_targets(model, *side.prompt, *side.target)[..., :vocab]
     values, ids, tail = top_k_of_logits(logits, top_k)
     lengths = [len(item.student.target) for item in items]
     pick = lambda t: torch.cat([t[row, :n] for row, n in enumerate(lengths)]).cpu()  # noqa: E731
@@ -274,7 +275,7 @@ def score_batch(model: torch.nn.Module, items: Sequence[Any], pad_id: int,
 
 
 def write_shard(directory: Path, model: torch.nn.Module, examples: Sequence[Any], pad_id: int,
-                cache_cfg: Mapping[str, Any]) -> ShardWriter:
+                cache_cfg: Mapping[str, Any], vocab: int | None = None) -> ShardWriter:
     """Score this process's shard in batches, resuming after the examples already written; a tqdm bar shows it."""
     from tqdm.auto import tqdm
 
@@ -286,7 +287,7 @@ def write_shard(directory: Path, model: torch.nn.Module, examples: Sequence[Any]
               unit="example") as bar:
         for start in range(todo.start + writer.progress.examples, todo.stop, size):
             items = [examples[i] for i in range(start, min(start + size, todo.stop))]
-            writer.append(*score_batch(model, items, pad_id, int(cache_cfg["top_k"])))
+            writer.append(*score_batch(model, items, pad_id, int(cache_cfg["top_k"]), vocab))
             bar.update(len(items))
     return writer
 
@@ -318,7 +319,7 @@ def cache_teacher(cfg) -> float:
                 "top_k": int(cfg.cache.top_k), "dtype": str(cfg.cache.dtype),
                 "shard_count": int(cfg.cache.shard_count)}
     write_or_check_manifest(directory, manifest)
-    writer = write_shard(directory, model, examples, int(tokenizer.pad_token_id), cfg.cache)
+    writer = write_shard(directory, model, examples, int(tokenizer.pad_token_id), cfg.cache, len(tokenizer))
     size = sum((writer.directory / name).stat().st_size for name in (*writer.row_bytes, "lengths.bin"))
     per_token = size / max(writer.progress.rows, 1)
     print(f"teacher cache {writer.directory}: {writer.progress.examples} examples, {writer.progress.rows} tokens, "

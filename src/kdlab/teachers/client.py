@@ -25,27 +25,16 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from kdlab.losses.sparse import tail_log_mass
+from kdlab.losses.sparse import TopK, tail_log_mass
 
 
 class TeacherServerError(RuntimeError):
     """The teacher server cannot give what the run needs; the message says which URL and what to do."""
-
-
-@dataclass
-class TopK:
-    """A teacher's top-k over a batch: logprobs and ids (batch, positions, k), tail and mask (batch, positions)."""
-
-    logprobs: Tensor
-    ids: Tensor
-    tail: Tensor
-    mask: Tensor
 
 
 class TeacherClient:

@@ -1,0 +1,143 @@
+"""Teachers outside the training process, as a training step sees them: `teacher=cached` and `teacher=remote`.
+
+Both answer one question for a batch, whatever its targets: the teacher's top-k log-probabilities, their ids and the
+log of the remaining mass at every student target token (`TopK`, aligned with the student's target logits). The step
+then trains on the top-k form of the configured divergence (kdlab.losses.sparse, the approximation stated there).
+
+- `CachedTeacher` reads the rows `kdlab-cache-teacher` wrote for each training example (`Batch.index`): no teacher
+  model loads, but only the fixed ground-truth targets are cached, so on-policy steps are refused at start-up.
+- `RemoteTeacher` asks a server (`kdlab-serve-teacher`, or `vllm serve`) for every target token of the batch's rows,
+  ground truth or the student's own samples: on-policy works.
+
+A teacher preset without `kind` is a model loaded into the process (`kind: model`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from kdlab.data.batch import Batch
+from kdlab.losses.sparse import TopK
+
+MODEL, CACHED, REMOTE = "model", "cached", "remote"
+KINDS = (MODEL, CACHED, REMOTE)
+
+
+def teacher_kind(teacher_cfg: Mapping[str, Any] | None) -> str | None:
+    """None without a teacher; else the preset's `kind` (a model when it names none)."""
+    return None if teacher_cfg is None else str(teacher_cfg.get("kind") or MODEL)
+
+
+def outside_teacher_errors(cfg: Mapping[str, Any]) -> list[str]:
+    """What a cached or remote teacher cannot do with this run's loss and policy, each with its fix."""
+    kind = teacher_kind(cfg.get("teacher"))
+    if kind not in (CACHED, REMOTE):
+        return [f"teacher.kind={kind!r} is unknown; choose one of {KINDS}"] if kind not in (None, MODEL) else []
+    from kdlab.losses.objective import build_objective
+    from kdlab.losses.sparse import sparse_form
+
+    teacher, errors = cfg["teacher"], []
+    key = "dir" if kind == CACHED else "url"
+    if not teacher.get(key):
+        errors.append(f"teacher={kind} needs teacher.{key}")
+    fraction = float(cfg["policy"]["student_fraction"])
+    if kind == CACHED and fraction > 0:
+        errors.append(f"teacher=cached holds the teacher's distributions on the fixed training targets only, but "
+                      f"policy.student_fraction={fraction} trains on the student's own samples: use teacher=remote "
+                      f"(a teacher server scores any sequence), or policy=supervised")
+    if cfg["policy"].get("fixed_source") == "teacher" and fraction < 1:
+        errors.append(f"teacher={kind} cannot sample SeqKD targets (policy.fixed_source=teacher): write the teacher's "
+                      f"samples as the task's targets, or train on the ground truth (policy.fixed_source=ground_truth)")
+    try:
+        sparse_form(build_objective(cfg["loss"]).loss)
+    except (ValueError, KeyError, TypeError) as err:
+        errors.append(f"loss={cfg['loss'].get('name')} with teacher={kind}: {err}")
+    return errors
+
+
+class CachedTeacher:
+    """The top-k a cache holds for each training example, by `Batch.index` (rows written by kdlab-cache-teacher)."""
+
+    kind = CACHED
+
+    def __init__(self, cache: Any):
+        self.cache = cache  # kdlab.teachers.cache.TeacherCache
+
+    def top_k(self, batch: Batch) -> TopK:
+        if batch.index is None:
+            raise ValueError("a cached teacher needs each row's example index (Batch.index)")
+        mask = batch.student.target_mask
+        lengths = mask.sum(dim=1).tolist()
+        rows = []
+        for index, length in zip(batch.index.tolist(), lengths):
+            logprobs, ids, tail = self.cache[index]
+            if len(ids) != length:
+                raise ValueError(f"the teacher cache holds {len(ids)} target tokens for training example {index}, "
+                                 f"the batch {length}: the cache was written for other targets")
+            rows.append((logprobs, ids, tail))
+        return _padded(rows, mask, self.cache.k)
+
+
+class RemoteTeacher:
+    """A teacher server's top-k of every target token of a batch's rows (kdlab.teachers.client.TeacherClient)."""
+
+    kind = REMOTE
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    def top_k(self, batch: Batch) -> TopK:
+        side = batch.student
+        prompts = _rows(*side.prompt)
+        targets = _rows(*side.target)
+        answer = self.client.target_top_k(prompts, targets)
+        rows = [(answer.logprobs[b, :n], answer.ids[b, :n], answer.tail[b, :n])
+                for b, n in enumerate(len(t) for t in targets)]
+        return _padded(rows, side.target_mask, self.client.k)
+
+
+def _rows(ids: Tensor, mask: Tensor) -> list[list[int]]:
+    """Each row's tokens without its padding."""
+    return [row[keep].tolist() for row, keep in zip(ids.cpu(), mask.bool().cpu())]
+
+
+def _padded(rows: Sequence[tuple[Tensor, Tensor, Tensor]], mask: Tensor, k: int) -> TopK:
+    """Per-row (n, k) top-k into (batch, positions, k), placed where `mask` holds each row's n target tokens."""
+    batch, width = mask.shape
+    logprobs = torch.zeros(batch, width, k)
+    ids = torch.zeros(batch, width, k, dtype=torch.long)
+    tail = torch.zeros(batch, width)
+    for b, (lp, token_ids, t) in enumerate(rows):
+        n = len(token_ids)
+        logprobs[b, :n], ids[b, :n], tail[b, :n] = lp, token_ids, t
+    return TopK(logprobs, ids, tail, mask.cpu().bool()).to(mask.device)
+
+
+def build_outside_teacher(teacher_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], tokenizer: Any,
+                          train_examples: Sequence[Any]) -> CachedTeacher | RemoteTeacher:
+    """Open the cache (checked against this run's tokenizer, task settings, data and k) or connect to the server
+    (checked against the student's vocabulary and tokenizer): every mismatch stops here, before training."""
+    from kdlab.teachers.cache import CacheError, check_cache_matches, open_cache, run_fingerprints
+    from kdlab.teachers.fingerprint import tokenizer_fingerprint
+
+    if teacher_kind(teacher_cfg) == CACHED:
+        cache = open_cache(teacher_cfg["dir"])
+        expected = run_fingerprints(task_cfg, tokenizer, train_examples)
+        if teacher_cfg.get("top_k") is not None:
+            expected["top_k"] = int(teacher_cfg["top_k"])
+        difference = check_cache_matches(cache.manifest, expected)
+        if difference:
+            raise CacheError(f"{difference} ({teacher_cfg['dir']}); write a cache for this run with "
+                             f"kdlab-cache-teacher <this run's overrides> cache.dir=<dir>")
+        return CachedTeacher(cache)
+    from kdlab.teachers.client import TeacherClient
+
+    client = TeacherClient(str(teacher_cfg["url"]), top_k=int(teacher_cfg["top_k"]), model=teacher_cfg.get("model"),
+                           api_key=teacher_cfg.get("api_key"), timeout=float(teacher_cfg["timeout"]),
+                           retries=int(teacher_cfg["retries"]), backoff=float(teacher_cfg["backoff"]),
+                           max_batch=int(teacher_cfg["max_batch"]))
+    client.check(vocab_size=len(tokenizer), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    return RemoteTeacher(client)

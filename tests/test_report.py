@@ -82,7 +82,7 @@ def test_tiny_multirun_report_matches_the_runs_and_lists_the_failed_one(tmp_path
     cells = _cells(comparison_table_markdown(sweep))
     for key, result in expected.items():
         value = f"{result['metrics']['accuracy']:.4f}"
-        assert cells[key].replace("**", "") == f"{value} (n=1)"
+        assert cells[key].replace("**", "") == f"{value} (n=1, no interval)"
     assert cells[("sft", "λ=1")] == "no result (1 not finished)"
     assert comparison_table_markdown(sweep) in report
     # the failed run is listed with its overrides and its error
@@ -153,7 +153,11 @@ def grid(tmp_path):
     return tmp_path, accuracies
 
 
-def test_table_is_mean_and_sample_std_over_seeds_with_the_best_in_bold(grid):
+# Student t quantiles t_{0.975, df} as printed in statistical tables (a reference independent of kdlab.report.stats)
+T_975 = {1: 12.706205, 2: 4.302653, 4: 2.776445, 9: 2.262157}
+
+
+def test_table_is_mean_and_95_interval_over_seeds_with_the_best_in_bold(grid):
     root, accuracies = grid
     sweep = load_sweep(root)
     assert [run.name for run in sweep.runs] == [str(i) for i in range(12)]  # 10 after 9, not after 1
@@ -164,16 +168,18 @@ def test_table_is_mean_and_sample_std_over_seeds_with_the_best_in_bold(grid):
     for (loss, fraction), values in accuracies.items():
         done = [v for v in values if isinstance(v, float)]
         label = "jsd(0.9)" if loss == "jsd0.9" else loss
-        text = f"{statistics.fmean(done):.4f} ± {statistics.stdev(done):.4f}"
+        mean, sd = statistics.fmean(done), statistics.stdev(done)
+        half = T_975[len(done) - 1] * sd / len(done) ** 0.5
         best = max(statistics.fmean([v for v in vals if isinstance(v, float)])
                    for (_, f), vals in accuracies.items() if f == fraction)
-        if abs(statistics.fmean(done) - best) < 1e-12:
-            text = f"**{text}**"
-        suffix = f"n={len(done)}" + (f", {len(values) - len(done)} not finished" if len(done) < len(values) else "")
-        assert cells[(label, f"λ={fraction}")] == f"{text} ({suffix})"
-    # the values themselves, by hand: fkl at lambda 0 is 0.45 ± 0.05, jsd(0.9) at lambda 0 the best column entry
-    assert cells[("fkl", "λ=0")] == "0.4500 ± 0.0500 (n=3)"
-    assert cells[("jsd(0.9)", "λ=0")] == "**0.5500 ± 0.0707** (n=2, 1 not finished)"
+        text = f"**{mean:.4f}**" if abs(mean - best) < 1e-12 else f"{mean:.4f}"
+        suffix = f"sd {sd:.4f}, n={len(done)}" + (
+            f", {len(values) - len(done)} not finished" if len(done) < len(values) else "")
+        assert cells[(label, f"λ={fraction}")] == f"{text} [{mean - half:.4f}, {mean + half:.4f}] ({suffix})"
+    # by hand: fkl at lambda 0 is 0.45, sd 0.05, half-width 4.302653 * 0.05 / sqrt(3) = 0.124207; jsd(0.9) at
+    # lambda 0 (two runs) is its column's best, half-width 12.706205 * 0.070711 / sqrt(2) = 0.6353
+    assert cells[("fkl", "λ=0")] == "0.4500 [0.3258, 0.5742] (sd 0.0500, n=3)"
+    assert cells[("jsd(0.9)", "λ=0")] == "**0.5500** [-0.0853, 1.1853] (sd 0.0707, n=2, 1 not finished)"
     statuses = {run.name: (run.status, run.error) for run in sweep.runs}
     assert statuses["8"] == ("failed", "ValueError: Invalid learning rate")
     assert statuses["11"] == ("unfinished", None)
@@ -312,8 +318,8 @@ def test_ready_sweeps_read_back_as_their_methods(tmp_path):
     rows = ["fkl", "rkl", "jsd(0.1)", "jsd(0.5)", "jsd(0.9)"]
     assert sorted({row for row, _ in cells}) == sorted(rows)
     for i, row in enumerate(rows):  # job 2i is lambda 0, 2i+1 lambda 1; accuracy = job / 100
-        assert cells[(row, "λ=0")].replace("**", "") == f"{2 * i / 100:.4f} (n=1)"
-        assert cells[(row, "λ=1")].replace("**", "") == f"{(2 * i + 1) / 100:.4f} (n=1)"
+        assert cells[(row, "λ=0")].replace("**", "") == f"{2 * i / 100:.4f} (n=1, no interval)"
+        assert cells[(row, "λ=1")].replace("**", "") == f"{(2 * i + 1) / 100:.4f} (n=1, no interval)"
     assert cells[("jsd(0.9)", "λ=1")].startswith("**")  # the highest of its column
 
     ablation = tmp_path / "ablation"

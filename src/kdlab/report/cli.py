@@ -1,4 +1,4 @@
-"""`kdlab-report <sweep dir>`: report.md, runs.csv and PNG plots of a sweep's runs, offline.
+"""`kdlab-report <sweep dir>`: report.md, runs.csv, differences.csv and PNG plots of a sweep's runs, offline.
 
     kdlab-report outputs/multirun/2026-11-25/15-14-06                 # writes into the sweep directory
     kdlab-report outputs/multirun/gkd_grid/<time> --out docs/gkd_grid # somewhere else
@@ -50,14 +50,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no run directories under {args.sweep_dir} (a run directory holds .hydra/, {RESULTS} or "
               f"{FAILURE_MARKER})", file=sys.stderr)
         return 2
+    from kdlab.report.differences import differences
     from kdlab.report.markdown import write_report  # matplotlib loads here, not for --wandb-push
-    from kdlab.report.tables import comparison_table_markdown
+    from kdlab.report.tables import compare, comparison_table_markdown, run_standard_error_line
 
     out_dir = args.out or args.sweep_dir
     written = write_report(sweep, out_dir, args.column)
     counts = ", ".join(f"{len(sweep.by_status(s))} {s}" for s in (FINISHED, FAILED, UNFINISHED))
     print(f"{len(sweep.runs)} runs ({counts}); swept: {', '.join(sweep.swept_keys) or 'nothing'}")
     print(comparison_table_markdown(sweep, args.column))
+    standard_error = run_standard_error_line(sweep)
+    if standard_error:
+        print(standard_error)
+    found = differences(compare(sweep, args.column), sweep.metric)
+    print(f"paired differences (same seed, one setting changed): {len(found)} pairs, "
+          f"{sum(d.distinguishable for d in found)} distinguishable from zero at 95% (report.md, differences.csv)")
     for kind, path in written.items():
         print(f"{kind}: {path}")
     if args.wandb:

@@ -1,4 +1,5 @@
-"""The Markdown report of a sweep: what was run, the comparison table, the plots, the runs that did not finish."""
+"""The Markdown report of a sweep: what was run, the comparison table with intervals over seeds, the paired
+differences between settings, the plots, the runs that did not finish."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from pathlib import Path
 import yaml
 
 from kdlab.report import plots
+from kdlab.report.differences import Difference, differences, differences_markdown, write_differences_csv
 from kdlab.report.runs import FAILED, FINISHED, UNFINISHED, Sweep
 from kdlab.report.tables import (
     column_key,
+    compare,
     comparison_table_markdown,
     fixed_settings,
     reference_scores,
+    run_standard_error_line,
     write_runs_csv,
 )
 from kdlab.resolvers import format_value
@@ -23,23 +27,28 @@ CURVES_PLOT = "learning_curves.png"
 
 
 def write_report(sweep: Sweep, out_dir: str | Path, column: str | None = None) -> dict[str, Path]:
-    """Write report.md, runs.csv and the PNG plots into `out_dir`; returns their paths by kind."""
+    """Write report.md, runs.csv, differences.csv and the PNG plots into `out_dir`; returns their paths by kind."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"csv": write_runs_csv(sweep, out_dir / "runs.csv")}
+    found = differences(compare(sweep, column), sweep.metric)
+    written["differences"] = write_differences_csv(found, out_dir / "differences.csv")
     metric_plot = plots.plot_metric(sweep, out_dir / METRIC_PLOT, column)
     curves_plot = plots.plot_learning_curves(sweep, out_dir / CURVES_PLOT, column=column)
     for kind, path in (("metric_plot", metric_plot), ("curves_plot", curves_plot)):
         if path is not None:
             written[kind] = path
-    text = report_markdown(sweep, column, metric_plot=metric_plot, curves_plot=curves_plot, out_dir=out_dir)
+    text = report_markdown(sweep, column, metric_plot=metric_plot, curves_plot=curves_plot, out_dir=out_dir,
+                           differences_found=found)
     written["report"] = out_dir / "report.md"
     written["report"].write_text(text)
     return written
 
 
 def report_markdown(sweep: Sweep, column: str | None = None, metric_plot: Path | None = None,
-                    curves_plot: Path | None = None, out_dir: Path | None = None) -> str:
+                    curves_plot: Path | None = None, out_dir: Path | None = None,
+                    differences_found: list[Difference] | None = None) -> str:
+    """The whole report.md; `differences_found` (the paired differences) is computed here when not given."""
     counts = {status: len(sweep.by_status(status)) for status in (FINISHED, FAILED, UNFINISHED)}
     lines = [f"# Sweep report: `{sweep.directory}`", ""]
     lines.append(f"{len(sweep.runs)} runs: {counts[FINISHED]} finished, {counts[FAILED]} failed, "
@@ -60,38 +69,56 @@ def report_markdown(sweep: Sweep, column: str | None = None, metric_plot: Path |
         lines.append("Fixed: " + ", ".join(f"`{k}={format_value(v)}`" for k, v in fixed.items()) + ".")
     if sweep.wandb_group:
         lines.append(f"W&B group: `{sweep.wandb_group}`.")
-    lines += ["", "## Comparison", ""]
-    col = column_key(sweep, column)
-    seeds = "seeds" if "seed" in sweep.swept_keys else "runs"
-    lines.append(f"Mean ± sample standard deviation over {seeds}, n finished runs per cell; the best mean of each "
-                 f"column in bold." + (" Columns: `policy.student_fraction` (λ, the share of steps on the student's "
-                                       "own samples)." if col == "policy.student_fraction" else ""))
-    lines += ["", comparison_table_markdown(sweep, column), ""]
-    refs = reference_scores(sweep.runs, sweep.metric)
-    if refs:
-        lines.append("For reference: " + ", ".join(
-            f"{'teacher' if k == 'teacher' else 'student before training'} {v:.4f}" for k, v in refs.items())
-            + " (mean over the runs that scored them).")
-        lines.append("")
+    lines += _comparison_lines(sweep, column)
+    if differences_found is None:
+        differences_found = differences(compare(sweep, column), sweep.metric)
+    lines += differences_markdown(differences_found)
     lines += _optuna_lines(sweep)
     if metric_plot or curves_plot:
         lines += ["## Plots", ""]
         for path, caption in ((metric_plot, f"{sweep.metric} per method"), (curves_plot, "learning curves")):
             if path is not None:
                 lines += [f"![{caption}]({_relative(path, out_dir)})", ""]
-    not_done = [run for run in sweep.runs if run.status != FINISHED]
-    lines += ["## Runs that did not finish", ""]
-    if not_done:
-        shared = set.intersection(*(set(run.overrides) for run in sweep.runs))  # said once, not per row
-        lines += ["| run | status | overrides (those all runs share left out) | error |", "| --- | --- | --- | --- |"]
-        for run in not_done:
-            error = (run.error or f"no {RESULTS} and no failure marker: still running, killed or crashed")
-            own = [o for o in run.overrides if o not in shared] or run.overrides
-            lines.append(f"| {run.name} | {run.status} | `{' '.join(own)}` | {_cell(error)} |")
-    else:
-        lines.append("None: every run finished.")
+    lines += _not_finished_lines(sweep)
     lines += ["", "Every run, its status, swept values and scores: [runs.csv](runs.csv).", ""]
     return "\n".join(lines)
+
+
+def _comparison_lines(sweep: Sweep, column: str | None) -> list[str]:
+    """The table, how to read it, one run's standard error and the reference scores."""
+    col = column_key(sweep, column)
+    seeds = "seeds" if "seed" in sweep.swept_keys else "runs"
+    lines = ["", "## Comparison", ""]
+    lines.append(f"Mean over {seeds} with its 95% confidence interval [low, high] (Student t, n - 1 degrees of "
+                 f"freedom; a cell of one run has no interval), the sample standard deviation (sd) and n finished "
+                 f"runs per cell; the best mean of each column in bold." + (
+                     " Columns: `policy.student_fraction` (λ, the share of steps on the student's own samples)."
+                     if col == "policy.student_fraction" else ""))
+    lines += ["", comparison_table_markdown(sweep, column), ""]
+    standard_error = run_standard_error_line(sweep)
+    if standard_error:
+        lines += [standard_error, ""]
+    refs = reference_scores(sweep.runs, sweep.metric)
+    if refs:
+        lines.append("For reference: " + ", ".join(
+            f"{'teacher' if k == 'teacher' else 'student before training'} {v:.4f}" for k, v in refs.items())
+            + " (mean over the runs that scored them).")
+        lines.append("")
+    return lines
+
+
+def _not_finished_lines(sweep: Sweep) -> list[str]:
+    not_done = [run for run in sweep.runs if run.status != FINISHED]
+    lines = ["## Runs that did not finish", ""]
+    if not not_done:
+        return lines + ["None: every run finished."]
+    shared = set.intersection(*(set(run.overrides) for run in sweep.runs))  # said once, not per row
+    lines += ["| run | status | overrides (those all runs share left out) | error |", "| --- | --- | --- | --- |"]
+    for run in not_done:
+        error = (run.error or f"no {RESULTS} and no failure marker: still running, killed or crashed")
+        own = [o for o in run.overrides if o not in shared] or run.overrides
+        lines.append(f"| {run.name} | {run.status} | `{' '.join(own)}` | {_cell(error)} |")
+    return lines
 
 
 def _optuna_lines(sweep: Sweep) -> list[str]:

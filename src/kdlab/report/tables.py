@@ -1,4 +1,5 @@
-"""The comparison table of a sweep (mean and spread over seeds, best per column in bold) and the CSV of all runs.
+"""The comparison table of a sweep (mean, 95% interval and spread over seeds, best per column in bold) and the CSV of
+all runs.
 
 Rows are methods: the loss with its own parameter (`jsd(0.9)`) and whatever else the sweep varied, except the seed
 (averaged over) and the column key (the student fraction lambda when it was swept). Cells average the finished runs;
@@ -23,7 +24,10 @@ from kdlab.report.runs import (
     Sweep,
     flatten,
 )
+from kdlab.report.stats import Interval, binomial_standard_error, t_interval
 from kdlab.resolvers import format_value, method_label
+
+LOSS_FACTOR = "loss"  # the loss and the loss parameters a sweep varied form one factor: the method
 
 
 @dataclass
@@ -31,6 +35,7 @@ class Cell:
     """The runs of one (method, column) pair."""
 
     values: list[float] = field(default_factory=list)  # the metric of each finished run
+    seeds: list[Any] = field(default_factory=list)  # the seed of each finished run, in the order of `values`
     not_finished: int = 0  # failed or unfinished runs of this cell
 
     @property
@@ -42,6 +47,18 @@ class Cell:
         """Sample standard deviation over seeds (n - 1); None below two runs."""
         return statistics.stdev(self.values) if len(self.values) > 1 else None
 
+    @property
+    def interval(self) -> Interval | None:
+        """The mean's 95% t interval over seeds (no bounds with one run); None without a finished run."""
+        return t_interval(self.values) if self.values else None
+
+    def by_seed(self) -> dict[Any, float]:
+        """{seed: metric}; runs that share a seed (the same setting run twice) are averaged into one value."""
+        grouped: dict[Any, list[float]] = {}
+        for seed, value in zip(self.seeds, self.values):
+            grouped.setdefault(seed, []).append(value)
+        return {seed: statistics.fmean(values) for seed, values in grouped.items()}
+
 
 @dataclass
 class Comparison:
@@ -49,6 +66,7 @@ class Comparison:
     columns: list[Any]  # the column key's values, sorted
     rows: list[str]  # method labels, in first-seen order
     cells: dict[tuple[str, Any], Cell]
+    row_factors: dict[str, dict[str, str]] = field(default_factory=dict)  # each row's label, factor by factor
 
 
 def column_key(sweep: Sweep, requested: str | None = None) -> str | None:
@@ -67,6 +85,16 @@ def row_labels(sweep: Sweep, column: str | None = None) -> dict[str, str]:
 
     A loss parameter the sweep varied shows only where it departs from the value most runs of that loss use, so an
     ablation reads `ot`, `ot(gamma=0)`, `ot(top_k=10)` rather than every parameter of every row."""
+    return {run: _label(factors) for run, factors in row_factors(sweep, column).items()}
+
+
+def _label(factors: dict[str, str]) -> str:
+    return " ".join(factors.values()) or "all runs"
+
+
+def row_factors(sweep: Sweep, column: str | None = None) -> dict[str, dict[str, str]]:
+    """Each run's row label in parts (by run directory): {"loss": "jsd(0.9)", "optimizer.lr": "lr=0.001"}. The parts
+    are what paired differences vary one at a time; the loss and its varied parameters count as one factor."""
     keys = row_keys(sweep, column)
     loss_keys = [key.split(".", 1)[1] for key in keys if key.startswith("loss.") and key != "loss.name"]
     usual: dict[tuple[str, str], Any] = {}
@@ -77,14 +105,15 @@ def row_labels(sweep: Sweep, column: str | None = None) -> dict[str, str]:
             usual[(name, key)] = counts.most_common(1)[0][0] if counts else None
     other = [key for key in keys if not key.startswith("loss.")]
     short = _short_names(other)
-    labels = {}
+    factors = {}
     for run in sweep.runs:
         name = run.get("loss.name")
         unusual = [k for k in loss_keys if _as_key(run.get(f"loss.{k}")) != usual.get((name, k))]
-        parts = [method_label(run.get("loss") or {}, unusual)] if run.get("loss") is not None or loss_keys else []
-        parts += [f"{short[key]}={format_value(run.get(key))}" for key in other]
-        labels[str(run.directory)] = " ".join(parts) if parts else "all runs"
-    return labels
+        parts = {LOSS_FACTOR: method_label(run.get("loss") or {}, unusual)} if (
+            run.get("loss") is not None or loss_keys) else {}
+        parts.update({key: f"{short[key]}={format_value(run.get(key))}" for key in other})
+        factors[str(run.directory)] = parts
+    return factors
 
 
 def _as_key(value: Any) -> Any:
@@ -100,15 +129,17 @@ def _short_names(keys: list[str]) -> dict[str, str]:
 def compare(sweep: Sweep, column: str | None = None) -> Comparison:
     """Group the sweep's runs into (method, column value) cells of the headline metric."""
     column = column_key(sweep, column)
-    labels = row_labels(sweep, column)
+    factors = row_factors(sweep, column)
     rows: list[str] = []
     columns: set = set()
     cells: dict[tuple[str, Any], Cell] = {}
+    by_row: dict[str, dict[str, str]] = {}
     for run in sweep.runs:
-        row = labels[str(run.directory)]
+        row = _label(factors[str(run.directory)])
         col = run.get(column) if column else None
         if row not in rows:
             rows.append(row)
+            by_row[row] = factors[str(run.directory)]
         columns.add(col)
         cell = cells.setdefault((row, col), Cell())
         value = run.metric(sweep.metric) if run.status == FINISHED else None
@@ -116,7 +147,8 @@ def compare(sweep: Sweep, column: str | None = None) -> Comparison:
             cell.not_finished += 1
         else:
             cell.values.append(value)
-    return Comparison(column, sorted(columns, key=_sort_key), rows, cells)
+            cell.seeds.append(run.get(SEED))
+    return Comparison(column, sorted(columns, key=_sort_key), rows, cells, by_row)
 
 
 def _sort_key(value: Any) -> tuple:
@@ -135,20 +167,24 @@ def best_per_column(comparison: Comparison) -> dict[Any, float]:
 
 
 def format_cell(cell: Cell | None, best: float | None, digits: int = 4) -> str:
-    """`0.4500 ± 0.0212 (n=3)`, bold when its mean is the column's best, with the runs that did not finish."""
+    """`0.4500 [0.3258, 0.5742] (sd 0.0500, n=3)`: the mean, its 95% interval over seeds, the sample standard
+    deviation and the number of finished runs; the mean bold when it is the column's best; `n=1, no interval` with
+    a single run; the runs that did not finish counted."""
     if cell is None:
         return ""
-    if cell.mean is None:
+    interval = cell.interval
+    if interval is None:
         return f"no result ({cell.not_finished} not finished)"
-    text = f"{cell.mean:.{digits}f}"
-    if cell.std is not None:
-        text += f" ± {cell.std:.{digits}f}"
-    if best is not None and math.isclose(cell.mean, best, rel_tol=0, abs_tol=1e-12):
+    text = f"{interval.mean:.{digits}f}"
+    if best is not None and math.isclose(interval.mean, best, rel_tol=0, abs_tol=1e-12):
         text = f"**{text}**"
-    n = f"n={len(cell.values)}"
+    if interval.low is not None:
+        text += f" [{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
+    counts = [f"sd {interval.std:.{digits}f}"] if interval.std is not None else []
+    counts.append(f"n={interval.n}" + (", no interval" if interval.low is None else ""))
     if cell.not_finished:
-        n += f", {cell.not_finished} not finished"
-    return f"{text} ({n})"
+        counts.append(f"{cell.not_finished} not finished")
+    return f"{text} ({', '.join(counts)})"
 
 
 def column_title(key: str | None, value: Any, metric: str) -> str:
@@ -161,7 +197,8 @@ def column_title(key: str | None, value: Any, metric: str) -> str:
 
 def comparison_table_markdown(sweep: Sweep, column: str | None = None, digits: int = 4) -> str:
     """The Markdown comparison table of the report: one row per method, one column per value of the column key;
-    each cell the mean ± sample std over seeds of the headline metric, n finished runs, best mean per column bold."""
+    each cell the mean over seeds of the headline metric with its 95% t interval, the sample std and n finished
+    runs; the best mean per column bold."""
     comparison = compare(sweep, column)
     best = best_per_column(comparison)
     titles = [column_title(comparison.column_key, col, sweep.metric) for col in comparison.columns]
@@ -235,3 +272,50 @@ def reference_scores(runs: list[RunRecord], metric: str) -> dict[str, float]:
         if values:
             out[name] = statistics.fmean(values)
     return out
+
+
+SCORED_GENERATIONS = Path("generations") / "student_after.jsonl"  # one line per problem the final score counted
+
+
+def scored_problems(run: RunRecord) -> int | None:
+    """How many problems the run's final score averages over: the lines of its final generations (what was scored),
+    else the validation examples its data report used, else `task.eval_examples` (an upper bound: the split may be
+    smaller). None when none is known."""
+    path = run.directory / SCORED_GENERATIONS
+    if path.is_file():
+        with path.open() as f:
+            return sum(1 for line in f if line.strip()) or None
+    used = (((run.results or {}).get("data") or {}).get("validation") or {}).get("used")
+    if isinstance(used, int) and used > 0:
+        return used
+    configured = run.get("task.eval_examples")
+    return configured if isinstance(configured, int) and configured > 0 else None
+
+
+def is_accuracy_like(metric: str) -> bool:
+    """A share of problems solved (each scores 0 or 1), for which the binomial standard error holds; ROUGE and BLEU
+    average graded or corpus-level scores and do not qualify."""
+    name = metric.lower()
+    return "acc" in name or "exact_match" in name
+
+
+def run_standard_error_line(sweep: Sweep) -> str | None:
+    """`One run's standard error: about 0.0350 (200 problems) ...`: the binomial sqrt(p (1-p) / N) at the finished
+    runs' mean score. The intervals over seeds keep the scored problems fixed; this says how far one run's score
+    would move on another draw of N problems. None where it does not apply (not an accuracy, outside [0, 1], or N
+    unknown)."""
+    if not is_accuracy_like(sweep.metric):
+        return None
+    scored = [(value, scored_problems(run)) for run in sweep.by_status(FINISHED)
+              if (value := run.metric(sweep.metric)) is not None]
+    if not scored or any(n is None or not 0.0 <= p <= 1.0 for p, n in scored):
+        return None
+    sizes = sorted({n for _, n in scored})
+    if len(sizes) == 1:
+        mean = statistics.fmean(p for p, _ in scored)
+        error = f"{binomial_standard_error(mean, sizes[0]):.4f} ({sizes[0]} problems, at the mean {sweep.metric})"
+    else:
+        errors = [binomial_standard_error(p, n) for p, n in scored]
+        error = f"{min(errors):.4f} to {max(errors):.4f} ({sizes[0]} to {sizes[-1]} problems, run by run)"
+    return (f"One run's standard error: about {error}; binomial sqrt(p(1-p)/N), the spread from which problems were "
+            f"drawn, which the intervals over seeds leave out (every run scores the same problems).")

@@ -80,7 +80,8 @@ def test_every_answer_is_consistent_and_ends_with_its_value():
         assert match, last
         assert solve_steps(answer) == int(match.group(1))
         assert extract_answer(answer) == match.group(1)
-        assert set(problem) == {"question", "answer"}
+        assert set(problem) == {"question", "answer", "steps"}
+        assert problem["steps"] == problem["answer"].count("\n")  # one line per operation, then the final answer
 
 
 def test_solve_steps_rejects_inconsistent_or_missing_steps():

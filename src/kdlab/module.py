@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import lightning as L
@@ -31,7 +31,7 @@ from kdlab.data.tasks import Task
 from kdlab.distributed import FSDP2Strategy, any_rank, full_state_dict, is_sharded, shard_model, world_size
 from kdlab.generation import SamplingSettings, generate_targets
 from kdlab.lora import ADAPTER_KEY, export_lora, has_lora
-from kdlab.losses.normalisation import NONE, SEQUENCES, TOKENS, normalised, unit_counts
+from kdlab.losses.normalisation import NONE, SEQUENCES, TOKENS, LossSum, normalised, unit_counts
 from kdlab.losses.objective import Objective
 from kdlab.losses.sparse import TopK
 from kdlab.policy import STUDENT, DataPolicy
@@ -40,9 +40,10 @@ from kdlab.retokenize import response_texts, retokenize
 from kdlab.rewards import RewardTerm, leave_one_out_advantages, policy_gradient_sum
 from kdlab.scoring import score_targets
 from kdlab.teachers.client import TeacherServerError
+from kdlab.teachers.ensemble import ROUTE, TeacherEnsemble
 from kdlab.teachers.outside import CachedTeacher, RemoteTeacher
 
-TEACHER_PREFIX = "teacher."
+TEACHER_PREFIXES = ("teacher.", "teachers.")  # the teacher, and the model members of several teachers
 
 
 class TeacherUnavailable(TeacherServerError):
@@ -62,7 +63,7 @@ class StepTargets:
     batch: Batch
     rewards: Tensor | None = None
     advantages: Tensor | None = None
-    teacher_top_k: TopK | None = None  # a cached or remote teacher's answer for these targets
+    outside_scores: dict[str, TopK] = field(default_factory=dict)  # cached or remote teachers' answers, by name
 
 
 class DistillationModule(L.LightningModule):
@@ -85,6 +86,7 @@ class DistillationModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         outside_teacher: CachedTeacher | RemoteTeacher | None = None,
+        ensemble: TeacherEnsemble | None = None,
     ):
         # optimizer, max_nonfinite_steps and score_groups have their defaults in conf/train.yaml only, and their
         # checks in kdlab.config (at start-up, before any model loads)
@@ -93,12 +95,18 @@ class DistillationModule(L.LightningModule):
         # accumulation cannot: the module accumulates, clips (`trainer.gradient_clip_val`) and steps itself.
         self.automatic_optimization = False
         self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
-        if objective.needs_teacher and teacher is None and outside_teacher is None:
+        if objective.needs_teacher and teacher is None and outside_teacher is None and ensemble is None:
             raise ValueError(f"loss={objective.name} compares the student with a teacher, but no teacher was given")
         self.student = student
         self.teacher = teacher
         # teacher=cached|remote: the teacher's top-k comes from outside the process (kdlab.teachers.outside)
         self.outside_teacher = outside_teacher
+        # several teachers (kdlab.teachers.ensemble); their models are submodules, frozen as the teacher is
+        self.ensemble = ensemble
+        self.teachers = torch.nn.ModuleDict(ensemble.models) if ensemble is not None and ensemble.models else None
+        for model in self.teachers.values() if self.teachers is not None else ():
+            model.requires_grad_(False)
+            model.eval()
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -128,8 +136,9 @@ class DistillationModule(L.LightningModule):
     # -- modes ---------------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "DistillationModule":
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # no dropout in the teacher, ever
+        for teacher in [self.teacher, *(self.teachers.values() if self.teachers is not None else ())]:
+            if teacher is not None:
+                teacher.eval()  # no dropout in a teacher, ever
         return self
 
     # -- training ------------------------------------------------------------------------------------------------
@@ -171,35 +180,55 @@ class DistillationModule(L.LightningModule):
         return self._trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
     def _loss(self, batch: Batch, hard_labels: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
-        """The objective on `batch`'s targets, normalised within the batch (validation's loss)."""
-        student_logits, teacher_logits = self._scores(batch)
-        return self.objective(student_logits, teacher_logits, *batch.student.target, _teacher_mask(batch),
-                              hard_labels)
+        """The objective on `batch`'s targets, each term normalised within the batch (validation's loss)."""
+        student_logits, terms, _ = self._terms(batch, {}, hard_labels)
+        total = student_logits.sum() * 0.0 + sum(weight * term.mean() for weight, term in terms.values())
+        return total, {name: term.mean().detach() for name, (_, term) in terms.items()}
 
-    def _scores(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
-        """(student logits, teacher logits or None) over the batch's targets, each model reading its own tokens, each
-        trimmed to its tokenizer's vocabulary."""
+    def _terms(self, batch: Batch, outside_scores: dict[str, TopK],
+               hard_labels: bool) -> tuple[Tensor, dict[str, tuple[float, LossSum]], dict[str, LossSum]]:
+        """(student logits, the objective's terms, each teacher member's own divergence) over the batch's targets:
+        the teachers in this process score here, the outside ones answered before (`outside_scores`)."""
+        student_logits, local = self._scores(batch)
+        scores = {**local, **outside_scores}
+        if self.ensemble is not None and self.ensemble.combine == ROUTE:
+            return student_logits, *self._routed_terms(student_logits, scores, batch, hard_labels)
+        teacher = self._teacher_view(batch, scores)
+        terms = self.objective.terms(student_logits, teacher, *batch.student.target, _teacher_mask(batch), hard_labels)
+        members = self._member_terms(student_logits.detach(), scores, batch) if self.ensemble is not None else {}
+        return student_logits, terms, members
+
+    def _scores(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The student's logits over the batch's targets and each teacher model's in this process, by name
+        ("teacher", or the members of several teachers), each model reading its own tokens, trimmed to the columns
+        that are tokens: the tokenizer's, and with one tokenizer the columns every model has."""
         # Sharded ranks must run the same forward passes, whatever their rows' lengths: one group there.
         groups = 1 if self._sharded else self.score_groups
         student_logits = score_targets(self.student, *batch.student.prompt, *batch.student.target, groups)
-        teacher_logits = None
-        if self.outside_teacher is not None:  # its top-k ids index the tokenizer's columns
-            student_logits = student_logits[..., : len(self.tokenizer)]
-        elif self.objective.needs_teacher and self.cross_tokenizer:
+        if not self.objective.needs_teacher:
+            return student_logits, {}
+        if self.cross_tokenizer:
             with torch.no_grad():
                 teacher = batch.side("teacher")
                 teacher_logits = score_targets(self.teacher, *teacher.prompt, *teacher.target, groups)
             # Models may pad their output layer beyond their tokenizer: columns past it are no tokens at all.
-            student_logits = student_logits[..., : len(self.tokenizer)]
-            teacher_logits = teacher_logits[..., : len(self.teacher_tokenizer)]
-        elif self.objective.needs_teacher:
-            with torch.no_grad():
-                teacher_logits = score_targets(self.teacher, *batch.student.prompt, *batch.student.target, groups)
-            # Same tokenizer, but checkpoints pad their output layers beyond it, each size its own way (Qwen3: 151,936
-            # rows for 151,669 tokens; Gemma 3: 262,144 or 262,208): the loss sees the token columns both models have.
-            vocab = min(len(self.tokenizer), student_logits.shape[-1], teacher_logits.shape[-1])
-            student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
-        return student_logits, teacher_logits
+            return student_logits[..., : len(self.tokenizer)], {"teacher": teacher_logits[..., : len(
+                self.teacher_tokenizer)]}
+        models = {"teacher": self.teacher} if self.teacher is not None else dict(self.teachers or {})
+        with torch.no_grad():
+            local = {name: score_targets(model, *batch.student.prompt, *batch.student.target, groups)
+                     for name, model in models.items()}
+        # Same tokenizer, but checkpoints pad their output layers beyond it, each size its own way (Qwen3: 151,936
+        # rows for 151,669 tokens; Gemma 3: 262,144 or 262,208): the loss sees the token columns all models have.
+        vocab = min(len(self.tokenizer), student_logits.shape[-1], *(t.shape[-1] for t in local.values()))
+        return student_logits[..., :vocab], {name: t[..., :vocab] for name, t in local.items()}
+
+    def _teacher_view(self, batch: Batch, scores: dict[str, Tensor | TopK]) -> Tensor | TopK | None:
+        """What the loss compares the student with: the one teacher's logits or top-k, or several teachers
+        combined (kdlab.teachers.ensemble); None without a teacher."""
+        if self.ensemble is not None:
+            return self.ensemble.combined(scores, batch)
+        return next(iter(scores.values()), None)
 
     def _step_targets(self, batch: Batch, source: str) -> StepTargets:
         """One micro-batch's targets from `source`, and with a reward (GKD Eq. 5, on the student's own samples)
@@ -208,8 +237,10 @@ class DistillationModule(L.LightningModule):
         if rewarded:
             batch = batch.repeat_rows(self.reward.samples_per_prompt)
         targets = StepTargets(self._targets(batch, source))
-        if self.outside_teacher is not None and self.objective.needs_teacher:
-            targets.teacher_top_k = self.outside_teacher.top_k(targets.batch)
+        if self.objective.needs_teacher and self.outside_teacher is not None:
+            targets.outside_scores = {"teacher": self.outside_teacher.top_k(targets.batch)}
+        elif self.objective.needs_teacher and self.ensemble is not None:
+            targets.outside_scores = self.ensemble.outside_scores(targets.batch)
         if rewarded:
             texts, _ = response_texts(*targets.batch.student.target, self.tokenizer)
             targets.rewards = self.reward.score([t.strip() for t in texts], batch.reference).to(self.device)
@@ -234,10 +265,9 @@ class DistillationModule(L.LightningModule):
         """This micro-batch's share of the global loss (every term's sum over the global count of its unit), and
         its shares of each logged value, which add up over micro-batches and processes to the global values."""
         t, batch = targets, targets.batch
-        student_logits, teacher_logits = self._scores(batch)
-        teacher = t.teacher_top_k if t.teacher_top_k is not None else teacher_logits
-        terms = self.objective.terms(student_logits, teacher, *batch.student.target, _teacher_mask(batch), hard_labels)
+        student_logits, terms, members = self._terms(batch, t.outside_scores, hard_labels)
         shares = {name: normalised(term, counts) for name, (_, term) in terms.items()}
+        shares.update({f"teacher/{name}": normalised(term, counts).detach() for name, term in members.items()})
         loss = student_logits.sum() * 0.0 + sum(weight * shares[name] for name, (weight, _) in terms.items())
         if t.advantages is not None:  # GKD Eq. 5: alpha * distillation + (1 - alpha) * REINFORCE
             alpha = self.reward.alpha
@@ -249,6 +279,28 @@ class DistillationModule(L.LightningModule):
             shares["advantage"] = t.advantages.abs().sum() / counts["rows"]
         shares["loss"] = loss
         return loss, {name: value.detach().float() for name, value in shares.items()}
+
+    def _member_terms(self, student_logits: Tensor, scores: dict[str, Tensor | TopK],
+                      batch: Batch) -> dict[str, LossSum]:
+        """Each member's own divergence from the student over the rows it teaches (all of them in a mixture), as the
+        objective's LossSum: logged as train/teacher/<name>, and with route the loss itself."""
+        ids, mask = batch.student.target
+        out = {}
+        for name, rows in self.ensemble.member_rows(batch).items():
+            terms = self.objective.terms(student_logits, scores[name], ids, mask & rows[:, None], hard_labels=False)
+            out[name] = terms[self.objective.name][1]
+        return out
+
+    def _routed_terms(self, student_logits: Tensor, scores: dict[str, Tensor | TopK], batch: Batch,
+                      hard_labels: bool) -> tuple[dict[str, tuple[float, LossSum]], dict[str, LossSum]]:
+        """teachers.combine=route: each row's divergence from its own member; their sum is the divergence term."""
+        members = self._member_terms(student_logits, scores, batch)
+        parts = list(members.values())
+        total = LossSum(sum(p.total for p in parts), sum(p.count for p in parts), parts[0].unit)
+        terms = {self.objective.name: (1.0, total)}
+        if self.objective.ce_weight > 0 and hard_labels:
+            terms["ce"] = (self.objective.ce_weight, self.objective.ce_term(student_logits, *batch.student.target))
+        return terms, members
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
@@ -358,7 +410,8 @@ class DistillationModule(L.LightningModule):
         ids, _ = self._sample(self.eval_role, batch, self.eval_sampling)
         own = self.eval_role == "teacher" and self.cross_tokenizer
         texts = (self.teacher_tokenizer if own else self.tokenizer).batch_decode(ids, skip_special_tokens=True)
-        if self.eval_role == "student" and (self.teacher is not None or not self.objective.needs_teacher):
+        in_process = self.teacher is not None or (self.ensemble is not None and not self.ensemble.outside)
+        if self.eval_role == "student" and (in_process or not self.objective.needs_teacher):
             loss, _ = self._loss(batch)
             self.log("val/loss", loss, batch_size=ids.shape[0], sync_dist=True)
         # the target template's leading space is no content
@@ -376,8 +429,9 @@ class DistillationModule(L.LightningModule):
             return  # Lightning calls this hook before fit and before each validate: shard once
         mesh = self.device_mesh["data_parallel"]
         shard_model(self.student, mesh, strategy.sharding, frozen=False)
-        if self.teacher is not None:
-            shard_model(self.teacher, mesh, strategy.sharding, frozen=True)
+        for teacher in [self.teacher, *(self.teachers.values() if self.teachers is not None else ())]:
+            if teacher is not None:
+                shard_model(teacher, mesh, strategy.sharding, frozen=True)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.student.parameters() if p.requires_grad])
@@ -393,7 +447,7 @@ class DistillationModule(L.LightningModule):
         lora = has_lora(self.student)
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items()
-            if not k.startswith(TEACHER_PREFIX) and (not lora or not k.startswith(STUDENT_PREFIX) or ADAPTER_KEY in k)
+            if not k.startswith(TEACHER_PREFIXES) and (not lora or not k.startswith(STUDENT_PREFIX) or ADAPTER_KEY in k)
         }
         checkpoint["kdlab_policy_counts"] = (self._onpolicy_steps, self._policy_steps)
 

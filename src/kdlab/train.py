@@ -38,6 +38,7 @@ from kdlab.progress import StepProgressBar
 from kdlab.resilience import LastCheckpoint, PreemptionCheckpoint, RunInterrupted, TrainingDiverged, stop_on_sigterm
 from kdlab.resolvers import in_multirun, register_resolvers
 from kdlab.rewards import RewardTerm
+from kdlab.teachers.ensemble import ROUTE, build_ensemble
 from kdlab.teachers.outside import CACHED, MODEL, REMOTE, build_outside_teacher, teacher_kind
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -66,6 +67,8 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, Task | None]:
         except (OSError, ValueError, HubUnavailableError) as err:
             errors.append(f"{role}: {err}")
             tokenizers[role] = None
+    if not errors:
+        errors += _member_vocabulary_errors(cfg, tokenizers["student"])
     if tokenizers["student"] is not None and tokenizers["teacher"] is not None:
         errors += vocabulary_errors(
             cfg.loss.name,
@@ -75,6 +78,27 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, Task | None]:
         )
     raise_if_any(errors)
     return tokenizers["student"], tokenizers["teacher"], task
+
+
+def _member_vocabulary_errors(cfg: DictConfig, student_tokenizer: Any) -> list[str]:
+    """Several teachers are combined token by token: each model member must share the student's tokenizer."""
+    node = cfg.get("teachers")
+    if node is None or student_tokenizer is None:
+        return []
+    errors = []
+    for name, member in (node.get("members") or {}).items():
+        if teacher_kind(member) != MODEL:
+            continue
+        try:
+            same = same_vocabulary(student_tokenizer, load_tokenizer(member))
+        except (OSError, ValueError, HubUnavailableError) as err:
+            errors.append(f"teachers.members.{name}: {err}")
+            continue
+        if not same:
+            errors.append(f"teachers.members.{name} ({member.get('name')}) tokenizes differently from the student: "
+                          f"several teachers must share the student's tokenizer; distil from a teacher with another "
+                          f"tokenizer alone, with loss=ot (MultiLevelOT) or loss=uld (ULD)")
+    return errors
 
 
 def build_policy(cfg: DictConfig) -> DataPolicy:
@@ -103,7 +127,7 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher_tokenizer: Any,
-                 teacher_tokens: Any, outside_teacher: Any = None) -> DistillationModule:
+                 teacher_tokens: Any, outside_teacher: Any = None, ensemble: Any = None) -> DistillationModule:
     """Load the models and build the module: objective, policy, reward, optimizer, and the two trainer keys the module
     applies itself (gradient clipping; accumulation is the datamodule's window) under manual optimization."""
     teacher = load_model(cfg.teacher, teacher_tokenizer) if teacher_kind(cfg.get("teacher")) == MODEL else None
@@ -125,6 +149,7 @@ def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher_to
         gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
         gradient_clip_algorithm=cfg.trainer.get("gradient_clip_algorithm") or "norm",
         outside_teacher=outside_teacher,
+        ensemble=ensemble,
     )
 
 
@@ -283,14 +308,19 @@ def _run(cfg: DictConfig) -> float:
     # Teacher and student tokenize differently: every example is tokenized for each, and samples cross via text.
     cross = teacher_tokenizer is not None and not same_vocabulary(student_tokenizer, teacher_tokenizer)
     teacher_tokens = teacher_tokenizer if cross else None
+    teachers = cfg.get("teachers")
+    route_field = teachers.route_field if teachers is not None and teachers.combine == ROUTE else None
     datamodule = DistillationDataModule(task, student_tokenizer, seed=int(cfg.seed), teacher_tokenizer=teacher_tokens,
-                                        accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches") or 1))
+                                        accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches") or 1),
+                                        route_field=route_field)
     datamodule.setup("fit")  # tokenize now: length rules and an empty training set show before models load
     _print_data_report(task, output_dir)
-    outside = None
+    outside = ensemble = None
     if teacher_kind(cfg.get("teacher")) in (CACHED, REMOTE):  # checked against this run before any model loads
         outside = build_outside_teacher(cfg.teacher, cfg.task, student_tokenizer, datamodule.train_set.items)
-    module = build_module(cfg, task, student_tokenizer, teacher_tokenizer, teacher_tokens, outside)
+    if teachers is not None:
+        ensemble = build_ensemble(teachers, cfg.task, student_tokenizer, datamodule.train_set.items)
+    module = build_module(cfg, task, student_tokenizer, teacher_tokenizer, teacher_tokens, outside, ensemble)
 
     loggers = build_loggers(cfg)
     succeeded = False

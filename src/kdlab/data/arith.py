@@ -253,7 +253,8 @@ def _draw_operation(rng: random.Random, op: str, total: int, spec: ArithSpec) ->
 
 
 def generate_problem(rng: random.Random, spec: ArithSpec = ArithSpec()) -> dict:
-    """One problem `{"question": str, "answer": str}` drawn from `rng` (the only source of randomness)."""
+    """One problem `{"question": str, "answer": str, "steps": int}` drawn from `rng` (the only source of randomness);
+    `steps`, the number of operations, lets a run split problems by difficulty (e.g. `teachers.route_field=steps`)."""
     name, pron, poss = rng.choice(_PEOPLE)
     money = rng.random() < 0.3
     obj, container = ("dollars", "envelopes") if money else rng.choice(_ITEMS)
@@ -286,7 +287,7 @@ def generate_problem(rng: random.Random, spec: ArithSpec = ArithSpec()) -> dict:
         total = numbers["r"]
     sentences.append(rng.choice(_QUESTION_MONEY if money else _QUESTION_ITEMS).format(**fields))
     lines.append(f"#### {total}")
-    return {"question": " ".join(sentences), "answer": "\n".join(lines)}
+    return {"question": " ".join(sentences), "answer": "\n".join(lines), "steps": steps}
 
 
 def _split_rng(seed: int, split: str) -> random.Random:

@@ -54,12 +54,14 @@ class Side:
 class Batch:
     """Rows of examples: the student's tokens, the teacher's own when it tokenizes differently (else None), each
     example's reference text (what a prediction is scored against, and a reward's second argument) and its row in
-    its split (a cached teacher's key; None where rows were not read from a split)."""
+    its split (a cached teacher's key; None where rows were not read from a split), and with several teachers
+    routed by a field (`teachers.route_field`), that field's value per example."""
 
     student: Side
     reference: list[str]
     teacher: Side | None = None
     index: Tensor | None = None  # int64 (rows,), kept on the CPU
+    route: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.reference)
@@ -71,7 +73,7 @@ class Batch:
     def with_targets(self, student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor] | None) -> "Batch":
         """The same prompts with other targets (the step's: ground truth, or samples), on each side."""
         own = self.teacher.with_targets(*teacher) if self.teacher is not None and teacher is not None else None
-        return Batch(self.student.with_targets(*student), self.reference, own, self.index)
+        return Batch(self.student.with_targets(*student), self.reference, own, self.index, self.route)
 
     def split(self, size: int) -> list["Batch"]:
         """Consecutive micro-batches of `size` rows, each trimmed to its own padding (`Side.rows`)."""
@@ -80,18 +82,20 @@ class Batch:
             stop = start + size
             teacher = self.teacher.rows(start, stop) if self.teacher is not None else None
             index = self.index[start:stop] if self.index is not None else None
-            parts.append(Batch(self.student.rows(start, stop), self.reference[start:stop], teacher, index))
+            route = self.route[start:stop] if self.route is not None else None
+            parts.append(Batch(self.student.rows(start, stop), self.reference[start:stop], teacher, index, route))
         return parts
 
     def repeat_rows(self, k: int) -> "Batch":
         """Each example k times in a row: k samples per prompt (GKD Eq. 5's reward step)."""
         teacher = self.teacher.repeat_rows(k) if self.teacher is not None else None
         index = self.index.repeat_interleave(k) if self.index is not None else None
-        return Batch(self.student.repeat_rows(k), [r for r in self.reference for _ in range(k)], teacher, index)
+        route = [r for r in self.route for _ in range(k)] if self.route is not None else None
+        return Batch(self.student.repeat_rows(k), [r for r in self.reference for _ in range(k)], teacher, index, route)
 
     def to(self, device: torch.device | str) -> "Batch":
         teacher = self.teacher.to(device) if self.teacher is not None else None
-        return Batch(self.student.to(device), self.reference, teacher, self.index)
+        return Batch(self.student.to(device), self.reference, teacher, self.index, self.route)
 
 
 def _trim(ids: Tensor, mask: Tensor, left: bool) -> tuple[Tensor, Tensor]:

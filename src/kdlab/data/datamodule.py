@@ -104,7 +104,8 @@ class TokenizedExamples(Dataset):
     """
 
     def __init__(self, examples: Sequence[dict], task: Task, tokenizer: PreTrainedTokenizerBase,
-                 split: str = "train", teacher_tokenizer: PreTrainedTokenizerBase | None = None):
+                 split: str = "train", teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+                 route_field: str | None = None):
         c = task.config
         skip_long = split == "train" and c.long_examples == "skip"
         sides = {"": _encode(examples, task, tokenizer)}
@@ -120,7 +121,8 @@ class TokenizedExamples(Dataset):
             for who, cut in cuts:
                 task.report.record_truncation(split, who + cut)
             tokens = [Tokens(*side[index][:2]) for side in sides.values()]
-            self.items.append(Example(task.reference(example), *tokens, index=len(self.items)))
+            route = _route_value(example, route_field, split, index) if route_field else None
+            self.items.append(Example(task.reference(example), *tokens, index=len(self.items), route=route))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -146,6 +148,15 @@ class Example:
     student: Tokens
     teacher: Tokens | None = None
     index: int = -1
+    route: str | None = None  # the value of `teachers.route_field`, when several teachers are routed by it
+
+
+def _route_value(example: Mapping[str, Any], field: str, split: str, index: int) -> str:
+    try:
+        return str(lookup(example, field))
+    except KeyError:
+        raise ValueError(f"teachers.route_field={field}: {split} example {index} has no such field (its fields: "
+                         f"{', '.join(example)})") from None
 
 
 def _encode(
@@ -188,7 +199,9 @@ class Collator:
         if self.teacher_pad_token_id is not None:
             teacher = _side([i.teacher for i in items], self.teacher_pad_token_id)
         index = torch.tensor([i.index for i in items], dtype=torch.long)
-        return Batch(_side([i.student for i in items], self.pad_token_id), [i.reference for i in items], teacher, index)
+        route = [i.route for i in items] if items and items[0].route is not None else None
+        return Batch(_side([i.student for i in items], self.pad_token_id), [i.reference for i in items], teacher, index,
+                     route)
 
 
 def _side(tokens: Sequence[Tokens], pad_id: int) -> Side:
@@ -203,7 +216,8 @@ class DistillationDataModule(L.LightningDataModule):
     scored units, so that the loss is normalised once over the window (kdlab.losses.normalisation)."""
 
     def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase, seed: int = 0, num_workers: int = 0,
-                 teacher_tokenizer: PreTrainedTokenizerBase | None = None, accumulate_grad_batches: int = 1):
+                 teacher_tokenizer: PreTrainedTokenizerBase | None = None, accumulate_grad_batches: int = 1,
+                 route_field: str | None = None):
         super().__init__()
         if accumulate_grad_batches < 1:
             raise ValueError(f"trainer.accumulate_grad_batches={accumulate_grad_batches} must be at least 1")
@@ -211,6 +225,7 @@ class DistillationDataModule(L.LightningDataModule):
         self.task = task
         self.tokenizer = tokenizer
         self.teacher_tokenizer = teacher_tokenizer  # None: the teacher reads the student's tokens
+        self.route_field = route_field  # several teachers routed per example by this field (kdlab.teachers.ensemble)
         self.seed = seed
         self.num_workers = num_workers
         self.collate = Collator(tokenizer.pad_token_id, teacher_tokenizer.pad_token_id if teacher_tokenizer else None)
@@ -222,8 +237,9 @@ class DistillationDataModule(L.LightningDataModule):
             return
         splits = self.task.splits()
         teacher = self.teacher_tokenizer
-        self.train_set = TokenizedExamples(splits["train"], self.task, self.tokenizer, "train", teacher)
-        self.val_set = TokenizedExamples(splits["validation"], self.task, self.tokenizer, "validation", teacher)
+        route = self.route_field
+        self.train_set = TokenizedExamples(splits["train"], self.task, self.tokenizer, "train", teacher, route)
+        self.val_set = TokenizedExamples(splits["validation"], self.task, self.tokenizer, "validation", teacher, route)
         batch_size = self.task.config.batch_size
         if len(self.train_set) < batch_size:
             raise ValueError(

@@ -109,9 +109,14 @@ class Objective:
         else:
             terms = {self.name: (1.0, as_loss_sum(self.loss(student_logits, teacher_logits, mask), mask, unit))}
         if self.ce_weight > 0 and hard_labels:
-            ce = cross_entropy(student_logits, target_ids, mask, reduction=self.reduction, chunk_size=self.chunk_size)
-            terms["ce"] = (self.ce_weight, as_loss_sum(ce, mask, unit))
+            terms["ce"] = (self.ce_weight, self.ce_term(student_logits, target_ids, mask))
         return terms
+
+    def ce_term(self, student_logits: Tensor, target_ids: Tensor, mask: Tensor) -> LossSum:
+        """The hard-label cross-entropy term (weighed by `ce_weight` in the total)."""
+        unit = REDUCTION_UNITS.get(self.reduction, TOKENS)
+        ce = cross_entropy(student_logits, target_ids, mask, reduction=self.reduction, chunk_size=self.chunk_size)
+        return as_loss_sum(ce, mask, unit)
 
     def _cross_tokenizer_terms(
         self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, teacher_mask: Tensor | None

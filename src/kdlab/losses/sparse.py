@@ -72,17 +72,25 @@ def student_buckets(student_logits: Tensor, teacher_ids: Tensor) -> Tensor:
     """(rows, k + 1) student log-probabilities: at the teacher's ids, then the tail (every other token).
 
     The tail is logsumexp over the logits outside the ids minus logsumexp over all of them, not log(1 - sum q_i):
-    exact where the top-k holds nearly all the mass, and -inf (with a zero gradient) when no token is left.
+    exact where the top-k holds nearly all the mass, and -inf (with a zero gradient) when no token is left. A slot
+    whose id repeats an earlier slot's is empty (-inf): several teachers mixed over the union of their ids fill a
+    row's unused slots that way (kdlab.teachers.ensemble), with nothing on them on the teacher's side either.
     """
     lse_all = torch.logsumexp(student_logits, dim=-1, keepdim=True)
-    at_ids = student_logits.gather(-1, teacher_ids) - lse_all
+    at_ids = (student_logits.gather(-1, teacher_ids) - lse_all).masked_fill(_repeated_slots(teacher_ids), -math.inf)
     outside = student_logits.scatter(-1, teacher_ids, -math.inf)
-    empty = teacher_ids.shape[-1] >= student_logits.shape[-1]
-    if empty:  # k == V: logsumexp over nothing has a NaN gradient; the bucket is simply empty
-        tail = torch.full_like(lse_all, -math.inf)
-    else:
-        tail = torch.logsumexp(outside, dim=-1, keepdim=True) - lse_all
-    return torch.cat([at_ids, tail], dim=-1)
+    covered = torch.isneginf(outside).all(dim=-1, keepdim=True)  # every token is a bucket: an empty tail
+    # logsumexp over nothing has a NaN gradient: such rows take 0 there, then -inf
+    tail = torch.logsumexp(outside.masked_fill(covered, 0.0), dim=-1, keepdim=True) - lse_all
+    return torch.cat([at_ids, tail.masked_fill(covered, -math.inf)], dim=-1)
+
+
+def _repeated_slots(ids: Tensor) -> Tensor:
+    """True at each slot whose id an earlier slot of the same row holds (in sorted order: all but one of a kind)."""
+    sorted_ids, order = ids.sort(dim=-1)
+    repeat = torch.zeros_like(sorted_ids, dtype=torch.bool)
+    repeat[..., 1:] = sorted_ids[..., 1:] == sorted_ids[..., :-1]
+    return torch.zeros_like(repeat).scatter(-1, order, repeat)
 
 
 def teacher_buckets(teacher_logprobs: Tensor, teacher_tail: Tensor) -> Tensor:

@@ -166,7 +166,11 @@ class DistillationModule(L.LightningModule):
         if source == "ground_truth":
             return batch
         role = "student" if source == STUDENT else "teacher"
-        ids, mask = self._sample(role, batch, self.policy.sampling)
+        if role == "teacher" and isinstance(self.outside_teacher, CachedTeacher):
+            # SeqKD from a cache: the samples kdlab-cache-teacher drew from the teacher for these examples
+            ids, mask = self.outside_teacher.samples(batch, self.tokenizer.pad_token_id)
+        else:
+            ids, mask = self._sample(role, batch, self.policy.sampling)
         if not self.cross_tokenizer:
             return batch.with_targets((ids, mask), None)
         if role == "student":

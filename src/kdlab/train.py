@@ -317,7 +317,8 @@ def _run(cfg: DictConfig) -> float:
     _print_data_report(task, output_dir)
     outside = ensemble = None
     if teacher_kind(cfg.get("teacher")) in (CACHED, REMOTE):  # checked against this run before any model loads
-        outside = build_outside_teacher(cfg.teacher, cfg.task, student_tokenizer, datamodule.train_set.items)
+        outside = build_outside_teacher(cfg.teacher, cfg.task, student_tokenizer, datamodule.train_set.items,
+                                        cfg.policy)
     if teachers is not None:
         ensemble = build_ensemble(teachers, cfg.task, student_tokenizer, datamodule.train_set.items)
     module = build_module(cfg, task, student_tokenizer, teacher_tokenizer, teacher_tokens, outside, ensemble)

@@ -2,10 +2,14 @@
 
     kdlab-cache-teacher teacher=arith_teacher cache.dir=<dir> cache.top_k=32 [task=... student=...]
     kdlab-cache-teacher ... cache.shard_index=1 cache.shard_count=4        # one of four processes
+    kdlab-cache-teacher ... cache.targets=teacher [policy.sampling.temperature=...]   # SeqKD: the teacher's samples
 
 Composed from the same `conf/` as `train.py`, so the cached targets are the run's own: the training split of
-`task`, tokenized by the student's tokenizer exactly as the training batches are (kdlab.data.datamodule). The teacher
-scores each ground-truth target with `kdlab.models.score_targets`; for every target token it stores
+`task`, tokenized by the student's tokenizer exactly as the training batches are (kdlab.data.datamodule). With
+`cache.targets=ground_truth` the targets are the task's; with `cache.targets=teacher` (SeqKD) each example's target is
+the teacher's sample from its prompt under the run's `policy.sampling`, drawn from a generator seeded by
+(cache.seed or the run's seed, the batch's first example), so a rewrite or a resume draws the same tokens. The teacher
+scores each target with `kdlab.models.score_targets`; for every target token it stores
 
     topk_logprobs (k, cache.dtype)   topk_ids (k, int32)   tail_logmass (cache.dtype): log(1 - sum of the top-k)
 
@@ -14,6 +18,7 @@ Layout (columnar, memory-mapped by the reader, little-endian, rows in example or
     <dir>/manifest.json                        format, teacher/tokenizer/task/data fingerprints, top_k, dtype, shards
     <dir>/shard-00000-of-00002/{topk_logprobs,topk_ids,tail_logmass}.bin   (rows, k) (rows, k) (rows,)
     <dir>/shard-00000-of-00002/lengths.bin     int64 per example: its number of target tokens (rows)
+    <dir>/shard-00000-of-00002/target_ids.bin  int32 per row: the sampled target token (cache.targets=teacher only)
     <dir>/shard-00000-of-00002/progress.json   examples and rows written and flushed so far
 
 Shard i of n holds examples [i N / n, (i + 1) N / n). After every batch the columns are flushed and then
@@ -27,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +40,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdlab.generation import SamplingSettings, generate_targets
 from kdlab.losses.sparse import top_k_of_logits
 
 FORMAT = "kdlab-teacher-cache/1"
+# the manifest's "targets": the task's own, or the teacher's samples (then a mapping naming how they were drawn)
+GROUND_TRUTH, TEACHER_SAMPLES = "ground_truth", "teacher_samples"
+TARGET_CHOICES = {"ground_truth": GROUND_TRUTH, "teacher": TEACHER_SAMPLES}  # cache.targets -> manifest
 STORAGE = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16),
            "bfloat16": (torch.bfloat16, np.uint16)}  # bfloat16: raw bits in a uint16 column
 # the manifest keys a run is compared on, in the order differences are reported
@@ -74,11 +83,55 @@ def check_cache_matches(manifest: Mapping[str, Any], expected: Mapping[str, Any]
             difference = settings_difference(cached, wanted, "task")
         elif key == "teacher" and isinstance(cached, Mapping) and isinstance(wanted, Mapping):
             difference = settings_difference(cached, wanted, "teacher")
+        elif key == "targets":
+            difference = targets_difference(cached, wanted)
         else:
             difference = None if cached == wanted else f"{key} is {cached!r} in the cache, {wanted!r} in this run"
         if difference:
             return f"the teacher cache does not match this run: {difference}"
     return None
+
+
+def _targets_source(targets: Any) -> Any:
+    return targets.get("source") if isinstance(targets, Mapping) else targets
+
+
+def targets_difference(cached: Any, wanted: Any) -> str | None:
+    """The first difference between two manifests' `targets`: ground truth against samples, then the sampling
+    settings, then (when `wanted` names them: the writer, not a training run) the seed and batch size the samples
+    were drawn with. A training run compares what changes the distribution of its targets, not which draw it got."""
+    described = {GROUND_TRUTH: "the ground truth (cache.targets=ground_truth)",
+                 TEACHER_SAMPLES: "the teacher's samples (cache.targets=teacher)"}
+    if _targets_source(cached) != _targets_source(wanted):
+        what = [described.get(_targets_source(t), repr(t)) for t in (cached, wanted)]
+        return f"targets are {what[0]} in the cache, {what[1]} in this run"
+    if not isinstance(wanted, Mapping):
+        return None
+    from kdlab.teachers.fingerprint import settings_difference
+
+    difference = settings_difference(cached.get("sampling", {}), wanted["sampling"], "policy.sampling")
+    for key in ("seed", "batch_size"):
+        if difference is None and key in wanted and cached.get(key) != wanted[key]:
+            difference = (f"cache.{key} is {cached.get(key)!r} in the cache, {wanted[key]!r} in this run (the "
+                          f"samples depend on it)")
+    return difference
+
+
+def sampled_targets(sampling: Mapping[str, Any], seed: int | None = None,
+                    batch_size: int | None = None) -> dict[str, Any]:
+    """The manifest's `targets` for teacher samples: the sampling settings that decide which tokens can be drawn
+    (as plain typed values, so `temperature=1` and `1.0` agree; `compile` draws the same tokens and is left out), and
+    for the writer the seed and batch size that fix which draw it is."""
+    settings = SamplingSettings(**dict(sampling))
+    out: dict[str, Any] = {"source": TEACHER_SAMPLES, "sampling": {
+        "max_new_tokens": int(settings.max_new_tokens), "do_sample": bool(settings.do_sample),
+        "temperature": float(settings.temperature), "top_p": float(settings.top_p), "top_k": int(settings.top_k),
+        "num_beams": int(settings.num_beams)}}
+    if seed is not None:
+        out["seed"] = int(seed)
+    if batch_size is not None:
+        out["batch_size"] = int(batch_size)
+    return out
 
 
 @dataclass
@@ -88,15 +141,18 @@ class ShardProgress:
 
 
 class ShardWriter:
-    """Appends batches of rows to one shard's column files; `resume` first cuts them back to the last progress."""
+    """Appends batches of rows to one shard's column files; `resume` first cuts them back to the last progress.
+    With `samples`, each row also keeps its target token (the teacher's sample, which training cannot re-derive)."""
 
-    def __init__(self, directory: Path, top_k: int, dtype: str):
-        self.directory, self.k = Path(directory), top_k
+    def __init__(self, directory: Path, top_k: int, dtype: str, samples: bool = False):
+        self.directory, self.k, self.samples = Path(directory), top_k, samples
         self.torch_dtype, self.np_dtype = STORAGE[dtype]
         self.directory.mkdir(parents=True, exist_ok=True)
         self.progress = self._read_progress()
         item = np.dtype(self.np_dtype).itemsize
         self.row_bytes = {"topk_logprobs.bin": top_k * item, "topk_ids.bin": top_k * 4, "tail_logmass.bin": item}
+        if samples:
+            self.row_bytes["target_ids.bin"] = 4
         self._cut_to_progress()
 
     def _read_progress(self) -> ShardProgress:
@@ -115,10 +171,16 @@ class ShardWriter:
                                      f"delete {self.directory} and write it again")
                 f.truncate(size)
 
-    def append(self, logprobs: Tensor, ids: Tensor, tail: Tensor, lengths: Sequence[int]) -> None:
-        """Rows of a batch of examples (rows in example order), flushed to disk before progress is advanced."""
+    def append(self, logprobs: Tensor, ids: Tensor, tail: Tensor, lengths: Sequence[int],
+               targets: Tensor | None = None) -> None:
+        """Rows of a batch of examples (rows in example order), flushed to disk before progress is advanced;
+        `targets` (rows,) are the rows' target tokens, required exactly when the shard holds samples."""
+        if (targets is not None) != self.samples:
+            raise ValueError(f"{self.directory}: target ids are {'required' if self.samples else 'not stored'} here")
         columns = {"topk_logprobs.bin": self._store(logprobs), "topk_ids.bin": ids.to(torch.int32).numpy(),
                    "tail_logmass.bin": self._store(tail), "lengths.bin": np.asarray(lengths, dtype=np.int64)}
+        if targets is not None:
+            columns["target_ids.bin"] = targets.to(torch.int32).numpy()
         for name, array in columns.items():
             with open(self.directory / name, "ab") as f:
                 f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
@@ -139,7 +201,8 @@ class ShardWriter:
 # -- reading --------------------------------------------------------------------------------------------------------
 class TeacherCache:
     """A finished cache, memory-mapped: `cache[i]` is example i's (top-k log-probs (T, k) float32, ids (T, k) int64,
-    tail log-mass (T,) float32), row t for target token t, whichever shard holds it."""
+    tail log-mass (T,) float32), row t for target token t, whichever shard holds it. A cache of the teacher's samples
+    (`holds_samples`) also gives the T target tokens themselves: `cache.targets(i)`."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -152,6 +215,7 @@ class TeacherCache:
             raise CacheError(f"{path}: format {self.manifest.get('format')!r}, this kdlab reads {FORMAT!r}")
         self.k, count, total = self.manifest["top_k"], self.manifest["shard_count"], self.manifest["examples"]
         self.torch_dtype, self.np_dtype = STORAGE[self.manifest["dtype"]]
+        self.holds_samples = _targets_source(self.manifest.get("targets")) == TEACHER_SAMPLES
         self.shards = [self._open_shard(i, count, total) for i in range(count)]
         self.starts = [shard_range(i, count, total).start for i in range(count)]
 
@@ -171,23 +235,39 @@ class TeacherCache:
                 return np.zeros((0, width), dtype=dtype)
             return np.memmap(directory / name, dtype=np.dtype(dtype).newbyteorder("<"), mode="r", shape=(rows, width))
 
-        return {"offsets": np.concatenate([[0], np.cumsum(lengths)]),
-                "logprobs": column("topk_logprobs.bin", self.np_dtype, self.k),
-                "ids": column("topk_ids.bin", np.int32, self.k),
-                "tail": column("tail_logmass.bin", self.np_dtype, 1)}
+        shard = {"offsets": np.concatenate([[0], np.cumsum(lengths)]),
+                 "logprobs": column("topk_logprobs.bin", self.np_dtype, self.k),
+                 "ids": column("topk_ids.bin", np.int32, self.k),
+                 "tail": column("tail_logmass.bin", self.np_dtype, 1)}
+        if self.holds_samples:
+            shard["targets"] = column("target_ids.bin", np.int32, 1)
+        return shard
 
     def __len__(self) -> int:
         return int(self.manifest["examples"])
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _rows(self, index: int) -> tuple[dict[str, Any], slice]:
+        """The shard holding example `index` and the slice of its rows there."""
         if not 0 <= index < len(self):
             raise IndexError(f"example {index} outside the cache's {len(self)}")
         shard_index = int(np.searchsorted(self.starts, index, side="right")) - 1
         shard = self.shards[shard_index]
         local = index - self.starts[shard_index]
-        rows = slice(int(shard["offsets"][local]), int(shard["offsets"][local + 1]))
+        return shard, slice(int(shard["offsets"][local]), int(shard["offsets"][local + 1]))
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        shard, rows = self._rows(index)
         return self._values(shard["logprobs"][rows]), torch.from_numpy(np.array(shard["ids"][rows], dtype=np.int64)), \
             self._values(shard["tail"][rows])[:, 0]
+
+    def targets(self, index: int) -> Tensor:
+        """Example `index`'s target tokens (T,) int64 as the cache scored them: the teacher's sample, EOS included
+        when the sample reached one. Only a cache of samples has them (the ground truth is the task's own)."""
+        if not self.holds_samples:
+            raise CacheError(f"{self.directory} holds the teacher's top-k on the ground-truth targets, not samples: "
+                             f"write a SeqKD cache with kdlab-cache-teacher ... cache.targets=teacher")
+        shard, rows = self._rows(index)
+        return torch.from_numpy(np.array(shard["targets"][rows, 0], dtype=np.int64))
 
     def _values(self, stored: np.ndarray) -> Tensor:
         t = torch.from_numpy(np.array(stored, dtype=stored.dtype.newbyteorder("=")))
@@ -222,12 +302,20 @@ def cache_config_errors(cache_cfg: Mapping[str, Any]) -> list[str]:
         errors.append(f"cache.shard_index={index!r} of cache.shard_count={count!r}: 0 <= shard_index < shard_count")
     if not (isinstance(cache_cfg.get("batch_size"), int) and cache_cfg["batch_size"] >= 1):
         errors.append(f"cache.batch_size={cache_cfg.get('batch_size')!r}: an integer >= 1")
+    if cache_cfg.get("targets") not in TARGET_CHOICES:
+        errors.append(f"cache.targets={cache_cfg.get('targets')!r}: ground_truth (the task's targets, for supervised "
+                      f"KD) or teacher (the teacher's samples, for SeqKD: policy=seqkd)")
+    seed = cache_cfg.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        errors.append(f"cache.seed={seed!r}: an integer >= 0, or null for the run's seed")
     return errors
 
 
 def run_fingerprints(task_cfg: Mapping[str, Any], tokenizer, examples: Sequence[Any],
-                     teacher: torch.nn.Module | None = None, teacher_name: str | None = None) -> dict[str, Any]:
-    """What a cache must agree with: tokenizer, task settings, the tokenized targets, and the teacher when loaded."""
+                     teacher: torch.nn.Module | None = None, teacher_name: str | None = None,
+                     targets: Any = GROUND_TRUTH) -> dict[str, Any]:
+    """What a cache must agree with: tokenizer, task settings, the tokenized examples, which targets are scored
+    (GROUND_TRUTH, or `sampled_targets(...)` for SeqKD), and the teacher when loaded."""
     from kdlab.teachers.fingerprint import data_fingerprint, model_fingerprint, task_settings, tokenizer_fingerprint
 
     out: dict[str, Any] = {
@@ -235,7 +323,7 @@ def run_fingerprints(task_cfg: Mapping[str, Any], tokenizer, examples: Sequence[
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "task": task_settings(task_cfg),
         "data": data_fingerprint((e.student.prompt, e.student.target) for e in examples),
-        "targets": "ground_truth",
+        "targets": targets,
         "examples": len(examples),
     }
     if teacher is not None:
@@ -274,20 +362,62 @@ def score_batch(model: torch.nn.Module, items: Sequence[Any], pad_id: int, top_k
     return pick(values), pick(ids), pick(tail), lengths
 
 
+@dataclass(frozen=True)
+class TeacherSampling:
+    """How the writer draws SeqKD targets: the run's sampling settings, the seed and the EOS that ends a sample."""
+
+    settings: SamplingSettings
+    seed: int
+    eos_token_id: int
+
+
+def batch_seed(seed: int, first: int) -> int:
+    """The generator seed of the batch starting at example `first`: a function of the example, not of the process
+    or of what was written before, so a resumed writer draws what an uninterrupted one drew."""
+    return (seed * 1_000_003 + first) % (2**63 - 1)
+
+
+@torch.no_grad()
+def sample_batch(model: torch.nn.Module, items: Sequence[Any], pad_id: int, sampling: TeacherSampling,
+                 first: int) -> list[Any]:
+    """`items` with the teacher's samples as their targets (tokens up to and including the first EOS, as the live
+    SeqKD step samples them: kdlab.generation.generate_targets from the left-padded prompts of the batch), drawn
+    under `batch_seed(sampling.seed, first)` without touching the caller's random state."""
+    from kdlab.data.datamodule import Collator
+
+    device = next(model.parameters()).device
+    side = Collator(pad_id)(list(items)).student.to(device)
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(batch_seed(sampling.seed, first))
+        ids, mask = generate_targets(model, *side.prompt, sampling.settings, pad_token_id=pad_id,
+                                     eos_token_id=sampling.eos_token_id)
+    rows = [row[keep].tolist() for row, keep in zip(ids.cpu(), mask.cpu())]
+    return [replace(item, student=replace(item.student, target=row)) for item, row in zip(items, rows)]
+
+
 def write_shard(directory: Path, model: torch.nn.Module, examples: Sequence[Any], pad_id: int,
-                cache_cfg: Mapping[str, Any], vocab: int | None = None) -> ShardWriter:
-    """Score this process's shard in batches, resuming after the examples already written; a tqdm bar shows it."""
+                cache_cfg: Mapping[str, Any], vocab: int | None = None,
+                sampling: TeacherSampling | None = None) -> ShardWriter:
+    """Score this process's shard in batches, resuming after the examples already written; a tqdm bar shows it.
+    With `sampling`, each batch's targets are first replaced by the teacher's samples, which are stored too."""
     from tqdm.auto import tqdm
 
     index, count = int(cache_cfg["shard_index"]), int(cache_cfg["shard_count"])
     todo = shard_range(index, count, len(examples))
-    writer = ShardWriter(shard_dir(directory, index, count), int(cache_cfg["top_k"]), str(cache_cfg["dtype"]))
+    writer = ShardWriter(shard_dir(directory, index, count), int(cache_cfg["top_k"]), str(cache_cfg["dtype"]),
+                         samples=sampling is not None)
     size = int(cache_cfg["batch_size"])
     with tqdm(total=len(todo), initial=writer.progress.examples, desc=f"teacher cache shard {index}/{count}",
               unit="example") as bar:
         for start in range(todo.start + writer.progress.examples, todo.stop, size):
             items = [examples[i] for i in range(start, min(start + size, todo.stop))]
-            writer.append(*score_batch(model, items, pad_id, int(cache_cfg["top_k"]), vocab))
+            targets = None
+            if sampling is not None:
+                items = sample_batch(model, items, pad_id, sampling, start)
+                targets = torch.tensor([t for item in items for t in item.student.target], dtype=torch.int32)
+            writer.append(*score_batch(model, items, pad_id, int(cache_cfg["top_k"]), vocab), targets)
             bar.update(len(items))
     return writer
 
@@ -315,16 +445,28 @@ def cache_teacher(cfg) -> float:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.cache.device == "auto" else cfg.cache.device
     model = load_model(cfg.teacher, teacher_tokenizer).to(device).eval().requires_grad_(False)
     directory = Path(cfg.cache.dir)
-    manifest = {**run_fingerprints(task_cfg, tokenizer, examples, model, str(cfg.teacher.name)),
+    sampling, targets = _teacher_sampling(cfg, int(tokenizer.eos_token_id))
+    manifest = {**run_fingerprints(task_cfg, tokenizer, examples, model, str(cfg.teacher.name), targets),
                 "top_k": int(cfg.cache.top_k), "dtype": str(cfg.cache.dtype),
                 "shard_count": int(cfg.cache.shard_count)}
     write_or_check_manifest(directory, manifest)
-    writer = write_shard(directory, model, examples, int(tokenizer.pad_token_id), cfg.cache, len(tokenizer))
+    writer = write_shard(directory, model, examples, int(tokenizer.pad_token_id), cfg.cache, len(tokenizer), sampling)
     size = sum((writer.directory / name).stat().st_size for name in (*writer.row_bytes, "lengths.bin"))
     per_token = size / max(writer.progress.rows, 1)
     print(f"teacher cache {writer.directory}: {writer.progress.examples} examples, {writer.progress.rows} tokens, "
           f"{size} bytes, {per_token:.1f} bytes per token (top_k={cfg.cache.top_k}, {cfg.cache.dtype})")
     return per_token
+
+
+def _teacher_sampling(cfg, eos_token_id: int) -> tuple[TeacherSampling | None, Any]:
+    """(how to draw the targets, the manifest's `targets`) for `cache.targets`: None and GROUND_TRUTH, or the run's
+    `policy.sampling` with cache.seed (the run's seed when null), which the manifest records with the batch size."""
+    if cfg.cache.targets == "ground_truth":
+        return None, GROUND_TRUTH
+    seed = int(cfg.cache.seed if cfg.cache.get("seed") is not None else cfg.seed)
+    sampling = dict(cfg.policy.sampling)
+    teacher_sampling = TeacherSampling(SamplingSettings(**sampling), seed, eos_token_id)
+    return teacher_sampling, sampled_targets(sampling, seed, int(cfg.cache.batch_size))
 
 
 def main() -> None:

@@ -48,9 +48,11 @@ def outside_teacher_errors(cfg: Mapping[str, Any]) -> list[str]:
         errors.append(f"teacher=cached holds the teacher's distributions on the fixed training targets only, but "
                       f"policy.student_fraction={fraction} trains on the student's own samples: use teacher=remote "
                       f"(a teacher server scores any sequence), or policy=supervised")
-    if cfg["policy"].get("fixed_source") == "teacher" and fraction < 1:
-        errors.append(f"teacher={kind} cannot sample SeqKD targets (policy.fixed_source=teacher): write the teacher's "
-                      f"samples as the task's targets, or train on the ground truth (policy.fixed_source=ground_truth)")
+    if kind == REMOTE and cfg["policy"].get("fixed_source") == "teacher" and fraction < 1:
+        errors.append("teacher=remote cannot sample SeqKD targets (policy.fixed_source=teacher): a server scores "
+                      "sequences, it does not sample them; write the teacher's samples once with kdlab-cache-teacher "
+                      "cache.targets=teacher and train with teacher=cached, or train on the ground truth "
+                      "(policy.fixed_source=ground_truth)")
     try:
         sparse_form(build_objective(cfg["loss"]).loss)
     except (ValueError, KeyError, TypeError) as err:
@@ -59,12 +61,27 @@ def outside_teacher_errors(cfg: Mapping[str, Any]) -> list[str]:
 
 
 class CachedTeacher:
-    """The top-k a cache holds for each training example, by `Batch.index` (rows written by kdlab-cache-teacher)."""
+    """The top-k a cache holds for each training example, by `Batch.index` (rows written by kdlab-cache-teacher),
+    and for a SeqKD cache the teacher's samples those rows score (`samples`)."""
 
     kind = CACHED
 
     def __init__(self, cache: Any):
         self.cache = cache  # kdlab.teachers.cache.TeacherCache
+
+    def samples(self, batch: Batch, pad_token_id: int) -> tuple[Tensor, Tensor]:
+        """SeqKD targets for the batch's examples: the samples the cache drew from the teacher for each, as
+        (ids, mask) right-padded like kdlab.generation.generate_targets' output (EOS included where the sample
+        reached one), so the step goes on as if the teacher had sampled them now; `top_k` then reads their rows."""
+        if batch.index is None:
+            raise ValueError("a cached teacher needs each row's example index (Batch.index)")
+        rows = [self.cache.targets(index) for index in batch.index.tolist()]
+        ids = torch.full((len(rows), max(len(r) for r in rows)), pad_token_id, dtype=torch.long)
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)], mask[b, : len(row)] = row, True
+        device = batch.student.prompt_ids.device
+        return ids.to(device), mask.to(device)
 
     def top_k(self, batch: Batch) -> TopK:
         if batch.index is None:
@@ -117,21 +134,34 @@ def _padded(rows: Sequence[tuple[Tensor, Tensor, Tensor]], mask: Tensor, k: int)
 
 
 def build_outside_teacher(teacher_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], tokenizer: Any,
-                          train_examples: Sequence[Any]) -> CachedTeacher | RemoteTeacher:
-    """Open the cache (checked against this run's tokenizer, task settings, data and k) or connect to the server
-    (checked against the student's vocabulary and tokenizer): every mismatch stops here, before training."""
-    from kdlab.teachers.cache import CacheError, check_cache_matches, open_cache, run_fingerprints
+                          train_examples: Sequence[Any],
+                          policy_cfg: Mapping[str, Any] | None = None) -> CachedTeacher | RemoteTeacher:
+    """Open the cache (checked against this run's tokenizer, task settings, data, k and, from `policy_cfg`, its
+    targets: the ground truth, or for SeqKD the teacher's samples under this run's sampling settings) or connect to
+    the server (checked against the student's vocabulary and tokenizer): every mismatch stops here, before training."""
+    from kdlab.teachers.cache import (
+        GROUND_TRUTH,
+        CacheError,
+        check_cache_matches,
+        open_cache,
+        run_fingerprints,
+        sampled_targets,
+    )
     from kdlab.teachers.fingerprint import tokenizer_fingerprint
 
     if teacher_kind(teacher_cfg) == CACHED:
         cache = open_cache(teacher_cfg["dir"])
-        expected = run_fingerprints(task_cfg, tokenizer, train_examples)
+        policy = policy_cfg or {}
+        seqkd = policy.get("fixed_source") == "teacher" and float(policy.get("student_fraction", 0.0)) < 1
+        targets = sampled_targets(policy["sampling"]) if seqkd else GROUND_TRUTH
+        expected = run_fingerprints(task_cfg, tokenizer, train_examples, targets=targets)
         if teacher_cfg.get("top_k") is not None:
             expected["top_k"] = int(teacher_cfg["top_k"])
         difference = check_cache_matches(cache.manifest, expected)
         if difference:
+            how = "cache.targets=teacher" if seqkd else "cache.targets=ground_truth"
             raise CacheError(f"{difference} ({teacher_cfg['dir']}); write a cache for this run with "
-                             f"kdlab-cache-teacher <this run's overrides> cache.dir=<dir>")
+                             f"kdlab-cache-teacher <this run's overrides> {how} cache.dir=<dir>")
         return CachedTeacher(cache)
     from kdlab.teachers.client import TeacherClient
 

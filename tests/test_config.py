@@ -9,8 +9,8 @@ from kdlab.config import ConfigError, config_errors
 from kdlab.train import validate
 from tests.conftest import CONF_DIR, compose
 
-GROUPS = ["task", "teacher", "student", "loss", "policy", "reward", "trainer", "strategy", "logger", "experiment",
-          "debug"]
+GROUPS = ["task", "teacher", "teachers", "student", "loss", "policy", "reward", "trainer", "strategy", "logger",
+          "experiment", "debug"]
 
 
 def _options(group: str) -> list[str]:
@@ -29,7 +29,9 @@ def _leaves(node: dict, prefix: str = "") -> dict[str, object]:
 
 
 # Options that are only valid together with others (no teacher means SFT).
-COMPANIONS = {"teacher=none": ["loss=sft", "policy=supervised"], "loss=sft": ["policy=supervised"]}
+COMPANIONS = {"teacher=none": ["loss=sft", "policy=supervised"], "loss=sft": ["policy=supervised"],
+              "teacher=cached": ["teacher.dir=/a/cache", "policy=supervised"],  # validated without reading it
+              "teacher=remote": ["teacher.url=http://127.0.0.1:8000"]}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])

@@ -5,7 +5,8 @@ log of the remaining mass at every student target token (`TopK`, aligned with th
 then trains on the top-k form of the configured divergence (kdlab.losses.sparse, the approximation stated there).
 
 - `CachedTeacher` reads the rows `kdlab-cache-teacher` wrote for each training example (`Batch.index`): no teacher
-  model loads, but only the fixed ground-truth targets are cached, so on-policy steps are refused at start-up.
+  model loads, but only fixed targets are cached (the ground truth, or with `cache.targets=teacher` one teacher
+  sample per example, which a SeqKD run then trains on), so on-policy steps are refused at start-up.
 - `RemoteTeacher` asks a server (`kdlab-serve-teacher`, or `vllm serve`) for every target token of the batch's rows,
   ground truth or the student's own samples: on-policy works.
 

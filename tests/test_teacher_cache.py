@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdlab.conf import compose
 from kdlab.teachers import cache as cache_module
 from kdlab.teachers.cache import CacheError, cache_teacher, check_cache_matches, open_cache, run_fingerprints
-from tests.conftest import CONF_DIR, REPO
+from tests.conftest import REPO
 
 torch.set_num_threads(1)  # a tiny model on a shared 2-core machine: one thread is several times faster than two
 
@@ -21,13 +22,7 @@ SMALL = ["teacher=arith_teacher", "task.train_size=23", "task.val_size=4", "cach
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from kdlab.resolvers import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="cache_teacher", overrides=overrides)
+    return compose(overrides, config_name="cache_teacher")
 
 
 def _write(directory: Path, *extra: str) -> float:

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdlab.conf import compose
 from kdlab.teachers.client import TeacherClient, TeacherServerError
 from kdlab.teachers.server import TeacherScorer, TeacherServer, build_server
-from tests.conftest import CONF_DIR, REPO
+from tests.conftest import REPO
 
 torch.set_num_threads(1)  # a tiny model on a shared 2-core machine: one thread is several times faster than two
 
@@ -29,13 +30,7 @@ SEQUENCES = [[1, 48, 30, 9, 57, 61, 12], [1, 48, 30], [1, 22, 5, 600, 33, 2]]  #
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from kdlab.resolvers import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="serve_teacher", overrides=overrides)
+    return compose(overrides, config_name="serve_teacher")
 
 
 def _serve(server: TeacherServer) -> TeacherServer:

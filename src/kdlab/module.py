@@ -88,8 +88,7 @@ class DistillationModule(L.LightningModule):
         outside_teacher: CachedTeacher | RemoteTeacher | None = None,
         ensemble: TeacherEnsemble | None = None,
     ):
-        # optimizer, max_nonfinite_steps and score_groups have their defaults in conf/train.yaml only, and their
-        # checks in kdlab.config (at start-up, before any model loads)
+        # optimizer, max_nonfinite_steps and score_groups: defaults in conf/train.yaml, checks in kdlab.config
         super().__init__()
         # A step counts its whole window's units before any backward (kdlab.losses.normalisation), which Lightning's
         # accumulation cannot: the module accumulates, clips (`trainer.gradient_clip_val`) and steps itself.
@@ -104,12 +103,9 @@ class DistillationModule(L.LightningModule):
         # several teachers (kdlab.teachers.ensemble); their models are submodules, frozen as the teacher is
         self.ensemble = ensemble
         self.teachers = torch.nn.ModuleDict(ensemble.models) if ensemble is not None and ensemble.models else None
-        for model in self.teachers.values() if self.teachers is not None else ():
+        for model in self._teacher_models():
             model.requires_grad_(False)
             model.eval()
-        if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
         self.tokenizer = tokenizer
         # None: the teacher reads the student's tokens. Otherwise batches carry the teacher's own tokens as well
         # (`Batch.teacher`) and samples cross between the two through text (kdlab.retokenize).
@@ -118,13 +114,11 @@ class DistillationModule(L.LightningModule):
         self.reward = reward  # GKD Eq. 5: a reward optimised on the student's own samples (None: pure distillation)
         self.policy = policy
         self.task = task
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.eval_sampling = eval_sampling
         self.eval_role = "student"  # which model validation generates with: "student" or "teacher"
         self.strict_loading = False  # checkpoints leave the teacher out; it is rebuilt from its config
-        self._onpolicy_steps = 0
-        self._policy_steps = 0
+        self._onpolicy_steps, self._policy_steps = 0, 0
         self._step_start, self._step_tokens = 0.0, 0
         self.train_tokens = 0  # scored response tokens seen in training (this process)
         self.seed = seed
@@ -134,11 +128,14 @@ class DistillationModule(L.LightningModule):
         self.score_groups = score_groups
 
     # -- modes ---------------------------------------------------------------------------------------------------
+    def _teacher_models(self) -> list[torch.nn.Module]:
+        """Every teacher model in this process: the teacher, or the model members of several teachers."""
+        return ([self.teacher] if self.teacher is not None else []) + list((self.teachers or {}).values())
+
     def train(self, mode: bool = True) -> "DistillationModule":
         super().train(mode)
-        for teacher in [self.teacher, *(self.teachers.values() if self.teachers is not None else ())]:
-            if teacher is not None:
-                teacher.eval()  # no dropout in a teacher, ever
+        for teacher in self._teacher_models():
+            teacher.eval()  # no dropout in a teacher, ever
         return self
 
     # -- training ------------------------------------------------------------------------------------------------
@@ -433,9 +430,8 @@ class DistillationModule(L.LightningModule):
             return  # Lightning calls this hook before fit and before each validate: shard once
         mesh = self.device_mesh["data_parallel"]
         shard_model(self.student, mesh, strategy.sharding, frozen=False)
-        for teacher in [self.teacher, *(self.teachers.values() if self.teachers is not None else ())]:
-            if teacher is not None:
-                shard_model(teacher, mesh, strategy.sharding, frozen=True)
+        for teacher in self._teacher_models():
+            shard_model(teacher, mesh, strategy.sharding, frozen=True)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.student.parameters() if p.requires_grad])

@@ -148,6 +148,9 @@ def _run_errors(cfg: DictConfig) -> list[str]:
     if int(cfg.score_groups) < 1:
         errors.append(f"score_groups={cfg.score_groups} must be a positive integer (the most groups of rows of "
                       f"similar length a batch is scored in); score_groups=1 scores one padded batch")
+    if int(cfg.log_rollouts_every_n_steps) < 0 or int(cfg.log_rollouts_examples) < 1:
+        errors.append(f"log_rollouts_every_n_steps={cfg.log_rollouts_every_n_steps} must be >= 0 (0: no rollouts) and "
+                      f"log_rollouts_examples={cfg.log_rollouts_examples} >= 1")
     steps = int(cfg.nonfinite.max_consecutive_steps)
     if steps < 1:
         errors.append(f"nonfinite.max_consecutive_steps={steps} must be a positive integer (how many skipped "

@@ -38,6 +38,7 @@ from kdlab.policy import STUDENT, DataPolicy
 from kdlab.resilience import LastCheckpoint, NonFiniteGuard, step_seed
 from kdlab.retokenize import response_texts, retokenize
 from kdlab.rewards import RewardTerm, leave_one_out_advantages, policy_gradient_sum
+from kdlab.rollouts import rollout_rows
 from kdlab.scoring import score_targets
 from kdlab.teachers.client import TeacherServerError
 from kdlab.teachers.ensemble import ROUTE, TeacherEnsemble
@@ -87,6 +88,7 @@ class DistillationModule(L.LightningModule):
         gradient_clip_algorithm: str = "norm",
         outside_teacher: CachedTeacher | RemoteTeacher | None = None,
         ensemble: TeacherEnsemble | None = None,
+        rollouts: tuple[int, int] = (0, 0),
     ):
         # optimizer, max_nonfinite_steps and score_groups: defaults in conf/train.yaml, checks in kdlab.config
         super().__init__()
@@ -115,6 +117,7 @@ class DistillationModule(L.LightningModule):
         self.policy = policy
         self.task = task
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.rollouts = rollouts  # (every n steps, examples): kdlab.rollouts; 0 steps: never
         self.eval_sampling = eval_sampling
         self.eval_role = "student"  # which model validation generates with: "student" or "teacher"
         self.strict_loading = False  # checkpoints leave the teacher out; it is rebuilt from its config
@@ -308,7 +311,7 @@ class DistillationModule(L.LightningModule):
         # Sampling and dropout draw from a state fixed by (seed, step, rank): a resumed run repeats them exactly.
         torch.manual_seed(step_seed(self.seed, self.trainer.global_step, self.global_rank))
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         """One optimizer step on this process's accumulation window: targets for every micro-batch first, then
         their units counted globally, then each micro-batch's normalised loss backpropagated, then one update."""
         source = self.policy.draw(self.trainer.global_step)  # one draw per optimizer step, the same on every rank
@@ -320,6 +323,9 @@ class DistillationModule(L.LightningModule):
                 lost = err
         if any_rank(lost is not None, self.device):
             self._stop_without_teacher(lost)
+        every, examples = self.rollouts
+        step = self.trainer.global_step
+        rollouts = rollout_rows(self, window[0], source, step, examples) if every and step % every == 0 else None
         counts = self._global_counts(window)
         world = world_size()  # DDP and FSDP average gradients over processes; the shares are of the global sum
         shares: dict[str, Tensor] = {}
@@ -336,7 +342,7 @@ class DistillationModule(L.LightningModule):
         self._optimizer_step(totals)
         if bool(torch.isfinite(totals["loss"])):
             self._log_step(totals, source, int(counts["rows"]))
-        return totals["loss"]
+        return {"loss": totals["loss"], **({"rollouts": rollouts} if rollouts else {})}
 
     def _stop_without_teacher(self, error: Exception | None) -> None:
         """The teacher server is gone (on this process or another): save `last.ckpt` as it stands before this step,

@@ -38,6 +38,7 @@ from kdlab.progress import StepProgressBar
 from kdlab.resilience import LastCheckpoint, PreemptionCheckpoint, RunInterrupted, TrainingDiverged, stop_on_sigterm
 from kdlab.resolvers import in_multirun, register_resolvers
 from kdlab.rewards import RewardTerm
+from kdlab.rollouts import ROLLOUTS, RolloutWriter
 from kdlab.teachers.ensemble import ROUTE, build_ensemble
 from kdlab.teachers.outside import CACHED, MODEL, REMOTE, build_outside_teacher, teacher_kind
 
@@ -150,6 +151,7 @@ def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher_to
         gradient_clip_algorithm=cfg.trainer.get("gradient_clip_algorithm") or "norm",
         outside_teacher=outside_teacher,
         ensemble=ensemble,
+        rollouts=(int(cfg.log_rollouts_every_n_steps), int(cfg.log_rollouts_examples)),
     )
 
 
@@ -163,7 +165,7 @@ def build_trainer(cfg: DictConfig, task: Task, loggers: list, output_dir: Path) 
     # LogLastStep first: the learning rate monitor then logs the last step too. LastCheckpoint last: a periodic save
     # sees what the other callbacks did at the end of the step (as Lightning orders its own)
     callbacks = [LogLastStep(), preemption, LearningRateMonitor(logging_interval="step"), GenerationScorer(task),
-                 *extra, last]
+                 RolloutWriter(output_dir / ROLLOUTS), *extra, last]
     if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in extra):
         callbacks.insert(-1, StepProgressBar())
     # FSDP2 allocates its gather buffers lazily at the first forward; under inference mode (Lightning's default for

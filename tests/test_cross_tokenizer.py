@@ -256,9 +256,9 @@ def test_sequence_ranking_orders_columns_by_their_sum_over_response_positions():
 @pytest.mark.parametrize("chunk_elements", [2**22, 3 * 40])  # one chunk; 3 rows per chunk, across sequences
 @pytest.mark.parametrize("temperature", [1.0, 1.7])
 def test_chunked_ranked_topk_equals_softmax_then_ranking(monkeypatch, chunk_elements, temperature):
-    import kdlab.losses.divergences as divergences
+    import kdlab.losses.chunking as chunking
 
-    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", chunk_elements)  # in value and in gradient
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", chunk_elements)  # in value and in gradient
     x = logits(3, 7, 40, seed=21)
     mask = lengths_mask([7, 4, 1], 7)
     weights = torch.randn(3, 7, 6, generator=torch.Generator().manual_seed(22))  # a random upstream gradient
@@ -274,9 +274,9 @@ def test_chunked_ranked_topk_equals_softmax_then_ranking(monkeypatch, chunk_elem
 
 @pytest.mark.parametrize("per_batch", [False, True])
 def test_ranked_topk_at_several_temperatures_equals_each_alone_in_value_and_gradient(monkeypatch, per_batch):
-    import kdlab.losses.divergences as divergences
+    import kdlab.losses.chunking as chunking
 
-    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 3 * 40 * 2)  # 3 rows per chunk, across sequences
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 3 * 40 * 2)  # 3 rows per chunk, across sequences
     x = logits(3, 7, 40, seed=24)
     mask = lengths_mask([7, 4, 1], 7)
     gen = torch.Generator().manual_seed(25)

@@ -340,9 +340,9 @@ def test_ranked_topk_equals_logits_path_at_two_temperatures(per_batch: bool) -> 
 @pytest.mark.parametrize("case", ["fkl", "jsd", "tvd", "ce"])
 def test_loss_slices_inside_a_matmul_chunk(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A matmul chunk of 5 rows whose loss runs 2 rows at a time (the cache-sized slices) gives today's values."""
-    import kdlab.losses.divergences as divergences
+    import kdlab.losses.chunking as chunking
 
-    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 2 * 11)  # 2 rows of the 11-column vocabulary per slice
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 2 * 11)  # 2 rows of the 11-column vocabulary per slice
     student, teacher = _layers(torch.float64)
     hs, ht, mask = _hidden(torch.float64)
     if case == "ce":

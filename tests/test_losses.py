@@ -330,12 +330,12 @@ def test_fused_backward_twice_says_how_to_keep_the_graph():
 
 def test_chunks_are_bounded_in_elements_not_only_rows(monkeypatch):
     # a wide vocabulary shrinks the chunk below chunk_size rows; the value does not depend on it
-    import kdlab.losses.divergences as divergences
+    import kdlab.losses.chunking as chunking
 
     s, t, mask = make(batch=2, positions=8, vocab=32, seed=4)
     full = generalized_jsd(s, t, mask, beta=0.3)
-    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 3 * 32)  # 3 rows per chunk
-    assert divergences._rows_per_chunk(1024, 32) == 3
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 3 * 32)  # 3 rows per chunk
+    assert chunking.rows_per_chunk(1024, 32) == 3
     assert torch.allclose(generalized_jsd(s, t, mask, beta=0.3), full, atol=1e-6)
 
 

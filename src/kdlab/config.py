@@ -13,8 +13,8 @@ import torch
 from omegaconf import DictConfig
 
 from kdlab.data.tasks import task_config_errors
+from kdlab.losses.chunking import REDUCTIONS
 from kdlab.losses.cross_tokenizer import VARIANTS as OT_VARIANTS
-from kdlab.losses.divergences import REDUCTIONS
 from kdlab.losses.objective import CROSS_TOKENIZER_LOSSES, SFT, build_objective
 from kdlab.policy import FIXED_SOURCES
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdlab.losses.divergences import _rows_per_chunk
+from kdlab.losses.chunking import rows_per_chunk
 
 
 def _valid_length_mask(student_mask: Tensor, teacher_mask: Tensor) -> Tensor:
@@ -128,7 +128,7 @@ def ranked_topk_probs_at(
 ) -> tuple[Tensor, ...]:
     """`ranked_topk_probs` at each of `temperatures`, from one pass over the logits and with one gradient buffer."""
     k = min(k, logits.shape[-1])
-    rows = _rows_per_chunk(1 << 30, logits.shape[-1] * len(temperatures), logits.device)
+    rows = rows_per_chunk(1 << 30, logits.shape[-1] * len(temperatures), logits.device)
     if not (torch.is_grad_enabled() and logits.requires_grad):
         with torch.no_grad():
             return _RankedTopK.forward(_NoCtx(), logits, mask.bool(), k, temperatures, rows, per_batch)

@@ -29,17 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlab.losses.divergences import (
-    LossAndGrad,
-    _check_unit,
-    _compute_dtype,
-    _dot,
-    _forward_kl_and_grad,
-    _jsd_and_grad,
-    _reverse_kl_and_grad,
-    _row_weights,
-    _rows_per_chunk,
-)
+from kdlab.losses.chunking import compute_dtype, row_weights, rows_per_chunk
+from kdlab.losses.rowwise import LossAndGrad, check_unit, dot, forward_kl_and_grad, jsd_and_grad, reverse_kl_and_grad
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +125,7 @@ def _skew_reverse_kl_and_grad(alpha: float) -> LossAndGrad:
         lm = _log_mix(log_q, log_p, alpha)
         q = log_q.exp()
         diff = (log_q - lm).masked_fill_(q == 0, 0.0)
-        loss = _dot(q, diff)
+        loss = dot(q, diff)
         ratio = (log_q - lm).nan_to_num_(nan=-math.inf).exp_().mul_(alpha)
         r = diff.sub_(ratio).mul_(q)
         return loss, r.sub_(q.mul_(r.sum(dim=-1, keepdim=True)))
@@ -149,7 +140,7 @@ def _total_variation_and_grad(log_q: Tensor, log_p: Tensor) -> tuple[Tensor, Ten
     delta = q - log_p.exp()
     loss = 0.5 * delta.abs().sum(dim=-1)
     s = delta.sign_().mul_(0.5)
-    return loss, s.sub_(_dot(q, s)[:, None]).mul_(q)
+    return loss, s.sub_(dot(q, s)[:, None]).mul_(q)
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
@@ -164,12 +155,12 @@ def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
 def loss_and_grad_of(name: str, beta: float = 0.5, alpha: float = 0.1) -> LossAndGrad:
     """Per-row (loss, d loss / d student logits at temperature 1) of divergence `name`, as kdlab.losses defines it."""
     if name in ("jsd", "skl", "srkl"):
-        _check_unit("beta" if name == "jsd" else "alpha", beta if name == "jsd" else alpha)
+        check_unit("beta" if name == "jsd" else "alpha", beta if name == "jsd" else alpha)
     if name == "fkl" or (name == "jsd" and beta == 0.0):
-        return _forward_kl_and_grad
+        return forward_kl_and_grad
     if name == "rkl" or (name == "jsd" and beta == 1.0):
-        return _reverse_kl_and_grad
-    known = {"jsd": lambda: _jsd_and_grad(beta), "tvd": lambda: _total_variation_and_grad,
+        return reverse_kl_and_grad
+    known = {"jsd": lambda: jsd_and_grad(beta), "tvd": lambda: _total_variation_and_grad,
              "skl": lambda: _skew_forward_kl_and_grad(alpha), "srkl": lambda: _skew_reverse_kl_and_grad(alpha)}
     if name not in known:
         raise ValueError(f"unknown divergence {name!r} for the fused loss; known: fkl, jsd, rkl, skl, srkl, tvd")
@@ -283,7 +274,7 @@ def _apply(hidden: Tensor, layer: OutputLayer, row_weights: Tensor, target: Chun
     if tuple(row_weights.shape) != (hidden.shape[0],):
         raise ValueError(f"row_weights must be ({hidden.shape[0]},), got {tuple(row_weights.shape)}")
     rows = _rows(chunk_size, layer.columns, hidden.device)
-    loss_rows = _rows_per_chunk(rows, layer.columns, hidden.device)
+    loss_rows = rows_per_chunk(rows, layer.columns, hidden.device)
     return _FusedOutputLoss.apply(hidden, layer.weight, layer.bias, row_weights, layer.softcap, layer.vocab, target,
                                   rows, loss_rows)
 
@@ -330,7 +321,7 @@ def _flat_weights(hidden: Tensor, mask: Tensor | None, reduction: str, dtype: to
     if tuple(mask.shape) != tuple(lead):
         raise ValueError(f"mask shape {tuple(mask.shape)} must be the hidden states' leading shape {tuple(lead)}")
     mask2d = mask.bool().reshape(1, -1) if mask.dim() == 1 else mask.bool().reshape(-1, mask.shape[-1])
-    return _row_weights(mask2d, reduction, dtype).reshape(-1)
+    return row_weights(mask2d, reduction, dtype).reshape(-1)
 
 
 def fused_divergence(loss: str | LossAndGrad, student_hidden: Tensor, student_layer: OutputLayer,
@@ -341,7 +332,7 @@ def fused_divergence(loss: str | LossAndGrad, student_hidden: Tensor, student_la
 
     Hidden states (batch, positions, H) or (N, H) (one sequence), each model with its own H; mask of their leading
     shape, True where scored. reduction: token_mean | sequence_mean | sum, as the logit-level losses."""
-    dtype = _compute_dtype(student_hidden, student_layer.weight, teacher_hidden, teacher_layer.weight)
+    dtype = compute_dtype(student_hidden, student_layer.weight, teacher_hidden, teacher_layer.weight)
     weights = _flat_weights(student_hidden, mask, reduction, dtype)
     return fused_divergence_sum(loss, student_hidden.reshape(-1, student_hidden.shape[-1]), student_layer,
                                 teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_layer, weights,
@@ -376,7 +367,7 @@ def fused_cross_entropy(hidden: Tensor, layer: OutputLayer, labels: Tensor, mask
                         reduction: str = "token_mean", chunk_size: int | None = None) -> Tensor:
     """kdlab.losses.cross_entropy on the logits `layer` would give, fused: hidden (batch, positions, H) or (N, H),
     labels and mask of the leading shape (labels already aligned: logits at t predict labels at t)."""
-    dtype = _compute_dtype(hidden, layer.weight)
+    dtype = compute_dtype(hidden, layer.weight)
     weights = _flat_weights(hidden, mask, reduction, dtype)
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"labels shape {tuple(labels.shape)} must be {tuple(hidden.shape[:-1])}")
@@ -406,7 +397,7 @@ def fused_universal_logit_distillation(student_hidden: Tensor, student_layer: Ou
     length = torch.minimum(student_mask.sum(-1), teacher_mask.sum(-1))
     width = min(student_mask.shape[1], teacher_mask.shape[1])
     matched = torch.arange(width, device=length.device)[None, :] < length[:, None]
-    dtype = _compute_dtype(student_hidden, student_layer.weight, teacher_hidden, teacher_layer.weight)
+    dtype = compute_dtype(student_hidden, student_layer.weight, teacher_hidden, teacher_layer.weight)
     weights = matched.to(dtype) / (matched.sum(-1, keepdim=True).clamp(min=1) * max(matched.shape[0], 1))
     hs = student_hidden[:, :width].reshape(-1, student_hidden.shape[-1])
     ht = teacher_hidden[:, :width].detach().reshape(-1, teacher_hidden.shape[-1])
@@ -464,7 +455,7 @@ class _FusedRankedTopK(torch.autograd.Function):
                 vocab: int | None, k: int, temperatures: tuple[float, ...], rows: int, per_batch: bool):
         layer = OutputLayer(weight, bias, softcap, vocab)
         batch, positions = mask.shape
-        dtype = _compute_dtype(hidden, weight)
+        dtype = compute_dtype(hidden, weight)
         row_weight = mask.reshape(-1).to(dtype)
         groups = 1 if per_batch else batch
         owner = torch.arange(groups, device=hidden.device).repeat_interleave(positions * (batch // groups))

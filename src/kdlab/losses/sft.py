@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdlab.losses.divergences import _check_inputs, _compute_dtype, _reduce_over_chunks
+from kdlab.losses.chunking import check_inputs, compute_dtype, reduce_over_chunks
 
 
 def cross_entropy(student_logits: Tensor, labels: Tensor, mask: Tensor | None = None, *,
@@ -18,13 +18,13 @@ def cross_entropy(student_logits: Tensor, labels: Tensor, mask: Tensor | None = 
     label there (padding ids, -100). reduction: token_mean | sequence_mean | sum. Computed chunkwise in float32
     (float64 stays float64), like the divergences.
     """
-    _check_inputs(student_logits, labels, mask, "labels", student_logits.shape[:2])
+    check_inputs(student_logits, labels, mask, "labels", student_logits.shape[:2])
     if mask is not None:
         # unscored labels may be -100 or out of range; replace them so the gather is valid (their weight is 0)
         labels = torch.where(mask.bool(), labels, torch.zeros((), dtype=labels.dtype, device=labels.device))
-    dtype = _compute_dtype(student_logits)
+    dtype = compute_dtype(student_logits)
 
     def per_token(s: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(s.to(dtype), y, reduction="none")
 
-    return _reduce_over_chunks(per_token, student_logits, labels, mask, reduction, chunk_size)
+    return reduce_over_chunks(per_token, student_logits, labels, mask, reduction, chunk_size)

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-# the same reductions, chunk budget on CPU, and guarded KL and log-mixture over k + 1 buckets as over a vocabulary
-from kdlab.losses.divergences import CHUNK_ELEMENTS, REDUCTIONS, _kl, _log_mix
+from kdlab.losses.chunking import CHUNK_ELEMENTS, row_weights
+from kdlab.losses.rowwise import check_unit, kl, log_mix
 
 # (log q buckets, log p buckets), each (rows, k + 1) -> per-row loss
 BucketDivergence = Callable[[Tensor, Tensor], Tensor]
@@ -99,18 +99,6 @@ def teacher_buckets(teacher_logprobs: Tensor, teacher_tail: Tensor) -> Tensor:
     return buckets - torch.logsumexp(buckets, dim=-1, keepdim=True)
 
 
-def _row_weights(mask: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
-    m = mask.to(dtype)
-    if reduction == "token_mean":
-        return m / m.sum().clamp(min=1)
-    if reduction == "sequence_mean":
-        per_seq = m.sum(dim=1, keepdim=True)
-        return m / (per_seq.clamp(min=1) * (per_seq > 0).sum().clamp(min=1))
-    if reduction == "sum":
-        return m
-    raise ValueError(f"unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
-
-
 def _check_shapes(student_logits: Tensor, logprobs: Tensor, ids: Tensor, tail: Tensor | None,
                   mask: Tensor | None) -> None:
     if student_logits.dim() != 3:
@@ -138,7 +126,7 @@ def _sparse_divergence(fn: BucketDivergence, student_logits: Tensor, teacher_log
         teacher_tail = tail_log_mass(teacher_logprobs)
     if mask is None:
         mask = torch.ones(batch, positions, dtype=torch.bool, device=student_logits.device)
-    weights = _row_weights(mask.bool(), reduction, dtype).reshape(-1)
+    weights = row_weights(mask.bool(), reduction, dtype).reshape(-1)
     n, k = batch * positions, teacher_ids.shape[-1]
     rows = (student_logits.reshape(n, vocab), teacher_logprobs.reshape(n, k), teacher_ids.reshape(n, k).long(),
             teacher_tail.reshape(n))
@@ -161,16 +149,11 @@ def _sparse_divergence(fn: BucketDivergence, student_logits: Tensor, teacher_log
     return total
 
 
-def _check_unit(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in the range [0, 1], got {value}")
-
-
 def sparse_forward_kl(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
                       teacher_tail: Tensor | None = None, mask: Tensor | None = None, *,
                       reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
     """KL(P || Q) over the k + 1 buckets (module doc): sum_b p_b (log p_b - log q_b) per scored token."""
-    return _sparse_divergence(lambda lq, lp: _kl(lp, lq), student_logits, teacher_logprobs, teacher_ids,
+    return _sparse_divergence(lambda lq, lp: kl(lp, lq), student_logits, teacher_logprobs, teacher_ids,
                               teacher_tail, mask, reduction, chunk_size)
 
 
@@ -178,7 +161,7 @@ def sparse_reverse_kl(student_logits: Tensor, teacher_logprobs: Tensor, teacher_
                       teacher_tail: Tensor | None = None, mask: Tensor | None = None, *,
                       reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
     """KL(Q || P) over the k + 1 buckets: sum_b q_b (log q_b - log p_b) per scored token."""
-    return _sparse_divergence(lambda lq, lp: _kl(lq, lp), student_logits, teacher_logprobs, teacher_ids,
+    return _sparse_divergence(lambda lq, lp: kl(lq, lp), student_logits, teacher_logprobs, teacher_ids,
                               teacher_tail, mask, reduction, chunk_size)
 
 
@@ -189,7 +172,7 @@ def sparse_generalized_jsd(student_logits: Tensor, teacher_logprobs: Tensor, tea
 
     As kdlab's dense `generalized_jsd` (GKD's convention): beta == 0 is forward KL and beta == 1 reverse KL, exactly.
     """
-    _check_unit("beta", beta)
+    check_unit("beta", beta)
     common = dict(reduction=reduction, chunk_size=chunk_size)
     if beta == 0.0:
         return sparse_forward_kl(student_logits, teacher_logprobs, teacher_ids, teacher_tail, mask, **common)
@@ -197,8 +180,8 @@ def sparse_generalized_jsd(student_logits: Tensor, teacher_logprobs: Tensor, tea
         return sparse_reverse_kl(student_logits, teacher_logprobs, teacher_ids, teacher_tail, mask, **common)
 
     def jsd(lq: Tensor, lp: Tensor) -> Tensor:
-        lm = _log_mix(lp, lq, beta)
-        return beta * _kl(lp, lm) + (1.0 - beta) * _kl(lq, lm)
+        lm = log_mix(lp, lq, beta)
+        return beta * kl(lp, lm) + (1.0 - beta) * kl(lq, lm)
 
     return _sparse_divergence(jsd, student_logits, teacher_logprobs, teacher_ids, teacher_tail, mask, **common)
 
@@ -215,8 +198,8 @@ def sparse_skew_forward_kl(student_logits: Tensor, teacher_logprobs: Tensor, tea
                            teacher_tail: Tensor | None = None, mask: Tensor | None = None, *, alpha: float = 0.1,
                            reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
     """SKL(alpha) = KL(P || alpha P + (1-alpha) Q) over the k + 1 buckets (DistiLLM, Ko et al. ICML 2024)."""
-    _check_unit("alpha", alpha)
-    return _sparse_divergence(lambda lq, lp: _kl(lp, _log_mix(lp, lq, alpha)), student_logits, teacher_logprobs,
+    check_unit("alpha", alpha)
+    return _sparse_divergence(lambda lq, lp: kl(lp, log_mix(lp, lq, alpha)), student_logits, teacher_logprobs,
                               teacher_ids, teacher_tail, mask, reduction, chunk_size)
 
 
@@ -224,8 +207,8 @@ def sparse_skew_reverse_kl(student_logits: Tensor, teacher_logprobs: Tensor, tea
                            teacher_tail: Tensor | None = None, mask: Tensor | None = None, *, alpha: float = 0.1,
                            reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
     """SRKL(alpha) = KL(Q || alpha Q + (1-alpha) P) over the k + 1 buckets (DistiLLM, Ko et al. ICML 2024)."""
-    _check_unit("alpha", alpha)
-    return _sparse_divergence(lambda lq, lp: _kl(lq, _log_mix(lq, lp, alpha)), student_logits, teacher_logprobs,
+    check_unit("alpha", alpha)
+    return _sparse_divergence(lambda lq, lp: kl(lq, log_mix(lq, lp, alpha)), student_logits, teacher_logprobs,
                               teacher_ids, teacher_tail, mask, reduction, chunk_size)
 
 

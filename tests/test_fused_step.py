@@ -241,3 +241,73 @@ def test_what_falls_back_says_why(case, reason, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "kdlab.fused_step"]
     assert (lines == []) if reason == "loss.fused=false" else (len(lines) == 1 and reason in lines[0]), lines
     assert module._fused_reason.startswith(reason) or reason in module._fused_reason
+
+
+# -- whole runs: the config's default (loss.fused=true) against loss.fused=false, in one process and under DDP --------
+
+RUN = ["teacher=tiny", "student=tiny", "trainer.max_steps=2", "trainer.log_every_n_steps=1", "task.train_size=16",
+       "task.val_size=4", "task.eval_examples=4", "task.batch_size=4", "task.eval_batch_size=4",
+       "task.generation.max_new_tokens=4", "policy.sampling.max_new_tokens=4", "eval.teacher=false",
+       "eval.before=false", "checkpoint.every_n_train_steps=2", "loss=jsd", "loss.ce_weight=0.5"]
+DDP = ["trainer=ddp", "strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def _losses(run_dir) -> list[float]:
+    import csv
+
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+def _weights(run_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "student" / "model.safetensors"))
+
+
+def _assert_same_runs(ours, reference) -> None:
+    """Two steps of the same run: the logged losses to 1e-5, the exported weights to Adam's float-noise floor (its
+    first steps move each weight by about lr = 1e-3 whatever the gradient's size, so noise in a near-zero gradient
+    shows at 1e-5; tests/test_teacher_outside_training.py)."""
+    assert len(_losses(reference)) == 2
+    assert _losses(ours) == pytest.approx(_losses(reference), rel=1e-5)
+    theirs = _weights(reference)
+    for name, weight in _weights(ours).items():
+        torch.testing.assert_close(weight, theirs[name], rtol=0, atol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_a_whole_run_trains_as_with_loss_fused_false(tmp_path, caplog):
+    from kdlab.train import run
+
+    with caplog.at_level(logging.INFO, logger="kdlab.fused_step"):
+        run(compose(RUN, output_dir=tmp_path / "fused"))
+    assert any("compute loss=jsd and its CE term from hidden states" in r.getMessage() for r in caplog.records)
+    run(compose([*RUN, "loss.fused=false"], output_dir=tmp_path / "logits"))
+    _assert_same_runs(tmp_path / "fused", tmp_path / "logits")
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_as_with_loss_fused_false(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                "-m", "tests.fused_step_ddp", str(tmp_path)]
+    done = subprocess.run(torchrun, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    started = [line for line in done.stdout.splitlines() if "loss.fused: training steps" in line]
+    assert len([line for line in started if "from hidden states" in line]) == 2, started  # fused on both processes
+    assert len([line for line in started if "loss.fused=false" in line]) == 0, started  # false: no line
+    _assert_same_runs(tmp_path / "fused", tmp_path / "logits")
+
+
+def test_sharded_models_keep_the_logits_path(monkeypatch, caplog):
+    monkeypatch.setattr(DistillationModule, "_sharded", property(lambda self: True))
+    module, _ = _module("fkl")
+    with caplog.at_level(logging.INFO, logger="kdlab.fused_step"):
+        assert not module._fused
+    assert "FSDP shards the output weight (a DTensor)" in caplog.records[-1].getMessage()

@@ -59,13 +59,13 @@ def _steps(module: DistillationModule, batch, fused: bool, steps: int) -> tuple[
     near-zero gradient would show at 1e-3 (tests/test_teacher_outside_training.py); SGD's update is the gradient."""
     module._fused_reason = "" if fused else "off"
     assert module._fused is fused
-    optimizer = torch.optim.SGD(module.student.parameters(), lr=0.5)
+    optimizer = torch.optim.SGD([p for p in module.student.parameters() if p.requires_grad], lr=0.5)
     targets = StepTargets(batch)
     losses, gradients = [], []
     for _ in range(steps):
         loss, _ = module._micro_loss(targets, True, module._global_counts([targets]))
         loss.backward()
-        gradients.append({n: p.grad.clone() for n, p in module.student.named_parameters()})
+        gradients.append({n: p.grad.clone() for n, p in module.student.named_parameters() if p.requires_grad})
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.detach())
@@ -167,6 +167,20 @@ def test_an_output_bias_is_fused():
             head.bias.normal_(0.0, 1.0)
         model.set_output_embeddings(head)
     module.teacher.requires_grad_(False)
+    _compare(module, batch)
+
+
+def test_a_lora_student_is_fused():
+    from kdlab.lora import add_lora, has_lora
+
+    module, batch = _module("jsd", "tiny_qwen2", ce_weight=0.5)
+    torch.manual_seed(2)
+    add_lora(module.student, {"r": 4, "alpha": 8})
+    with torch.no_grad():  # B starts at zero: give the adapters an output, so that their A matrices get gradients
+        for name, parameter in module.student.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.1)
+    assert has_lora(module.student) and not module.student.get_output_embeddings().weight.requires_grad
     _compare(module, batch)
 
 

@@ -119,8 +119,9 @@ def test_each_step_trains_on_the_source_the_policy_drew(tokenizer, monkeypatch, 
 
     monkeypatch.setattr(kdlab.module, "generate_targets", recording_generate)
     scored = []
-    real_scores = module._scores
-    module._scores = lambda batch: scored.append(batch.student.target) or real_scores(batch)
+    real_micro_loss = module._micro_loss  # what each micro-batch's loss reads (logits path or fused alike)
+    module._micro_loss = lambda targets, *args: scored.append(targets.batch.student.target) or real_micro_loss(
+        targets, *args)
     _fit(module, datamodule, steps=2)
     assert len(scored) == 2  # one scoring per step (one micro-batch each)
 

@@ -41,6 +41,8 @@ def _loss_errors(loss: Mapping[str, Any]) -> list[str]:
         errors.append(f"loss.ce_weight={loss['ce_weight']} must be >= 0 (0 turns the hard-label term off)")
     if loss.get("reduction", "token_mean") not in REDUCTIONS:
         errors.append(f"loss.reduction={loss['reduction']} is unknown; choose one of {REDUCTIONS}")
+    if not isinstance(loss.get("fused", False), bool):
+        errors.append(f"loss.fused={loss['fused']!r} must be true or false (false: the logits path in training steps)")
     if int(loss.get("chunk_size", 1024)) < 1:
         errors.append(f"loss.chunk_size={loss['chunk_size']} must be a positive integer")
     return errors or _loss_call_errors(loss)

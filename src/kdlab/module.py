@@ -29,6 +29,7 @@ from kdlab.console import quiet_weight_bars
 from kdlab.data.batch import Batch
 from kdlab.data.tasks import Task
 from kdlab.distributed import FSDP2Strategy, any_rank, full_state_dict, is_sharded, shard_model, world_size
+from kdlab.fused_step import fused_terms, log_plan
 from kdlab.generation import SamplingSettings, generate_targets
 from kdlab.lora import ADAPTER_KEY, export_lora, has_lora
 from kdlab.losses.normalisation import NONE, SEQUENCES, TOKENS, LossSum, normalised, unit_counts
@@ -129,6 +130,7 @@ class DistillationModule(L.LightningModule):
         self._loss_skipped = False
         # Scoring reads a batch in up to this many groups of rows of similar length (kdlab.scoring.score_targets)
         self.score_groups = score_groups
+        self._fused_reason: str | None = ""  # why training steps keep the logits path (None: fused); "": not decided
 
     # -- modes ---------------------------------------------------------------------------------------------------
     def _teacher_models(self) -> list[torch.nn.Module]:
@@ -269,7 +271,11 @@ class DistillationModule(L.LightningModule):
         """This micro-batch's share of the global loss (every term's sum over the global count of its unit), and
         its shares of each logged value, which add up over micro-batches and processes to the global values."""
         t, batch = targets, targets.batch
-        student_logits, terms, members = self._terms(batch, t.outside_scores, hard_labels)
+        if self._fused and t.advantages is None:  # REINFORCE reads the student's logits: the logits path
+            student_logits, terms = fused_terms(self, batch, hard_labels)  # hidden states: only a gradient anchor
+            members = {}
+        else:
+            student_logits, terms, members = self._terms(batch, t.outside_scores, hard_labels)
         shares = {name: normalised(term, counts) for name, (_, term) in terms.items()}
         shares.update({f"teacher/{name}": normalised(term, counts).detach() for name, term in members.items()})
         loss = student_logits.sum() * 0.0 + sum(weight * shares[name] for name, (weight, _) in terms.items())
@@ -283,6 +289,16 @@ class DistillationModule(L.LightningModule):
             shares["advantage"] = t.advantages.abs().sum() / counts["rows"]
         shares["loss"] = loss
         return loss, {name: value.detach().float() for name, value in shares.items()}
+
+    @property
+    def _fused(self) -> bool:
+        """Whether training steps compute the terms from hidden states (kdlab.fused_step); decided and logged once."""
+        if self._fused_reason == "":
+            self._fused_reason = log_plan(self)
+        return self._fused_reason is None
+
+    def on_fit_start(self) -> None:
+        self._fused_reason = log_plan(self)  # the strategy is known now: sharded models keep the logits path
 
     def _member_terms(self, student_logits: Tensor, scores: dict[str, Tensor | TopK],
                       batch: Batch) -> dict[str, LossSum]:

@@ -1,4 +1,5 @@
-"""Score target text with a loaded model: logits aligned with the target tokens, for either kind of model.
+"""Score target text with a loaded model: logits aligned with the target tokens, for either kind of model, or
+(decoder-only models, `score_hidden`) the last hidden states the output layer would turn into those logits.
 
 Decoder-only and encoder-decoder (T5-style, as in the GKD paper) models are both scored through `score_targets`, so
 nothing downstream knows the difference. `length_groups` splits a batch into rows of similar length so that scoring
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -39,6 +41,44 @@ def score_targets(
     its group's longest target are zeros, which every loss masks); under sharding every rank must run the same
     forwards, so the module passes 1 there.
     """
+    return _in_length_groups(_score, model, prompt_ids, prompt_mask, target_ids, target_mask, max_groups)
+
+
+def score_hidden(
+    model: PreTrainedModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    target_ids: Tensor,
+    target_mask: Tensor,
+    max_groups: int = 1,
+) -> Tensor:
+    """Last hidden states (batch, target_len, H) where the output layer turns `hidden[:, t]` into the logits that
+    `score_targets` gives at t (those predicting `target_ids[:, t]`): the fused output layer and loss
+    (kdlab.losses.fused) take them instead of logits, so no (batch, positions, vocabulary) tensor is made.
+
+    Decoder-only models only (an encoder-decoder is scored through `score_targets`); the model's decoder stack
+    (`decoder_of`) runs without its output layer. Same length groups as `score_targets` (rows past their group's
+    longest target are zeros)."""
+    if decoder_of(model) is None:
+        raise ValueError(f"{type(_unwrap(model)).__name__} has no decoder stack apart from its output layer: "
+                         "score it with score_targets")
+    return _in_length_groups(_hidden, model, prompt_ids, prompt_mask, target_ids, target_mask, max_groups)
+
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder stack of a decoder-only Hugging Face model (its `base_model`: every layer and the final norm,
+    not the output layer), or None for an encoder-decoder model or one without a separate base model."""
+    model = _unwrap(model)
+    if not isinstance(model, PreTrainedModel) or is_encoder_decoder(model):
+        return None
+    base = model.base_model
+    return None if base is model else base
+
+
+def _in_length_groups(read: Callable[..., Tensor], model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: Tensor,
+                      target_ids: Tensor, target_mask: Tensor, max_groups: int) -> Tensor:
+    """`read(model, prompts, targets)` over the whole batch, or over its length groups (decoder-only models with
+    `max_groups` > 1), back in the batch's row order: the one place scoring splits a batch."""
     if max_groups > 1 and not is_encoder_decoder(model):
         # left-padded prompts count from their first real token, right-padded targets to their last; one host sync
         prompt_len = prompt_mask.shape[1] - prompt_mask.int().argmax(dim=1)
@@ -46,9 +86,9 @@ def score_targets(
         prompt_lengths, target_lengths = torch.stack([prompt_len, target_len]).tolist()
         groups = length_groups(prompt_lengths, target_lengths, max_groups)
         if len(groups) > 1:
-            return _score_in_groups(model, prompt_ids, prompt_mask, target_ids, target_mask, groups,
-                                    prompt_lengths, target_lengths)
-    return _score(model, prompt_ids, prompt_mask, target_ids, target_mask)
+            return _read_in_groups(read, model, prompt_ids, prompt_mask, target_ids, target_mask, groups,
+                                   prompt_lengths, target_lengths)
+    return read(model, prompt_ids, prompt_mask, target_ids, target_mask)
 
 
 def length_groups(
@@ -89,7 +129,8 @@ def length_groups(
     return [order[edges[a]:edges[b]] for a, b in zip(bounds, bounds[1:])]
 
 
-def _score_in_groups(
+def _read_in_groups(
+    read: Callable[..., Tensor],
     model: PreTrainedModel,
     prompt_ids: Tensor,
     prompt_mask: Tensor,
@@ -99,16 +140,17 @@ def _score_in_groups(
     prompt_lengths: list[int],
     target_lengths: list[int],
 ) -> Tensor:
-    """`_score` per group, each trimmed to its own longest prompt and target, back in the batch's row order."""
+    """`read` (`_score` or `_hidden`) per group, each trimmed to its own longest prompt and target, back in the
+    batch's row order."""
     width = target_ids.shape[1]
     parts = []
     for rows in groups:
         index = torch.tensor(rows, device=prompt_ids.device)
         first = max(max(prompt_lengths[r] for r in rows), 1)
         last = max(max(target_lengths[r] for r in rows), 1)
-        logits = _score(model, prompt_ids[index, -first:], prompt_mask[index, -first:], target_ids[index, :last],
-                        target_mask[index, :last])
-        parts.append(torch.nn.functional.pad(logits, (0, 0, 0, width - last)))
+        scores = read(model, prompt_ids[index, -first:], prompt_mask[index, -first:], target_ids[index, :last],
+                      target_mask[index, :last])
+        parts.append(torch.nn.functional.pad(scores, (0, 0, 0, width - last)))
     order = torch.tensor([row for rows in groups for row in rows], device=prompt_ids.device)
     return torch.cat(parts).index_select(0, torch.argsort(order))
 
@@ -133,21 +175,34 @@ def _score(
             use_cache=False,
         )
         return out.logits
-    input_ids = torch.cat([prompt_ids, target_ids], dim=1)
+    out = model(**_decoder_inputs(_unwrap(model), prompt_ids, prompt_mask, target_ids, target_mask),
+                use_cache=False, logits_to_keep=target_len + 1)
+    return out.logits[:, :-1]
+
+
+def _hidden(
+    model: PreTrainedModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    target_ids: Tensor,
+    target_mask: Tensor,
+) -> Tensor:
+    """`_score`'s positions, read before the output layer: the decoder stack's last hidden states."""
+    decoder = decoder_of(model)
+    out = decoder(**_decoder_inputs(decoder, prompt_ids, prompt_mask, target_ids, target_mask), use_cache=False)
+    return out.last_hidden_state[:, -target_ids.shape[1] - 1: -1]
+
+
+def _decoder_inputs(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, target_ids: Tensor,
+                    target_mask: Tensor) -> dict[str, Tensor]:
+    """A decoder-only model's inputs: prompt then target, and real-token positions where `model` takes them."""
     attention_mask = torch.cat([prompt_mask, target_mask], dim=1).long()
-    kwargs = {}
-    if _takes_position_ids(_unwrap(model)):
+    inputs = {"input_ids": torch.cat([prompt_ids, target_ids], dim=1), "attention_mask": attention_mask}
+    if _takes_position_ids(model):
         # Left padding shifts where each row starts: positions count real tokens only. Learned absolute positions
         # (OPT) depend on it; rotary ones are shift-invariant. BLOOM (ALiBi) has no positions and takes none.
-        kwargs["position_ids"] = real_token_positions(attention_mask)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        use_cache=False,
-        logits_to_keep=target_len + 1,
-        **kwargs,
-    )
-    return out.logits[:, :-1]
+        inputs["position_ids"] = real_token_positions(attention_mask)
+    return inputs
 
 
 def real_token_positions(mask: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ a cache-sized slice's temporaries, plus the gradients themselves (hidden states 
 implementation needs (docs/benchmarks.md section 6). ULD and MultiLevelOT's ranked top-k probabilities are here too:
 ULD row by row like the divergences; the ranking in two passes over chunks (column sums, then the top-k columns).
 
-Standalone functions: the training step does not call them yet (`loss.fused` is not wired in).
+The training step calls them through kdlab.fused_step (`loss.fused`, on by default where it applies).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ The loss function is chosen by Hydra: `conf/loss/*.yaml` names it by `_target_` 
 `teacher_mask=` and `components=` (the terms to compute), and loss=sft gets the target ids in the teacher's place. A
 loss returns a mean over the units of its `reduction` (tokens by default), a `LossSum`, or, cross-tokenizer, a dict
 of per-sequence means by term name. The node's other keys are the objective's own: `name` (which calling convention),
-`ce_weight`, and for loss=ot|uld the term weights and the CE term's `reduction` and `chunk_size`. Every default
-lives in the YAML.
+`ce_weight`, `fused` (training steps fuse the output layer and the loss where they can: kdlab.fused_step), and for
+loss=ot|uld the term weights and the CE term's `reduction` and `chunk_size`. Every default lives in the YAML.
 
 A term whose weight is 0 is not computed at all (ablations cost nothing). The CE term is left out on steps that
 train on the student's own samples (`hard_labels=False`): cross-entropy on its own samples only reinforces them
@@ -42,7 +42,7 @@ TERM_WEIGHT_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 CROSS_TOKENIZER_LOSSES = tuple(TERM_WEIGHT_KEYS)
 # Keys of a loss node that configure the objective, not the loss function.
-OBJECTIVE_KEYS = ("name", "ce_weight")
+OBJECTIVE_KEYS = ("name", "ce_weight", "fused")
 CE_KEYS = ("reduction", "chunk_size")  # loss=ot|uld: settings of the CE term only
 
 
@@ -54,6 +54,8 @@ class Objective:
     reduction: str = "token_mean"  # of the CE term, and the unit a loss's plain mean is over
     chunk_size: int = 1024  # of the CE term
     term_weights: Mapping[str, float] = field(default_factory=dict)  # loss=ot|uld: each returned term's weight
+    # training steps compute the terms from hidden states and the output layers (kdlab.fused_step) where they can
+    fused: bool = False
 
     @property
     def needs_teacher(self) -> bool:
@@ -151,4 +153,5 @@ def build_objective(loss_cfg: Mapping[str, Any]) -> Objective:
         reduction=loss_cfg.get("reduction", "token_mean"),
         chunk_size=int(loss_cfg.get("chunk_size", 1024)),
         term_weights=term_weights,
+        fused=bool(loss_cfg.get("fused", False)),
     )

@@ -1,0 +1,160 @@
+"""The training step's terms from hidden states: the output layer and the loss as one operation (`loss.fused`).
+
+Both models hand over their last hidden states at the scored positions (kdlab.scoring.score_hidden); the objective's
+terms are computed from them and the output layers' weights chunk by chunk (kdlab.losses.fused), so no
+(batch, positions, vocabulary) logits tensor of either model exists in the step. Each term is the LossSum
+`Objective.terms` gives on the logits path: the same per-row losses, weighed by the same row weights (the loss's
+reduction times the count of the objective's unit), over the same vocabulary columns (`DistillationModule._scores`).
+
+Fused: a same-tokenizer run with one teacher model in the process and a built-in divergence (fkl, rkl, jsd, tvd,
+skl, srkl), or loss=sft, and the CE term. Everything else keeps the logits path, and `fused_off_reason` says why
+(logged once at start-up): cross-tokenizer losses, an outside teacher or several teachers, a loss function of the
+user's own, a model whose output layer is not a plain linear map or that is an encoder-decoder, and sharded
+(FSDP) models, whose output weight is a sharded DTensor outside the output layer's forward (docs/benchmarks.md 6).
+Validation's loss, training rollouts and steps with a reward (REINFORCE needs the student's log-probabilities of
+its samples) always take the logits path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdlab.losses.divergences import DIVERGENCES, _compute_dtype, _row_weights
+from kdlab.losses.fused import OutputLayer, fused_cross_entropy_sum, fused_divergence_sum, unfused_reason
+from kdlab.losses.normalisation import REDUCTION_UNITS, TOKENS, LossSum, unit_counts
+from kdlab.losses.objective import SFT, Objective
+from kdlab.losses.sft import cross_entropy
+from kdlab.scoring import _unwrap, decoder_of, score_hidden
+
+log = logging.getLogger(__name__)
+
+ALWAYS_UNFUSED = "validation loss, rollouts and steps with a reward (REINFORCE needs the student's logits)"
+
+
+def loss_settings(objective: Objective) -> dict[str, Any]:
+    """The loss function's settings: its signature's defaults, then what the config bound (a Hydra partial)."""
+    fn = getattr(objective.loss, "func", objective.loss)
+    defaults = {name: p.default for name, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **getattr(objective.loss, "keywords", {})}
+
+
+def _builtin(objective: Objective) -> bool:
+    """Whether the objective's loss is kdlab's own function for its name (a user's `_target_` is not fused)."""
+    fn = getattr(objective.loss, "func", objective.loss)
+    if getattr(objective.loss, "args", ()):
+        return False
+    return fn is (cross_entropy if objective.name == SFT else DIVERGENCES.get(objective.name))
+
+
+def model_reason(model: nn.Module) -> str | None:
+    """Why `model`'s terms cannot come from its hidden states (None when they can)."""
+    model = _unwrap(model)
+    if decoder_of(model) is None:
+        return f"{type(model).__name__} is not a decoder-only model with a decoder stack apart from its output layer"
+    return unfused_reason(model)
+
+
+def fused_off_reason(module: Any) -> str | None:
+    """Why a DistillationModule's training steps keep the logits path (None: they are fused)."""
+    objective = module.objective
+    if not objective.fused:
+        return "loss.fused=false"
+    if objective.cross_tokenizer or module.cross_tokenizer:
+        return "the teacher has its own tokenizer (cross-tokenizer losses compare each side's own logits)"
+    if module.outside_teacher is not None or module.ensemble is not None:
+        return "the teacher is outside the process or several teachers (their top-k or combination is logits-level)"
+    if objective.needs_teacher and module.teacher is None:
+        return "no teacher model in the process"
+    if not _builtin(objective):
+        return f"loss._target_ is not kdlab's own loss for loss={objective.name}"
+    if module._sharded:
+        return ("FSDP shards the output weight (a DTensor) outside the output layer's forward; the fused loss reads "
+                "the weight directly (docs/benchmarks.md section 6)")
+    for role, model in (("student", module.student), ("teacher", module.teacher)):
+        reason = None if model is None else model_reason(model)
+        if reason is not None:
+            return f"the {role}: {reason}"
+    return None
+
+
+def output_layer(model: nn.Module, vocab: int | None) -> OutputLayer:
+    """The model's output layer as kdlab.losses.fused reads it (checked plain by `fused_off_reason` already)."""
+    model = _unwrap(model)
+    head = model.get_output_embeddings()
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return OutputLayer(head.weight, head.bias, float(softcap) if softcap else None, vocab)
+
+
+def unit_row_weights(mask: Tensor, reduction: str, unit: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(row weights (batch * positions,), count of `unit`s): the function's mean over `reduction` times the unit
+    count, so that sum_rows w loss_row is the LossSum total `as_loss_sum(mean, mask, unit)` makes of the mean."""
+    count = unit_counts(mask)[unit]
+    return (_row_weights(mask.bool(), reduction, dtype) * count.to(dtype)).reshape(-1), count
+
+
+def fused_terms(module: Any, batch: Any, hard_labels: bool) -> tuple[Tensor, dict[str, tuple[float, LossSum]]]:
+    """(the student's hidden states, the objective's terms as `Objective.terms` gives them) over the batch's
+    targets, computed from hidden states and output layers: the fused counterpart of `DistillationModule._terms`
+    for one local teacher (or none: loss=sft). The hidden states serve as the loss's gradient anchor."""
+    objective, side = module.objective, batch.student
+    ids, mask = side.target
+    groups = 1 if module._sharded else module.score_groups
+    student_hidden = score_hidden(module.student, *side.prompt, *side.target, groups)
+    flat = student_hidden.reshape(-1, student_hidden.shape[-1])
+    labels = torch.where(mask.bool(), ids, torch.zeros((), dtype=ids.dtype, device=ids.device)).reshape(-1)
+    if not objective.needs_teacher:  # today's path keeps every column of the student's layer for loss=sft
+        layer = output_layer(module.student, None)
+        return student_hidden, {"ce": (1.0, _ce_term(objective, flat, layer, labels, mask))}
+    with torch.no_grad():
+        teacher_hidden = score_hidden(module.teacher, *side.prompt, *side.target, groups)
+    vocab = min(len(module.tokenizer), *(_rows(m) for m in (module.student, module.teacher)))
+    layer = output_layer(module.student, vocab)
+    terms = {objective.name: (1.0, _divergence_term(objective, flat, layer, teacher_hidden,
+                                                    output_layer(module.teacher, vocab), mask))}
+    if objective.ce_weight > 0 and hard_labels:
+        terms["ce"] = (objective.ce_weight, _ce_term(objective, flat, layer, labels, mask))
+    return student_hidden, terms
+
+
+def _rows(model: nn.Module) -> int:
+    return _unwrap(model).get_output_embeddings().weight.shape[0]
+
+
+def _divergence_term(objective: Objective, student: Tensor, student_layer: OutputLayer, teacher_hidden: Tensor,
+                     teacher_layer: OutputLayer, mask: Tensor) -> LossSum:
+    settings = loss_settings(objective)
+    teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    dtype = _compute_dtype(student, student_layer.weight, teacher, teacher_layer.weight)
+    unit = REDUCTION_UNITS.get(objective.reduction, TOKENS)
+    weights, count = unit_row_weights(mask, settings["reduction"], unit, dtype)
+    total = fused_divergence_sum(objective.name, student, student_layer, teacher, teacher_layer, weights,
+                                 temperature=float(settings["temperature"]), beta=float(settings.get("beta", 0.5)),
+                                 alpha=float(settings.get("alpha", 0.1)))
+    return LossSum(total, count, unit)
+
+
+def _ce_term(objective: Objective, student: Tensor, layer: OutputLayer, labels: Tensor, mask: Tensor) -> LossSum:
+    """The hard-label CE: loss=sft's own (its function's reduction) or the CE term (the objective's reduction)."""
+    reduction = loss_settings(objective)["reduction"] if objective.name == SFT else objective.reduction
+    unit = REDUCTION_UNITS.get(objective.reduction, TOKENS)
+    weights, count = unit_row_weights(mask, reduction, unit, _compute_dtype(student, layer.weight))
+    return LossSum(fused_cross_entropy_sum(student, layer, labels, weights), count, unit)
+
+
+def log_plan(module: Any) -> str | None:
+    """Log, once at start-up, which training steps are fused and what keeps the logits path; the reason or None."""
+    reason = fused_off_reason(module)
+    if reason is None:
+        log.info("loss.fused: training steps compute loss=%s%s from hidden states and the output layers; the logits "
+                 "path stays for %s", module.objective.name, " and its CE term" if module.objective.ce_weight > 0
+                 else "", ALWAYS_UNFUSED)
+    elif module.objective.fused:
+        log.info("loss.fused: training steps keep the logits path: %s", reason)
+    return reason

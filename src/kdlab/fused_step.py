@@ -24,12 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdlab.losses.divergences import DIVERGENCES, _compute_dtype, _row_weights
+from kdlab.losses.chunking import compute_dtype, row_weights
+from kdlab.losses.divergences import DIVERGENCES
 from kdlab.losses.fused import OutputLayer, fused_cross_entropy_sum, fused_divergence_sum, unfused_reason
 from kdlab.losses.normalisation import REDUCTION_UNITS, TOKENS, LossSum, unit_counts
 from kdlab.losses.objective import SFT, Objective
 from kdlab.losses.sft import cross_entropy
-from kdlab.scoring import _unwrap, decoder_of, score_hidden
+from kdlab.scoring import decoder_of, score_hidden, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _builtin(objective: Objective) -> bool:
 
 def model_reason(model: nn.Module) -> str | None:
     """Why `model`'s terms cannot come from its hidden states (None when they can)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if decoder_of(model) is None:
         return f"{type(model).__name__} is not a decoder-only model with a decoder stack apart from its output layer"
     return unfused_reason(model)
@@ -85,7 +86,7 @@ def fused_off_reason(module: Any) -> str | None:
 
 def output_layer(model: nn.Module, vocab: int | None) -> OutputLayer:
     """The model's output layer as kdlab.losses.fused reads it (checked plain by `fused_off_reason` already)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     head = model.get_output_embeddings()
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     softcap = getattr(config, "final_logit_softcapping", None)
@@ -96,7 +97,7 @@ def unit_row_weights(mask: Tensor, reduction: str, unit: str, dtype: torch.dtype
     """(row weights (batch * positions,), count of `unit`s): the function's mean over `reduction` times the unit
     count, so that sum_rows w loss_row is the LossSum total `as_loss_sum(mean, mask, unit)` makes of the mean."""
     count = unit_counts(mask)[unit]
-    return (_row_weights(mask.bool(), reduction, dtype) * count.to(dtype)).reshape(-1), count
+    return (row_weights(mask.bool(), reduction, dtype) * count.to(dtype)).reshape(-1), count
 
 
 def fused_terms(module: Any, batch: Any, hard_labels: bool) -> tuple[Tensor, dict[str, tuple[float, LossSum]]]:
@@ -124,14 +125,14 @@ def fused_terms(module: Any, batch: Any, hard_labels: bool) -> tuple[Tensor, dic
 
 
 def _rows(model: nn.Module) -> int:
-    return _unwrap(model).get_output_embeddings().weight.shape[0]
+    return unwrap(model).get_output_embeddings().weight.shape[0]
 
 
 def _divergence_term(objective: Objective, student: Tensor, student_layer: OutputLayer, teacher_hidden: Tensor,
                      teacher_layer: OutputLayer, mask: Tensor) -> LossSum:
     settings = loss_settings(objective)
     teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    dtype = _compute_dtype(student, student_layer.weight, teacher, teacher_layer.weight)
+    dtype = compute_dtype(student, student_layer.weight, teacher, teacher_layer.weight)
     unit = REDUCTION_UNITS.get(objective.reduction, TOKENS)
     weights, count = unit_row_weights(mask, settings["reduction"], unit, dtype)
     total = fused_divergence_sum(objective.name, student, student_layer, teacher, teacher_layer, weights,
@@ -144,7 +145,7 @@ def _ce_term(objective: Objective, student: Tensor, layer: OutputLayer, labels: 
     """The hard-label CE: loss=sft's own (its function's reduction) or the CE term (the objective's reduction)."""
     reduction = loss_settings(objective)["reduction"] if objective.name == SFT else objective.reduction
     unit = REDUCTION_UNITS.get(objective.reduction, TOKENS)
-    weights, count = unit_row_weights(mask, reduction, unit, _compute_dtype(student, layer.weight))
+    weights, count = unit_row_weights(mask, reduction, unit, compute_dtype(student, layer.weight))
     return LossSum(fused_cross_entropy_sum(student, layer, labels, weights), count, unit)
 
 

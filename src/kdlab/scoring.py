@@ -60,7 +60,7 @@ def score_hidden(
     (`decoder_of`) runs without its output layer. Same length groups as `score_targets` (rows past their group's
     longest target are zeros)."""
     if decoder_of(model) is None:
-        raise ValueError(f"{type(_unwrap(model)).__name__} has no decoder stack apart from its output layer: "
+        raise ValueError(f"{type(unwrap(model)).__name__} has no decoder stack apart from its output layer: "
                          "score it with score_targets")
     return _in_length_groups(_hidden, model, prompt_ids, prompt_mask, target_ids, target_mask, max_groups)
 
@@ -68,7 +68,7 @@ def score_hidden(
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
     """The decoder stack of a decoder-only Hugging Face model (its `base_model`: every layer and the final norm,
     not the output layer), or None for an encoder-decoder model or one without a separate base model."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if not isinstance(model, PreTrainedModel) or is_encoder_decoder(model):
         return None
     base = model.base_model
@@ -175,7 +175,7 @@ def _score(
             use_cache=False,
         )
         return out.logits
-    out = model(**_decoder_inputs(_unwrap(model), prompt_ids, prompt_mask, target_ids, target_mask),
+    out = model(**_decoder_inputs(unwrap(model), prompt_ids, prompt_mask, target_ids, target_mask),
                 use_cache=False, logits_to_keep=target_len + 1)
     return out.logits[:, :-1]
 
@@ -210,7 +210,7 @@ def real_token_positions(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The Hugging Face model inside DDP/FSDP-style wrappers (whose own forward takes only *args, **kwargs)."""
     while not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module

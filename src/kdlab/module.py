@@ -99,8 +99,7 @@ class DistillationModule(L.LightningModule):
         self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
         if objective.needs_teacher and teacher is None and outside_teacher is None and ensemble is None:
             raise ValueError(f"loss={objective.name} compares the student with a teacher, but no teacher was given")
-        self.student = student
-        self.teacher = teacher
+        self.student, self.teacher = student, teacher
         # teacher=cached|remote: the teacher's top-k comes from outside the process (kdlab.teachers.outside)
         self.outside_teacher = outside_teacher
         # several teachers (kdlab.teachers.ensemble); their models are submodules, frozen as the teacher is
@@ -115,8 +114,7 @@ class DistillationModule(L.LightningModule):
         self.teacher_tokenizer = teacher_tokenizer
         self.objective = objective
         self.reward = reward  # GKD Eq. 5: a reward optimised on the student's own samples (None: pure distillation)
-        self.policy = policy
-        self.task = task
+        self.policy, self.task = policy, task
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.rollouts = rollouts  # (every n steps, examples): kdlab.rollouts; 0 steps: never
         self.eval_sampling = eval_sampling
@@ -125,8 +123,7 @@ class DistillationModule(L.LightningModule):
         self._onpolicy_steps, self._policy_steps = 0, 0
         self._step_start, self._step_tokens = 0.0, 0
         self.train_tokens = 0  # scored response tokens seen in training (this process)
-        self.seed = seed
-        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.seed, self.nonfinite = seed, NonFiniteGuard(max_nonfinite_steps)
         self._loss_skipped = False
         # Scoring reads a batch in up to this many groups of rows of similar length (kdlab.scoring.score_targets)
         self.score_groups = score_groups

@@ -30,14 +30,19 @@ class NonFiniteAt(Callback):
         self.steps, self.what = set(steps), what
         self.before: dict[int, list[torch.Tensor]] = {}
         self.after: dict[int, list[torch.Tensor]] = {}
-        self._objective = None
+        self._poisoned = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step
         self.before[step] = [p.detach().clone() for p in pl_module.student.parameters()]
-        if step in self.steps and self.what == "loss":
-            self._objective = pl_module.objective
-            pl_module.objective = _NaNLoss(pl_module.objective)
+        if step in self.steps and self.what == "loss":  # every micro-batch's loss and logged terms (any path)
+            real = pl_module._micro_loss
+
+            def poisoned(*args, **kwargs):
+                loss, values = real(*args, **kwargs)
+                return loss * math.nan, {name: value * math.nan for name, value in values.items()}
+
+            pl_module._micro_loss, self._poisoned = poisoned, True
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step in self.steps and self.what == "gradient":
@@ -45,23 +50,10 @@ class NonFiniteAt(Callback):
             grad.view(-1)[0] = math.inf
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._objective is not None:
-            pl_module.objective, self._objective = self._objective, None
+        if self._poisoned:
+            del pl_module._micro_loss  # the class's own method again
+            self._poisoned = False
         self.after[trainer.global_step - 1] = [p.detach().clone() for p in pl_module.student.parameters()]
-
-
-class _NaNLoss:
-    """The wrapped objective with every term's sum multiplied by NaN (its other attributes pass through)."""
-
-    def __init__(self, objective):
-        self.objective = objective
-
-    def __getattr__(self, name):
-        return getattr(self.objective, name)
-
-    def terms(self, *args, **kwargs):
-        terms = self.objective.terms(*args, **kwargs)
-        return {name: (weight, term._replace(total=term.total * math.nan)) for name, (weight, term) in terms.items()}
 
 
 class SignalOnValidation(Callback):

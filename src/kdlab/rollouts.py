@@ -31,10 +31,13 @@ COLUMNS = ("step", "source", "prompt", "target", "tokens", "student_logprob", "t
            "reward", "prompt_ids", "target_ids")
 
 
-def sequence_logprob(logits: Tensor, ids: Tensor, mask: Tensor) -> float:
-    """sum_t log softmax(logits[t])[ids[t]] over the masked tokens of one row (batch of 1)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None])[..., 0]
-    return float((logprobs * mask).sum())
+def sequence_logprob(logits: Tensor, ids: Tensor, mask: Tensor) -> float | None:
+    """sum_t log softmax(logits[t])[ids[t]] over the masked tokens of one row (batch of 1); None when a token lies
+    past the logits' columns (a sample drawn from an output layer padded beyond the tokenizer: no token at all)."""
+    if bool((ids[mask.bool()] >= logits.shape[-1]).any()):
+        return None
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.clamp(max=logits.shape[-1] - 1)[..., None])
+    return float((logprobs[..., 0] * mask).sum())
 
 
 def _top_k_logprob(top: TopK, ids: Tensor, mask: Tensor) -> float | None:

@@ -104,3 +104,22 @@ def test_differently_padded_pair_trains_end_to_end(tmp_path):
     assert results["steps"] == 2
     exported = json.loads((tmp_path / "student" / "config.json").read_text())
     assert exported["vocab_size"] == 768 and exported["model_type"] == "qwen3"
+
+
+def test_sampling_never_draws_the_rows_padded_beyond_the_tokenizer():
+    from kdlab.generation import generate_targets
+
+    module, batch = _module_and_batch(768, 768)
+    _scrambled_padding(module.student)  # padding rows the softmax would otherwise favour
+    settings = SamplingSettings(max_new_tokens=12, do_sample=True)
+    tokenizer = module.tokenizer
+    common = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    unguarded, _ = generate_targets(module.student, *batch.student.prompt, settings, **common)
+    assert (unguarded >= TOKENS).any()  # without the tokenizer's size the padded rows are drawn
+    torch.manual_seed(0)
+    ids, mask = generate_targets(module.student, *batch.student.prompt, settings, vocab=TOKENS, **common)
+    assert not (ids[mask] >= TOKENS).any()
+    torch.manual_seed(0)
+    module_ids, module_mask = module._sample("student", batch, settings)  # the module passes it
+    assert not (module_ids[module_mask] >= TOKENS).any()

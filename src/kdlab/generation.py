@@ -60,12 +60,14 @@ def generate_targets(
     pad_token_id: int,
     eos_token_id: int,
     synced_gpus: bool = False,
+    vocab: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Generate a continuation of each prompt; returns (target_ids, target_mask), both (batch, new_tokens).
 
     Tokens after a row's first EOS become padding and are masked out, so a sample scores exactly like a reference
     target: its text, then EOS. `synced_gpus` keeps ranks in lockstep under sharding (a rank that finished early
-    keeps stepping so the others' collectives do not hang).
+    keeps stepping so the others' collectives do not hang). `vocab` (the tokenizer's size) keeps the rows of an output
+    layer padded beyond the tokenizer from ever being drawn: they are no tokens at all.
     """
     was_training = model.training
     model.eval()
@@ -75,6 +77,10 @@ def generate_targets(
         # autograd may save (the scoring pass embeds them). Sharded models keep no_grad: FSDP reuses the buffers it
         # gathers parameters into, and one allocated under inference_mode could not be used by a training forward.
         config = settings.generation_config(pad_token_id, eos_token_id)
+        head = model.get_output_embeddings()
+        rows = head.weight.shape[0] if head is not None else vocab
+        if vocab is not None and rows > vocab:  # generate suppresses them (the compiled loop then falls back)
+            config.suppress_tokens = list(range(vocab, rows))
         compiled = settings.compile and _compiled_loop_applies(model, config, synced_gpus)
         with torch.no_grad() if synced_gpus else torch.inference_mode():
             if compiled:

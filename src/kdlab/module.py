@@ -157,6 +157,7 @@ class DistillationModule(L.LightningModule):
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             synced_gpus=self._sharded,
+            vocab=len(tokenizer),
         )
 
     def _targets(self, batch: Batch, source: str) -> Batch:

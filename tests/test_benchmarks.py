@@ -104,3 +104,15 @@ def test_flop_count_counts_every_weight_but_the_input_embedding():
     assert non_embedding_params(model) == total - 50 * 16
     # 2 P per position forward (sampling, teacher), 6 P for the student's scored forward + backward
     assert step_flops(10, 20, batch=2, prompt_width=3, sampled_width=5) == (2 * 10 + 2 * 20 + 6 * 10) * 2 * 8
+
+
+@pytest.mark.slow
+def test_sparse_teacher_benchmark_compares_top_k_losses_with_the_dense_ones_and_times_the_cache(tmp_path):
+    result = run_script("bench_sparse_teacher.py", tmp_path, "--batch", "4", "--ks", "8", "746", "--repeats", "1",
+                        "--threads", "1")
+    rows = {(r["loss"], r["k"]): r for r in result["losses"]}
+    for loss in ("fkl", "rkl", "jsd"):
+        assert rows[(loss, 746)]["value rel. diff"] == pytest.approx(0.0, abs=1e-5)  # k = V: the dense loss
+        assert rows[(loss, 746)]["grad cosine"] == pytest.approx(1.0, abs=1e-6)
+        assert rows[(loss, 8)]["top-k"] <= rows[(loss, 8)]["dense"] + 1e-6  # the buckets never exceed the dense loss
+    assert set(result["teacher_share"]) == {"live teacher forward", "cache lookup (k=32)"}

@@ -123,3 +123,27 @@ def test_sampling_never_draws_the_rows_padded_beyond_the_tokenizer():
     torch.manual_seed(0)
     module_ids, module_mask = module._sample("student", batch, settings)  # the module passes it
     assert not (module_ids[module_mask] >= TOKENS).any()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sft_reads_the_tokenizers_columns_only(fused):
+    """loss=sft's softmax runs over the tokens: rows of the output layer padded beyond the tokenizer never enter it
+    (on the logits path and the fused one alike)."""
+    from kdlab.losses.sft import cross_entropy
+
+    module, batch = _module_and_batch(768, 768)
+    module.objective = Objective("sft", cross_entropy, fused=fused)
+    module.teacher = None
+    module.eval()
+    ids, mask = batch.student.target
+    with torch.no_grad():
+        logits = score_targets(module.student, *batch.student.prompt, ids, mask)[..., :TOKENS]
+        by_hand = cross_entropy(logits, ids, mask)
+        _scrambled_padding(module.student)
+        module._fused_reason = ""  # decide again for this objective
+        from kdlab.losses.normalisation import unit_counts
+        from kdlab.module import StepTargets
+
+        counts = {**unit_counts(mask), "rows": torch.tensor(float(len(batch)))}
+        loss, _ = module._micro_loss(StepTargets(batch), True, counts)
+    torch.testing.assert_close(loss, by_hand, rtol=1e-5, atol=1e-6)

@@ -110,8 +110,8 @@ def fused_terms(module: Any, batch: Any, hard_labels: bool) -> tuple[Tensor, dic
     student_hidden = score_hidden(module.student, *side.prompt, *side.target, groups)
     flat = student_hidden.reshape(-1, student_hidden.shape[-1])
     labels = torch.where(mask.bool(), ids, torch.zeros((), dtype=ids.dtype, device=ids.device)).reshape(-1)
-    if not objective.needs_teacher:  # today's path keeps every column of the student's layer for loss=sft
-        layer = output_layer(module.student, None)
+    if not objective.needs_teacher:  # loss=sft: the tokenizer's columns, as on the logits path
+        layer = output_layer(module.student, min(len(module.tokenizer), _rows(module.student)))
         return student_hidden, {"ce": (1.0, _ce_term(objective, flat, layer, labels, mask))}
     with torch.no_grad():
         teacher_hidden = score_hidden(module.teacher, *side.prompt, *side.target, groups)

@@ -209,8 +209,8 @@ class DistillationModule(L.LightningModule):
         # Sharded ranks must run the same forward passes, whatever their rows' lengths: one group there.
         groups = 1 if self._sharded else self.score_groups
         student_logits = score_targets(self.student, *batch.student.prompt, *batch.student.target, groups)
-        if not self.objective.needs_teacher:
-            return student_logits, {}
+        if not self.objective.needs_teacher:  # loss=sft: the softmax over tokens only, not a padded head's other rows
+            return student_logits[..., : len(self.tokenizer)], {}
         if self.cross_tokenizer:
             with torch.no_grad():
                 teacher = batch.side("teacher")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    add_model_size_args,
     cpu_peak_bytes_in_subprocess,
     cuda_peak_bytes,
     interleaved_times,
@@ -35,33 +36,22 @@ from common import (  # noqa: E402
     parser,
     peak_rss,
     reset_peak_rss,
+    sized_cases,
+    sized_student,
     stats,
     table,
     write,
 )
 
-from kdlab.models import load_model, load_tokenizer  # noqa: E402
 from kdlab.scoring import score_targets  # noqa: E402
 
-TOKENIZER = Path(__file__).resolve().parents[1] / "src/kdlab/assets/arith/tokenizer"
 MODES = ("off", "on")
 
 
 def build(case: dict, checkpointing: bool):
     """The student and a batch of (prompt ids, mask, target ids, mask): 3/4 prompt, 1/4 target, no padding."""
-    tokenizer = load_tokenizer({"tokenizer": str(TOKENIZER)})
-    config = dict(hidden_size=case["width"], intermediate_size=case["intermediate"], num_hidden_layers=case["layers"],
-                  num_attention_heads=case["heads"], num_key_value_heads=case["kv_heads"], head_dim=case["head_dim"],
-                  vocab_size=case["vocab"], max_position_embeddings=max(4096, case["positions"]),
-                  tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = load_model({"name": "bench-qwen3", "architecture": "qwen3", "config": config, "dtype": case["dtype"],
-                        "gradient_checkpointing": checkpointing}, tokenizer).to(case["device"]).train()
-    generator = torch.Generator().manual_seed(1)
-    prompt_len = case["positions"] * 3 // 4
-    ids = torch.randint(3, len(tokenizer), (case["batch"], case["positions"]), generator=generator).to(case["device"])
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    return model, (ids[:, :prompt_len], mask[:, :prompt_len], ids[:, prompt_len:], mask[:, prompt_len:])
+    model, batch = sized_student(case, case["dtype"], gradient_checkpointing=checkpointing)
+    return model.to(case["device"]), tuple(t.to(case["device"]) for t in batch)
 
 
 def step(model, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -124,20 +114,11 @@ def measure(case: dict, args) -> dict:
 def main() -> None:
     p = parser(__doc__.splitlines()[0], "benchmarks/results/activation_checkpointing.json")
     p.add_argument("--sizes", nargs="+", default=["4x512", "4x1024"], help="batch x positions (prompt + target)")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=32768, help="output rows (the tokenizer's 746, padded)")
+    add_model_size_args(p, layers=8, width=256, heads=4, kv_heads=2, head_dim=64, intermediate=768)
     args = parse(p)
     rows = []
-    for size in args.sizes:
-        batch, positions = (int(x) for x in size.split("x"))
-        case = dict(batch=batch, positions=positions, layers=args.layers, width=args.width, heads=args.heads,
-                    kv_heads=args.kv_heads, head_dim=args.head_dim, intermediate=args.intermediate, vocab=args.vocab,
-                    dtype=args.dtype, device=args.device, threads=torch.get_num_threads())
+    for case in sized_cases(args):
+        case.update(dtype=args.dtype, device=args.device, threads=torch.get_num_threads())
         rows.append(measure(case, args))
     for row in rows:
         row["off_peak_mib"], row["on_peak_mib"] = row["off_peak_bytes"] / 2**20, row["on_peak_bytes"] / 2**20

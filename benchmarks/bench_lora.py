@@ -22,13 +22,22 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, parse, parser, peak_rss, reset_peak_rss, table, write  # noqa: E402
+from common import (  # noqa: E402
+    add_model_size_args,
+    machine,
+    parse,
+    parser,
+    peak_rss,
+    reset_peak_rss,
+    sized_cases,
+    sized_student,
+    table,
+    write,
+)
 
 from kdlab.lora import count_parameters  # noqa: E402
-from kdlab.models import load_model, load_tokenizer  # noqa: E402
 from kdlab.scoring import score_targets  # noqa: E402
 
-TOKENIZER = Path(__file__).resolve().parents[1] / "src/kdlab/assets/arith/tokenizer"
 # name -> student.lora (None: full fine-tuning)
 MODES = {
     "full": None,
@@ -40,19 +49,7 @@ MODES = {
 
 def build(case: dict):
     """The student in train mode and a batch of (prompt ids, mask, target ids, mask): 3/4 prompt, 1/4 target."""
-    tokenizer = load_tokenizer({"tokenizer": str(TOKENIZER)})
-    config = dict(hidden_size=case["width"], intermediate_size=case["intermediate"], num_hidden_layers=case["layers"],
-                  num_attention_heads=case["heads"], num_key_value_heads=case["kv_heads"], head_dim=case["head_dim"],
-                  vocab_size=case["vocab"], max_position_embeddings=max(4096, case["positions"]),
-                  tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = load_model({"name": "bench-qwen3", "architecture": "qwen3", "config": config, "dtype": "float32",
-                        "lora": MODES[case["mode"]]}, tokenizer).train()
-    generator = torch.Generator().manual_seed(1)
-    prompt_len = case["positions"] * 3 // 4
-    ids = torch.randint(3, len(tokenizer), (case["batch"], case["positions"]), generator=generator)
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    return model, (ids[:, :prompt_len], mask[:, :prompt_len], ids[:, prompt_len:], mask[:, prompt_len:])
+    return sized_student(case, lora=MODES[case["mode"]])
 
 
 def memory_case(case: dict) -> None:
@@ -102,24 +99,15 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0], "benchmarks/results/lora.json")
     p.add_argument("--sizes", nargs="+", default=["4x256", "1x64"], help="batch x positions (prompt + target)")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--intermediate", type=int, default=1536)
-    p.add_argument("--vocab", type=int, default=32768, help="output rows (the tokenizer's 746, padded)")
+    add_model_size_args(p, layers=8, width=512, heads=8, kv_heads=4, head_dim=64, intermediate=1536)
     args = parse(p)
     if args.device != "cpu":
         raise SystemExit("bench_lora measures resident memory of CPU processes: --device cpu")
     rows = []
-    for size in args.sizes:
-        batch, positions = (int(x) for x in size.split("x"))
+    for sized in sized_cases(args):
         full = None
         for mode in MODES:
-            case = dict(mode=mode, batch=batch, positions=positions, steps=args.steps, layers=args.layers,
-                        width=args.width, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                        intermediate=args.intermediate, vocab=args.vocab, threads=torch.get_num_threads())
+            case = dict(sized, mode=mode, steps=args.steps, threads=torch.get_num_threads())
             row = measure(case)
             full = full or row
             row["trainable_share"] = row["trainable"] / row["total"]

@@ -182,3 +182,50 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# -- a random-init Qwen3-shaped student of a chosen size (bench_activation_checkpointing, bench_lora) --------------
+ARITH_TOKENIZER = Path(__file__).resolve().parents[1] / "src/kdlab/assets/arith/tokenizer"
+MODEL_SIZE_KEYS = ("layers", "width", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
+
+
+def add_model_size_args(p: argparse.ArgumentParser, *, layers: int, width: int, heads: int, kv_heads: int,
+                        head_dim: int, intermediate: int, vocab: int = 32768) -> None:
+    """--sizes (batch x positions) and the student's shape, with this benchmark's defaults."""
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--width", type=int, default=width)
+    p.add_argument("--heads", type=int, default=heads)
+    p.add_argument("--kv-heads", type=int, default=kv_heads)
+    p.add_argument("--head-dim", type=int, default=head_dim)
+    p.add_argument("--intermediate", type=int, default=intermediate)
+    p.add_argument("--vocab", type=int, default=vocab, help="output rows (the tokenizer's 746, padded)")
+
+
+def sized_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One case per --sizes entry: batch, positions and the model's shape (MODEL_SIZE_KEYS) from the arguments."""
+    cases = []
+    for size in args.sizes:
+        batch, positions = (int(x) for x in size.split("x"))
+        cases.append(dict(batch=batch, positions=positions, **{key: getattr(args, key) for key in MODEL_SIZE_KEYS}))
+    return cases
+
+
+def sized_student(case: dict[str, Any], dtype: str = "float32", **model_keys: Any):
+    """(a random-init Qwen3 student of the case's shape, seeded, in train mode; a batch of (prompt ids, mask, target
+    ids, mask): 3/4 prompt, 1/4 target, no padding). `model_keys` go to the model's config node
+    (`gradient_checkpointing`, `lora`)."""
+    from kdlab.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer({"tokenizer": str(ARITH_TOKENIZER)})
+    config = dict(hidden_size=case["width"], intermediate_size=case["intermediate"], num_hidden_layers=case["layers"],
+                  num_attention_heads=case["heads"], num_key_value_heads=case["kv_heads"], head_dim=case["head_dim"],
+                  vocab_size=case["vocab"], max_position_embeddings=max(4096, case["positions"]),
+                  tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = load_model({"name": "bench-qwen3", "architecture": "qwen3", "config": config, "dtype": dtype,
+                        **model_keys}, tokenizer).train()
+    generator = torch.Generator().manual_seed(1)
+    prompt_len = case["positions"] * 3 // 4
+    ids = torch.randint(3, len(tokenizer), (case["batch"], case["positions"]), generator=generator)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    return model, (ids[:, :prompt_len], mask[:, :prompt_len], ids[:, prompt_len:], mask[:, prompt_len:])

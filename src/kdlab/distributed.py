@@ -15,6 +15,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
+from kdlab.lora import tied_parameter_names
 from kdlab.models import DTYPES as MODEL_DTYPES
 from kdlab.models import enable_activation_checkpointing
 
@@ -144,12 +145,7 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    seen: set[int] = set()
-    duplicates = set()
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        if id(parameter) in seen:
-            duplicates.add(name)
-        seen.add(id(parameter))
+    duplicates = tied_parameter_names(model)
     return {name: tensor for name, tensor in state.items() if name not in duplicates}
 
 

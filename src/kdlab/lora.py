@@ -129,14 +129,15 @@ def _fresh_copy(model: PreTrainedModel, state: Mapping[str, Tensor]) -> PreTrain
     fresh.generation_config = model.generation_config
     fresh = inject_adapter_in_model(deepcopy(model.peft_config["default"]), fresh)
     missing, unexpected = fresh.load_state_dict(dict(state), strict=False)
-    missing = set(missing) - _tied_names(fresh)  # a tied output layer is saved once, under the embedding's name
+    # a tied output layer is saved once, under the embedding's name
+    missing = set(missing) - tied_parameter_names(fresh)
     if unexpected or missing:
         raise RuntimeError(f"LoRA export: the state dict does not fit the student (missing {sorted(missing)}, "
                            f"unexpected {sorted(unexpected)})")
     return fresh
 
 
-def _tied_names(model: nn.Module) -> set[str]:
+def tied_parameter_names(model: nn.Module) -> set[str]:
     """Names of parameters that are the same tensor as a parameter named before them (tied weights)."""
     seen: set[int] = set()
     tied = set()

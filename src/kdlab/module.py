@@ -194,13 +194,17 @@ class DistillationModule(L.LightningModule):
         """(student logits, the objective's terms, each teacher member's own divergence) over the batch's targets:
         the teachers in this process score here, the outside ones answered before (`outside_scores`)."""
         student_logits, local = self._scores(batch)
-        scores = {**local, **outside_scores}
+        return student_logits, *self._terms_of(student_logits, {**local, **outside_scores}, batch, hard_labels)
+
+    def _terms_of(self, student_logits: Tensor, scores: dict[str, Tensor | TopK], batch: Batch,
+                  hard_labels: bool) -> tuple[dict[str, tuple[float, LossSum]], dict[str, LossSum]]:
+        """`_terms` from scores already computed: the student's logits and every teacher's, by name."""
         if self.ensemble is not None and self.ensemble.combine == ROUTE:
-            return student_logits, *self._routed_terms(student_logits, scores, batch, hard_labels)
+            return self._routed_terms(student_logits, scores, batch, hard_labels)
         teacher = self._teacher_view(batch, scores)
         terms = self.objective.terms(student_logits, teacher, *batch.student.target, _teacher_mask(batch), hard_labels)
         members = self._member_terms(student_logits.detach(), scores, batch) if self.ensemble is not None else {}
-        return student_logits, terms, members
+        return terms, members
 
     def _scores(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """The student's logits over the batch's targets and each teacher model's in this process, by name

@@ -59,17 +59,17 @@ def rollout_rows(module: Any, targets: Any, source: str, step: int, examples: in
     rows = []
     for i, row in enumerate(targets.batch.split(1)[:examples]):
         ids, mask = row.student.target
-        outside = _row_outside(targets.outside_scores, i, ids.shape[1])
-        student_logits, terms, _ = module._terms(row, outside, hard_labels=False)
+        student_logits, local = module._scores(row)  # one scoring serves the divergence and the log-likelihoods
+        scores = {**local, **_row_outside(targets.outside_scores, i, ids.shape[1])}
+        terms, _ = module._terms_of(student_logits, scores, row, hard_labels=False)
         divergence = sum(weight * term.mean() for weight, term in terms.values())
-        side = row.side("teacher")
         prompt_ids, target_ids = (side_ids[side_mask].tolist() for side_ids, side_mask in
                                   (row.student.prompt, row.student.target))
         rows.append({
             "step": step, "source": source, "prompt": module.tokenizer.decode(prompt_ids),
             "target": module.tokenizer.decode(target_ids), "tokens": len(target_ids),
             "student_logprob": sequence_logprob(student_logits, ids, mask),
-            "teacher_logprob": _teacher_logprob(module, row, side, outside),
+            "teacher_logprob": _teacher_logprob(module, row, scores.get("teacher")),
             "divergence": float(divergence),
             "reward": float(targets.rewards[i]) if targets.rewards is not None else None,
             "prompt_ids": prompt_ids, "target_ids": target_ids,
@@ -77,19 +77,22 @@ def rollout_rows(module: Any, targets: Any, source: str, step: int, examples: in
     return rows
 
 
-def _teacher_logprob(module: Any, row: Any, side: Any, outside: dict[str, TopK]) -> float | None:
-    """The one teacher's log-likelihood of the row's target in its own tokens (None with several teachers)."""
+def _teacher_logprob(module: Any, row: Any, score: Tensor | TopK | None) -> float | None:
+    """The one teacher's log-likelihood of the row's target in its own tokens, from the scores the loss used (None
+    with several teachers). With loss=sft the teacher takes no part in the loss and is scored here."""
     if module.ensemble is not None:
         return None
-    if outside:
-        return _top_k_logprob(next(iter(outside.values())), *row.student.target)
-    if module.teacher is None:
-        return None
-    from kdlab.scoring import score_targets
+    if isinstance(score, TopK):
+        return _top_k_logprob(score, *row.student.target)
+    side = row.side("teacher")
+    if score is None:
+        if module.teacher is None:
+            return None
+        from kdlab.scoring import score_targets
 
-    logits = score_targets(module.teacher, *side.prompt, *side.target)
-    vocab = len(module.teacher_tokenizer or module.tokenizer)
-    return sequence_logprob(logits[..., :vocab], *side.target)
+        score = score_targets(module.teacher, *side.prompt, *side.target)
+        score = score[..., : len(module.teacher_tokenizer or module.tokenizer)]
+    return sequence_logprob(score, *side.target)
 
 
 class RolloutWriter(L.Callback):

@@ -62,7 +62,7 @@ class TeacherEnsemble:
             raise ValueError("teachers.combine=route needs each example's teachers.route_field value")
         missing = sorted({value for value in batch.route if value not in self.routes})
         if missing:
-            raise ValueError(f"teachers.routes has no member for {teachers_field_values(missing)}; routes: "
+            raise ValueError(f"teachers.routes has no member for {_quoted(missing)}; routes: "
                              f"{self.routes}")
         owner = [self.routes[value] for value in batch.route]
         return {name: torch.tensor([o == name for o in owner], dtype=torch.bool, device=device) for name in self.names}
@@ -87,7 +87,7 @@ class TeacherEnsemble:
         return TopK(logprobs, ids, tail, mask.bool())
 
 
-def teachers_field_values(values: list[str]) -> str:
+def _quoted(values: list[str]) -> str:
     return ", ".join(repr(v) for v in values[:5]) + (" ..." if len(values) > 5 else "")
 
 

@@ -17,17 +17,21 @@ import lightning as L
 import torch.distributed as dist
 
 from kdlab.data.tasks import Task
+from kdlab.mismatch import per_token_means
 
 
 @dataclass
 class Generations:
-    """One evaluation: the role that generated, its predictions and the references, in validation order, and the
-    task's scores of them."""
+    """One evaluation: the role that generated, its predictions and the references, in validation order, the
+    task's scores of them, and for a student with a teacher in the process the teacher's view of its outputs
+    (`mismatch`: kdlab.mismatch's per-token means, empty otherwise)."""
 
     role: str
     predictions: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)
+    mismatch: dict[str, float] = field(default_factory=dict)
+    _mismatch_sums: list[list[float]] = field(default_factory=list, repr=False)
 
     def write_jsonl(self, path: Path) -> None:
         """One JSON line per example (prediction, reference): a score can be checked by reading what was scored."""
@@ -52,14 +56,19 @@ class GenerationScorer(L.Callback):
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         self._current.predictions.extend(outputs["predictions"])
         self._current.references.extend(outputs["references"])
+        self._current._mismatch_sums.extend(outputs.get("mismatch", []))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         current = self._current
         current.predictions, current.references = _gather(current.predictions), _gather(current.references)
         current.scores = self.task.score(current.predictions, current.references)
+        sums = _gather(current._mismatch_sums)
+        current.mismatch = per_token_means(sums) if sums else {}
         prefix = "teacher" if current.role == "teacher" else "val"
         for name, value in current.scores.items():
             pl_module.log(f"{prefix}/{name}", value, prog_bar=True)
+        for name, value in current.mismatch.items():
+            pl_module.log(f"{prefix}/{name}", value)
         self.result = current
 
 
@@ -77,10 +86,10 @@ def evaluate(trainer: L.Trainer, module: L.LightningModule, datamodule: Any, rol
     return result
 
 
-def _gather(items: list[str]) -> list[str]:
+def _gather(items: list) -> list:
     """Every rank's items, in rank order (validation data is split across ranks)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return items
-    gathered: list[list[str]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    gathered: list[list] = [None] * dist.get_world_size()  # type: ignore[list-item]
     dist.all_gather_object(gathered, items)
     return [item for part in gathered for item in part]

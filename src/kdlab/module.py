@@ -35,6 +35,7 @@ from kdlab.lora import ADAPTER_KEY, export_lora, has_lora
 from kdlab.losses.normalisation import NONE, SEQUENCES, TOKENS, LossSum, normalised, unit_counts
 from kdlab.losses.objective import Objective
 from kdlab.losses.sparse import TopK
+from kdlab.mismatch import own_output_sums
 from kdlab.policy import STUDENT, DataPolicy
 from kdlab.resilience import LastCheckpoint, NonFiniteGuard, step_seed
 from kdlab.retokenize import response_texts, retokenize
@@ -429,18 +430,24 @@ class DistillationModule(L.LightningModule):
         return self._onpolicy_steps / max(1, self._policy_steps)
 
     # -- evaluation ----------------------------------------------------------------------------------------------
-    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, list[str]]:
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, list]:
         """Generate with `eval_role`'s model; returns the batch's generations and references, which
         kdlab.evaluation.GenerationScorer collects, scores and logs at the end of the epoch."""
-        ids, _ = self._sample(self.eval_role, batch, self.eval_sampling)
+        ids, mask = self._sample(self.eval_role, batch, self.eval_sampling)
         own = self.eval_role == "teacher" and self.cross_tokenizer
         texts = (self.teacher_tokenizer if own else self.tokenizer).batch_decode(ids, skip_special_tokens=True)
         in_process = self.teacher is not None or (self.ensemble is not None and not self.ensemble.outside)
+        # the target template's leading space is no content
+        outputs = {"predictions": [text.strip() for text in texts], "references": list(batch.reference)}
         if self.eval_role == "student" and (in_process or not self.objective.needs_teacher):
             loss, _ = self._loss(batch)
             self.log("val/loss", loss, batch_size=ids.shape[0], sync_dist=True)
-        # the target template's leading space is no content
-        return {"predictions": [text.strip() for text in texts], "references": list(batch.reference)}
+        if self.eval_role == "student" and self.teacher is not None and not self.cross_tokenizer:
+            # the teacher's view of the student's own outputs (kdlab.mismatch): GKD's train-inference mismatch
+            outputs["mismatch"] = own_output_sums(self.student, self.teacher, batch.student.prompt, (ids, mask),
+                                                  len(self.tokenizer), 1 if self._sharded else self.score_groups
+                                                  ).tolist()
+        return outputs
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch.to(device) if isinstance(batch, Batch) else super().transfer_batch_to_device(batch, device,

@@ -236,12 +236,13 @@ def results_record(cfg: DictConfig, task: Task, trainer: L.Trainer, module: Dist
 
 def evaluate_and_save(trainer: L.Trainer, module: DistillationModule, datamodule: Any, role: str,
                       save_as: Path) -> dict[str, float]:
-    """The task metric of `role` ("student" or "teacher") by generation on the validation split; the generations
+    """The task metric of `role` ("student" or "teacher") by generation on the validation split, and for the student
+    the teacher's view of its outputs (kdlab.mismatch: own_teacher_nll, own_fkl, own_rkl); the generations
     go to `save_as` (JSON lines: prediction, reference) so a score can be checked by reading what was scored."""
     generations = evaluate(trainer, module, datamodule, role)
     if trainer.is_global_zero:
         generations.write_jsonl(save_as)
-    return generations.scores
+    return {**generations.scores, **generations.mismatch}
 
 
 def format_results_table(results: dict[str, Any]) -> str:

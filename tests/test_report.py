@@ -331,3 +331,22 @@ def test_ready_sweeps_read_back_as_their_methods(tmp_path):
     labels = [row for row, col in _cells(comparison_table_markdown(sweep))]
     assert labels == ["ot", "ot(had_weight=0)", "ot(beta=0)", "ot(gamma=0)", "ot(top_k=10)",
                       "ot(sinkhorn_iterations=5)", "uld"]
+
+
+def test_metric_option_compares_another_score_with_the_lowest_in_bold(grid, tmp_path_factory, capsys):
+    root, accuracies = grid
+    for run_dir in root.iterdir():  # a mismatch score per run: 1 - accuracy, so the best accuracy is the lowest NLL
+        path = run_dir / RESULTS
+        if path.exists():
+            results = json.loads(path.read_text())
+            results["metrics"]["own_teacher_nll"] = 1.0 - results["metrics"]["accuracy"]
+            path.write_text(json.dumps(results))
+    out = tmp_path_factory.mktemp("nll")
+    assert report_main([str(root), "--metric", "own_teacher_nll", "--out", str(out)]) == 0
+    comparison = (out / "report.md").read_text().split("## Comparison", 1)[1]
+    cells = _cells("\n".join(line for line in comparison.split("\n\n")[2].splitlines() if line.startswith("|")))
+    assert cells[("fkl", "λ=0")].startswith("0.5500 [")  # 1 - 0.45, not bold: jsd(0.9)'s 0.45 is lower
+    assert cells[("jsd(0.9)", "λ=0")].startswith("**0.4500** [")
+    assert cells[("fkl", "λ=1")].startswith("**0.6700** [")  # 1 - 0.33 beats jsd(0.9)'s 1 - 0.25
+    assert "Metric: `own_teacher_nll`" in (out / "report.md").read_text()
+    assert "One run's standard error" not in capsys.readouterr().out  # no binomial error for an NLL

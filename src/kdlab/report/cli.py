@@ -2,6 +2,7 @@
 
     kdlab-report outputs/multirun/2026-11-25/15-14-06                 # writes into the sweep directory
     kdlab-report outputs/multirun/gkd_grid/<time> --out docs/gkd_grid # somewhere else
+    kdlab-report <sweep dir> --metric own_teacher_nll --out <dir>    # another score (lower is better: in bold)
     kdlab-report <sweep dir> --wandb --entity me --project kdlab      # also a W&B Report (network, logged-in)
     kdlab-report --wandb-push report_spec.json                        # push a saved W&B Report specification
 """
@@ -23,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="where to write report.md, runs.csv and the plots (default: the sweep dir)")
     parser.add_argument("--column", help="config key spread over the table's columns "
                                          "(default: policy.student_fraction when the sweep varied it)")
+    parser.add_argument("--metric", help="the score compared (default: the runs' task metric, e.g. accuracy); any "
+                                         "key of results.json's metrics, e.g. own_teacher_nll (kdlab.mismatch)")
     parser.add_argument("--wandb", action="store_true", help="also build a W&B Report of the sweep's runs")
     parser.add_argument("--entity", help="W&B entity of the report (with --wandb)")
     parser.add_argument("--project", help="W&B project of the report (with --wandb)")
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.metric:
+        sweep.metric = args.metric
     if not sweep.runs:
         print(f"error: no run directories under {args.sweep_dir} (a run directory holds .hydra/, {RESULTS} or "
               f"{FAILURE_MARKER})", file=sys.stderr)

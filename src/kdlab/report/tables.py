@@ -156,13 +156,18 @@ def _sort_key(value: Any) -> tuple:
     return (0, float(value), "") if numeric else (1, 0, str(value))
 
 
-def best_per_column(comparison: Comparison) -> dict[Any, float]:
-    """The highest mean of each column (kdlab's task metrics are all higher-is-better)."""
+def lower_is_better(metric: str) -> bool:
+    """kdlab's task metrics are higher-is-better; losses, NLLs and the mismatch measures (kdlab.mismatch) are not."""
+    return metric.startswith("own_") or metric.endswith(("loss", "nll"))
+
+
+def best_per_column(comparison: Comparison, lower: bool = False) -> dict[Any, float]:
+    """The best mean of each column: the highest, or with `lower` the lowest."""
     best = {}
     for col in comparison.columns:
         means = [c.mean for (r, k), c in comparison.cells.items() if k == col and c.mean is not None]
         if means:
-            best[col] = max(means)
+            best[col] = min(means) if lower else max(means)
     return best
 
 
@@ -200,7 +205,7 @@ def comparison_table_markdown(sweep: Sweep, column: str | None = None, digits: i
     each cell the mean over seeds of the headline metric with its 95% t interval, the sample std and n finished
     runs; the best mean per column bold."""
     comparison = compare(sweep, column)
-    best = best_per_column(comparison)
+    best = best_per_column(comparison, lower=lower_is_better(sweep.metric))
     titles = [column_title(comparison.column_key, col, sweep.metric) for col in comparison.columns]
     lines = ["| method | " + " | ".join(titles) + " |", "| --- |" + " --- |" * len(titles)]
     for row in comparison.rows:

@@ -100,3 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         after = results["student_after"]
         print(f"{run_dir}: " + ", ".join(f"{k} {after[k]:.4f}" for k in after))
     return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """loss.fused in the training step: the terms from hidden states and output layers equal the logits path's (values,
-gradients, weights after Adam steps) for every fused loss, reduction, length grouping and output layer kind; no
-(rows, positions, vocabulary) tensor of either model exists in a fused step; what cannot be fused falls back with
-one log line."""
+gradients, weights after Adam steps) for every fused loss, reduction, length grouping and output layer kind, in one
+process and on 2 processes under DDP and FSDP2; no (rows, positions, vocabulary) tensor of either model exists in a
+fused step; what cannot be fused falls back with one log line."""
 
 from __future__ import annotations
 
@@ -257,13 +257,15 @@ def test_what_falls_back_says_why(case, reason, caplog):
     assert module._fused_reason.startswith(reason) or reason in module._fused_reason
 
 
-# -- whole runs: the config's default (loss.fused=true) against loss.fused=false, in one process and under DDP --------
+# -- whole runs: the config's default (loss.fused=true) against loss.fused=false, in one process, DDP and FSDP2 -----
 
 RUN = ["teacher=tiny", "student=tiny", "trainer.max_steps=2", "trainer.log_every_n_steps=1", "task.train_size=16",
        "task.val_size=4", "task.eval_examples=4", "task.batch_size=4", "task.eval_batch_size=4",
        "task.generation.max_new_tokens=4", "policy.sampling.max_new_tokens=4", "eval.teacher=false",
        "eval.before=false", "checkpoint.every_n_train_steps=2", "loss=jsd", "loss.ce_weight=0.5"]
-DDP = ["trainer=ddp", "strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+TWO_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2"]
+STRATEGIES = {"ddp": ["trainer=ddp", "strategy=ddp", *TWO_PROCESSES],
+              "fsdp": ["trainer=fsdp", "strategy=fsdp", *TWO_PROCESSES]}
 
 
 def _losses(run_dir) -> list[float]:
@@ -302,14 +304,15 @@ def test_a_whole_run_trains_as_with_loss_fused_false(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_train_as_with_loss_fused_false(tmp_path):
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_two_processes_train_as_with_loss_fused_false(tmp_path, strategy):
     import subprocess
     import sys
 
     from tests.conftest import REPO
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                "-m", "tests.fused_step_ddp", str(tmp_path)]
+                "-m", "tests.fused_step_runs", str(tmp_path), strategy]
     done = subprocess.run(torchrun, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:]
@@ -319,9 +322,50 @@ def test_two_ddp_processes_train_as_with_loss_fused_false(tmp_path):
     _assert_same_runs(tmp_path / "fused", tmp_path / "logits")
 
 
-def test_sharded_models_keep_the_logits_path(monkeypatch, caplog):
-    monkeypatch.setattr(DistillationModule, "_sharded", property(lambda self: True))
+@pytest.fixture(scope="module")
+def fsdp_steps(tmp_path_factory) -> dict:
+    """tests/fused_step_fsdp.py's cases: two SGD steps, fused and not, of models sharded as strategy=fsdp shards
+    them, on 2 gloo processes (one launch for every case)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    root = tmp_path_factory.mktemp("fused_fsdp")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                "-m", "tests.fused_step_fsdp", str(root)]
+    done = subprocess.run(torchrun, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return json.loads((root / "fsdp.json").read_text())
+
+
+FSDP_CASES = ["fkl_tied", "fkl_untied", "jsd_tied_ce", "jsd_untied_ce", "rkl_untied_output_bias", "sft_tied",
+              "jsd_tied_onpolicy", "jsd_untied_checkpointed", "jsd_tied_bf16"]
+
+
+@pytest.mark.parametrize("case", FSDP_CASES)
+def test_fsdp2_sharded_models_are_fused_and_train_as_with_loss_fused_false(fsdp_steps, case):
+    """Under FSDP2 the output weight is whole only inside its model's forward, and its gradient must be
+    reduce-scattered: each rank scores other rows, so a gradient kept local (or read from the local shard) would
+    leave the fused weights apart from the logits path's. bf16 (strategy.mixed_precision): the logits path rounds the
+    logits' gradient and the weight gradient's matmul to bf16, the fused one the weight gradient once, so they agree
+    to bf16's precision (2^-8 relative per rounding), not float32's."""
+    result = fsdp_steps[case]
+    losses, gradients, weights = (1e-3, 5e-2, 5e-3) if case.endswith("bf16") else (1e-5, 1e-5, 1e-5)
+    assert result["fused_reason"] is None  # the fused path ran (fused_off_reason: no fallback for FSDP2)
+    assert result["tied"] == ("untied" not in case) and result["bias"] == ("bias" in case)
+    assert result["sampled"] == ("onpolicy" in case)  # trained on the student's own samples
+    assert result["fused_losses"] == pytest.approx(result["plain_losses"], rel=losses)
+    assert max(result["gradients"]) <= gradients
+    assert result["weights"] <= weights
+    assert result["moved"] > 10 * weights  # the steps moved the student far beyond the tolerance
+
+
+def test_models_sharded_by_another_strategy_keep_the_logits_path(monkeypatch, caplog):
+    monkeypatch.setattr(DistillationModule, "_sharded", property(lambda self: True))  # no FSDP2Strategy trainer
     module, _ = _module("fkl")
     with caplog.at_level(logging.INFO, logger="kdlab.fused_step"):
         assert not module._fused
-    assert "FSDP shards the output weight (a DTensor)" in caplog.records[-1].getMessage()
+    assert "sharded by a strategy other than strategy=fsdp" in caplog.records[-1].getMessage()

@@ -3,12 +3,16 @@
 `strategy=fsdp` builds `FSDP2Strategy`: PyTorch's `fully_shard` (FSDP2) per transformer block, then per model, for
 the student and for the frozen teacher, applied in `DistillationModule.configure_model`. FSDP2 runs on CPU with gloo
 as well as on GPUs with NCCL (Lightning's older FSDPStrategy refuses CPU), so the same path is tested in CI.
+
+`within_forward` runs code other than `forward` (the fused output layer and loss, kdlab.fused_step) as a forward pass
+of a sharded model, so that FSDP2 gathers its root parameters for it and reduce-scatters their gradients.
 """
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,6 +22,10 @@ from torch import Tensor, nn
 from kdlab.lora import tied_parameter_names
 from kdlab.models import DTYPES as MODEL_DTYPES
 from kdlab.models import enable_activation_checkpointing
+
+T = TypeVar("T")
+# The method `shard_model` adds to each root module: FSDP2's forward hooks run around it (`within_forward`).
+WITHIN_FORWARD = "kdlab_within_forward"
 
 # The models' dtype names, and the short ones FSDP configs usually carry.
 DTYPES = {**MODEL_DTYPES, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -135,6 +143,35 @@ def shard_model(model: nn.Module, mesh: Any, options: ShardingOptions, *, frozen
     for block in transformer_blocks(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    _register_within_forward(model)
+
+
+def _call(self: nn.Module, fn: Callable[[], T]) -> T:
+    return fn()
+
+
+def _register_within_forward(model: nn.Module) -> None:
+    """Give the sharded root `model` a method that calls any function between FSDP2's forward hooks."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    setattr(model, WITHIN_FORWARD, types.MethodType(_call, model))
+    register_fsdp_forward_method(model, WITHIN_FORWARD)
+
+
+def within_forward(model: nn.Module, fn: Callable[[], T]) -> T:
+    """`fn()` as a forward pass of `model`: the plain call unless `shard_model` sharded it.
+
+    FSDP2 gathers a unit's parameters only inside that unit's forward; outside it the root unit's parameters (the
+    embeddings, the final norm, the output layer: whatever the blocks leave) are the local shards of DTensors. Code
+    that calls the decoder stack and reads the output weight itself, as the fused loss does, runs here: FSDP2's
+    pre-forward hook gathers the root unit (and its lazy initialisation runs, when this is the first forward), the
+    parameters are whole tensors for the call, and gradients that reach them are reduce-scattered in backward like
+    those of the model's own forward (the hook registered on the call's grad-requiring outputs, or the root's
+    final post-backward callback). The blocks gather themselves as in any forward. Under `torch.no_grad()` FSDP2
+    registers no backward hooks: a frozen model's call costs no collective in backward. `fn` takes no arguments, so
+    nothing it reads passes through FSDP2's input casting (mixed precision casts the blocks' inputs there)."""
+    method = getattr(model, WITHIN_FORWARD, None)
+    return fn() if method is None else method(fn)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -9,8 +9,11 @@ reduction times the count of the objective's unit), over the same vocabulary col
 Fused: a same-tokenizer run with one teacher model in the process and a built-in divergence (fkl, rkl, jsd, tvd,
 skl, srkl), or loss=sft, and the CE term. Everything else keeps the logits path, and `fused_off_reason` says why
 (logged once at start-up): cross-tokenizer losses, an outside teacher or several teachers, a loss function of the
-user's own, a model whose output layer is not a plain linear map or that is an encoder-decoder, and sharded
-(FSDP) models, whose output weight is a sharded DTensor outside the output layer's forward (docs/benchmarks.md 6).
+user's own, a model whose output layer is not a plain linear map or that is an encoder-decoder, and models sharded
+by a strategy other than strategy=fsdp. Under strategy=fsdp (FSDP2, kdlab.distributed.shard_model) the output
+weight is a sharded DTensor outside its model's forward, so each model's decoder stack and its reading of the output
+layer run as one forward of that model (kdlab.distributed.within_forward): FSDP2 gathers the weight whole for it and
+reduce-scatters the student's output weight and bias gradients in backward (docs/benchmarks.md section 6).
 Validation's loss, training rollouts and steps with a reward (REINFORCE needs the student's log-probabilities of
 its samples) always take the logits path.
 """
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdlab.distributed import FSDP2Strategy, within_forward
 from kdlab.losses.chunking import compute_dtype, row_weights
 from kdlab.losses.divergences import DIVERGENCES
 from kdlab.losses.fused import OutputLayer, fused_cross_entropy_sum, fused_divergence_sum, unfused_reason
@@ -74,9 +78,9 @@ def fused_off_reason(module: Any) -> str | None:
         return "no teacher model in the process"
     if not _builtin(objective):
         return f"loss._target_ is not kdlab's own loss for loss={objective.name}"
-    if module._sharded:
-        return ("FSDP shards the output weight (a DTensor) outside the output layer's forward; the fused loss reads "
-                "the weight directly (docs/benchmarks.md section 6)")
+    if module._sharded and not isinstance(getattr(module._trainer, "strategy", None), FSDP2Strategy):
+        return ("the models are sharded by a strategy other than strategy=fsdp, whose FSDP2 units run the fused loss "
+                "inside their forward (kdlab.distributed.within_forward); others leave the output weight sharded")
     for role, model in (("student", module.student), ("teacher", module.teacher)):
         reason = None if model is None else model_reason(model)
         if reason is not None:
@@ -101,30 +105,49 @@ def unit_row_weights(mask: Tensor, reduction: str, unit: str, dtype: torch.dtype
 
 
 def fused_terms(module: Any, batch: Any, hard_labels: bool) -> tuple[Tensor, dict[str, tuple[float, LossSum]]]:
-    """(the student's hidden states, the objective's terms as `Objective.terms` gives them) over the batch's
-    targets, computed from hidden states and output layers: the fused counterpart of `DistillationModule._terms`
-    for one local teacher (or none: loss=sft). The hidden states serve as the loss's gradient anchor."""
+    """(a gradient anchor on the student's hidden states, the objective's terms as `Objective.terms` gives them)
+    over the batch's targets, computed from hidden states and output layers: the fused counterpart of
+    `DistillationModule._terms` for one local teacher (or none: loss=sft).
+
+    Each model's decoder stack and its reading of the output layer run as one forward of that model
+    (kdlab.distributed.within_forward), the teacher's nested in the student's: under FSDP2 each root unit (embeddings,
+    final norm, output layer) is gathered whole for it, and the gradients of the student's output weight and bias
+    are reduce-scattered in backward like every other parameter's. Unsharded, the same calls run plainly."""
+    return within_forward(module.student, lambda: _student_forward(module, batch, hard_labels))
+
+
+def _student_forward(module: Any, batch: Any, hard_labels: bool) -> tuple[Tensor, dict[str, tuple[float, LossSum]]]:
     objective, side = module.objective, batch.student
     ids, mask = side.target
     groups = 1 if module._sharded else module.score_groups
     student_hidden = score_hidden(module.student, *side.prompt, *side.target, groups)
+    # a scalar, not the hidden states: FSDP2 hooks its backward onto the outputs of a forward and warns at views
+    anchor = student_hidden.sum() * 0.0
     flat = student_hidden.reshape(-1, student_hidden.shape[-1])
     labels = torch.where(mask.bool(), ids, torch.zeros((), dtype=ids.dtype, device=ids.device)).reshape(-1)
     if not objective.needs_teacher:  # loss=sft: the tokenizer's columns, as on the logits path
         layer = output_layer(module.student, min(len(module.tokenizer), _rows(module.student)))
-        return student_hidden, {"ce": (1.0, _ce_term(objective, flat, layer, labels, mask))}
-    with torch.no_grad():
-        teacher_hidden = score_hidden(module.teacher, *side.prompt, *side.target, groups)
+        return anchor, {"ce": (1.0, _ce_term(objective, flat, layer, labels, mask))}
     vocab = min(len(module.tokenizer), *(_rows(m) for m in (module.student, module.teacher)))
     layer = output_layer(module.student, vocab)
-    terms = {objective.name: (1.0, _divergence_term(objective, flat, layer, teacher_hidden,
-                                                    output_layer(module.teacher, vocab), mask))}
+    grad_enabled = torch.is_grad_enabled()
+
+    def teacher_forward() -> LossSum:
+        # The teacher's forward runs without grad (FSDP2 then hooks nothing of the frozen teacher into backward);
+        # the divergence's gradient path to the student opens inside it, where the teacher's output layer is whole.
+        teacher_hidden = score_hidden(module.teacher, *side.prompt, *side.target, groups)
+        with torch.set_grad_enabled(grad_enabled):
+            return _divergence_term(objective, flat, layer, teacher_hidden, output_layer(module.teacher, vocab), mask)
+
+    with torch.no_grad():
+        terms = {objective.name: (1.0, within_forward(module.teacher, teacher_forward))}
     if objective.ce_weight > 0 and hard_labels:
         terms["ce"] = (objective.ce_weight, _ce_term(objective, flat, layer, labels, mask))
-    return student_hidden, terms
+    return anchor, terms
 
 
 def _rows(model: nn.Module) -> int:
+    # a sharded weight outside its model's forward is a DTensor: its shape is the whole weight's
     return unwrap(model).get_output_embeddings().weight.shape[0]
 
 

@@ -275,7 +275,7 @@ class DistillationModule(L.LightningModule):
         its shares of each logged value, which add up over micro-batches and processes to the global values."""
         t, batch = targets, targets.batch
         if self._fused and t.advantages is None:  # REINFORCE reads the student's logits: the logits path
-            student_logits, terms = fused_terms(self, batch, hard_labels)  # hidden states: only a gradient anchor
+            student_logits, terms = fused_terms(self, batch, hard_labels)  # no logits: only a gradient anchor
             members = {}
         else:
             student_logits, terms, members = self._terms(batch, t.outside_scores, hard_labels)
@@ -301,7 +301,7 @@ class DistillationModule(L.LightningModule):
         return self._fused_reason is None
 
     def on_fit_start(self) -> None:
-        self._fused_reason = log_plan(self)  # the strategy is known now: sharded models keep the logits path
+        self._fused_reason = log_plan(self)  # the strategy is known now (models sharded by FSDP2 are fused)
 
     def _member_terms(self, student_logits: Tensor, scores: dict[str, Tensor | TopK],
                       batch: Batch) -> dict[str, LossSum]:

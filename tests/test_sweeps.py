@@ -37,7 +37,7 @@ def basic_sweep_values(params) -> dict[str, list[str]]:
     return {key: str(value).split(",") for key, value in params.items()}
 
 
-@pytest.mark.parametrize("name", ["gkd_grid", "ot_ablation"])
+@pytest.mark.parametrize("name", ["gkd_grid", "ot_ablation", "gkd_decided", "xtok_decided"])
 def test_every_value_of_every_swept_key_composes_and_validates(name):
     """Each value of each key a sweep varies gives a valid config (validated as train.py would, models not loaded):
     a typo in a loss option or a key that does not apply would otherwise surface only when its job starts."""
@@ -67,6 +67,21 @@ def test_gkd_grid_is_the_papers_grid_and_takes_the_small_run_overrides():
     kept = compose_sweep("gkd_grid", ["export=true", "keep_checkpoints=true"])
     assert kept.export is True and kept.keep_checkpoints is True
     assert small.task.name == "arith" and small.teacher.name == compose_sweep("gkd_grid", []).teacher.name
+
+
+def test_the_deciding_sweeps_keep_the_protocol_of_issue_18():
+    """400 steps and 1,000 scored validation problems (one run's standard error <= 0.016), the students kept for
+    kdlab-mismatch, the teacher and the untrained student scored once rather than in every run."""
+    grid, xtok = compose_sweep("gkd_decided", []), compose_sweep("xtok_decided", [])
+    assert basic_sweep_values(grid.hydra.sweeper.params) == {
+        "loss": ["fkl", "rkl", "jsd0.9"], "policy.student_fraction": ["0", "1"], "seed": ["1", "2", "3", "4", "5"]}
+    assert basic_sweep_values(xtok.hydra.sweeper.params) == {"loss": ["ot", "uld", "sft"], "seed": ["1", "2", "3"]}
+    assert xtok.teacher.name == compose_sweep("ot_ablation", ["teacher=arith_unigram_teacher"]).teacher.name
+    assert xtok.policy.student_fraction == 0 and xtok.trainer.max_steps == 400
+    for cfg in (grid, xtok):
+        assert cfg.trainer.max_steps == 400 and cfg.task.val_size == 1000 and cfg.task.eval_examples == 1000
+        assert cfg.eval.teacher is False and cfg.eval.before is False
+    assert grid.export is True and xtok.export is False
 
 
 @pytest.mark.slow

@@ -1,32 +1,59 @@
-"""Whole on-policy JSD training steps of kdlab against TRL's GKDTrainer, side by side, with MFU.
+"""Whole on-policy JSD training steps of kdlab against TRL's GKDTrainer and DistillationTrainer, side by side, with MFU.
 
     python benchmarks/bench_step.py --out benchmarks/results/step_cpu_float32.json
     python benchmarks/bench_step.py --device cuda --dtype bfloat16 --batch 32 --out benchmarks/results/step_cuda.json
     python benchmarks/bench_step.py --profile 3 --no-trl --out /tmp/profile.json   # kdlab's profile only
     python benchmarks/bench_step.py --compile off        # kdlab sampling through generate only
+    python benchmarks/bench_step.py --pair smollm --batch 4 --max-new-tokens 64 --threads 2   # a real-sized pair
 
-One step, on both sides: the student samples `--max-new-tokens` tokens for each prompt of the batch (lambda = 1),
+One step, on every side: the student samples `--max-new-tokens` tokens for each prompt of the batch (lambda = 1),
 the frozen teacher and the student score the samples, generalized JSD(beta) over the response tokens, backward,
-AdamW step. Both sides get the same models (the shipped arith teacher and student, `from_pretrained`, copies of the
-same weights), the same batch of prompts (kdlab's arith data module, left-padded), the same sampling settings,
-the same optimizer (torch AdamW, same lr, no weight decay). kdlab runs its module's own step code
-(`_targets` + `_loss`, what `training_step` calls) without Lightning's loop; TRL runs `GKDTrainer.training_step`
-(sampling + `compute_loss` + backward) and the trainer's optimizer, without the HF Trainer loop. Steps alternate
-kdlab, TRL, kdlab, ... after one warm-up step each (timed on its own: the compiled side's includes compilation);
-tokens per second counts scored response tokens. kdlab runs twice by default: sampling through `generate` (the
-default `policy.sampling.compile=false`) and through its compiled static-cache loop (`compile=true`).
+AdamW step. Every side gets the same models (copies of the same weights), the same batch of prompts (kdlab's arith
+data module, left-padded), the same sampling settings, the same optimizer (torch AdamW, same lr, no weight decay).
+kdlab runs its module's own step code (`_targets` + `_loss`, what `training_step` calls) without Lightning's loop;
+TRL runs `GKDTrainer.training_step` (sampling + `compute_loss` + backward) and the trainer's optimizer, and
+`DistillationTrainer.training_step` the same way, without the HF Trainer loop. Steps alternate kdlab, TRL, kdlab,
+... after one warm-up step each (timed on its own: the compiled side's includes compilation); tokens per second
+counts scored response tokens. kdlab runs twice by default: sampling through `generate` (the default
+`policy.sampling.compile=false`) and through its compiled static-cache loop (`compile=true`).
 
-Same loss on the same batch: before any step, both score one set of kdlab samples (identical weights), and both
-values are recorded. MFU: model FLOPs of a step over its time, against the matmul peak measured here (see
-docs/benchmarks.md for the count). TRL is optional (`pip install -e ".[bench]"`); without it only kdlab runs.
+DistillationTrainer (`trl.trainer.distillation_trainer`, what TRL 1.16 recommends over GKDTrainer) has no lambda:
+the student samples every step. Its settings here: beta and lr as the other sides, temperature 1, top-p 1, top-k 0,
+no min-p, repetition penalty 1, `max_completion_length` = `--max-new-tokens`, transformers `generate` with its
+dynamic cache (no vLLM); its loss is its own chunked JSD over the two models' hidden states and output layers
+(`_chunked_divergence_loss`, tiles of 4,096 positions x 32,768 vocabulary entries; Triton on CUDA, torch tiles on
+CPU, where every completion position, padding included, is projected). Changed from its defaults, as on the GKD
+side: `gradient_checkpointing=False` (its default True would only be switched on by `Trainer.train()`, not run
+here; no side recomputes), `bf16` only with `--dtype bfloat16` on CUDA (its default True would autocast the float32
+models), `optim="adamw_torch"` (its default is the fused AdamW; every side steps torch's AdamW), weight decay 0,
+`disable_dropout=True`. It takes text prompts and tokenizes them itself: its `_tokenize_prompts` is replaced by
+one that passes kdlab's prompt token ids through, so that it samples from the very same prompt tokens. The JSON
+records its settings next to its defaults (`distillation_trainer_settings`).
+
+Same loss on the same batch: before any step, every side scores one set of kdlab samples (identical weights), and
+every value is recorded (DistillationTrainer through its `compute_loss` on that batch's prompt and completion
+tensors). MFU: model FLOPs of a step over its time, against the matmul peak measured here (see docs/benchmarks.md
+for the count). TRL is optional (`pip install -e ".[bench]"`); without it only kdlab runs.
+
+Model pairs (`--pair`): `arith`, the shipped arith teacher and student (`from_pretrained`); `smollm`, random weights
+of SmolLM2-135M's Llama architecture (the teacher: width 576, 30 layers, 9 heads, 3 key-value heads, MLP 1,536,
+49,152-token vocabulary, tied embeddings; 134.5M parameters) and a 49.5M student of the same family (the teacher's
+width, heads and MLP, 6 layers). Their prompts are still arith prompts, through the arith tokenizer with unused
+tokens appended up to 49,152 ids (`<unused_746>`...: no merge produces them, so every prompt gets the arith
+tokenizer's ids). Tokenizer and output layers then agree on the vocabulary, and no side masks output rows (kdlab
+keeps a model's rows beyond its tokenizer from being sampled, and its compiled loop falls back to `generate` then;
+TRL samples from every row). `--layers T S` scales the pair down (tests).
 """
 
 from __future__ import annotations
 
 import copy
 import cProfile
+import dataclasses
 import io
+import json
 import pstats
+import shutil
 import sys
 import tempfile
 import time
@@ -55,12 +82,59 @@ ASSETS = Path(__file__).resolve().parents[1] / "src" / "kdlab" / "assets" / "ari
 RUN_DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "train.yaml"
 
 
-def load(device: str, dtype: torch.dtype):
+# HuggingFaceTB/SmolLM2-135M's architecture (its config.json; random weights here, no download): 134.5M parameters
+SMOLLM2_135M = {
+    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+    "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True, "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 8192, "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
+    "initializer_range": 0.041666666666666664, "hidden_act": "silu",
+}
+SMOLLM_LAYERS = (30, 6)  # teacher, student: the student keeps the teacher's width and heads, 49.5M parameters
+
+
+def padded_tokenizer(size: int, directory: str):
+    """The arith tokenizer with unused tokens `<unused_746>`... appended to `size` ids, written to `directory`.
+
+    No merge produces them, so encoding gives the arith tokenizer's ids; `len(tokenizer)` is the models' vocabulary."""
+    from transformers import AutoTokenizer
+
+    spec = json.loads((ASSETS / "tokenizer" / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"<unused_{i}>": i for i in range(len(vocab), size)})
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    Path(directory, "tokenizer.json").write_text(json.dumps(spec))
+    shutil.copy(ASSETS / "tokenizer" / "tokenizer_config.json", directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert len(tokenizer) == size, (len(tokenizer), size)
+    return tokenizer
+
+
+def smollm_pair(tokenizer, dtype: torch.dtype = torch.float32, layers: tuple[int, int] = SMOLLM_LAYERS):
+    """(teacher, student): random-init Llama models of SmolLM2-135M's shape, the student with `layers[1]` layers,
+    both with the tokenizer's special ids (kdlab's builder, `kdlab.models.load_model`). Build under
+    `torch.device("meta")` to get the shapes without the weights."""
+    from kdlab.models import load_model
+
+    dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
+
+    def build(name: str, n_layers: int):
+        config = {**SMOLLM2_135M, "num_hidden_layers": n_layers}
+        return load_model({"name": name, "architecture": "llama", "config": config, "dtype": dtype_name}, tokenizer)
+
+    return build("smollm2-135m-shaped-teacher", layers[0]), build("smollm2-shaped-student", layers[1])
+
+
+def load(device: str, dtype: torch.dtype, pair: str = "arith", layers: tuple[int, int] = SMOLLM_LAYERS):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
-    teacher = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher", dtype=dtype).to(device).eval()
-    student = AutoModelForCausalLM.from_pretrained(ASSETS / "student", dtype=dtype).to(device)
+    if pair == "smollm":
+        tokenizer = padded_tokenizer(SMOLLM2_135M["vocab_size"], tempfile.mkdtemp())
+        teacher, student = smollm_pair(tokenizer, dtype, layers)
+        teacher, student = teacher.to(device).eval(), student.to(device)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+        teacher = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher", dtype=dtype).to(device).eval()
+        student = AutoModelForCausalLM.from_pretrained(ASSETS / "student", dtype=dtype).to(device)
     teacher.requires_grad_(False)
     return tokenizer, teacher, student
 
@@ -171,6 +245,75 @@ class TrlStep:
         self.widths.append(inputs["input_ids"].shape[1] - batch.student.prompt_ids.shape[1])
 
 
+class DistillationTrainerStep:
+    """TRL's `DistillationTrainer.training_step` (on-policy sampling + its chunked JSD + backward) and its optimizer."""
+
+    # what the step depends on, recorded with the trainer's default for each (`distillation_trainer_settings`)
+    SETTINGS = ("beta", "temperature", "max_completion_length", "top_p", "top_k", "min_p", "repetition_penalty",
+                "generation_kwargs", "cache_implementation", "use_vllm", "pad_to_multiple_of", "learning_rate",
+                "weight_decay", "optim", "gradient_checkpointing", "bf16", "disable_dropout", "use_liger_kernel",
+                "gradient_accumulation_steps", "per_device_train_batch_size")
+
+    def __init__(self, student, teacher, tokenizer, args, workdir: str):
+        from datasets import Dataset
+        from trl.kernels import chunked_divergence
+        from trl.trainer.distillation_config import DistillationConfig
+        from trl.trainer.distillation_trainer import DistillationTrainer
+
+        config = DistillationConfig(
+            output_dir=workdir, per_device_train_batch_size=args.batch, learning_rate=args.lr, weight_decay=0.0,
+            optim="adamw_torch", beta=args.beta, temperature=1.0, top_p=1.0, top_k=0,
+            max_completion_length=args.max_new_tokens, use_cpu=args.device == "cpu",
+            bf16=args.dtype == "bfloat16" and args.device == "cuda", gradient_checkpointing=False,
+            disable_dropout=True, report_to="none", save_strategy="no", logging_strategy="no", seed=args.seed,
+        )
+        dummy = Dataset.from_dict({"prompt": ["x"] * args.batch})  # batches come from `inputs`, not from here
+        self.trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dummy,
+                                           processing_class=tokenizer)
+        self.trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
+        self.trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which is not run here
+        # it tokenizes text prompts itself; here the prompts are kdlab's token ids already (see `prompts`)
+        self.trainer._tokenize_prompts = lambda prompts: (prompts, None, {})
+        self.model = self.trainer.model
+        self.model.train()
+        self.tokens, self.widths, self.sampling = [], [], []
+        defaults = {f.name: f.default for f in dataclasses.fields(DistillationConfig)}
+        self.settings = {key: {"used": getattr(config, key), "default": defaults.get(key)} for key in self.SETTINGS}
+        self.settings["lmbda"] = "none: the student samples every step (on-policy fraction 1)"
+        self.settings["loss"] = ("_chunked_divergence_loss: ChunkedDivergenceFunction over hidden states and output "
+                                 f"layers, tiles of {chunked_divergence.TOKEN_CHUNK_SIZE} positions x "
+                                 f"{chunked_divergence.VOCAB_CHUNK_SIZE} vocabulary entries")
+        generate = self.trainer._generate_and_score_completions
+
+        def timed_generate(inputs):  # sampling and its padding into tensors: the sampling share of the step
+            start = time.perf_counter()
+            out = generate(inputs)
+            self.sampling.append(time.perf_counter() - start)
+            self.tokens.append(int(out["completion_mask"].sum()))
+            self.widths.append(out["completion_ids"].shape[1])
+            return out
+
+        self.trainer._generate_and_score_completions = timed_generate
+
+    @staticmethod
+    def prompts(batch: Batch) -> list[dict]:
+        """Its batch layout: one {"prompt": ...} per row, here the row's prompt token ids without padding."""
+        ids, mask = batch.student.prompt
+        return [{"prompt": row[keep.bool()].tolist()} for row, keep in zip(ids, mask)]
+
+    def loss_on(self, batch: Batch) -> float:
+        ids, mask = batch.student.target
+        inputs = {"prompt_ids": batch.student.prompt_ids, "prompt_mask": batch.student.prompt_mask.long(),
+                  "completion_ids": ids, "completion_mask": mask.long()}
+        with torch.no_grad():
+            return self.trainer.compute_loss(self.model, inputs).item()
+
+    def __call__(self, batch: Batch) -> None:
+        self.trainer.training_step(self.model, self.prompts(batch), None)  # samples, scores, backward
+        self.trainer.optimizer.step()
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+
+
 def step_flops(student_params: int, teacher_params: int, batch: int, prompt_width: int, sampled_width: float) -> float:
     """2 P per token forward, 6 P forward + backward, over every (padded) position the step must process:
     sampling (prompt prefill + sampled tokens) and teacher scoring forward only, the student's scoring with backward."""
@@ -207,7 +350,13 @@ def arguments():
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--no-trl", action="store_true", help="kdlab only")
+    p.add_argument("--no-trl", action="store_true", help="kdlab only (neither TRL trainer)")
+    p.add_argument("--no-gkd", action="store_true", help="without TRL's GKDTrainer")
+    p.add_argument("--no-distillation-trainer", action="store_true", help="without TRL's DistillationTrainer")
+    p.add_argument("--pair", choices=["arith", "smollm"], default="arith",
+                   help="the shipped arith models, or random-init SmolLM2-135M-shaped teacher and 49.5M student")
+    p.add_argument("--layers", type=int, nargs=2, default=list(SMOLLM_LAYERS), metavar=("TEACHER", "STUDENT"),
+                   help="--pair smollm: the models' layer counts (scaled down for tests)")
     p.add_argument("--compile", choices=["both", "off", "on"], default="both",
                    help="kdlab's sampling: through generate (off), the compiled loop (on), or both side by side")
     p.add_argument("--profile", type=int, default=0, help="profile this many kdlab steps (cProfile + torch.profiler)")
@@ -216,20 +365,25 @@ def arguments():
 
 
 def build_steps(args, student, teacher, tokenizer, task) -> tuple[dict, str | None]:
-    """The sides to time, each with its own copy of the student: kdlab (generate, compiled loop) and TRL."""
+    """The sides to time, each with its own copy of the student: kdlab (generate, compiled loop), TRL's GKDTrainer
+    (`trl`) and TRL's DistillationTrainer (`trl_distillation`)."""
     steps = {}
     if args.compile in ("both", "off"):
         steps["kdlab"] = KdlabStep(copy.deepcopy(student), teacher, tokenizer, task, args)
     if args.compile in ("both", "on"):
         steps["kdlab_compiled"] = KdlabStep(copy.deepcopy(student), teacher, tokenizer, task, args, compile=True)
-    trl_note = None
-    if not args.no_trl:
+    notes = []
+    trl_sides = [("trl", TrlStep, args.no_gkd), ("trl_distillation", DistillationTrainerStep,
+                                                  args.no_distillation_trainer)]
+    for name, side, off in trl_sides:
+        if args.no_trl or off:
+            continue
         try:
-            steps["trl"] = TrlStep(copy.deepcopy(student), teacher, tokenizer, args, tempfile.mkdtemp())
+            steps[name] = side(copy.deepcopy(student), teacher, tokenizer, args, tempfile.mkdtemp())
         except ImportError as error:
-            trl_note = f"TRL not installed ({error}): its column is skipped"
-            print(trl_note)
-    return steps, trl_note
+            notes.append(f"TRL's {side.__name__} unavailable ({error}): its column is skipped")
+            print(notes[-1])
+    return steps, "; ".join(notes) or None
 
 
 def main() -> None:
@@ -237,7 +391,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
-    tokenizer, teacher, student = load(args.device, dtype)
+    tokenizer, teacher, student = load(args.device, dtype, args.pair, tuple(args.layers))
     batch, task = first_batch(tokenizer, args.batch, args.device)
     steps, trl_note = build_steps(args, student, teacher, tokenizer, task)
     kdlab = next(iter(steps.values()))
@@ -279,13 +433,19 @@ def main() -> None:
                      "mean scored tokens":
                      sum(timed_tokens) / len(timed_tokens), "MFU": results[name]["mfu"],
                      "loss on shared batch": same_batch[name]})
-    for name in (n for n in steps if n.startswith("kdlab") and "trl" in steps):
-        results[f"throughput_ratio_{name}_over_trl"] = (results[name]["tokens_per_sec"]
-                                                        / results["trl"]["tokens_per_sec"])
-        results[f"step_time_ratio_trl_over_{name}"] = (results["trl"]["time"]["median_s"]
-                                                       / results[name]["time"]["median_s"])
+    for trl in (n for n in steps if n.startswith("trl")):
+        for name in (n for n in steps if n.startswith("kdlab")):
+            results[f"throughput_ratio_{name}_over_{trl}"] = (results[name]["tokens_per_sec"]
+                                                              / results[trl]["tokens_per_sec"])
+            results[f"step_time_ratio_{trl}_over_{name}"] = (results[trl]["time"]["median_s"]
+                                                             / results[name]["time"]["median_s"])
+    if "trl_distillation" in steps:
+        results["distillation_trainer_settings"] = steps["trl_distillation"].settings
     results.update(matmul_peak_flops_per_sec=peak, student_non_embedding_params=s_params,
-                   teacher_non_embedding_params=t_params, prompt_width=prompt_width)
+                   teacher_non_embedding_params=t_params, prompt_width=prompt_width,
+                   student_params=sum(p.numel() for p in student.parameters()),
+                   teacher_params=sum(p.numel() for p in teacher.parameters()),
+                   vocabulary=student.get_output_embeddings().weight.shape[0], tokenizer_size=len(tokenizer))
     results["table"] = table(rows, list(rows[0]))
     print(results["table"])
     ratios = ", ".join(f"{key.removeprefix('throughput_ratio_')}: {value:.2f}" for key, value in results.items()

@@ -5,6 +5,7 @@ No timing is asserted (a shared machine makes any threshold flaky); values and t
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,68 @@ def test_step_benchmark_runs_kdlab_steps_and_counts_flops(tmp_path):
     assert result["matmul_peak_flops_per_sec"] > 0
     # both kdlab sides score the same samples with copies of the same weights
     assert result["same_batch_loss"]["kdlab"] == result["same_batch_loss"]["kdlab_compiled"] >= 0
+
+
+@pytest.mark.slow
+def test_step_benchmark_runs_trls_distillation_trainer_on_policy_with_the_same_loss(tmp_path):
+    pytest.importorskip("trl.trainer.distillation_trainer")
+    result = run_script("bench_step.py", tmp_path, "--batch", "2", "--max-new-tokens", "4", "--compile", "off",
+                        "--no-gkd", "--threads", "1")
+    assert "trl" not in result and result["trl_note"] is None  # --no-gkd: GKDTrainer's side is off
+    side = result["trl_distillation"]
+    assert 0 < side["tokens"][0] <= 2 * 4 and 0 < side["sampled_widths"][0] <= 4  # its own samples, 4 at most
+    for key in ("tokens_per_sec", "steps_per_sec", "model_flops_per_sec", "mfu", "first_step_s"):
+        assert math.isfinite(side[key]) and side[key] > 0, key
+    for key in ("time", "sampling_time", "rest_of_step_time"):
+        assert side[key]["n"] == 1 and math.isfinite(side[key]["median_s"]) and side[key]["median_s"] > 0, key
+    assert math.isfinite(result["throughput_ratio_kdlab_over_trl_distillation"])
+    settings = result["distillation_trainer_settings"]  # what it ran with, next to its defaults
+    assert {key: settings[key]["used"] for key in ("beta", "temperature", "max_completion_length", "learning_rate",
+                                                   "gradient_checkpointing", "use_vllm")} == {
+        "beta": 0.5, "temperature": 1.0, "max_completion_length": 4, "learning_rate": 1e-5,
+        "gradient_checkpointing": False, "use_vllm": False}
+    assert settings["beta"]["default"] == 1.0  # its default is reverse KL: the benchmark sets JSD(0.5)
+    # one set of kdlab samples, copies of the same weights: its chunked JSD is kdlab's generalized JSD
+    same = result["same_batch_loss"]
+    assert same["trl_distillation"] == pytest.approx(same["kdlab"], rel=1e-5) and same["kdlab"] > 0
+
+
+def test_smollm_pair_builds_a_135m_teacher_and_a_50m_student_over_49152_token_ids(tmp_path):
+    from bench_step import ASSETS, padded_tokenizer, smollm_pair
+    from transformers import AutoTokenizer
+
+    tokenizer = padded_tokenizer(49152, str(tmp_path))
+    arith = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+    assert len(tokenizer) == 49152 and len(arith) == 746
+    text = "Q: what is 12 + 345 - 6? Think step by step. A:"
+    assert tokenizer(text).input_ids == arith(text).input_ids  # the appended ids are never produced by encoding
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    with torch.device("meta"):  # the real shapes, no weights
+        teacher, student = smollm_pair(tokenizer)
+    for model, layers in ((teacher, 30), (student, 6)):
+        config = model.config
+        assert (config.model_type, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                config.num_attention_heads, config.num_key_value_heads, config.vocab_size) == (
+            "llama", 576, 1536, layers, 9, 3, 49152)
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
+        assert config.eos_token_id == 2 and config.pad_token_id == 0
+    # SmolLM2-135M's 134,515,008 parameters; the student 49,552,704
+    assert sum(p.numel() for p in teacher.parameters()) == 134_515_008
+    assert sum(p.numel() for p in student.parameters()) == 49_552_704
+
+
+def test_smollm_pair_scaled_down_to_one_layer_runs_a_kdlab_step_over_the_whole_vocabulary():
+    from argparse import Namespace
+
+    from bench_step import KdlabStep, first_batch, load
+
+    tokenizer, teacher, student = load("cpu", torch.float32, "smollm", layers=(1, 1))
+    assert student.get_output_embeddings().weight.shape == (len(tokenizer), 576) == (49152, 576)
+    batch, task = first_batch(tokenizer, 2, "cpu")
+    step = KdlabStep(student, teacher, tokenizer, task, Namespace(max_new_tokens=4, beta=0.5, lr=1e-5))
+    step(batch)
+    assert 0 < step.widths[0] <= 4 and 0 < step.tokens[0] <= 2 * 4
+    assert not teacher.training and student.training  # the module keeps the teacher in eval mode
 
 
 @pytest.mark.slow

@@ -104,6 +104,7 @@ def test_kdlab_mismatch_reproduces_what_the_run_measured(tmp_path, capsys):
     from kdlab.rescore import main
     from kdlab.train import run
 
+    sweep, tmp_path = tmp_path, tmp_path / "sweep" / "0"  # a run below a sweep directory
     run(compose(TINY_RUN + ["loss=fkl", "export=true"], output_dir=tmp_path))
     measured = json.loads((tmp_path / RESULTS).read_text())
     assert set(mismatch.MISMATCH_KEYS) <= set(measured["student_after"]) <= set(measured["metrics"])
@@ -113,7 +114,7 @@ def test_kdlab_mismatch_reproduces_what_the_run_measured(tmp_path, capsys):
         stripped[key] = {k: v for k, v in stripped[key].items() if k not in mismatch.MISMATCH_KEYS}
     (tmp_path / RESULTS).write_text(json.dumps(stripped))
 
-    assert main([str(tmp_path.parent), "--before"]) == 0  # found below a sweep-like folder
+    assert main([str(sweep), "--before"]) == 0  # found below the sweep directory
     again = json.loads((tmp_path / RESULTS).read_text())
     for key in ("student_after", "student_before"):
         assert again[key] == pytest.approx(measured[key], rel=1e-5)

@@ -350,3 +350,15 @@ def test_metric_option_compares_another_score_with_the_lowest_in_bold(grid, tmp_
     assert cells[("fkl", "λ=1")].startswith("**0.6700** [")  # 1 - 0.33 beats jsd(0.9)'s 1 - 0.25
     assert "Metric: `own_teacher_nll`" in (out / "report.md").read_text()
     assert "One run's standard error" not in capsys.readouterr().out  # no binomial error for an NLL
+
+
+def test_a_run_that_also_scores_the_teacher_is_the_same_method(tmp_path):
+    """The one run of a grid with eval.teacher=true eval.before=true (the scores every run shares) joins its cell."""
+    for seed in (1, 2):
+        extra = ["eval.teacher=true", "eval.before=true", "export=false"] if seed == 1 else []
+        config = _config("fkl", seed, 0.0) | {"eval": {"teacher": seed == 1, "before": seed == 1},
+                                              "export": seed != 1}
+        _write_run(tmp_path, str(seed), ["loss=fkl", f"seed={seed}", *extra], config, 0.4 + 0.1 * seed)
+    sweep = load_sweep(tmp_path)
+    assert sweep.swept_keys == ["seed"]
+    assert "| fkl | **0.5500** [" in comparison_table_markdown(sweep)  # one cell of both runs: mean of 0.5, 0.6

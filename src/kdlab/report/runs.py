@@ -22,7 +22,10 @@ FINISHED, FAILED, UNFINISHED = "finished", "failed", "unfinished"
 STUDENT_FRACTION = "policy.student_fraction"
 SEED = "seed"
 # Keys that differ between the jobs of any sweep without being parameters of the experiment.
-NOT_PARAMETERS = ("output_dir", "ckpt_path", "logger.")
+# Keys that change what a run writes or scores besides its student, not what it trains: runs that differ only there
+# are one method (e.g. the one run of a grid that also scores the teacher and the untrained student).
+NOT_PARAMETERS = ("output_dir", "ckpt_path", "logger.", "eval.", "export", "keep_checkpoints", "checkpoint.",
+                  "log_rollouts_")
 _MISSING = object()
 
 

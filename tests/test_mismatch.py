@@ -126,3 +126,12 @@ def test_kdlab_mismatch_reproduces_what_the_run_measured(tmp_path, capsys):
     (tmp_path / RESULTS).write_text(json.dumps(again))
     assert main([str(tmp_path)]) == 1
     assert "not the outputs the run scored" in capsys.readouterr().err
+
+
+def test_the_run_end_table_shows_the_task_scores_only():
+    from kdlab.train import format_results_table
+
+    after = {"accuracy": 0.45, "own_teacher_nll": 0.08, "own_fkl": 0.03, "own_rkl": 0.09}
+    table = format_results_table({"metrics": after, "teacher": {"accuracy": 0.62}, "student_before": None,
+                                  "student_after": after})
+    assert "accuracy" in table and "0.4500" in table and "own_" not in table

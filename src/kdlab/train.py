@@ -31,6 +31,7 @@ from kdlab.evaluation import GenerationScorer, evaluate
 from kdlab.generation import SamplingSettings
 from kdlab.last_step import LogLastStep, final_train_metrics
 from kdlab.losses.objective import build_objective
+from kdlab.mismatch import MISMATCH_KEYS
 from kdlab.models import HubUnavailableError, load_model, load_tokenizer, same_vocabulary
 from kdlab.module import DistillationModule
 from kdlab.policy import DataPolicy
@@ -248,7 +249,8 @@ def evaluate_and_save(trainer: L.Trainer, module: DistillationModule, datamodule
 def format_results_table(results: dict[str, Any]) -> str:
     rows = [("teacher", results["teacher"]), ("student before", results["student_before"]),
             ("student after", results["student_after"])]
-    names = list(results["metrics"])
+    # the task's scores; the mismatch measures (kdlab.mismatch) have no teacher row and stay in results.json
+    names = [name for name in results["metrics"] if name not in MISMATCH_KEYS]
     lines = [f"{'':16}" + "".join(f"{n:>12}" for n in names)]
     for label, scores in rows:
         cells = "".join(f"{scores[n]:>12.4f}" if scores and n in scores else f"{'-':>12}" for n in names)

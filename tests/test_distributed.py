@@ -160,3 +160,16 @@ def test_sharding_options_take_effect(one_process_mesh, tokenizer):
     assert type(teacher._get_fsdp_state()._fsdp_param_group.offload_policy).__name__ == "OffloadPolicy"
     logits.float().sum().backward()  # gradients reach the sharded float32 parameters through checkpointed blocks
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in student.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_measure_the_mismatch_over_every_process(runs, strategy):
+    """Each process scores its share of the validation problems; the mismatch (kdlab.mismatch) is the per-token mean
+    over all of them, as one process measures it (half the problems would give other means)."""
+    from kdlab.mismatch import MISMATCH_KEYS
+
+    single = json.loads((runs / "single" / RESULTS).read_text())["student_after"]
+    sharded = json.loads((runs / strategy / RESULTS).read_text())["student_after"]
+    for key in MISMATCH_KEYS:
+        assert sharded[key] == pytest.approx(single[key], rel=1e-3), key

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from kdlab.distributed import FSDP2Strategy, ShardingOptions, shard_model
 from kdlab.module import StepTargets
 from kdlab.policy import STUDENT
-from tests.test_fused_step import _module
+from tests.test_fused_step import _module, add_output_bias
 
 # "tiny" (Llama) ties its output layer to the input embedding; "tiny_qwen2" does not.
 CASES = {
@@ -40,18 +40,6 @@ STEPS = 2
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return (t.to_local() if isinstance(t, DTensor) else t).detach().clone()
-
-
-def _add_output_bias(module) -> None:
-    for seed, model in enumerate((module.student, module.teacher)):
-        old = model.get_output_embeddings()
-        head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            head.weight.copy_(old.weight)
-            head.bias.normal_(0.0, 1.0)
-        model.set_output_embeddings(head)
-    module.teacher.requires_grad_(False)
 
 
 def _steps(module, targets: StepTargets, fused: bool) -> tuple[list[float], list[dict], dict]:
@@ -99,7 +87,7 @@ def run_case(case: dict, mesh, rank: int) -> dict:
     options = ShardingOptions(**case.pop("sharding", {}))
     module, batch = _module(**case)
     if bias:
-        _add_output_bias(module)
+        add_output_bias(module)
     batch = batch.split(len(batch) // 2)[rank]
     twin = copy.deepcopy(module)
     for m in (module, twin):

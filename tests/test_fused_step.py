@@ -156,8 +156,8 @@ def test_untied_padded_and_soft_capped_output_layers(preset, overrides):
     _compare(module, batch)
 
 
-def test_an_output_bias_is_fused():
-    module, batch = _module("fkl", "tiny_qwen2", ce_weight=0.5)
+def add_output_bias(module) -> None:
+    """Each model's output layer becomes a Linear with the same weight and a random bias (teacher frozen)."""
     for seed, model in enumerate((module.student, module.teacher)):
         old = model.get_output_embeddings()
         head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
@@ -167,6 +167,11 @@ def test_an_output_bias_is_fused():
             head.bias.normal_(0.0, 1.0)
         model.set_output_embeddings(head)
     module.teacher.requires_grad_(False)
+
+
+def test_an_output_bias_is_fused():
+    module, batch = _module("fkl", "tiny_qwen2", ce_weight=0.5)
+    add_output_bias(module)
     _compare(module, batch)
 
 

@@ -31,7 +31,6 @@ class Generations:
     references: list[str] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)
     mismatch: dict[str, float] = field(default_factory=dict)
-    _mismatch_sums: list[list[float]] = field(default_factory=list, repr=False)
 
     def write_jsonl(self, path: Path) -> None:
         """One JSON line per example (prediction, reference): a score can be checked by reading what was scored."""
@@ -48,21 +47,23 @@ class GenerationScorer(L.Callback):
         self.task = task
         self.result: Generations | None = None
         self._current = Generations("student")
+        self._mismatch_sums: list[list[float]] = []  # kdlab.mismatch's per-row sums, made means at the epoch's end
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._current = Generations(getattr(pl_module, "eval_role", "student"))
+        self._mismatch_sums = []
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         self._current.predictions.extend(outputs["predictions"])
         self._current.references.extend(outputs["references"])
-        self._current._mismatch_sums.extend(outputs.get("mismatch", []))
+        self._mismatch_sums.extend(outputs.get("mismatch", []))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         current = self._current
         current.predictions, current.references = _gather(current.predictions), _gather(current.references)
         current.scores = self.task.score(current.predictions, current.references)
-        sums = _gather(current._mismatch_sums)
+        sums = _gather(self._mismatch_sums)
         current.mismatch = per_token_means(sums) if sums else {}
         prefix = "teacher" if current.role == "teacher" else "val"
         for name, value in current.scores.items():

@@ -80,6 +80,7 @@ from kdlab.policy import STUDENT, DataPolicy  # noqa: E402
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "kdlab" / "assets" / "arith"
 # the run settings the benchmark shares with `python train.py` (score_groups, nonfinite), read where they are set
 RUN_DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "train.yaml"
+JSD_DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "loss" / "jsd.yaml"  # loss.fused's default
 
 
 # HuggingFaceTB/SmolLM2-135M's architecture (its config.json; random weights here, no download): 134.5M parameters
@@ -161,7 +162,8 @@ class KdlabStep:
         run = OmegaConf.load(RUN_DEFAULTS)
         self.module = DistillationModule(
             student=student, tokenizer=tokenizer, task=task, teacher=teacher,
-            objective=Objective("jsd", loss=partial(generalized_jsd, beta=args.beta)),
+            objective=Objective("jsd", loss=partial(generalized_jsd, beta=args.beta),
+                                fused=bool(OmegaConf.load(JSD_DEFAULTS).fused)),
             policy=DataPolicy(1.0, sampling=sampling),
             optimizer=self.adamw(args.lr), max_nonfinite_steps=run.nonfinite.max_consecutive_steps,
             score_groups=run.score_groups,
@@ -181,15 +183,19 @@ class KdlabStep:
         return loss.item()
 
     def __call__(self, batch: Batch) -> None:
+        """What `training_step` runs for one on-policy micro-batch: sampling, the global unit counts, the
+        normalised loss (the fused output layer and loss where it applies, as in training), backward, update."""
+        module = self.module
         start = time.perf_counter()
-        targets = self.module._targets(batch, STUDENT)
+        with torch.no_grad():
+            targets = module._step_targets(batch, STUDENT)
         self.sampling.append(time.perf_counter() - start)  # generate returns after its last host sync
-        loss, _ = self.module._loss(targets, hard_labels=False)
+        loss, _ = module._micro_loss(targets, False, module._global_counts([targets]))
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.tokens.append(int(targets.student.target_mask.sum()))
-        self.widths.append(targets.student.target_ids.shape[1])
+        self.tokens.append(int(targets.batch.student.target_mask.sum()))
+        self.widths.append(targets.batch.student.target_ids.shape[1])
 
 
 class TrlStep:

@@ -13,6 +13,7 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 
 from kdlab import decoding
+from kdlab.sampling_head import output_layer_for_sampling
 from kdlab.scoring import is_encoder_decoder
 
 
@@ -82,7 +83,9 @@ def generate_targets(
         if vocab is not None and rows > vocab:  # generate suppresses them (the compiled loop then falls back)
             config.suppress_tokens = list(range(vocab, rows))
         compiled = settings.compile and _compiled_loop_applies(model, config, synced_gpus)
-        with torch.no_grad() if synced_gpus else torch.inference_mode():
+        grad_off = torch.no_grad() if synced_gpus else torch.inference_mode()
+        # the output layer read as W @ x.T on CPU (kdlab.sampling_head): 2-6x faster at a few rows per step
+        with grad_off, output_layer_for_sampling(model):
             if compiled:
                 new_tokens = decoding.sample_compiled(model, prompt_ids, prompt_mask, config)
             else:

@@ -1,0 +1,75 @@
+"""Sampling reads a large CPU output layer as W @ x.T (kdlab.sampling_head): the same logits as nn.Linear to float
+rounding, only where it applies, restored afterwards, and both of kdlab's samplers still draw the same tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from kdlab import decoding, sampling_head
+from kdlab.generation import SamplingSettings, generate_targets
+from kdlab.sampling_head import FEW_ROWS, few_rows_linear, output_layer_for_sampling
+from tests.conftest import REPO
+from tests.test_decoding import QUESTIONS, prompts
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, FEW_ROWS, FEW_ROWS + 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_linear_is_nn_linear(rows, bias):
+    torch.manual_seed(rows)
+    layer = nn.Linear(96, 1000, bias=bias)
+    x = torch.randn(rows, 1, 96)  # (batch, positions, hidden): a decoding step's shape
+    expected = layer(x)
+    got = few_rows_linear(x, layer.weight, layer.bias)
+    assert got.shape == expected.shape == (rows, 1, 1000) and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # float64: the summation order is all that differs
+    x64, layer64 = x.double(), layer.double()
+    torch.testing.assert_close(few_rows_linear(x64, layer64.weight, layer64.bias), layer64(x64), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_applies_only_to_large_plain_cpu_linear_heads_and_is_restored(monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(REPO / "src/kdlab/assets/arith/student")
+    head = model.get_output_embeddings()
+    with output_layer_for_sampling(model) as applied:  # 746 x 64: too small to gain
+        assert not applied and "forward" not in vars(head)
+    monkeypatch.setattr(sampling_head, "MIN_ENTRIES", 0)
+    seen = []
+    with pytest.raises(RuntimeError, match="inside"):
+        with output_layer_for_sampling(model) as applied:
+            seen.append(applied and "forward" in vars(head))
+            x = torch.randn(3, 1, head.in_features)
+            torch.testing.assert_close(head(x), nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-6)
+            raise RuntimeError("inside")
+    assert seen == [True] and "forward" not in vars(head)  # restored on the way out of an error
+    handle = head.register_forward_hook(lambda *a: None)  # a hook would be bypassed: not applied
+    with output_layer_for_sampling(model) as applied:
+        assert not applied
+    handle.remove()
+
+
+def test_both_samplers_draw_the_same_tokens_through_it(tokenizer, monkeypatch):
+    """The compiled loop and generate read the patched layer alike: same tokens under one seed (the tiny shipped
+    student's layer is let through by lowering the size floor)."""
+    monkeypatch.setattr(sampling_head, "MIN_ENTRIES", 0)
+    torch._dynamo.reset()
+    decoding._compiled_step.cache_clear()
+    model = AutoModelForCausalLM.from_pretrained(REPO / "src/kdlab/assets/arith/student")
+    calls = []
+    monkeypatch.setattr(sampling_head, "_forward", lambda self, x: calls.append(x.shape) or few_rows_linear(
+        x, self.weight, self.bias))
+    prompt_ids, prompt_mask = prompts(tokenizer, QUESTIONS[:4])
+    settings = SamplingSettings(max_new_tokens=24)
+    out = []
+    for compile in (False, True):
+        torch.manual_seed(11)
+        out.append(generate_targets(model, prompt_ids, prompt_mask, dataclasses.replace(settings, compile=compile),
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    assert calls and all(shape[0] * shape[1] <= FEW_ROWS for shape in calls)  # read through the patched forward
+    assert "forward" not in vars(model.get_output_embeddings())

@@ -13,7 +13,12 @@ Each case: the values (all three must agree), gradient agreement of the student'
 measured interleaved (the checked pass is the first round, then --repeats more; medians), and the peak memory one
 forward + backward adds above the inputs (CUDA: the allocator's peak; CPU: peak RSS in a fresh process per case and
 implementation). Cases whose logits path would need more than --max-gib, or whose matmuls exceed --max-tflop, are
-skipped, and said so.
+skipped, and said so. `--memory-only` measures the peaks alone (a fresh process per implementation, one forward +
+backward each): at 8 x 1,024 the in-process check would hold all three implementations' inputs and outputs at once,
+and each call takes minutes of a CPU; values and times are those of the smaller sizes.
+
+    python benchmarks/bench_fused.py --threads 2 --memory-only --sizes 8x1024 --vocab 151936 --max-gib 20 \
+        --out benchmarks/results/fused_memory_8x1024_cpu_float32.json
 """
 
 from __future__ import annotations
@@ -112,7 +117,23 @@ def logits_path_bytes(case: dict) -> int:
     return 4 * (3 * n * case["vocab"] + case["vocab"] * case["hidden"])
 
 
+def memory(case: dict, impls: list[str], device: str) -> dict[str, int]:
+    """Peak bytes of one forward + backward of each implementation above its inputs, each on fresh inputs."""
+    peaks = {}
+    for impl in impls:
+        if device == "cuda":
+            fresh = inputs(case)
+            peaks[impl] = cuda_peak_bytes(partial(step, impl, fresh, case["chunk_size"]))
+            del fresh
+        else:
+            peaks[impl] = cpu_peak_bytes_in_subprocess(__file__, dict(case, impl=impl))
+        print(f"  {impl}: {peaks[impl] / 2**20:,.0f} MiB", flush=True)
+    return peaks
+
+
 def measure(case: dict, impls: list[str], args) -> dict:
+    if args.memory_only:
+        return dict(case, peak_bytes=memory(case, impls, args.device))
     t = inputs(case)
     values, grad_diff, fused_grads, first = {}, {}, None, {}
     for impl in impls:  # the checked pass is also the first interleaved timing round
@@ -133,20 +154,14 @@ def measure(case: dict, impls: list[str], args) -> dict:
     del t
     gc.collect()
     if not args.no_memory:
-        result["peak_bytes"] = {}
-        for impl in impls:
-            if args.device == "cuda":
-                fresh = inputs(case)
-                result["peak_bytes"][impl] = cuda_peak_bytes(partial(step, impl, fresh, args.chunk_size))
-                del fresh
-            else:
-                result["peak_bytes"][impl] = cpu_peak_bytes_in_subprocess(__file__, dict(case, impl=impl))
+        result["peak_bytes"] = memory(case, impls, args.device)
     return result
 
 
 def row(result: dict, impls: list[str]) -> dict:
     """One line of the table: milliseconds, MiB and the fused/other ratios."""
-    ms = {impl: 1e3 * result["times"][impl]["median_s"] for impl in impls}
+    timed = "times" in result  # not with --memory-only
+    ms = {impl: 1e3 * result["times"][impl]["median_s"] if timed else None for impl in impls}
     mib = {impl: result.get("peak_bytes", {}).get(impl, 0) / 2**20 for impl in impls}
     line = {"V": result["vocab"], "H": result["hidden"], "B x T": f"{result['batch']}x{result['positions']}",
             "W grad MiB": 4 * result["vocab"] * result["hidden"] / 2**20}
@@ -155,9 +170,9 @@ def row(result: dict, impls: list[str]) -> dict:
     for impl in impls:
         line[f"{impl} MiB"] = mib[impl] if "peak_bytes" in result else None
     for other in impls[1:]:
-        line[f"time fused/{other}"] = ms["fused"] / ms[other]
+        line[f"time fused/{other}"] = ms["fused"] / ms[other] if timed else None
         line[f"mem fused/{other}"] = mib["fused"] / mib[other] if "peak_bytes" in result and mib[other] else None
-    line["|value diff|"] = result["value_max_abs_diff"]
+    line["|value diff|"] = result.get("value_max_abs_diff")
     return line
 
 
@@ -172,6 +187,7 @@ def main() -> None:
                         "backward) exceed this many TFLOP: the time a slow machine allows")
     p.add_argument("--chunk-size", type=int, default=None, help="fused rows per chunk (default: by element budget)")
     p.add_argument("--no-memory", action="store_true", help="time only")
+    p.add_argument("--memory-only", action="store_true", help="peak memory only (no in-process check or timing)")
     p.add_argument("--no-trl", action="store_true")
     args = parse(p)
     if args.device == "cuda":

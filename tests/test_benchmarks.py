@@ -179,3 +179,27 @@ def test_sparse_teacher_benchmark_compares_top_k_losses_with_the_dense_ones_and_
         assert rows[(loss, 746)]["grad cosine"] == pytest.approx(1.0, abs=1e-6)
         assert rows[(loss, 8)]["top-k"] <= rows[(loss, 8)]["dense"] + 1e-6  # the buckets never exceed the dense loss
     assert set(result["teacher_share"]) == {"live teacher forward", "cache lookup (k=32)"}
+
+
+def test_step_memory_benchmark_runs_both_paths_with_the_same_losses(tmp_path):
+    """bench_step_memory.py, scaled down (one layer each, a 2,048-row output layer over 2,000 tokens): the fused
+    and the logits path train the same pair to the same losses, and each reports its peaks."""
+    result = run_script("bench_step_memory.py", tmp_path, "--layers", "1", "1", "--vocab", "2048",
+                        "--tokenizer-size", "2000", "--batch", "2", "--prompt", "8", "--response", "16",
+                        "--dtype", "float32", "--threads", "1")
+    fused, logits = result["fused"], result["logits"]
+    assert fused["fused_plan"] and not logits["fused_plan"]  # loss.fused decides the path
+    assert len(fused["losses"]) == len(logits["losses"]) == 2 and fused["losses"][0] > 0
+    assert result["max_loss_diff"] < 1e-5  # the same step: float32 rounding only
+    assert fused["losses"][1] != fused["losses"][0]  # AdamW moved the student between the steps
+    assert fused["student_params"] < fused["teacher_params"]
+    assert fused["last_step_peak_bytes"] >= 0 and logits["process_peak_bytes"] > 0
+
+
+def test_sampling_head_benchmark_times_both_layers_on_the_same_values(tmp_path):
+    result = run_script("bench_sampling_head.py", tmp_path, "--layers", "1", "--rows", "1", "4", "--batch", "2",
+                        "--max-new-tokens", "4", "--student-layers", "1", "--threads", "1")
+    assert [(c["V"], c["H"], c["rows"]) for c in result["layers"]] == [(49152, 576, 1), (49152, 576, 4)]
+    assert all(c["max_abs_diff"] < 1e-4 and c["nn.Linear"]["n"] == c["W @ x.T"]["n"] == 1 for c in result["layers"])
+    generation = result["generate"]
+    assert generation["speedup"] > 0 and isinstance(generation["same_tokens_under_one_seed"], bool)

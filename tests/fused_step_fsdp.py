@@ -34,6 +34,10 @@ CASES = {
     "jsd_untied_checkpointed": dict(loss="jsd", preset="tiny_qwen2", ce_weight=0.5,
                                     sharding=dict(activation_checkpointing=True)),
     "jsd_tied_bf16": dict(loss="jsd", preset="tiny", ce_weight=0.5, sharding=dict(mixed_precision="bf16")),
+    # a teacher of its own tokenizer (tests/test_fused_step.py's `_module`): MultiLevelOT's ranking keeps the hidden
+    # states and the output weight for its backward, which FSDP2 gathers again there
+    "ot_tied_ce": dict(loss="ot", preset="tiny"),
+    "uld_untied_onpolicy": dict(loss="uld", preset="tiny_qwen2", onpolicy=True),
 }
 STEPS = 2
 

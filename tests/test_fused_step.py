@@ -1,7 +1,7 @@
 """loss.fused in the training step: the terms from hidden states and output layers equal the logits path's (values,
-gradients, weights after Adam steps) for every fused loss, reduction, length grouping and output layer kind, in one
-process and on 2 processes under DDP and FSDP2; no (rows, positions, vocabulary) tensor of either model exists in a
-fused step; what cannot be fused falls back with one log line."""
+gradients, weights after SGD steps) for every fused loss (the cross-tokenizer ones, ot and uld, too), reduction,
+length grouping and output layer kind, in one process and on 2 processes under DDP and FSDP2; no (rows, positions,
+vocabulary) tensor of either model exists in a fused step; what cannot be fused falls back with one log line."""
 
 from __future__ import annotations
 
@@ -15,55 +15,63 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kdlab.conf import task_node
 from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.tasks import Task
+from kdlab.fused_step import fused_terms
 from kdlab.generation import SamplingSettings
-from kdlab.losses.objective import build_objective
+from kdlab.losses.objective import CROSS_TOKENIZER_LOSSES, build_objective
 from kdlab.models import load_model, load_tokenizer
 from kdlab.module import DistillationModule, StepTargets
-from kdlab.policy import DataPolicy
-from tests.conftest import compose, loss_config
+from kdlab.policy import STUDENT, DataPolicy
+from tests.conftest import REPO, compose, loss_config
 
 TASK = {"name": "arith", "train_size": 16, "val_size": 4, "eval_examples": 4, "batch_size": 8, "eval_batch_size": 4,
         "generation": {"max_new_tokens": 4, "do_sample": False}}
 TOKENS = 746  # the arith tokenizer
+UNIGRAM = REPO / "src/kdlab/assets/arith/unigram_tokenizer"  # 389 tokens: a teacher with its own tokenizer
 DIVERGENCES = ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"]
 
 
-def _model(role: str, preset: str, seed: int, *overrides: str):
-    cfg = compose([f"{role}={preset}", *(f"+{role}.config.{o}" for o in overrides)])[role]
+def _model(role: str, preset: str, seed: int, *overrides: str, tokenizer=None):
+    own = [f"{role}.tokenizer={tokenizer}"] if tokenizer is not None else []
+    cfg = compose([f"{role}={preset}", *own, *(f"+{role}.config.{o}" for o in overrides)])[role]
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(seed)
     return load_model(cfg, tokenizer), tokenizer
 
 
 def _module(loss: str = "fkl", preset: str = "tiny", overrides: tuple[str, ...] = (), dtype=torch.float32,
-            score_groups: int = 1, **loss_overrides) -> tuple[DistillationModule, object]:
-    """A module with a tiny student and teacher of `preset` and a batch of 8 ground-truth rows of mixed lengths."""
+            score_groups: int = 1, cross: bool | None = None, **loss_overrides) -> tuple[DistillationModule, object]:
+    """A module with a tiny student and teacher of `preset` and a batch of 8 ground-truth rows of mixed lengths; with
+    `cross` (default: for loss=ot|uld) the teacher has its own tokenizer (Unigram, 389 tokens), the batch its own
+    tokens."""
     student, tokenizer = _model("student", preset, 0, *overrides)
-    teacher = None if loss == "sft" else _model("teacher", preset, 1, *overrides)[0]
+    cross = loss in CROSS_TOKENIZER_LOSSES if cross is None else cross
+    teacher, teacher_tokenizer = (None, None) if loss == "sft" else _model(
+        "teacher", preset, 1, *overrides, tokenizer=UNIGRAM if cross else None)
     task = Task.from_config(task_node(**TASK))
     module = DistillationModule(student=student.to(dtype), tokenizer=tokenizer,
                                 objective=build_objective(loss_config(loss, **loss_overrides)),
                                 policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4)), task=task,
                                 teacher=None if teacher is None else teacher.to(dtype),
+                                teacher_tokenizer=teacher_tokenizer if cross else None,
                                 optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
                                 max_nonfinite_steps=10, score_groups=score_groups)
-    datamodule = DistillationDataModule(task, tokenizer)
+    datamodule = DistillationDataModule(task, tokenizer, teacher_tokenizer=teacher_tokenizer if cross else None)
     datamodule.setup("fit")
     return module, next(iter(datamodule.train_dataloader()))
 
 
-def _steps(module: DistillationModule, batch, fused: bool, steps: int) -> tuple[list[torch.Tensor], list[dict], dict]:
-    """`steps` SGD steps of the module's micro-loss on `batch`: the losses, each step's gradients, the weights.
+def _steps(module: DistillationModule, targets: StepTargets, fused: bool, steps: int,
+           hard_labels: bool = True) -> tuple[list[torch.Tensor], list[dict], dict]:
+    """`steps` SGD steps of the module's micro-loss on `targets`: the losses, each step's gradients, the weights.
 
     SGD, not Adam: Adam's first steps move each weight by about lr whatever its gradient's size, so float noise in a
     near-zero gradient would show at 1e-3 (tests/test_teacher_outside_training.py); SGD's update is the gradient."""
     module._fused_reason = "" if fused else "off"
     assert module._fused is fused
     optimizer = torch.optim.SGD([p for p in module.student.parameters() if p.requires_grad], lr=0.5)
-    targets = StepTargets(batch)
     losses, gradients = [], []
     for _ in range(steps):
-        loss, _ = module._micro_loss(targets, True, module._global_counts([targets]))
+        loss, _ = module._micro_loss(targets, hard_labels, module._global_counts([targets]))
         loss.backward()
         gradients.append({n: p.grad.clone() for n, p in module.student.named_parameters() if p.requires_grad})
         optimizer.step()
@@ -78,13 +86,26 @@ def _relative(ours: dict, reference: dict) -> float:
                for k in reference)
 
 
-def _compare(module, batch, steps: int = 2, tolerance: float = 1e-5, later: float = 1e-5) -> None:
+def _own_samples(module, batch) -> StepTargets:
+    """The student's own samples of the batch's prompts (retokenized for a teacher with its own tokenizer)."""
+    torch.manual_seed(3)
+    targets = module._step_targets(batch, STUDENT)
+    for side in ("student", "teacher") if module.cross_tokenizer else ("student",):
+        ours, given = targets.batch.side(side).target_ids, batch.side(side).target_ids
+        assert ours.shape != given.shape or not torch.equal(ours, given), side  # sampled, not the ground truth
+    return targets
+
+
+def _compare(module, batch, steps: int = 2, tolerance: float = 1e-5, later: float = 1e-5,
+             onpolicy: bool = False) -> None:
     """Fused and logits-path runs from the same start: the same losses, gradients and weights after each step
-    (gradients after the first step and the weights to `later`)."""
+    (gradients after the first step and the weights to `later`). `onpolicy`: on the student's own samples, without
+    hard labels (no CE term)."""
     twin = copy.deepcopy(module)
     start = {k: v.detach().clone() for k, v in module.student.state_dict().items()}
-    fused_losses, fused_gradients, fused_weights = _steps(module, batch, True, steps)
-    plain_losses, plain_gradients, plain_weights = _steps(twin, batch, False, steps)
+    targets = _own_samples(module, batch) if onpolicy else StepTargets(batch)
+    fused_losses, fused_gradients, fused_weights = _steps(module, targets, True, steps, not onpolicy)
+    plain_losses, plain_gradients, plain_weights = _steps(twin, targets, False, steps, not onpolicy)
     torch.testing.assert_close(torch.stack(fused_losses), torch.stack(plain_losses), rtol=tolerance, atol=tolerance)
     assert _relative(fused_gradients[0], plain_gradients[0]) <= tolerance
     for ours, reference in zip(fused_gradients[1:], plain_gradients[1:]):
@@ -95,6 +116,7 @@ def _compare(module, batch, steps: int = 2, tolerance: float = 1e-5, later: floa
 
 def _gradients(module, batch, fused: bool) -> tuple[torch.Tensor, dict]:
     module._fused_reason = "" if fused else "off"
+    assert module._fused is fused, module._fused_reason
     module.student.zero_grad(set_to_none=True)
     targets = StepTargets(batch)
     loss, _ = module._micro_loss(targets, True, module._global_counts([targets]))
@@ -111,7 +133,7 @@ def test_one_and_two_steps_give_the_logits_path_s_losses_and_weights(loss):
     _compare(module, batch, later=1e-3 if loss == "tvd" else 1e-5)
 
 
-@pytest.mark.parametrize("loss", ["jsd", "tvd", "sft"])
+@pytest.mark.parametrize("loss", ["jsd", "tvd", "sft", "ot", "uld"])
 def test_float64_values_and_gradients_equal_the_logits_path_s(loss):
     module, batch = _module(loss, dtype=torch.float64, ce_weight=0.5) if loss != "sft" else _module(
         loss, dtype=torch.float64)
@@ -175,6 +197,57 @@ def test_an_output_bias_is_fused():
     _compare(module, batch)
 
 
+# -- cross-tokenizer losses: each model reads its own tokens and keeps its own tokenizer's columns -----------------
+
+CROSS_TOKENIZER_CASES = {
+    "ot": dict(loss="ot"),  # the paper's variant, ranked per sequence; with the CE term (ce_weight 1, conf/loss)
+    "ot_released_code": dict(loss="ot", variant="released_code"),  # ranked per batch, second softmax, 10 iterations
+    "uld": dict(loss="uld"),
+    "ot_onpolicy": dict(loss="ot", onpolicy=True),
+    "ot_released_code_onpolicy": dict(loss="ot", variant="released_code", onpolicy=True),
+    "uld_onpolicy": dict(loss="uld", onpolicy=True),
+    # every setting reaches the fused loss: top_k, each temperature, Sinkhorn's; length groups
+    "ot_settings": dict(loss="ot", top_k=8, temperature=2.0, sl_temperature=0.5, sd_temperature=1.5,
+                        sinkhorn_epsilon=0.5, sinkhorn_iterations=5, score_groups=4),
+    "uld_temperature": dict(loss="uld", temperature=0.5, score_groups=4),
+    "ot_one_tokenizer": dict(loss="ot", cross=False),  # loss=ot with a teacher of the student's tokenizer
+}
+
+
+@pytest.mark.parametrize("case", list(CROSS_TOKENIZER_CASES))
+def test_cross_tokenizer_losses_give_the_logits_path_s_losses_gradients_and_weights(case):
+    """loss=ot and loss=uld from hidden states: supervised with the CE term on the student's labels, and on the
+    student's own samples retokenized for the teacher (no CE term).
+
+    ULD's gradient jumps where two nearly equal probabilities swap ranks in its sort: after the first step the two
+    paths' weights differ by float32 noise (1e-7), enough to swap such ranks, so with temperature 0.5 the second
+    step's gradients differ by 4e-4 (from the same weights they agree to 4e-7; in float64 to 1e-15). The first step
+    is compared to 1e-5."""
+    settings = dict(CROSS_TOKENIZER_CASES[case])
+    onpolicy = settings.pop("onpolicy", False)
+    module, batch = _module(**settings)
+    assert module.cross_tokenizer == (case != "ot_one_tokenizer") and module._fused, module._fused_reason
+    _compare(module, batch, onpolicy=onpolicy, later=1e-3 if settings["loss"] == "uld" else 1e-5)
+
+
+@pytest.mark.parametrize("case,names", [
+    (dict(loss="ot", had_weight=0.0, gamma=0.3, ce_weight=0.5), {"sl": 0.15 * 0.1, "sd": 0.15 * 0.3, "ce": 0.5}),
+    (dict(loss="uld", uld_weight=2.0, reduction="sequence_mean"), {"uld": 2.0, "ce": 1.0}),
+])
+def test_cross_tokenizer_terms_are_the_logits_path_s_loss_sums(case, names):
+    """Each term as `Objective.terms` gives it on the logits path: its name, weight, unit, count and sum; a term of
+    weight 0 is not computed."""
+    module, batch = _module(**case)
+    with torch.no_grad():
+        _, fused = fused_terms(module, batch, True)
+        _, plain, _ = module._terms(batch, {}, True)
+    assert fused.keys() == plain.keys() == names.keys()
+    for name, (weight, term) in plain.items():
+        assert fused[name][0] == pytest.approx(weight) == pytest.approx(names[name])
+        assert fused[name][1].unit == term.unit and torch.equal(fused[name][1].count, term.count), name
+        torch.testing.assert_close(fused[name][1].total, term.total, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_a_lora_student_is_fused():
     from kdlab.lora import add_lora, has_lora
 
@@ -214,12 +287,20 @@ def _logits_shapes(module, batch, fused: bool) -> set[tuple[int, ...]]:
         loss, _ = module._micro_loss(targets, True, counts)
         loss.backward()
     widths = {TOKENS, module.student.config.vocab_size, module.teacher.config.vocab_size}
+    if module.teacher_tokenizer is not None:
+        widths.add(len(module.teacher_tokenizer))
     return {s for s in seen.shapes if len(s) == 3 and s[0] == batch.student.target_ids.shape[0] and s[2] in widths}
 
 
-def test_no_logits_tensor_of_either_model_exists_in_a_fused_step():
-    module, batch = _module("jsd", "tiny_qwen3", ("vocab_size=768",), ce_weight=0.5)
-    assert _logits_shapes(module, batch, fused=False)  # the logits path makes them: the probe sees them
+@pytest.mark.parametrize("case", [dict(loss="jsd", preset="tiny_qwen3", overrides=("vocab_size=768",), ce_weight=0.5),
+                                  dict(loss="ot"), dict(loss="uld")], ids=["jsd", "ot", "uld"])
+def test_no_logits_tensor_of_either_model_exists_in_a_fused_step(case):
+    module, batch = _module(**case)
+    assert module._fused, module._fused_reason
+    unfused = _logits_shapes(module, batch, fused=False)  # the logits path makes them: the probe sees them
+    # the student's logits over its tokens, and with a teacher of its own tokenizer the teacher's over its own
+    widths = {len(module.tokenizer), *([len(module.teacher_tokenizer)] if module.cross_tokenizer else [])}
+    assert {shape[2] for shape in unfused} >= widths, unfused
     assert _logits_shapes(module, batch, fused=True) == set()
 
 
@@ -252,6 +333,7 @@ def test_a_head_that_is_not_plain_falls_back_with_one_log_line(caplog):
     (dict(loss="fkl", fused=False), "loss.fused=false"),
     (dict(loss="fkl", preset="tiny_t5"), "not a decoder-only model"),
     (dict(loss="fkl", _target_="kdlab.losses.divergences.reverse_kl"), "not kdlab's own loss"),
+    (dict(loss="ot", _target_="kdlab.losses.universal_logit_distillation"), "not kdlab's own loss for loss=ot"),
 ])
 def test_what_falls_back_says_why(case, reason, caplog):
     with caplog.at_level(logging.INFO, logger="kdlab.fused_step"):
@@ -271,6 +353,11 @@ RUN = ["teacher=tiny", "student=tiny", "trainer.max_steps=2", "trainer.log_every
 TWO_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2"]
 STRATEGIES = {"ddp": ["trainer=ddp", "strategy=ddp", *TWO_PROCESSES],
               "fsdp": ["trainer=fsdp", "strategy=fsdp", *TWO_PROCESSES]}
+# loss=ot with a teacher of its own tokenizer (the tiny teacher on the Unigram tokenizer), the CE term on
+CROSS_RUN = [*(o for o in RUN if not o.startswith("loss")), "loss=ot", f"teacher.tokenizer={UNIGRAM}"]
+# tests/fused_step_runs.py's runs on 2 processes: (the run, the strategy) by name
+TWO_PROCESS_RUNS = {"ddp": (RUN, STRATEGIES["ddp"]), "fsdp": (RUN, STRATEGIES["fsdp"]),
+                    "ddp_ot": (CROSS_RUN, STRATEGIES["ddp"])}
 
 
 def _losses(run_dir) -> list[float]:
@@ -309,15 +396,13 @@ def test_a_whole_run_trains_as_with_loss_fused_false(tmp_path, caplog):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_two_processes_train_as_with_loss_fused_false(tmp_path, strategy):
+@pytest.mark.parametrize("case", list(TWO_PROCESS_RUNS))
+def test_two_processes_train_as_with_loss_fused_false(tmp_path, case):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
-
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                "-m", "tests.fused_step_runs", str(tmp_path), strategy]
+                "-m", "tests.fused_step_runs", str(tmp_path), case]
     done = subprocess.run(torchrun, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:]
@@ -347,7 +432,7 @@ def fsdp_steps(tmp_path_factory) -> dict:
 
 
 FSDP_CASES = ["fkl_tied", "fkl_untied", "jsd_tied_ce", "jsd_untied_ce", "rkl_untied_output_bias", "sft_tied",
-              "jsd_tied_onpolicy", "jsd_untied_checkpointed", "jsd_tied_bf16"]
+              "jsd_tied_onpolicy", "jsd_untied_checkpointed", "jsd_tied_bf16", "ot_tied_ce", "uld_untied_onpolicy"]
 
 
 @pytest.mark.parametrize("case", FSDP_CASES)

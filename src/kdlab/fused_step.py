@@ -6,14 +6,16 @@ terms are computed from them and the output layers' weights chunk by chunk (kdla
 `Objective.terms` gives on the logits path: the same per-row losses, weighed by the same row weights (the loss's
 reduction times the count of the objective's unit), over the same vocabulary columns (`DistillationModule._scores`).
 
-Fused: a same-tokenizer run with one teacher model in the process and a built-in divergence (fkl, rkl, jsd, tvd,
-skl, srkl), or loss=sft, and the CE term. Everything else keeps the logits path, and `fused_off_reason` says why
-(logged once at start-up): cross-tokenizer losses, an outside teacher or several teachers, a loss function of the
-user's own, a model whose output layer is not a plain linear map or that is an encoder-decoder, and models sharded
-by a strategy other than strategy=fsdp. Under strategy=fsdp (FSDP2, kdlab.distributed.shard_model) the output
-weight is a sharded DTensor outside its model's forward, so each model's decoder stack and its reading of the output
-layer run as one forward of that model (kdlab.distributed.within_forward): FSDP2 gathers the weight whole for it and
-reduce-scatters the student's output weight and bias gradients in backward (docs/benchmarks.md section 6).
+Fused: a run with one teacher model in the process and a built-in divergence (fkl, rkl, jsd, tvd, skl, srkl) or
+cross-tokenizer loss (ot, uld: each model reads its own tokens and keeps its own tokenizer's columns; the loss takes
+each side as `HiddenStates`, and MultiLevelOT's per-sequence ranking makes two passes over chunks, column sums then
+the top-k), or loss=sft, and the CE term. Everything else keeps the logits path, and `fused_off_reason` says why
+(logged once at start-up): an outside teacher or several teachers, a loss function of the user's own, a model whose
+output layer is not a plain linear map or that is an encoder-decoder, and models sharded by a strategy other than
+strategy=fsdp. Under strategy=fsdp (FSDP2, kdlab.distributed.shard_model) the output weight is a sharded DTensor
+outside its model's forward, so each model's decoder stack and its reading of the output layer run as one forward of
+that model (kdlab.distributed.within_forward): FSDP2 gathers the weight whole for it and reduce-scatters the
+student's output weight and bias gradients in backward (docs/benchmarks.md section 6).
 Validation's loss, training rollouts and steps with a reward (REINFORCE needs the student's log-probabilities of
 its samples) always take the logits path.
 """
@@ -29,8 +31,15 @@ from torch import Tensor, nn
 
 from kdlab.distributed import FSDP2Strategy, within_forward
 from kdlab.losses.chunking import compute_dtype, row_weights
+from kdlab.losses.cross_tokenizer import multilevel_ot, universal_logit_distillation
 from kdlab.losses.divergences import DIVERGENCES
-from kdlab.losses.fused import OutputLayer, fused_cross_entropy_sum, fused_divergence_sum, unfused_reason
+from kdlab.losses.fused import (
+    HiddenStates,
+    OutputLayer,
+    fused_cross_entropy_sum,
+    fused_divergence_sum,
+    unfused_reason,
+)
 from kdlab.losses.normalisation import REDUCTION_UNITS, TOKENS, LossSum, unit_counts
 from kdlab.losses.objective import SFT, Objective
 from kdlab.losses.sft import cross_entropy
@@ -39,6 +48,8 @@ from kdlab.scoring import decoder_of, score_hidden, unwrap
 log = logging.getLogger(__name__)
 
 ALWAYS_UNFUSED = "validation loss, rollouts and steps with a reward (REINFORCE needs the student's logits)"
+# kdlab's own loss function for each loss name: only these take hidden states (a user's `_target_` is called on logits)
+BUILTIN_LOSSES = {**DIVERGENCES, SFT: cross_entropy, "ot": multilevel_ot, "uld": universal_logit_distillation}
 
 
 def loss_settings(objective: Objective) -> dict[str, Any]:
@@ -54,7 +65,7 @@ def _builtin(objective: Objective) -> bool:
     fn = getattr(objective.loss, "func", objective.loss)
     if getattr(objective.loss, "args", ()):
         return False
-    return fn is (cross_entropy if objective.name == SFT else DIVERGENCES.get(objective.name))
+    return fn is BUILTIN_LOSSES.get(objective.name)
 
 
 def model_reason(model: nn.Module) -> str | None:
@@ -70,8 +81,8 @@ def fused_off_reason(module: Any) -> str | None:
     objective = module.objective
     if not objective.fused:
         return "loss.fused=false"
-    if objective.cross_tokenizer or module.cross_tokenizer:
-        return "the teacher has its own tokenizer (cross-tokenizer losses compare each side's own logits)"
+    if module.cross_tokenizer and objective.needs_teacher and not objective.cross_tokenizer:
+        return f"the teacher has its own tokenizer, and loss={objective.name} compares token by token"
     if module.outside_teacher is not None or module.ensemble is not None:
         return "the teacher is outside the process or several teachers (their top-k or combination is logits-level)"
     if objective.needs_teacher and module.teacher is None:
@@ -128,19 +139,27 @@ def _student_forward(module: Any, batch: Any, hard_labels: bool) -> tuple[Tensor
     if not objective.needs_teacher:  # loss=sft: the tokenizer's columns, as on the logits path
         layer = output_layer(module.student, min(len(module.tokenizer), _rows(module.student)))
         return anchor, {"ce": (1.0, _ce_term(objective, flat, layer, labels, mask))}
-    vocab = min(len(module.tokenizer), *(_rows(m) for m in (module.student, module.teacher)))
-    layer = output_layer(module.student, vocab)
+    student_vocab, teacher_vocab = _vocabularies(module)
+    layer = output_layer(module.student, student_vocab)
+    # with its own tokenizer the teacher reads its own prompt and target tokens, and a cross-tokenizer loss its mask
+    teacher_side = batch.side("teacher")
+    teacher_mask = batch.teacher.target_mask if batch.teacher is not None else None
     grad_enabled = torch.is_grad_enabled()
 
-    def teacher_forward() -> LossSum:
+    def teacher_forward() -> dict[str, tuple[float, LossSum]]:
         # The teacher's forward runs without grad (FSDP2 then hooks nothing of the frozen teacher into backward);
-        # the divergence's gradient path to the student opens inside it, where the teacher's output layer is whole.
-        teacher_hidden = score_hidden(module.teacher, *side.prompt, *side.target, groups)
+        # the loss's gradient path to the student opens inside it, where the teacher's output layer is whole.
+        teacher_hidden = score_hidden(module.teacher, *teacher_side.prompt, *teacher_side.target, groups)
+        teacher_layer = output_layer(module.teacher, teacher_vocab)
         with torch.set_grad_enabled(grad_enabled):
-            return _divergence_term(objective, flat, layer, teacher_hidden, output_layer(module.teacher, vocab), mask)
+            if objective.cross_tokenizer:  # the bound loss itself, on each side's hidden states: every setting holds
+                return objective.cross_tokenizer_terms(HiddenStates(student_hidden, layer),
+                                                       HiddenStates(teacher_hidden, teacher_layer), mask, teacher_mask)
+            return {objective.name: (1.0, _divergence_term(objective, flat, layer, teacher_hidden, teacher_layer,
+                                                           mask))}
 
     with torch.no_grad():
-        terms = {objective.name: (1.0, within_forward(module.teacher, teacher_forward))}
+        terms = within_forward(module.teacher, teacher_forward)
     if objective.ce_weight > 0 and hard_labels:
         terms["ce"] = (objective.ce_weight, _ce_term(objective, flat, layer, labels, mask))
     return anchor, terms
@@ -149,6 +168,16 @@ def _student_forward(module: Any, batch: Any, hard_labels: bool) -> tuple[Tensor
 def _rows(model: nn.Module) -> int:
     # a sharded weight outside its model's forward is a DTensor: its shape is the whole weight's
     return unwrap(model).get_output_embeddings().weight.shape[0]
+
+
+def _vocabularies(module: Any) -> tuple[int, int]:
+    """(the student's, the teacher's) logit columns, those `DistillationModule._scores` keeps: with its own tokenizer
+    each model its tokenizer's, else the tokenizer's columns both output layers have."""
+    if module.cross_tokenizer:
+        return (min(len(module.tokenizer), _rows(module.student)),
+                min(len(module.teacher_tokenizer), _rows(module.teacher)))
+    vocab = min(len(module.tokenizer), _rows(module.student), _rows(module.teacher))
+    return vocab, vocab
 
 
 def _divergence_term(objective: Objective, student: Tensor, student_layer: OutputLayer, teacher_hidden: Tensor,

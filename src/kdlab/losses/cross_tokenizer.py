@@ -7,9 +7,12 @@ distance between the two sequences of distributions, which needs no position cor
 
 Shapes: `student_logits` (B, Ts, Vs) and `teacher_logits` (B, Tt, Vt), each aligned with its own response tokens;
 `mask` (B, Ts) and `teacher_mask` (B, Tt) are true at response positions, which start at position 0 (targets
-are right-padded). Everything is computed in float32 whatever the input dtype. Each function returns a dict of
-scalar components (means over the sequences of the batch); a sequence with an empty response contributes zero, and
-a batch of empty responses gives zeros that still carry a gradient path.
+are right-padded). Either side may instead be `HiddenStates` (its last hidden states and output layer,
+kdlab.losses.fused): its logits are then computed chunk by chunk and never exist whole, as in the training step with
+`loss.fused` (kdlab.fused_step). Everything is computed in float32 whatever the input dtype (float64 inputs stay
+float64, as in the other losses). Each function returns a dict of scalar components (means over the sequences of the
+batch); a sequence with an empty response contributes zero, and a batch of empty responses gives zeros that still
+carry a gradient path.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdlab.losses.chunking import rows_per_chunk
+from kdlab.losses.chunking import compute_dtype, rows_per_chunk
+from kdlab.losses.fused import HiddenStates, fused_ranked_topk_probs_at, fused_universal_logit_distillation
+
+Side = Tensor | HiddenStates  # a side's logits, or the hidden states and output layer that make them
 
 
 def _valid_length_mask(student_mask: Tensor, teacher_mask: Tensor) -> Tensor:
@@ -28,7 +34,7 @@ def _valid_length_mask(student_mask: Tensor, teacher_mask: Tensor) -> Tensor:
     return torch.arange(width, device=length.device)[None, :] < length[:, None]
 
 
-def _masks(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None,
+def _masks(student_logits: Side, teacher_logits: Side, mask: Tensor | None,
            teacher_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Each side's response mask, as the other losses take one: every position when none is given; the teacher's is
     the student's when both sides have the same positions."""
@@ -74,22 +80,23 @@ class _RankedTopK(torch.autograd.Function):
                 per_batch: bool = False) -> tuple[Tensor, ...]:
         batch, positions, vocab = logits.shape
         flat = logits.reshape(-1, vocab)
-        weight = mask.reshape(-1).float()
+        dtype = compute_dtype(logits)
+        weight = mask.reshape(-1).to(dtype)
         # row -> the group whose column sums rank it: its sequence, or the whole batch (the released code's ranking)
         groups = 1 if per_batch else batch
         owner = torch.arange(groups, device=logits.device).repeat_interleave(positions * (batch // groups))
-        lse = torch.empty(len(temperatures), flat.shape[0], device=logits.device)
-        column_sums = torch.zeros(len(temperatures), groups, vocab, device=logits.device)
+        lse = torch.empty(len(temperatures), flat.shape[0], dtype=dtype, device=logits.device)
+        column_sums = torch.zeros(len(temperatures), groups, vocab, dtype=dtype, device=logits.device)
         for start in range(0, flat.shape[0], rows):
             part = slice(start, start + rows)
             for i, temperature in enumerate(temperatures):
-                x = flat[part].float() / temperature
+                x = flat[part].to(dtype) / temperature
                 lse[i, part] = torch.logsumexp(x, dim=-1)
                 column_sums[i].index_add_(0, owner[part], (x - lse[i, part, None]).exp_().mul_(weight[part, None]))
         index = column_sums.topk(k, dim=-1).indices[:, owner]  # (temperatures, B*T, k), by descending column sum
         tops = []
         for i, temperature in enumerate(temperatures):
-            tops.append((flat.gather(1, index[i]).float() / temperature - lse[i, :, None]).exp() * weight[:, None])
+            tops.append((flat.gather(1, index[i]).to(dtype) / temperature - lse[i, :, None]).exp() * weight[:, None])
         ctx.save_for_backward(logits, weight, lse, index, *tops)
         ctx.temperatures, ctx.rows = temperatures, rows
         return tuple(top.view(batch, positions, k) for top in tops)
@@ -98,14 +105,14 @@ class _RankedTopK(torch.autograd.Function):
     def backward(ctx, *grad_tops: Tensor):
         logits, weight, lse, index, *tops = ctx.saved_tensors
         flat = logits.reshape(-1, logits.shape[-1])
-        gqs = [g.reshape(top.shape).float() * top for g, top in zip(grad_tops, tops)]
+        gqs = [g.reshape(top.shape).to(top.dtype) * top for g, top in zip(grad_tops, tops)]
         inners = [gq.sum(dim=-1) for gq in gqs]  # <g, q~> per row
         grad = torch.empty_like(flat)
         for start in range(0, flat.shape[0], ctx.rows):
             part = slice(start, start + ctx.rows)
             out = None
             for i, temperature in enumerate(ctx.temperatures):
-                q = (flat[part].float() / temperature - lse[i, part, None]).exp_()
+                q = (flat[part].to(lse.dtype) / temperature - lse[i, part, None]).exp_()
                 term = q.mul_(-inners[i][part, None]).scatter_add_(1, index[i, part], gqs[i][part]).div_(temperature)
                 out = term if out is None else out.add_(term)
             grad[part] = out.mul_(weight[part, None]).to(grad.dtype)
@@ -157,11 +164,11 @@ def log_sinkhorn(cost: Tensor, row_mask: Tensor, col_mask: Tensor, epsilon: floa
     the same iterates run in the kernel domain, u = a / (K v), v = b / (K^T u): two batched matrix-vector products
     per iteration instead of two logsumexps over (B, n, m), several times faster (docs/benchmarks.md).
     """
-    cost = cost.float()
+    cost = cost.to(compute_dtype(cost))
     if cost.numel() and cost.min() >= 0 and cost.max() <= KERNEL_MAX_EXPONENT * epsilon:
         return _kernel_sinkhorn(cost, row_mask, col_mask, epsilon, iterations)
-    rows = row_mask.sum(-1, keepdim=True).clamp(min=1)
-    cols = col_mask.sum(-1, keepdim=True).clamp(min=1)
+    rows = row_mask.sum(-1, keepdim=True).clamp(min=1).to(cost.dtype)
+    cols = col_mask.sum(-1, keepdim=True).clamp(min=1).to(cost.dtype)
     neg = torch.finfo(cost.dtype).min / 4  # a large finite negative instead of -inf: no inf - inf
     log_a = torch.where(row_mask, -rows.log(), neg)  # (B, n)
     log_b = torch.where(col_mask, -cols.log(), neg)  # (B, m)
@@ -179,8 +186,8 @@ def log_sinkhorn(cost: Tensor, row_mask: Tensor, col_mask: Tensor, epsilon: floa
 
 def _kernel_sinkhorn(cost: Tensor, row_mask: Tensor, col_mask: Tensor, epsilon: float, iterations: int) -> Tensor:
     """The log-domain iterates of `log_sinkhorn` as scalings: u = exp(f / epsilon), v = exp(g / epsilon)."""
-    a = row_mask.float() / row_mask.sum(-1, keepdim=True).clamp(min=1)  # (B, n), zero at masked rows
-    b = col_mask.float() / col_mask.sum(-1, keepdim=True).clamp(min=1)  # (B, m)
+    a = row_mask.to(cost.dtype) / row_mask.sum(-1, keepdim=True).clamp(min=1)  # (B, n), zero at masked rows
+    b = col_mask.to(cost.dtype) / col_mask.sum(-1, keepdim=True).clamp(min=1)  # (B, m)
     plan = _KernelSinkhorn.apply(cost, a, b, epsilon, iterations)
     return torch.where(row_mask[:, :, None] & col_mask[:, None, :], plan, 0.0)
 
@@ -247,8 +254,8 @@ VARIANTS = ("paper", "released_code")
 
 
 def multilevel_ot(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
+    student_logits: Side,
+    teacher_logits: Side,
     mask: Tensor | None = None,
     teacher_mask: Tensor | None = None,
     *,
@@ -278,7 +285,9 @@ def multilevel_ot(
     of sl reversed, sl = -1/T sum_t sum_i softmax(s^k_t / tau_SL)_i log softmax(t^k_t / tau_SL)_i and C_ij =
     ||softmax(t^k_i / tau_SD) - softmax(s^k_j / tau_SD)||_1, t^k and s^k at `temperature` (docs/cross_tokenizer.md).
     The teacher side never carries a gradient. `components` names the terms to compute (ablations skip the rest).
-    `mask` marks the student's response positions, `teacher_mask` the teacher's (default: see `_masks`).
+    `mask` marks the student's response positions, `teacher_mask` the teacher's (default: see `_masks`). A side given
+    as `HiddenStates` is ranked from its hidden states and output layer (`fused_ranked_topk_probs_at`: a first pass
+    over chunks of rows for the column sums, a second for the top-k); everything after the ranking is the same.
     """
     student_mask, teacher_mask = _masks(student_logits, teacher_logits, mask, teacher_mask)
     if variant not in VARIANTS:
@@ -310,14 +319,14 @@ def multilevel_ot(
 
 class _RankedPairs:
     """(t^k, s^k) at each temperature the asked-for terms need, each side's ranked truncated probabilities from one
-    pass over its logits; the side with fewer than k columns (a vocabulary smaller than top_k) is zero-padded to the
-    other."""
+    pass over its logits (or its hidden states and output layer); the side with fewer than k columns (a vocabulary
+    smaller than top_k) is zero-padded to the other."""
 
-    def __init__(self, student_logits: Tensor, teacher_logits: Tensor, student_mask: Tensor, teacher_mask: Tensor,
+    def __init__(self, student_logits: Side, teacher_logits: Side, student_mask: Tensor, teacher_mask: Tensor,
                  top_k: int, per_batch: bool, temperatures: tuple[float, ...]):
         temperatures = tuple(dict.fromkeys(temperatures))  # distinct, in order
-        sides = [ranked_topk_probs_at(logits, mask, top_k, temperatures, per_batch) if temperatures else ()
-                 for logits, mask in ((teacher_logits, teacher_mask), (student_logits, student_mask))]
+        sides = [_ranked(side, mask, top_k, temperatures, per_batch) if temperatures else ()
+                 for side, mask in ((teacher_logits, teacher_mask), (student_logits, student_mask))]
         self.cache: dict[float, tuple[Tensor, Tensor]] = {}
         for temperature, t_top, s_top in zip(temperatures, *sides):
             k = max(t_top.shape[-1], s_top.shape[-1])
@@ -325,6 +334,12 @@ class _RankedPairs:
 
     def __call__(self, temperature: float) -> tuple[Tensor, Tensor]:
         return self.cache[temperature]
+
+
+def _ranked(side: Side, mask: Tensor, k: int, temperatures: tuple[float, ...], per_batch: bool) -> tuple[Tensor, ...]:
+    if isinstance(side, HiddenStates):
+        return fused_ranked_topk_probs_at(side.hidden, side.layer, mask, k, temperatures, per_batch)
+    return ranked_topk_probs_at(side, mask, k, temperatures, per_batch)
 
 
 def _sequential_log_loss(pairs: "_RankedPairs", width: int, temperature: float, sl_temperature: float,
@@ -336,7 +351,7 @@ def _sequential_log_loss(pairs: "_RankedPairs", width: int, temperature: float, 
         log_t = torch.log_softmax(t_top / sl_temperature, dim=-1)
         return -(torch.softmax(s_top / sl_temperature, dim=-1) * log_t).sum(-1)
     t_top, s_top = (x[:, :width] for x in pairs(sl_temperature))
-    return -(t_top * s_top.clamp(min=torch.finfo(s_top.dtype).tiny).log()).sum(-1)
+    return -(t_top * s_top.clamp(min=torch.finfo(torch.float32).tiny).log()).sum(-1)
 
 
 def _sinkhorn_inputs(pairs: "_RankedPairs", temperature: float, sd_temperature: float,
@@ -350,8 +365,8 @@ def _sinkhorn_inputs(pairs: "_RankedPairs", temperature: float, sd_temperature: 
 
 
 def universal_logit_distillation(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
+    student_logits: Side,
+    teacher_logits: Side,
     mask: Tensor | None = None,
     teacher_mask: Tensor | None = None,
     *,
@@ -363,15 +378,24 @@ def universal_logit_distillation(
     Each position's full probability vector is sorted in descending order and the smaller vocabulary is zero-padded
     to the larger; positions are matched by index. The padded tail's |p_i - 0| terms are the larger side's own sorted
     tail, so they are summed directly instead of materialising the padding. `components` as for `multilevel_ot`:
-    () computes nothing. `mask` marks the student's response positions, `teacher_mask` the teacher's.
+    () computes nothing. `mask` marks the student's response positions, `teacher_mask` the teacher's. Both sides
+    given as `HiddenStates`: the same loss from hidden states and output layers (`fused_universal_logit_distillation`).
     """
     if "uld" not in components:
         return {}
     student_mask, teacher_mask = _masks(student_logits, teacher_logits, mask, teacher_mask)
+    hidden = [isinstance(side, HiddenStates) for side in (student_logits, teacher_logits)]
+    if all(hidden):
+        return fused_universal_logit_distillation(student_logits.hidden, student_logits.layer, teacher_logits.hidden,
+                                                  teacher_logits.layer, student_mask, teacher_mask,
+                                                  temperature=temperature)
+    if any(hidden):
+        raise TypeError("universal_logit_distillation takes both sides as logits or both as HiddenStates")
     matched = _valid_length_mask(student_mask, teacher_mask)
     width = matched.shape[1]
-    p = torch.softmax(teacher_logits[:, :width].detach().float() / temperature, dim=-1).sort(-1, descending=True).values
-    q = torch.softmax(student_logits[:, :width].float() / temperature, dim=-1).sort(-1, descending=True).values
+    dtype = compute_dtype(student_logits, teacher_logits)
+    p, q = (torch.softmax(logits[:, :width].to(dtype) / temperature, dim=-1).sort(-1, descending=True).values
+            for logits in (teacher_logits.detach(), student_logits))
     shared = min(p.shape[-1], q.shape[-1])
     per_position = (p[..., :shared] - q[..., :shared]).abs().sum(-1)
     per_position = per_position + p[..., shared:].sum(-1) + q[..., shared:].sum(-1)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -68,6 +68,30 @@ class OutputLayer:
         z = F.linear(hidden, self.weight[: self.columns], None if self.bias is None else self.bias[: self.columns])
         z = z.to(dtype or z.dtype)
         return z if self.softcap is None else torch.tanh(z / self.softcap) * self.softcap
+
+
+@dataclass(frozen=True)
+class HiddenStates:
+    """A side of a cross-tokenizer loss as what makes its logits: last hidden states (B, T, H) and the output layer.
+
+    kdlab.losses.cross_tokenizer's losses take it in place of (B, T, V) logits and compute them chunk by chunk
+    (the training step's `loss.fused`, kdlab.fused_step). `shape` and `device` are the logits' it stands for."""
+
+    hidden: Tensor
+    layer: OutputLayer
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:-1], self.layer.columns))
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def detach(self) -> "HiddenStates":
+        """The same side without a gradient path (the teacher's)."""
+        bias = None if self.layer.bias is None else self.layer.bias.detach()
+        return HiddenStates(self.hidden.detach(), replace(self.layer, weight=self.layer.weight.detach(), bias=bias))
 
 
 def unfused_reason(model: nn.Module) -> str | None:
@@ -375,10 +399,10 @@ def fused_cross_entropy(hidden: Tensor, layer: OutputLayer, labels: Tensor, mask
                                    chunk_size=chunk_size)
 
 
-def _uld_row_loss(log_q: Tensor, log_p: Tensor) -> Tensor:
+def _uld_row_loss(q: Tensor, p: Tensor) -> Tensor:
     """Per row: sum_i |sort(p)_i - sort(q)_i|, the smaller vocabulary zero-padded (ULD, Boizard et al. 2024)."""
-    p = log_p.exp().sort(-1, descending=True).values
-    q = log_q.exp().sort(-1, descending=True).values
+    p = p.sort(-1, descending=True).values
+    q = q.sort(-1, descending=True).values
     shared = min(p.shape[-1], q.shape[-1])
     return (p[:, :shared] - q[:, :shared]).abs().sum(-1) + p[:, shared:].sum(-1) + q[:, shared:].sum(-1)
 
@@ -403,12 +427,14 @@ def fused_universal_logit_distillation(student_hidden: Tensor, student_layer: Ou
     ht = teacher_hidden[:, :width].detach().reshape(-1, teacher_hidden.shape[-1])
 
     def target(index: Any) -> Callable[[slice, Tensor], tuple[Tensor, Tensor]]:
-        log_p = _log_softmax_(_layer_chunk(ht[index], teacher_layer, dtype)[0], temperature)
+        # softmax as the logits path takes it (not exp of a log-softmax): ULD's sort and |.| turn ulp-level
+        # differences in nearly equal probabilities into swapped ranks, and those into gradient differences
+        p = torch.softmax(_layer_chunk(ht[index], teacher_layer, dtype)[0].div_(temperature), dim=-1)
 
         def part(sub: slice, logits: Tensor) -> tuple[Tensor, Tensor]:
             with torch.enable_grad():
                 x = logits.detach().requires_grad_()
-                loss = _uld_row_loss(F.log_softmax(x / temperature, dim=-1), log_p[sub])
+                loss = _uld_row_loss(torch.softmax(x / temperature, dim=-1), p[sub])
                 (grad,) = torch.autograd.grad(loss.sum(), x)
             return loss.detach(), grad
 

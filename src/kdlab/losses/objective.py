@@ -30,6 +30,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from kdlab.losses.fused import HiddenStates
 from kdlab.losses.normalisation import REDUCTION_UNITS, SEQUENCES, TOKENS, LossSum, as_loss_sum, unit_counts
 from kdlab.losses.sft import cross_entropy
 from kdlab.losses.sparse import TopK, sparse_form
@@ -103,7 +104,7 @@ class Objective:
         if not self.needs_teacher:
             return {"ce": (1.0, as_loss_sum(self.loss(student_logits, target_ids, mask), mask, unit))}
         if self.cross_tokenizer:
-            terms = self._cross_tokenizer_terms(student_logits, teacher_logits, mask, teacher_mask)
+            terms = self.cross_tokenizer_terms(student_logits, teacher_logits, mask, teacher_mask)
         elif isinstance(teacher_logits, TopK):  # a cached or remote teacher: the divergence's top-k form
             t = teacher_logits
             value = sparse_form(self.loss)(student_logits, t.logprobs, t.ids, t.tail, mask)
@@ -120,12 +121,13 @@ class Objective:
         ce = cross_entropy(student_logits, target_ids, mask, reduction=self.reduction, chunk_size=self.chunk_size)
         return as_loss_sum(ce, mask, unit)
 
-    def _cross_tokenizer_terms(
-        self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, teacher_mask: Tensor | None
+    def cross_tokenizer_terms(
+        self, student: Tensor | HiddenStates, teacher: Tensor | HiddenStates, mask: Tensor, teacher_mask: Tensor | None
     ) -> dict[str, tuple[float, LossSum]]:
-        """The loss's terms, each a mean over the batch's sequences turned into a sum over them."""
+        """The cross-tokenizer loss's active terms, each a mean over the batch's sequences turned into a sum over
+        them. Each side is its logits, or (kdlab.fused_step, kdlab's own ot and uld only) `HiddenStates`."""
         active = tuple(term for term, weight in self.term_weights.items() if weight != 0)
-        values = self.loss(student_logits, teacher_logits, mask, teacher_mask=teacher_mask, components=active)
+        values = self.loss(student, teacher, mask, teacher_mask=teacher_mask, components=active)
         # Means over all rows; a row without scored tokens contributes 0, so mean * rows is the sum over sequences.
         rows, sequences = mask.shape[0], unit_counts(mask)[SEQUENCES]
         terms = {}

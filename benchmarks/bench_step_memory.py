@@ -9,8 +9,9 @@ appended, as `bench_step.py --pair smollm` builds it), both in --dtype (bfloat16
 AdamW's states), built by kdlab's own loader. The batch: --batch rows of --prompt prompt tokens and --response
 target tokens (random ids, no padding). The step is what `DistillationModule.training_step` runs on one
 micro-batch (`_step_targets`, `_global_counts`, `_micro_loss`: both models score the targets, `loss=jsd` as
-conf/loss/jsd.yaml sets it (beta 0.5, the logits path's chunks of 1,024 rows) over the response tokens, backward) and then an AdamW step, --steps times; with `loss.fused=true` (the default) the terms come
-from hidden states chunk by chunk, with `false` from both models' (batch, response, vocabulary) logits.
+conf/loss/jsd.yaml sets it (beta 0.5, the logits path's chunks of 1,024 rows) over the response tokens,
+backward) and then an AdamW step, --steps times; with `loss.fused=true` (the default) the terms come from hidden
+states chunk by chunk, with `false` from both models' (batch, response, vocabulary) logits.
 
 Each setting runs in a fresh process and reports: the process's peak resident memory (VmHWM: weights, gradients,
 optimizer states and the step's own memory), the peak the last step adds above the resident size before it (the

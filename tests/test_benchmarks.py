@@ -196,10 +196,12 @@ def test_step_memory_benchmark_runs_both_paths_with_the_same_losses(tmp_path):
     assert fused["last_step_peak_bytes"] >= 0 and logits["process_peak_bytes"] > 0
 
 
-def test_sampling_head_benchmark_times_both_layers_on_the_same_values(tmp_path):
-    result = run_script("bench_sampling_head.py", tmp_path, "--layers", "1", "--rows", "1", "4", "--batch", "2",
+def test_sampling_layers_benchmark_times_both_ways_on_the_same_values(tmp_path):
+    result = run_script("bench_sampling_layers.py", tmp_path, "--layers", "1", "--rows", "1", "4", "--batch", "2",
                         "--max-new-tokens", "4", "--student-layers", "1", "--threads", "1")
     assert [(c["V"], c["H"], c["rows"]) for c in result["layers"]] == [(49152, 576, 1), (49152, 576, 4)]
     assert all(c["max_abs_diff"] < 1e-4 and c["nn.Linear"]["n"] == c["W @ x.T"]["n"] == 1 for c in result["layers"])
+    decoder = result["decoder_layers"]
+    assert decoder["layers"] == 7 and decoder["max_abs_diff"] < 1e-4  # one SmolLM2 block: q, k, v, o, gate, up, down
     generation = result["generate"]
     assert generation["speedup"] > 0 and isinstance(generation["same_tokens_under_one_seed"], bool)

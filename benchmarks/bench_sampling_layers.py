@@ -1,14 +1,16 @@
-"""The output layer at a few rows per call, as sampling reads it: nn.Linear's x @ W.T against kdlab's W @ x.T.
+"""Linear layers at a few rows per call, as sampling reads them: nn.Linear's x @ W.T against kdlab's W @ x.T.
 
-    python benchmarks/bench_sampling_head.py --threads 2 --out benchmarks/results/sampling_head_cpu_float32.json
+    python benchmarks/bench_sampling_layers.py --threads 2 --out benchmarks/results/sampling_layers_cpu_float32.json
 
-Two measurements, each interleaved (A, B, A, B, ...) in one process, medians:
-- the output layer alone, `F.linear(x, W)` against `kdlab.sampling_head.few_rows_linear(x, W)`, for output layers of
-  (V, H) = (49,152, 576) (SmolLM2), (151,936, 1,024) (Qwen3-0.6B), (32,000, 2,048) and --rows rows per call;
-- `generate` on the SmolLM2-shaped student of `bench_step.py --pair smollm` (batch --batch, --max-new-tokens sampled
-  tokens), with kdlab's sampling (`generate_targets`, which reads the layer as W @ x.T) against the same call with the
-  layer left as it is (`sampling_head.MIN_ENTRIES` raised above the layer's size).
-Values: the largest difference between the two layers' outputs, per case.
+Three measurements, each interleaved (A, B, A, B, ...) in one process, medians:
+- an output layer alone, `F.linear(x, W)` against `kdlab.sampling_layers.few_rows_linear(x, W)`, for output layers
+  of (V, H) = (49,152, 576) (SmolLM2), (151,936, 1,024) (Qwen3-0.6B), (32,000, 2,048) and --rows rows per call;
+- the decoder layers of the SmolLM2-shaped student of `bench_step.py --pair smollm` (its `nn.Linear` layers but the
+  output layer, one call each at --batch rows, as one decoding step reads them: the weights stream from memory);
+- `generate` on that student (batch --batch, --max-new-tokens sampled tokens) through kdlab's sampling
+  (`generate_targets`, which reads the layers as W @ x.T) against the same call with every layer left as it is
+  (`sampling_layers.MIN_ENTRIES` raised above every layer's size).
+Values: the largest difference between the two ways' outputs, per case.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_times, machine, parse, parser, stats, table, write  # noqa: E402
 
-from kdlab import sampling_head  # noqa: E402
+from kdlab import sampling_layers  # noqa: E402
 from kdlab.generation import SamplingSettings, generate_targets  # noqa: E402
-from kdlab.sampling_head import few_rows_linear  # noqa: E402
+from kdlab.sampling_layers import few_rows_linear  # noqa: E402
 
 LAYERS = [(49152, 576), (151936, 1024), (32000, 2048)]
 
@@ -47,23 +49,42 @@ def layer_cases(args) -> list[dict]:
     return out
 
 
-def sampling_case(args) -> dict:
-    """generate on the SmolLM2-shaped student, with and without the few-row output layer."""
-    from bench_step import first_batch, load
+def decoder_layers_case(student, args) -> dict:
+    """One decoding step's worth of the student's decoder layers (every nn.Linear but the output layer), each way."""
+    head = student.get_output_embeddings()
+    weights = [m.weight for m in student.modules() if type(m) is torch.nn.Linear and m is not head]
+    inputs = {w.shape[1]: torch.randn(args.batch, 1, w.shape[1]) for w in weights}
 
-    tokenizer, _, student = load("cpu", torch.float32, "smollm", (1, args.student_layers))
+    def each(linear) -> None:
+        for w in weights:
+            linear(inputs[w.shape[1]], w, None)
+
+    with torch.inference_mode():
+        diff = max((F.linear(inputs[w.shape[1]], w) - few_rows_linear(inputs[w.shape[1]], w, None)).abs().max().item()
+                   for w in weights)
+        times = interleaved_times({"nn.Linear": partial(each, F.linear), "W @ x.T": partial(each, few_rows_linear)},
+                                  args.repeats, "cpu")
+    return {"layers": len(weights), "weights": sum(w.numel() for w in weights), "rows": args.batch,
+            "max_abs_diff": diff, **{name: stats(t) for name, t in times.items()}}
+
+
+def sampling_case(student, tokenizer, args) -> dict:
+    """generate on the SmolLM2-shaped student, with and without the few-row layers."""
+    from bench_step import first_batch
+
     batch, _ = first_batch(tokenizer, args.batch, "cpu")
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens)
-    floor = sampling_head.MIN_ENTRIES
+    floor = sampling_layers.MIN_ENTRIES
+    largest = max(m.weight.numel() for m in student.modules() if type(m) is torch.nn.Linear)
 
     def sample(patched: bool):
-        sampling_head.MIN_ENTRIES = floor if patched else student.get_output_embeddings().weight.numel() + 1
+        sampling_layers.MIN_ENTRIES = floor if patched else largest + 1
         torch.manual_seed(0)
         try:
             return generate_targets(student, *batch.student.prompt, settings, pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=tokenizer.eos_token_id)
         finally:
-            sampling_head.MIN_ENTRIES = floor
+            sampling_layers.MIN_ENTRIES = floor
 
     times = interleaved_times({"nn.Linear": lambda: sample(False), "W @ x.T": lambda: sample(True)}, args.repeats,
                               "cpu")
@@ -80,8 +101,14 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--student-layers", type=int, default=6, help="the SmolLM2-shaped student's layers (tests: 1)")
     args = parse(p)
+    from bench_step import load
+
     cases = layer_cases(args)
-    generation = sampling_case(args)
+    tokenizer, _, student = load("cpu", torch.float32, "smollm", (1, args.student_layers))
+    decoder = decoder_layers_case(student, args)
+    print(f"decoder layers ({decoder['layers']} nn.Linear, {args.batch} rows): nn.Linear "
+          f"{decoder['nn.Linear']['median_s'] * 1e3:.2f} ms, W @ x.T {decoder['W @ x.T']['median_s'] * 1e3:.2f} ms")
+    generation = sampling_case(student, tokenizer, args)
     rows = [{"V": c["V"], "H": c["H"], "rows": c["rows"], "nn.Linear ms": c["nn.Linear"]["median_s"] * 1e3,
              "W @ x.T ms": c["W @ x.T"]["median_s"] * 1e3,
              "speed-up": c["nn.Linear"]["median_s"] / c["W @ x.T"]["median_s"], "max |diff|": c["max_abs_diff"]}
@@ -91,8 +118,9 @@ def main() -> None:
     print(f"generate, batch {args.batch}, {args.max_new_tokens} tokens: nn.Linear "
           f"{generation['nn.Linear']['median_s']:.3f} s, W @ x.T {generation['W @ x.T']['median_s']:.3f} s "
           f"({speedup:.2f}x); same tokens under one seed: {generation['same_tokens_under_one_seed']}")
-    write(args.out, {"benchmark": "sampling head", "machine": machine("cpu"), "args": vars(args), "layers": cases,
-                     "generate": dict(generation, speedup=speedup), "table": table(rows, list(rows[0]))})
+    write(args.out, {"benchmark": "sampling layers", "machine": machine("cpu"), "args": vars(args), "layers": cases,
+                     "decoder_layers": decoder, "generate": dict(generation, speedup=speedup),
+                     "table": table(rows, list(rows[0]))})
 
 
 if __name__ == "__main__":

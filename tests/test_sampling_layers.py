@@ -1,4 +1,4 @@
-"""Sampling reads a large CPU output layer as W @ x.T (kdlab.sampling_head): the same logits as nn.Linear to float
+"""Sampling reads large CPU linear layers as W @ x.T (kdlab.sampling_layers): the same outputs as nn.Linear to float
 rounding, only where it applies, restored afterwards, and both of kdlab's samplers still draw the same tokens."""
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from kdlab import decoding, sampling_head
+from kdlab import decoding, sampling_layers
 from kdlab.generation import SamplingSettings, generate_targets
-from kdlab.sampling_head import FEW_ROWS, few_rows_linear, output_layer_for_sampling
+from kdlab.sampling_layers import FEW_ROWS, few_rows_linear, linears_for_sampling
 from tests.conftest import REPO
 from tests.test_decoding import QUESTIONS, prompts
+
+STUDENT = REPO / "src/kdlab/assets/arith/student"
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, FEW_ROWS, FEW_ROWS + 1])
@@ -33,38 +35,44 @@ def test_few_rows_linear_is_nn_linear(rows, bias):
                                atol=1e-12)
 
 
-def test_applies_only_to_large_plain_cpu_linear_heads_and_is_restored(monkeypatch):
-    model = AutoModelForCausalLM.from_pretrained(REPO / "src/kdlab/assets/arith/student")
+def _patched(model) -> list[str]:
+    return [name for name, module in model.named_modules() if "forward" in vars(module)]
+
+
+def test_applies_only_to_large_plain_float32_cpu_linears_and_is_restored(monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(STUDENT)
+    linears = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+    with linears_for_sampling(model) as changed:  # the shipped student's layers are too small to gain
+        assert changed == 0 and not _patched(model)
+    monkeypatch.setattr(sampling_layers, "MIN_ENTRIES", 0)
     head = model.get_output_embeddings()
-    with output_layer_for_sampling(model) as applied:  # 746 x 64: too small to gain
-        assert not applied and "forward" not in vars(head)
-    monkeypatch.setattr(sampling_head, "MIN_ENTRIES", 0)
     seen = []
     with pytest.raises(RuntimeError, match="inside"):
-        with output_layer_for_sampling(model) as applied:
-            seen.append(applied and "forward" in vars(head))
+        with linears_for_sampling(model) as changed:
+            seen.append((changed, sorted(_patched(model))))
             x = torch.randn(3, 1, head.in_features)
             torch.testing.assert_close(head(x), nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-6)
             raise RuntimeError("inside")
-    assert seen == [True] and "forward" not in vars(head)  # restored on the way out of an error
-    handle = head.register_forward_hook(lambda *a: None)  # a hook would be bypassed: not applied
-    with output_layer_for_sampling(model) as applied:
-        assert not applied
+    assert seen == [(len(linears), sorted(linears))] and "lm_head" in linears  # every layer, the output layer too
+    assert not _patched(model)  # restored on the way out of an error
+    handle = head.register_forward_hook(lambda *a: None)  # a hook would be bypassed: that layer is left alone
+    with linears_for_sampling(model) as changed:
+        assert changed == len(linears) - 1 and "lm_head" not in _patched(model)
     handle.remove()
     model.to(torch.bfloat16)  # bfloat16: nn.Linear was as fast or faster there
-    with output_layer_for_sampling(model) as applied:
-        assert not applied
+    with linears_for_sampling(model) as changed:
+        assert changed == 0
 
 
 def test_both_samplers_draw_the_same_tokens_through_it(tokenizer, monkeypatch):
-    """The compiled loop and generate read the patched layer alike: same tokens under one seed (the tiny shipped
-    student's layer is let through by lowering the size floor)."""
-    monkeypatch.setattr(sampling_head, "MIN_ENTRIES", 0)
+    """The compiled loop and generate read the patched layers alike: same tokens under one seed (the tiny shipped
+    student's layers are let through by lowering the size floor)."""
+    monkeypatch.setattr(sampling_layers, "MIN_ENTRIES", 0)
     torch._dynamo.reset()
     decoding._compiled_step.cache_clear()
-    model = AutoModelForCausalLM.from_pretrained(REPO / "src/kdlab/assets/arith/student")
+    model = AutoModelForCausalLM.from_pretrained(STUDENT)
     calls = []
-    monkeypatch.setattr(sampling_head, "_forward", lambda self, x: calls.append(x.shape) or few_rows_linear(
+    monkeypatch.setattr(sampling_layers, "_forward", lambda self, x: calls.append(x.shape) or few_rows_linear(
         x, self.weight, self.bias))
     prompt_ids, prompt_mask = prompts(tokenizer, QUESTIONS[:4])
     settings = SamplingSettings(max_new_tokens=24)
@@ -74,5 +82,5 @@ def test_both_samplers_draw_the_same_tokens_through_it(tokenizer, monkeypatch):
         out.append(generate_targets(model, prompt_ids, prompt_mask, dataclasses.replace(settings, compile=compile),
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
-    assert calls and all(shape[0] * shape[1] <= FEW_ROWS for shape in calls)  # read through the patched forward
-    assert "forward" not in vars(model.get_output_embeddings())
+    assert calls and any(shape[0] * shape[1] <= FEW_ROWS for shape in calls)  # read through the patched layers
+    assert not _patched(model)

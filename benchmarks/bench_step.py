@@ -10,7 +10,8 @@ One step, on every side: the student samples `--max-new-tokens` tokens for each 
 the frozen teacher and the student score the samples, generalized JSD(beta) over the response tokens, backward,
 AdamW step. Every side gets the same models (copies of the same weights), the same batch of prompts (kdlab's arith
 data module, left-padded), the same sampling settings, the same optimizer (torch AdamW, same lr, no weight decay).
-kdlab runs its module's own step code (`_targets` + `_loss`, what `training_step` calls) without Lightning's loop;
+kdlab runs what `training_step` runs for one on-policy micro-batch (`_step_targets`, `_global_counts`, `_micro_loss`:
+the fused output layer and loss, `loss.fused` as conf/loss/jsd.yaml sets it) without Lightning's loop;
 TRL runs `GKDTrainer.training_step` (sampling + `compute_loss` + backward) and the trainer's optimizer, and
 `DistillationTrainer.training_step` the same way, without the HF Trainer loop. Steps alternate kdlab, TRL, kdlab,
 ... after one warm-up step each (timed on its own: the compiled side's includes compilation); tokens per second

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
 from kdlab import decoding, sampling_layers
@@ -69,6 +70,7 @@ def test_both_samplers_draw_the_same_tokens_through_it(tokenizer, monkeypatch):
     student's layers are let through by lowering the size floor)."""
     monkeypatch.setattr(sampling_layers, "MIN_ENTRIES", 0)
     torch._dynamo.reset()
+    counters.clear()
     decoding._compiled_step.cache_clear()
     model = AutoModelForCausalLM.from_pretrained(STUDENT)
     calls = []
@@ -84,3 +86,22 @@ def test_both_samplers_draw_the_same_tokens_through_it(tokenizer, monkeypatch):
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
     assert calls and any(shape[0] * shape[1] <= FEW_ROWS for shape in calls)  # read through the patched layers
     assert not _patched(model)
+
+
+def test_sampling_again_reuses_the_compiled_step(tokenizer, monkeypatch):
+    """Each sampling call patches the layers anew: the compiled step must not recompile for it (a training step
+    samples every time, and torch._dynamo's recompile limit would send it back to eager)."""
+    monkeypatch.setattr(sampling_layers, "MIN_ENTRIES", 0)
+    torch._dynamo.reset()
+    counters.clear()
+    decoding._compiled_step.cache_clear()
+    model = AutoModelForCausalLM.from_pretrained(STUDENT)
+    prompt_ids, prompt_mask = prompts(tokenizer, QUESTIONS[:4])
+    settings = SamplingSettings(max_new_tokens=16, compile=True)
+    out = []
+    for _ in range(3):
+        torch.manual_seed(11)
+        out.append(generate_targets(model, prompt_ids, prompt_mask, settings, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id)[0])
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+    assert counters["stats"]["unique_graphs"] == 1

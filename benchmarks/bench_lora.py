@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     add_model_size_args,
+    case_in_subprocess,
     machine,
     parse,
     parser,
@@ -86,13 +87,7 @@ def _count(saved: dict[int, int], weights: set[int], tensor: torch.Tensor) -> to
 
 
 def measure(case: dict) -> dict:
-    import subprocess
-
-    out = subprocess.run([sys.executable, __file__, "--memory-case", json.dumps(case)], capture_output=True,
-                         text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"case {case['mode']} failed:\n{out.stderr[-2000:]}")
-    return {**case, **json.loads(out.stdout.strip().splitlines()[-1])}
+    return {**case, **json.loads(case_in_subprocess(__file__, case))}
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import RUN_DEFAULTS, padded_tokenizer  # noqa: E402
-from common import machine, parse, parser, peak_rss, reset_peak_rss, table, write  # noqa: E402
+from common import case_in_subprocess, machine, parse, parser, peak_rss, reset_peak_rss, table, write  # noqa: E402
 
 from kdlab.data.batch import Batch, Side  # noqa: E402
 from kdlab.losses.objective import build_objective  # noqa: E402
@@ -106,16 +106,6 @@ def memory_case(case: dict) -> None:
                       "student_params": params(module.student), "teacher_params": params(module.teacher)}))
 
 
-def run_case(case: dict) -> dict:
-    import subprocess
-
-    out = subprocess.run([sys.executable, __file__, "--memory-case", json.dumps(case)], capture_output=True,
-                         text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"case {case} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     p = parser(__doc__.splitlines()[0], "benchmarks/results/step_memory.json")
     p.set_defaults(dtype="bfloat16")
@@ -134,7 +124,7 @@ def main() -> None:
         case = dict(fused=fused, dtype=args.dtype, batch=args.batch, prompt=args.prompt, response=args.response,
                     steps=args.steps, layers=args.layers, vocab=args.vocab, tokenizer_size=args.tokenizer_size,
                     threads=torch.get_num_threads())
-        result = run_case(case)
+        result = json.loads(case_in_subprocess(__file__, case))
         results["fused" if fused else "logits"] = dict(case, **result)
         rows.append({"loss.fused": fused, "process peak GiB": result["process_peak_bytes"] / 2**30,
                      "last step adds GiB": result["last_step_peak_bytes"] / 2**30,

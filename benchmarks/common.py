@@ -107,17 +107,22 @@ def peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def cpu_peak_bytes_in_subprocess(script: str, case: dict) -> int:
-    """Peak resident memory that one case adds, measured in a fresh process (`script --memory-case JSON`).
-
-    The child builds its inputs, resets the resident high-water mark, runs the case once and reads the mark; the
-    difference from the resident size before is what the case itself needed at its peak. A fresh process per case,
-    so that freed memory kept by the allocator of an earlier case does not hide this one's."""
+def case_in_subprocess(script: str, case: dict) -> str:
+    """The last line `script --memory-case JSON` prints: one case run in a fresh process, so that freed memory kept
+    by the allocator of an earlier case does not hide this one's peak."""
     out = subprocess.run([sys.executable, script, "--memory-case", json.dumps(case)], capture_output=True, text=True,
                          check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"memory case {case} failed:\n{out.stderr[-2000:]}")
-    return int(out.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"memory case {case} failed:\n{out.stderr[-3000:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def cpu_peak_bytes_in_subprocess(script: str, case: dict) -> int:
+    """Peak resident memory that one case adds, measured in a fresh process (`case_in_subprocess`).
+
+    The child builds its inputs, resets the resident high-water mark, runs the case once and reads the mark; the
+    difference from the resident size before is what the case itself needed at its peak."""
+    return int(case_in_subprocess(script, case))
 
 
 def package_version(name: str) -> str | None:

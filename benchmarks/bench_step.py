@@ -81,7 +81,7 @@ from kdlab.policy import STUDENT, DataPolicy  # noqa: E402
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "kdlab" / "assets" / "arith"
 # the run settings the benchmark shares with `python train.py` (score_groups, nonfinite), read where they are set
 RUN_DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "train.yaml"
-JSD_DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "loss" / "jsd.yaml"  # loss.fused's default
+JSD_DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "loss" / "jsd.yaml"  # loss=jsd as train.py reads it
 
 
 # HuggingFaceTB/SmolLM2-135M's architecture (its config.json; random weights here, no download): 134.5M parameters

@@ -33,7 +33,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import RUN_DEFAULTS, padded_tokenizer  # noqa: E402
+from bench_step import JSD_DEFAULTS, RUN_DEFAULTS, padded_tokenizer  # noqa: E402
 from common import case_in_subprocess, machine, parse, parser, peak_rss, reset_peak_rss, table, write  # noqa: E402
 
 from kdlab.data.batch import Batch, Side  # noqa: E402
@@ -47,7 +47,6 @@ QWEN3 = {"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "
          "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "hidden_act": "silu"}
 STUDENT = {**QWEN3, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28}
 TEACHER = {**QWEN3, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28}
-JSD_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "loss" / "jsd.yaml"  # loss=jsd as train.py composes it
 TOKENIZER_SIZE = 151669  # Qwen3's tokenizer; the output layers' other 267 rows are padding, trimmed by the loss
 
 
@@ -67,7 +66,7 @@ def build(case: dict):
     run = OmegaConf.load(RUN_DEFAULTS)
     module = DistillationModule(
         student=student, tokenizer=tokenizer, task=None, teacher=teacher,
-        objective=build_objective({**OmegaConf.load(JSD_CONFIG), "fused": case["fused"]}),
+        objective=build_objective({**OmegaConf.load(JSD_DEFAULTS), "fused": case["fused"]}),
         policy=None, optimizer=None, max_nonfinite_steps=run.nonfinite.max_consecutive_steps,
         score_groups=run.score_groups,
     )

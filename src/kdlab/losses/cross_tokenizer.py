@@ -22,7 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdlab.losses.chunking import compute_dtype, rows_per_chunk
-from kdlab.losses.fused import HiddenStates, fused_ranked_topk_probs_at, fused_universal_logit_distillation
+from kdlab.losses.fused import (
+    HiddenStates,
+    fused_ranked_topk_probs_at,
+    fused_universal_logit_distillation,
+    uld_row_loss,
+)
 
 Side = Tensor | HiddenStates  # a side's logits, or the hidden states and output layer that make them
 
@@ -394,10 +399,8 @@ def universal_logit_distillation(
     matched = _valid_length_mask(student_mask, teacher_mask)
     width = matched.shape[1]
     dtype = compute_dtype(student_logits, teacher_logits)
-    p, q = (torch.softmax(logits[:, :width].to(dtype) / temperature, dim=-1).sort(-1, descending=True).values
+    p, q = (torch.softmax(logits[:, :width].to(dtype) / temperature, dim=-1)
             for logits in (teacher_logits.detach(), student_logits))
-    shared = min(p.shape[-1], q.shape[-1])
-    per_position = (p[..., :shared] - q[..., :shared]).abs().sum(-1)
-    per_position = per_position + p[..., shared:].sum(-1) + q[..., shared:].sum(-1)
+    per_position = uld_row_loss(q, p)
     counts = matched.sum(-1).clamp(min=1)
     return {"uld": _mean_over_sequences((per_position * matched).sum(-1) / counts)}

@@ -399,12 +399,14 @@ def fused_cross_entropy(hidden: Tensor, layer: OutputLayer, labels: Tensor, mask
                                    chunk_size=chunk_size)
 
 
-def _uld_row_loss(q: Tensor, p: Tensor) -> Tensor:
-    """Per row: sum_i |sort(p)_i - sort(q)_i|, the smaller vocabulary zero-padded (ULD, Boizard et al. 2024)."""
+def uld_row_loss(q: Tensor, p: Tensor) -> Tensor:
+    """Per row (any leading shape): sum_i |sort(p)_i - sort(q)_i|, the smaller vocabulary zero-padded (ULD, Boizard
+    et al. 2024); the padded tail's |p_i - 0| terms are the larger side's own sorted tail, summed directly. The
+    logits path (kdlab.losses.cross_tokenizer) and the fused one both call it."""
     p = p.sort(-1, descending=True).values
     q = q.sort(-1, descending=True).values
     shared = min(p.shape[-1], q.shape[-1])
-    return (p[:, :shared] - q[:, :shared]).abs().sum(-1) + p[:, shared:].sum(-1) + q[:, shared:].sum(-1)
+    return (p[..., :shared] - q[..., :shared]).abs().sum(-1) + p[..., shared:].sum(-1) + q[..., shared:].sum(-1)
 
 
 def fused_universal_logit_distillation(student_hidden: Tensor, student_layer: OutputLayer, teacher_hidden: Tensor,
@@ -434,7 +436,7 @@ def fused_universal_logit_distillation(student_hidden: Tensor, student_layer: Ou
         def part(sub: slice, logits: Tensor) -> tuple[Tensor, Tensor]:
             with torch.enable_grad():
                 x = logits.detach().requires_grad_()
-                loss = _uld_row_loss(torch.softmax(x / temperature, dim=-1), p[sub])
+                loss = uld_row_loss(torch.softmax(x / temperature, dim=-1), p[sub])
                 (grad,) = torch.autograd.grad(loss.sum(), x)
             return loss.detach(), grad
 

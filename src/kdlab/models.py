@@ -57,7 +57,8 @@ ARCHITECTURES: dict[str, tuple[type, type]] = {
     "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}  # float64: references in tests, where float32 rounding would hide a real error
 
 
 class HubUnavailableError(RuntimeError):

@@ -80,7 +80,7 @@ class TeacherScorer:
 
     @torch.no_grad()
     def log_probs(self, sequences: list[list[int]]) -> list[Tensor]:
-        """Per sequence, (length, vocab) float32 log-softmax: row t is the distribution of token t + 1."""
+        """Per sequence, (length, vocab) log-softmax in float32 or wider: row t is the distribution of token t + 1."""
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -90,7 +90,7 @@ class TeacherScorer:
         with self.lock:
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 use_cache=False).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).cpu()
         return [logprobs[row, : len(seq)] for row, seq in enumerate(sequences)]
 
     def prompt_logprobs(self, sequence: list[int], logprobs: Tensor, k: int) -> list[dict[str, dict] | None]:

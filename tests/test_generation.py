@@ -119,5 +119,6 @@ def test_score_targets_aligns_logits_with_targets_and_ignores_padding(tokenizer,
 def test_unknown_model_dtype_is_named(tokenizer):
     from kdlab.models import load_model
 
-    with pytest.raises(ValueError, match=r"dtype='float8'; choose one of \['bfloat16', 'float16', 'float32'\]"):
+    choices = r"\['bfloat16', 'float16', 'float32', 'float64'\]"
+    with pytest.raises(ValueError, match=r"dtype='float8'; choose one of " + choices):
         load_model({"name": "tiny", "architecture": "llama", "dtype": "float8", "config": {}}, tokenizer)

@@ -1,20 +1,20 @@
 """Entry point: `python train.py [group=option ...] [key=value ...]` (Hydra); see README.md.
 
-Hydra composes the config and `kdlab.train.run_job` runs it in the job's directory: how a failed or interrupted job
+Hydra composes the config and `kdlab.run.train.run_job` runs it in the job's directory: how a failed or interrupted job
 is marked there, and what happens to a sweep after it, is documented (and tested) in the package.
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from kdlab.resolvers import register_resolvers
+from kdlab.run.resolvers import register_resolvers
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from kdlab.train import run_job  # imported here so `--help` and config errors stay fast
+    from kdlab.run.train import run_job  # imported here so `--help` and config errors stay fast
 
     return run_job(cfg)
 

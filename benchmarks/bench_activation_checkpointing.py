@@ -43,7 +43,7 @@ from common import (  # noqa: E402
     write,
 )
 
-from kdlab.scoring import score_targets  # noqa: E402
+from kdlab.models.scoring import score_targets  # noqa: E402
 
 MODES = ("off", "on")
 

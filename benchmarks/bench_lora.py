@@ -36,8 +36,8 @@ from common import (  # noqa: E402
     write,
 )
 
-from kdlab.lora import count_parameters  # noqa: E402
-from kdlab.scoring import score_targets  # noqa: E402
+from kdlab.models.lora import count_parameters  # noqa: E402
+from kdlab.models.scoring import score_targets  # noqa: E402
 
 # name -> student.lora (None: full fine-tuning)
 MODES = {

@@ -3,7 +3,7 @@
     python benchmarks/bench_sampling_layers.py --threads 2 --out benchmarks/results/sampling_layers_cpu_float32.json
 
 Three measurements, each interleaved (A, B, A, B, ...) in one process, medians:
-- an output layer alone, `F.linear(x, W)` against `kdlab.sampling_layers.few_rows_linear(x, W)`, for output layers
+- an output layer alone, `F.linear(x, W)` against `kdlab.sampling.layers.few_rows_linear(x, W)`, for output layers
   of (V, H) = (49,152, 576) (SmolLM2), (151,936, 1,024) (Qwen3-0.6B), (32,000, 2,048) and --rows rows per call;
 - the decoder layers of the SmolLM2-shaped student of `bench_step.py --pair smollm` (its `nn.Linear` layers but the
   output layer, one call each at --batch rows, as one decoding step reads them: the weights stream from memory);
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_times, machine, parse, parser, stats, table, write  # noqa: E402
 
-from kdlab import sampling_layers  # noqa: E402
-from kdlab.generation import SamplingSettings, generate_targets  # noqa: E402
-from kdlab.sampling_layers import few_rows_linear  # noqa: E402
+from kdlab.sampling import layers as sampling_layers  # noqa: E402
+from kdlab.sampling.hf import SamplingSettings, generate_targets  # noqa: E402
+from kdlab.sampling.layers import few_rows_linear  # noqa: E402
 
 LAYERS = [(49152, 576), (151936, 1024), (32000, 2048)]
 

@@ -22,7 +22,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_times, machine, parse, parser, stats, table, write  # noqa: E402
 
-from kdlab.conf import task_node  # noqa: E402
 from kdlab.data.datamodule import DistillationDataModule  # noqa: E402
 from kdlab.data.tasks import Task  # noqa: E402
 from kdlab.losses import forward_kl, generalized_jsd, reverse_kl  # noqa: E402
@@ -32,15 +31,16 @@ from kdlab.losses.sparse import (  # noqa: E402
     sparse_reverse_kl,
     top_k_of_logits,
 )
-from kdlab.scoring import score_targets  # noqa: E402
+from kdlab.models.scoring import score_targets  # noqa: E402
+from kdlab.run.compose import task_node  # noqa: E402
 
 LOSSES = {"fkl": (forward_kl, sparse_forward_kl), "rkl": (reverse_kl, sparse_reverse_kl),
           "jsd": (generalized_jsd, sparse_generalized_jsd)}
 
 
 def load(batch_size: int):
-    from kdlab.conf import compose
-    from kdlab.models import load_model, load_tokenizer
+    from kdlab.models.loading import load_model, load_tokenizer
+    from kdlab.run.compose import compose
 
     cfg = compose([])
     tokenizer = load_tokenizer(cfg.student)

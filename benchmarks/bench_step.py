@@ -68,15 +68,15 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DTYPES, interleaved_times, machine, matmul_peak_flops, parse, parser, stats, table, write  # noqa: E402
 
-from kdlab.conf import task_node  # noqa: E402
 from kdlab.data.batch import Batch  # noqa: E402
 from kdlab.data.datamodule import DistillationDataModule  # noqa: E402
 from kdlab.data.tasks import Task  # noqa: E402
-from kdlab.generation import SamplingSettings  # noqa: E402
 from kdlab.losses import generalized_jsd  # noqa: E402
 from kdlab.losses.objective import Objective  # noqa: E402
-from kdlab.module import DistillationModule  # noqa: E402
-from kdlab.policy import STUDENT, DataPolicy  # noqa: E402
+from kdlab.run.compose import task_node  # noqa: E402
+from kdlab.sampling.hf import SamplingSettings  # noqa: E402
+from kdlab.step.module import DistillationModule  # noqa: E402
+from kdlab.step.policy import STUDENT, DataPolicy  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "kdlab" / "assets" / "arith"
 # the run settings the benchmark shares with `python train.py` (score_groups, nonfinite), read where they are set
@@ -113,9 +113,9 @@ def padded_tokenizer(size: int, directory: str):
 
 def smollm_pair(tokenizer, dtype: torch.dtype = torch.float32, layers: tuple[int, int] = SMOLLM_LAYERS):
     """(teacher, student): random-init Llama models of SmolLM2-135M's shape, the student with `layers[1]` layers,
-    both with the tokenizer's special ids (kdlab's builder, `kdlab.models.load_model`). Build under
+    both with the tokenizer's special ids (kdlab's builder, `kdlab.models.loading.load_model`). Build under
     `torch.device("meta")` to get the shapes without the weights."""
-    from kdlab.models import load_model
+    from kdlab.models.loading import load_model
 
     dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
 

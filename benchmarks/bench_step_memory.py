@@ -38,8 +38,8 @@ from common import case_in_subprocess, machine, parse, parser, peak_rss, reset_p
 
 from kdlab.data.batch import Batch, Side  # noqa: E402
 from kdlab.losses.objective import build_objective  # noqa: E402
-from kdlab.models import load_model  # noqa: E402
-from kdlab.module import DistillationModule  # noqa: E402
+from kdlab.models.loading import load_model  # noqa: E402
+from kdlab.step.module import DistillationModule  # noqa: E402
 
 # Qwen/Qwen3-0.6B and Qwen/Qwen3-1.7B config.json (architecture only; random weights, no download)
 QWEN3 = {"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,

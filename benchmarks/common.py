@@ -219,7 +219,7 @@ def sized_student(case: dict[str, Any], dtype: str = "float32", **model_keys: An
     """(a random-init Qwen3 student of the case's shape, seeded, in train mode; a batch of (prompt ids, mask, target
     ids, mask): 3/4 prompt, 1/4 target, no padding). `model_keys` go to the model's config node
     (`gradient_checkpointing`, `lora`)."""
-    from kdlab.models import load_model, load_tokenizer
+    from kdlab.models.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer({"tokenizer": str(ARITH_TOKENIZER)})
     config = dict(hidden_size=case["width"], intermediate_size=case["intermediate"], num_hidden_layers=case["layers"],

@@ -36,7 +36,7 @@ TINY_RUN = [
 
 def compose(overrides: list[str] | None = None, output_dir: Path | None = None):
     """The config `python train.py <overrides>` would run, composed in-process."""
-    from kdlab.conf import compose as compose_conf
+    from kdlab.run.compose import compose as compose_conf
 
     overrides = list(overrides or [])
     if output_dir is not None:
@@ -48,7 +48,7 @@ def loss_config(name: str, **overrides) -> dict:
     """`conf/loss/<name>.yaml` resolved, with `overrides` on top: what `loss=<name> loss.key=value` composes."""
     from omegaconf import OmegaConf
 
-    from kdlab.resolvers import register_resolvers
+    from kdlab.run.resolvers import register_resolvers
 
     register_resolvers()
     node = OmegaConf.merge(OmegaConf.load(CONF_DIR / "loss" / f"{name}.yaml"), overrides)
@@ -57,7 +57,7 @@ def loss_config(name: str, **overrides) -> dict:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from kdlab.models import load_tokenizer
+    from kdlab.models.loading import load_tokenizer
 
     return load_tokenizer({"tokenizer": str(REPO / "src/kdlab/assets/arith/tokenizer")})
 
@@ -65,7 +65,7 @@ def tokenizer():
 def tiny_model(tokenizer, architecture: str = "llama", seed: int = 0, width: int = 32):
     import torch
 
-    from kdlab.models import load_model
+    from kdlab.models.loading import load_model
 
     torch.manual_seed(seed)
     if architecture == "llama":

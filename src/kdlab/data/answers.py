@@ -10,7 +10,7 @@ The reference scorer released with GSM8K (openai/grade-school-math, `grade_schoo
 
 So ``"#### 42"`` matches ``"#### 42"`` but not ``"#### 42.0"`` or ``"####42"``: there is no numeric normalisation,
 which is what the published GSM8K accuracies use. This module reimplements that rule (it copies no code); the
-`gsm8k_accuracy` metric in `kdlab/metrics/` carries its own copy of the same regex and a test checks they agree.
+`gsm8k_accuracy` metric in `kdlab/evaluation/metrics/` carries its own copy of the same regex and a test checks they agree.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def _renamed(record: dict, rename: Mapping[str, str]) -> dict:
 def _load_hub(spec: DataSpec, split: str, fields_hint: str) -> list[dict]:
     import datasets
 
-    from kdlab.hub import offline_unless_reachable
+    from kdlab.models.hub import offline_unless_reachable
 
     name = spec.hub + (f" ({spec.config})" if spec.config else "")
     with offline_unless_reachable() as reachable:

@@ -36,7 +36,7 @@ LONG_EXAMPLE_RULES = ("truncate", "skip")
 @dataclass(frozen=True)
 class TaskConfig:
     """Every field a task config holds. The values live in `conf/task/` only (`_defaults.yaml`, then the task's own
-    file); code that builds a task outside `train.py` composes them (kdlab.conf.task_node)."""
+    file); code that builds a task outside `train.py` composes them (kdlab.run.compose.task_node)."""
 
     name: str
     source: str  # "arith": generated in process; "dataset": `data` (hub dataset or local files)
@@ -73,7 +73,7 @@ def task_config_errors(task_cfg: Mapping[str, Any]) -> list[str]:
     """Problems with a task node, each naming the key and the fix."""
     missing = [key for key in TASK_FIELDS if key not in task_cfg]
     errors = [f"task {task_cfg.get('name', '?')} lacks {', '.join(missing)}: a task file lists `_defaults` first in "
-              f"its defaults list, and code builds a task node with kdlab.conf.task_node"] if missing else []
+              f"its defaults list, and code builds a task node with kdlab.run.compose.task_node"] if missing else []
     for key in task_cfg:
         if key not in TASK_FIELDS:
             close = difflib.get_close_matches(str(key), TASK_FIELDS, n=1)
@@ -94,7 +94,7 @@ def task_config_errors(task_cfg: Mapping[str, Any]) -> list[str]:
     for key in ("train_size", "eval_examples"):
         if task_cfg.get(key) is not None and int(task_cfg[key]) < 1:
             errors.append(f"task.{key}={task_cfg[key]} must be a positive integer, or null for all")
-    from kdlab.generation import SamplingSettings
+    from kdlab.sampling.hf import SamplingSettings
 
     generation_keys = {f.name for f in dataclasses.fields(SamplingSettings)}
     for key in task_cfg.get("generation") or {}:
@@ -301,7 +301,7 @@ class Task:
     # -- scoring ----------------------------------------------------------------------------------------------------
     def score(self, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
         if self._metric is None:
-            from kdlab.metrics import load_metric  # evaluate is slow to import; only scoring needs it
+            from kdlab.evaluation.metrics import load_metric  # evaluate is slow to import; only scoring needs it
 
             self._metric = load_metric(self.config.metric)
         result = self._metric.compute(predictions=list(predictions), references=list(references))

@@ -9,7 +9,7 @@ Shapes: `student_logits` (B, Ts, Vs) and `teacher_logits` (B, Tt, Vt), each alig
 `mask` (B, Ts) and `teacher_mask` (B, Tt) are true at response positions, which start at position 0 (targets
 are right-padded). Either side may instead be `HiddenStates` (its last hidden states and output layer,
 kdlab.losses.fused): its logits are then computed chunk by chunk and never exist whole, as in the training step with
-`loss.fused` (kdlab.fused_step). Everything is computed in float32 whatever the input dtype (float64 inputs stay
+`loss.fused` (kdlab.step.fused). Everything is computed in float32 whatever the input dtype (float64 inputs stay
 float64, as in the other losses). Each function returns a dict of scalar components (means over the sequences of the
 batch); a sequence with an empty response contributes zero, and a batch of empty responses gives zeros that still
 carry a gradient path.

@@ -15,7 +15,7 @@ a cache-sized slice's temporaries, plus the gradients themselves (hidden states 
 implementation needs (docs/benchmarks.md section 6). ULD and MultiLevelOT's ranked top-k probabilities are here too:
 ULD row by row like the divergences; the ranking in two passes over chunks (column sums, then the top-k columns).
 
-The training step calls them through kdlab.fused_step (`loss.fused`, on by default where it applies).
+The training step calls them through kdlab.step.fused (`loss.fused`, on by default where it applies).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class HiddenStates:
     """A side of a cross-tokenizer loss as what makes its logits: last hidden states (B, T, H) and the output layer.
 
     kdlab.losses.cross_tokenizer's losses take it in place of (B, T, V) logits and compute them chunk by chunk
-    (the training step's `loss.fused`, kdlab.fused_step). `shape` and `device` are the logits' it stands for."""
+    (the training step's `loss.fused`, kdlab.step.fused). `shape` and `device` are the logits' it stands for."""
 
     hidden: Tensor
     layer: OutputLayer

@@ -11,7 +11,7 @@ The loss function is chosen by Hydra: `conf/loss/*.yaml` names it by `_target_` 
 `teacher_mask=` and `components=` (the terms to compute), and loss=sft gets the target ids in the teacher's place. A
 loss returns a mean over the units of its `reduction` (tokens by default), a `LossSum`, or, cross-tokenizer, a dict
 of per-sequence means by term name. The node's other keys are the objective's own: `name` (which calling convention),
-`ce_weight`, `fused` (training steps fuse the output layer and the loss where they can: kdlab.fused_step), and for
+`ce_weight`, `fused` (training steps fuse the output layer and the loss where they can: kdlab.step.fused), and for
 loss=ot|uld the term weights and the CE term's `reduction` and `chunk_size`. Every default lives in the YAML.
 
 A term whose weight is 0 is not computed at all (ablations cost nothing). The CE term is left out on steps that
@@ -55,7 +55,7 @@ class Objective:
     reduction: str = "token_mean"  # of the CE term, and the unit a loss's plain mean is over
     chunk_size: int = 1024  # of the CE term
     term_weights: Mapping[str, float] = field(default_factory=dict)  # loss=ot|uld: each returned term's weight
-    # training steps compute the terms from hidden states and the output layers (kdlab.fused_step) where they can
+    # training steps compute the terms from hidden states and the output layers (kdlab.step.fused) where they can
     fused: bool = False
 
     @property
@@ -125,7 +125,7 @@ class Objective:
         self, student: Tensor | HiddenStates, teacher: Tensor | HiddenStates, mask: Tensor, teacher_mask: Tensor | None
     ) -> dict[str, tuple[float, LossSum]]:
         """The cross-tokenizer loss's active terms, each a mean over the batch's sequences turned into a sum over
-        them. Each side is its logits, or (kdlab.fused_step, kdlab's own ot and uld only) `HiddenStates`."""
+        them. Each side is its logits, or (kdlab.step.fused, kdlab's own ot and uld only) `HiddenStates`."""
         active = tuple(term for term, weight in self.term_weights.items() if weight != 0)
         values = self.loss(student, teacher, mask, teacher_mask=teacher_mask, components=active)
         # Means over all rows; a row without scored tokens contributes 0, so mean * rows is the sum over sequences.

@@ -19,8 +19,8 @@ from kdlab.report.tables import (
     run_standard_error_line,
     write_runs_csv,
 )
-from kdlab.resolvers import format_value
-from kdlab.rundir import RESULTS
+from kdlab.run.resolvers import format_value
+from kdlab.run.rundir import RESULTS
 
 METRIC_PLOT = "metric.png"
 CURVES_PLOT = "learning_curves.png"

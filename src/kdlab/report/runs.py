@@ -1,6 +1,6 @@
 """Runs of a sweep read back from disk: config, overrides, results and status, and the parameters the sweep varied.
 
-A run directory is one Hydra job: `.hydra/overrides.yaml` (what the command line set) and the files `kdlab.rundir`
+A run directory is one Hydra job: `.hydra/overrides.yaml` (what the command line set) and the files `kdlab.run.rundir`
 names: the resolved config, the results (written last, so their presence means the run finished) and the failure
 marker (the job raised). A run with neither results nor failure is unfinished: interrupted (its interruption marker
 says how), still running, killed, or crashed without Python seeing it.
@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from kdlab.rundir import CONFIG, FAILURE_MARKER, INTERRUPTION_MARKER, RESULTS, other_rank_markers
+from kdlab.run.rundir import CONFIG, FAILURE_MARKER, INTERRUPTION_MARKER, RESULTS, other_rank_markers
 
 FINISHED, FAILED, UNFINISHED = "finished", "failed", "unfinished"
 STUDENT_FRACTION = "policy.student_fraction"
@@ -162,7 +162,7 @@ def _load_config(directory: Path) -> dict:
         return {}
     from omegaconf import OmegaConf
 
-    from kdlab.resolvers import register_resolvers
+    from kdlab.run.resolvers import register_resolvers
 
     register_resolvers()
     return _resolve_loosely(OmegaConf.load(raw))

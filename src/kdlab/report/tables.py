@@ -25,7 +25,7 @@ from kdlab.report.runs import (
     flatten,
 )
 from kdlab.report.stats import Interval, binomial_standard_error, t_interval
-from kdlab.resolvers import format_value, method_label
+from kdlab.run.resolvers import format_value, method_label
 
 LOSS_FACTOR = "loss"  # the loss and the loss parameters a sweep varied form one factor: the method
 
@@ -157,7 +157,7 @@ def _sort_key(value: Any) -> tuple:
 
 
 def lower_is_better(metric: str) -> bool:
-    """kdlab's task metrics are higher-is-better; losses, NLLs and the mismatch measures (kdlab.mismatch) are not."""
+    """kdlab's task metrics are higher-is-better; losses, NLLs and the mismatch measures (kdlab.evaluation.mismatch) are not."""
     return metric.startswith("own_") or metric.endswith(("loss", "nll"))
 
 

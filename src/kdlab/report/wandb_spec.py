@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from kdlab.resolvers import LABEL_PARAMS, format_value, method_label
+from kdlab.run.resolvers import LABEL_PARAMS, format_value, method_label
 
 SPEC_FORMAT = "kdlab-wandb-report"
 SPEC_VERSION = 1

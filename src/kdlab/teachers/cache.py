@@ -9,7 +9,7 @@ Composed from the same `conf/` as `train.py`, so the cached targets are the run'
 `cache.targets=ground_truth` the targets are the task's; with `cache.targets=teacher` (SeqKD) each example's target is
 the teacher's sample from its prompt under the run's `policy.sampling`, drawn from a generator seeded by
 (cache.seed or the run's seed, the batch's first example), so a rewrite or a resume draws the same tokens. The teacher
-scores each target with `kdlab.models.score_targets`; for every target token it stores
+scores each target with `kdlab.models.loading.score_targets`; for every target token it stores
 
     topk_logprobs (k, cache.dtype)   topk_ids (k, int32)   tail_logmass (cache.dtype): log(1 - sum of the top-k)
 
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdlab.generation import SamplingSettings, generate_targets
 from kdlab.losses.sparse import top_k_of_logits
+from kdlab.sampling.hf import SamplingSettings, generate_targets
 
 FORMAT = "kdlab-teacher-cache/1"
 # the manifest's "targets": the task's own, or the teacher's samples (then a mapping naming how they were drawn)
@@ -351,7 +351,7 @@ def score_batch(model: torch.nn.Module, items: Sequence[Any], pad_id: int, top_k
     """Top-k, ids and tail of every target token of a batch, the rows of all examples concatenated in order. With
     `vocab`, over the tokenizer's columns only (checkpoints pad their output layer beyond it; training trims too)."""
     from kdlab.data.datamodule import Collator
-    from kdlab.scoring import score_targets
+    from kdlab.models.scoring import score_targets
 
     device = next(model.parameters()).device
     side = Collator(pad_id)(list(items)).student.to(device)
@@ -381,7 +381,7 @@ def batch_seed(seed: int, first: int) -> int:
 def sample_batch(model: torch.nn.Module, items: Sequence[Any], pad_id: int, sampling: TeacherSampling,
                  first: int) -> list[Any]:
     """`items` with the teacher's samples as their targets (tokens up to and including the first EOS, as the live
-    SeqKD step samples them: kdlab.generation.generate_targets from the left-padded prompts of the batch), drawn
+    SeqKD step samples them: kdlab.sampling.hf.generate_targets from the left-padded prompts of the batch), drawn
     under `batch_seed(sampling.seed, first)` without touching the caller's random state."""
     from kdlab.data.datamodule import Collator
 
@@ -429,7 +429,7 @@ def cache_teacher(cfg) -> float:
 
     from kdlab.data.datamodule import TokenizedExamples
     from kdlab.data.tasks import Task
-    from kdlab.models import load_model, load_tokenizer, same_vocabulary
+    from kdlab.models.loading import load_model, load_tokenizer, same_vocabulary
 
     errors = cache_config_errors(cfg.cache)
     if errors:

@@ -176,7 +176,7 @@ def _combine_errors(node: Mapping[str, Any], members: Mapping[str, Any]) -> list
 def build_ensemble(node: Mapping[str, Any], task_cfg: Mapping[str, Any], tokenizer: Any,
                    train_examples: Any) -> TeacherEnsemble:
     """Load the model members and connect the outside ones (each checked as a single teacher would be)."""
-    from kdlab.models import load_model, load_tokenizer
+    from kdlab.models.loading import load_model, load_tokenizer
     from kdlab.teachers.outside import MODEL, build_outside_teacher, teacher_kind
 
     models, outside = {}, {}

@@ -72,7 +72,7 @@ class CachedTeacher:
 
     def samples(self, batch: Batch, pad_token_id: int) -> tuple[Tensor, Tensor]:
         """SeqKD targets for the batch's examples: the samples the cache drew from the teacher for each, as
-        (ids, mask) right-padded like kdlab.generation.generate_targets' output (EOS included where the sample
+        (ids, mask) right-padded like kdlab.sampling.hf.generate_targets' output (EOS included where the sample
         reached one), so the step goes on as if the teacher had sampled them now; `top_k` then reads their rows."""
         if batch.index is None:
             raise ValueError("a cached teacher needs each row's example index (Batch.index)")

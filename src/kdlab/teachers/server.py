@@ -277,7 +277,7 @@ class TeacherServer(ThreadingHTTPServer):
 
 def build_server(cfg) -> TeacherServer:
     """Load the teacher named by the composed config and wrap it in a server (not yet serving)."""
-    from kdlab.models import load_model, load_tokenizer
+    from kdlab.models.loading import load_model, load_tokenizer
     from kdlab.teachers.fingerprint import tokenizer_fingerprint
 
     s = cfg.server

@@ -1,0 +1,1 @@
+"""Evaluation: generations scored by the task, the mismatch measures, re-measuring finished runs, the task metrics."""

@@ -1,0 +1,381 @@
+"""`run(cfg)`: one distillation experiment from a composed config, top to bottom.
+
+validate (config, data, tokenizers) -> seed -> tokenize data -> models -> module -> loggers, callbacks, trainer ->
+score teacher and student -> fit -> score student -> export student -> results.json. Loggers close in `finally`,
+so one failed job cannot break a sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from kdlab.data.datamodule import DistillationDataModule
+from kdlab.data.sources import DataUnavailableError
+from kdlab.data.tasks import Task
+from kdlab.evaluation.generations import GenerationScorer, evaluate
+from kdlab.evaluation.mismatch import MISMATCH_KEYS
+from kdlab.losses.objective import build_objective
+from kdlab.models.loading import HubUnavailableError, load_model, load_tokenizer, same_vocabulary
+from kdlab.models.sharding import FSDP2Strategy
+from kdlab.run import rundir
+from kdlab.run.checkpoints import LastCheckpoint, PreemptionCheckpoint, RunInterrupted, stop_on_sigterm
+from kdlab.run.console import run_end_lines, setup_console
+from kdlab.run.last_step import LogLastStep, final_train_metrics
+from kdlab.run.progress import StepProgressBar
+from kdlab.run.resolvers import in_multirun, register_resolvers
+from kdlab.run.validate import ConfigError, config_errors, raise_if_any, vocabulary_errors
+from kdlab.sampling.hf import SamplingSettings
+from kdlab.step.module import DistillationModule
+from kdlab.step.policy import DataPolicy
+from kdlab.step.resilience import TrainingDiverged
+from kdlab.step.rewards import RewardTerm
+from kdlab.step.rollouts import ROLLOUTS, RolloutWriter
+from kdlab.teachers.ensemble import ROUTE, build_ensemble
+from kdlab.teachers.outside import CACHED, MODEL, REMOTE, build_outside_teacher, teacher_kind
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def validate(cfg: DictConfig) -> tuple[Any, Any, Task | None]:
+    """Check the whole config and that its data and models can be found, before anything heavy is built.
+
+    Returns the (student, teacher) tokenizers it loaded to compare vocabularies and the task with its examples read.
+    """
+    errors = config_errors(cfg)
+    task = None
+    if not errors:
+        try:
+            task = Task.from_config(cfg.task)
+            task.splits()  # reads (or downloads) the examples now: a missing dataset fails here, not mid-run
+        except (DataUnavailableError, ValueError, OSError) as err:
+            errors.append(f"task {cfg.task.get('name')}: {err}")
+    tokenizers = {}
+    for role in ("student", "teacher"):
+        if cfg.get(role) is None or (role == "teacher" and teacher_kind(cfg.teacher) != MODEL):
+            tokenizers[role] = None  # a cached or remote teacher is checked against the student's tokenizer later
+            continue
+        try:
+            tokenizers[role] = load_tokenizer(cfg[role])
+        except (OSError, ValueError, HubUnavailableError) as err:
+            errors.append(f"{role}: {err}")
+            tokenizers[role] = None
+    if not errors:
+        errors += _member_vocabulary_errors(cfg, tokenizers["student"])
+    if tokenizers["student"] is not None and tokenizers["teacher"] is not None:
+        errors += vocabulary_errors(
+            cfg.loss.name,
+            same_vocabulary(tokenizers["student"], tokenizers["teacher"]),
+            cfg.student.get("name"),
+            cfg.teacher.get("name"),
+        )
+    raise_if_any(errors)
+    return tokenizers["student"], tokenizers["teacher"], task
+
+
+def _member_vocabulary_errors(cfg: DictConfig, student_tokenizer: Any) -> list[str]:
+    """Several teachers are combined token by token: each model member must share the student's tokenizer."""
+    node = cfg.get("teachers")
+    if node is None or student_tokenizer is None:
+        return []
+    errors = []
+    for name, member in (node.get("members") or {}).items():
+        if teacher_kind(member) != MODEL:
+            continue
+        try:
+            same = same_vocabulary(student_tokenizer, load_tokenizer(member))
+        except (OSError, ValueError, HubUnavailableError) as err:
+            errors.append(f"teachers.members.{name}: {err}")
+            continue
+        if not same:
+            errors.append(f"teachers.members.{name} ({member.get('name')}) tokenizes differently from the student: "
+                          f"several teachers must share the student's tokenizer; distil from a teacher with another "
+                          f"tokenizer alone, with loss=ot (MultiLevelOT) or loss=uld (ULD)")
+    return errors
+
+
+def build_policy(cfg: DictConfig) -> DataPolicy:
+    return DataPolicy(
+        student_fraction=float(cfg.policy.student_fraction),
+        fixed_source=cfg.policy.fixed_source,
+        sampling=SamplingSettings(**cfg.policy.sampling),
+        seed=int(cfg.seed),
+    )
+
+
+def build_reward(cfg: DictConfig) -> RewardTerm | None:
+    """The reward term of GKD Eq. 5 from `conf/reward/*.yaml` (None: pure distillation)."""
+    node = cfg.get("reward")
+    if node is None:
+        return None
+    return RewardTerm(hydra.utils.instantiate(node.fn), alpha=node.alpha, samples_per_prompt=node.samples_per_prompt)
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = [hydra.utils.instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(config)
+    return loggers
+
+
+def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher_tokenizer: Any,
+                 teacher_tokens: Any, outside_teacher: Any = None, ensemble: Any = None) -> DistillationModule:
+    """Load the models and build the module: objective, policy, reward, optimizer, and the two trainer keys the module
+    applies itself (gradient clipping; accumulation is the datamodule's window) under manual optimization."""
+    teacher = load_model(cfg.teacher, teacher_tokenizer) if teacher_kind(cfg.get("teacher")) == MODEL else None
+    return DistillationModule(
+        student=load_model(cfg.student, student_tokenizer),
+        tokenizer=student_tokenizer,
+        objective=build_objective(cfg.loss),
+        policy=build_policy(cfg),
+        task=task,
+        teacher=teacher,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        eval_sampling=SamplingSettings(**task.config.generation),
+        teacher_tokenizer=teacher_tokens,
+        reward=build_reward(cfg),
+        seed=int(cfg.seed),
+        max_nonfinite_steps=int(cfg.nonfinite.max_consecutive_steps),
+        score_groups=int(cfg.score_groups),
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+        gradient_clip_algorithm=cfg.trainer.get("gradient_clip_algorithm") or "norm",
+        outside_teacher=outside_teacher,
+        ensemble=ensemble,
+        rollouts=(int(cfg.log_rollouts_every_n_steps), int(cfg.log_rollouts_examples)),
+    )
+
+
+def build_trainer(cfg: DictConfig, task: Task, loggers: list, output_dir: Path) -> tuple[L.Trainer,
+                                                                                       PreemptionCheckpoint]:
+    strategy = cfg.strategy
+    strategy = hydra.utils.instantiate(strategy) if "_target_" in strategy else strategy.name
+    last = LastCheckpoint(rundir.last_checkpoint(output_dir), int(cfg.checkpoint.every_n_train_steps))
+    preemption = PreemptionCheckpoint(last)
+    extra = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    # LogLastStep first: the learning rate monitor then logs the last step too. LastCheckpoint last: a periodic save
+    # sees what the other callbacks did at the end of the step (as Lightning orders its own)
+    callbacks = [LogLastStep(), preemption, LearningRateMonitor(logging_interval="step"), GenerationScorer(task),
+                 RolloutWriter(output_dir / ROLLOUTS), *extra, last]
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in extra):
+        callbacks.insert(-1, StepProgressBar())
+    # FSDP2 allocates its gather buffers lazily at the first forward; under inference mode (Lightning's default for
+    # validate, which runs first) they would become inference tensors that training cannot use. no_grad instead.
+    inference_mode = not isinstance(strategy, FSDP2Strategy) and cfg.trainer.get("inference_mode", True)
+    # The module accumulates and clips itself (one loss normalisation per window): these two keys go to it and to
+    # the datamodule, and Lightning, which refuses them under manual optimization, gets neutral values.
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir),
+        inference_mode=inference_mode, enable_checkpointing=False,  # LastCheckpoint is the one writer of last.ckpt
+        accumulate_grad_batches=1, gradient_clip_val=None, gradient_clip_algorithm=None,
+    )
+    return trainer, preemption
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """`ckpt_path=last` resumes from this run directory's `checkpoints/last.ckpt` (which must exist); `auto` resumes
+    from it when it exists and starts afresh otherwise (for jobs a scheduler may requeue); a path is used as is."""
+    last = rundir.last_checkpoint(output_dir)
+    if ckpt_path == "last":
+        if not last.exists():
+            raise FileNotFoundError(f"ckpt_path=last: {last} does not exist; point hydra.run.dir at the run to "
+                                    "resume, or use ckpt_path=auto to start afresh when there is no checkpoint")
+        return str(last)
+    if ckpt_path == "auto":
+        return str(last) if last.exists() else None
+    return ckpt_path
+
+
+def fit(trainer: L.Trainer, preemption: PreemptionCheckpoint, module: DistillationModule, datamodule: Any,
+        ckpt_path: str | None, output_dir: Path) -> float:
+    """Train; returns the wall time in seconds. A run that diverged or was stopped by a signal raises with where its
+    checkpoint is (and, when stopped, how to resume), so the job's marker says it."""
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except TrainingDiverged as err:
+        raise TrainingDiverged(f"{err}. Checkpoint: {rundir.last_checkpoint(output_dir)}") from None
+    if preemption.stopped_by is not None:
+        last = rundir.last_checkpoint(output_dir)
+        message = (f"interrupted at step {preemption.stopped_at_step}; {last} is saved. "
+                   f"Resume with: python train.py <same overrides> hydra.run.dir={output_dir} ckpt_path=last")
+        raise RunInterrupted(preemption.stopped_by, message)
+    return time.perf_counter() - start
+
+
+def results_record(cfg: DictConfig, task: Task, trainer: L.Trainer, module: DistillationModule,
+                   scores: dict[str, dict[str, float] | None], wall_time: float) -> dict[str, Any]:
+    """What `results.json` holds: the scores of teacher and student (before and after), the run's size and speed,
+    and the settings a comparison groups runs by."""
+    return {
+        "task": task.name,
+        "metric": task.metric_name,
+        "metrics": scores["student_after"],
+        **scores,
+        "steps": trainer.global_step,
+        "wall_time_s": round(wall_time, 3),
+        "train_tokens": module.train_tokens,
+        "tokens_per_sec": round(module.train_tokens / max(wall_time, 1e-9), 2),
+        "onpolicy_fraction": module.onpolicy_fraction,
+        "skipped_nonfinite_steps": module.nonfinite.skipped,
+        "loss": cfg.loss.name,
+        "student_fraction": float(cfg.policy.student_fraction),
+        "seed": int(cfg.seed),
+        "data": task.report.to_dict(),
+    }
+
+
+def evaluate_and_save(trainer: L.Trainer, module: DistillationModule, datamodule: Any, role: str,
+                      save_as: Path) -> dict[str, float]:
+    """The task metric of `role` ("student" or "teacher") by generation on the validation split, and for the student
+    the teacher's view of its outputs (kdlab.evaluation.mismatch: own_teacher_nll, own_fkl, own_rkl); the generations
+    go to `save_as` (JSON lines: prediction, reference) so a score can be checked by reading what was scored."""
+    generations = evaluate(trainer, module, datamodule, role)
+    if trainer.is_global_zero:
+        generations.write_jsonl(save_as)
+    return {**generations.scores, **generations.mismatch}
+
+
+def format_results_table(results: dict[str, Any]) -> str:
+    rows = [("teacher", results["teacher"]), ("student before", results["student_before"]),
+            ("student after", results["student_after"])]
+    # the task's scores; the mismatch measures (kdlab.evaluation.mismatch) have no teacher row and stay in results.json
+    names = [name for name in results["metrics"] if name not in MISMATCH_KEYS]
+    lines = [f"{'':16}" + "".join(f"{n:>12}" for n in names)]
+    for label, scores in rows:
+        cells = "".join(f"{scores[n]:>12.4f}" if scores and n in scores else f"{'-':>12}" for n in names)
+        lines.append(f"{label:16}" + cells)
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> float:
+    """Run one experiment; returns the student's final task metric (what a sweeper optimises).
+
+    SIGTERM stops it at any point: at the end of the current step while training (after saving last.ckpt), at once
+    before and after training."""
+    try:
+        with stop_on_sigterm(Path(cfg.output_dir)):
+            return _run(cfg)
+    except RunInterrupted as err:
+        if rank_zero_only.rank == 0:
+            print(err.message, file=sys.stderr, flush=True)
+        raise
+
+
+def run_job(cfg: DictConfig) -> float:
+    """`run` as one Hydra job (what the root train.py calls): the job's directory records how the job ended, for
+    `kdlab-report` and for a resume.
+
+    A job that raises leaves `failed.json` (the error in one line, and the traceback). In a multirun the error then
+    goes back to Hydra, whose launcher records it and goes on with the next job (it re-raises the first failure once
+    the sweep is done), so `kdlab-report` can list the failed run beside the others' results. A job stopped by a
+    signal or Ctrl-C leaves `interrupted.json` instead (it can resume) and stops the sweep. A job that finishes
+    clears the markers of an earlier attempt in the same directory.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        value = run(cfg)
+    except Exception as err:
+        rundir.write_marker(run_dir, err, rundir.FAILURE_MARKER)
+        if isinstance(err, ConfigError) and not in_multirun():
+            sys.exit(f"error: {err}")  # the message lists every problem and its fix; a stack trace would only bury it
+        # In a multirun, SystemExit would end the whole sweep: an exception lets Hydra go on with the next job.
+        print(f"error: job failed: {type(err).__name__}: {err}", file=sys.stderr)
+        raise
+    except (KeyboardInterrupt, SystemExit) as err:  # stopped on a signal: resumable, so unfinished rather than failed
+        rundir.write_marker(run_dir, err, rundir.INTERRUPTION_MARKER)
+        raise
+    rundir.mark_finished(run_dir, keep_checkpoints=bool(cfg.keep_checkpoints))
+    return value
+
+
+def _run(cfg: DictConfig) -> float:
+    started = time.perf_counter()
+    register_resolvers()
+    setup_console()
+    student_tokenizer, teacher_tokenizer, task = validate(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Teacher and student tokenize differently: every example is tokenized for each, and samples cross via text.
+    cross = teacher_tokenizer is not None and not same_vocabulary(student_tokenizer, teacher_tokenizer)
+    teacher_tokens = teacher_tokenizer if cross else None
+    teachers = cfg.get("teachers")
+    route_field = teachers.route_field if teachers is not None and teachers.combine == ROUTE else None
+    datamodule = DistillationDataModule(task, student_tokenizer, seed=int(cfg.seed), teacher_tokenizer=teacher_tokens,
+                                        accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches") or 1),
+                                        route_field=route_field)
+    datamodule.setup("fit")  # tokenize now: length rules and an empty training set show before models load
+    _print_data_report(task, output_dir)
+    outside = ensemble = None
+    if teacher_kind(cfg.get("teacher")) in (CACHED, REMOTE):  # checked against this run before any model loads
+        outside = build_outside_teacher(cfg.teacher, cfg.task, student_tokenizer, datamodule.train_set.items,
+                                        cfg.policy)
+    if teachers is not None:
+        ensemble = build_ensemble(teachers, cfg.task, student_tokenizer, datamodule.train_set.items)
+    module = build_module(cfg, task, student_tokenizer, teacher_tokenizer, teacher_tokens, outside, ensemble)
+
+    loggers = build_loggers(cfg)
+    succeeded = False
+    try:
+        trainer, preemption = build_trainer(cfg, task, loggers, output_dir)
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+        if trainer.is_global_zero:
+            OmegaConf.save(cfg, output_dir / rundir.CONFIG, resolve=True)
+        generations = output_dir / "generations"
+        teacher_scores = None
+        if module.teacher is not None and cfg.eval.teacher:
+            teacher_scores = evaluate_and_save(trainer, module, datamodule, "teacher", generations / "teacher.jsonl")
+        before = None
+        if cfg.eval.before:
+            before = evaluate_and_save(trainer, module, datamodule, "student", generations / "student_before.jsonl")
+
+        wall_time = fit(trainer, preemption, module, datamodule, ckpt_path, output_dir)
+        train_metrics = final_train_metrics(trainer)  # before evaluation logs its own
+        after = evaluate_and_save(trainer, module, datamodule, "student", generations / "student_after.jsonl")
+        results = results_record(cfg, task, trainer, module, {"teacher": teacher_scores, "student_before": before,
+                                                              "student_after": after}, wall_time)
+        results["train"] = train_metrics
+        if cfg.export:
+            module.export_student(str(output_dir / rundir.STUDENT))  # every process: a sharded student is gathered
+        if trainer.is_global_zero:
+            (output_dir / rundir.RESULTS).write_text(json.dumps(results, indent=2))
+            student_dir = output_dir / rundir.STUDENT if cfg.export else None
+            total = time.perf_counter() - started
+            print(f"\n{format_results_table(results)}\n\n{run_end_lines(total, results, output_dir, student_dir)}")
+        succeeded = True
+        return float(after[task.metric_name])
+    finally:
+        _close_loggers(loggers, succeeded)
+
+
+@rank_zero_only
+def _print_data_report(task: Task, output_dir: Path) -> None:
+    (output_dir / "data_report.json").write_text(json.dumps(task.report.to_dict(), indent=2))
+    print(f"data ({task.name}):\n" + "\n".join(f"  {line}" for line in task.report.summary().splitlines()))
+
+
+def _close_loggers(loggers: list, succeeded: bool) -> None:
+    for logger in loggers:
+        try:
+            logger.finalize("success" if succeeded else "failed")
+            if type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                wandb.finish(exit_code=0 if succeeded else 1)
+        except Exception as err:  # a logger that fails to close must not hide the run's own error
+            print(f"warning: closing {type(logger).__name__} failed: {err}")

@@ -1,0 +1,1 @@
+"""Sampling: the sampler interface, Hugging Face `generate` and the compiled loop, the sampling layers, retokenizing samples."""

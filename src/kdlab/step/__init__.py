@@ -1,0 +1,1 @@
+"""One distillation step: the LightningModule (hooks), the step (targets -> scores -> terms -> loss), the data policy, rewards, rollouts and resilience."""

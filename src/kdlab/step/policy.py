@@ -1,0 +1,48 @@
+"""Which sequences a training step learns from: the fixed data or the student's own samples (GKD Algorithm 1).
+
+With probability `student_fraction` (the paper's lambda) a step trains on sequences the student samples itself
+(on-policy); otherwise on the fixed data: the ground-truth targets (supervised KD) or teacher samples (SeqKD).
+The draw depends only on (seed, step), so every rank of a distributed run takes the same branch without talking,
+and a resumed run repeats the draws of the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdlab.sampling.hf import SamplingSettings
+
+STUDENT = "student"
+FIXED_SOURCES = ("ground_truth", "teacher")
+
+
+@dataclass(frozen=True)
+class DataPolicy:
+    """The on-policy fraction (conf/policy/*.yaml sets it: no default here) and where fixed targets come from."""
+
+    student_fraction: float
+    fixed_source: str = "ground_truth"
+    sampling: SamplingSettings = SamplingSettings()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.student_fraction <= 1.0:
+            raise ValueError(f"student_fraction={self.student_fraction} is outside [0, 1]")
+        if self.fixed_source not in FIXED_SOURCES:
+            raise ValueError(f"fixed_source={self.fixed_source!r}; choose one of {FIXED_SOURCES}")
+
+    def draw(self, step: int) -> str:
+        """The source of step `step`'s targets: "student", "ground_truth" or "teacher"."""
+        if self.student_fraction >= 1.0:
+            return STUDENT
+        if self.student_fraction > 0.0:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            if torch.rand((), generator=generator).item() < self.student_fraction:
+                return STUDENT
+        return self.fixed_source
+
+    @property
+    def uses_teacher_samples(self) -> bool:
+        return self.fixed_source == "teacher" and self.student_fraction < 1.0

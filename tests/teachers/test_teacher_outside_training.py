@@ -1,0 +1,126 @@
+"""teacher=cached and teacher=remote in the training step: the same loss as the live teacher where k covers the
+vocabulary, start-up refusals with their fixes, and a run that loses its server stops with a checkpoint it resumes
+from exactly."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdlab.run.compose import compose as compose_conf
+from kdlab.run.rundir import RESULTS, STUDENT, last_checkpoint
+from kdlab.run.train import run
+from kdlab.run.validate import ConfigError
+from kdlab.teachers.cache import CacheError, cache_teacher
+from kdlab.teachers.client import TeacherServerError
+from kdlab.teachers.server import build_server
+from tests.conftest import TINY_RUN, compose
+from tests.workers.callbacks import SERVERS
+
+VOCAB = 746  # the arith tokenizer: with k = VOCAB the top-k forms are the dense losses (no tail)
+TEACHER = ["teacher=arith_teacher", "student=arith_student"]  # both loaded: the runs compared start alike
+RUN = [*TINY_RUN, *TEACHER, "loss=fkl", "eval.teacher=false", "eval.before=false", "task.train_size=24",
+       "task.eval_examples=4", "trainer.max_steps=2"]
+def _serve(name: str = "teacher") -> str:
+    cfg = compose_conf(["teacher=arith_teacher", "server.port=0", f"server.max_logprobs={VOCAB}"],
+                       config_name="serve_teacher")
+    server = build_server(cfg)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    SERVERS[name] = server
+    host, port = server.server_address[:2]
+    return f"http://{host}:{port}"
+
+
+@pytest.fixture
+def served():
+    url = _serve()
+    yield url
+    server = SERVERS.pop("teacher", None)
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+
+
+def _run(run_dir: Path, *overrides: str) -> dict:
+    run(compose([*RUN, *overrides], output_dir=run_dir))
+    return json.loads((run_dir / RESULTS).read_text())
+
+
+def _losses(run_dir: Path) -> list[float]:
+    """train/loss of every step, from the run's metrics log."""
+    import csv
+
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+def _write_cache(directory: Path, *overrides: str) -> None:
+    cfg = compose_conf([*RUN, f"cache.dir={directory}", f"cache.top_k={VOCAB}", "cache.dtype=float32", *overrides],
+                       config_name="cache_teacher")
+    cache_teacher(cfg)
+
+
+@pytest.fixture(scope="module")
+def full_cache(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("cache") / "k746"
+    _write_cache(directory)
+    return directory
+
+
+def test_a_cache_of_the_whole_vocabulary_trains_as_the_live_teacher(full_cache, tmp_path):
+    live = _run(tmp_path / "live", "policy=supervised")
+    cached = _run(tmp_path / "cached", "policy=supervised", "teacher=cached", f"teacher.dir={full_cache}")
+    assert _losses(tmp_path / "cached") == pytest.approx(_losses(tmp_path / "live"), rel=1e-5)  # both steps
+    assert cached["steps"] == live["steps"] == 2 and cached["teacher"] is None
+    ours, reference = (load_file(str(tmp_path / d / STUDENT / "model.safetensors")) for d in ("cached", "live"))
+    for name in reference:  # Adam's first steps move each weight by about lr = 1e-3 whatever the gradient's size,
+        # so float noise in a near-zero gradient shows at 1e-5 here: far below one step
+        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-4, msg=name)
+
+
+def test_a_cache_written_for_other_data_stops_at_start_up_naming_the_difference(full_cache, tmp_path):
+    with pytest.raises(CacheError, match=r"does not match this run: task.train_size is 24 in the cache, 20"):
+        _run(tmp_path, "policy=supervised", "teacher=cached", f"teacher.dir={full_cache}", "task.train_size=20")
+    with pytest.raises(CacheError, match=r"top_k is 746 in the cache, 32 in this run"):
+        _run(tmp_path, "policy=supervised", "teacher=cached", f"teacher.dir={full_cache}", "teacher.top_k=32")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["teacher=cached", "teacher.dir=x", "policy=mixed"], "use teacher=remote"),
+    (["teacher=cached", "policy=supervised"], "teacher=cached needs teacher.dir"),
+    (["teacher=remote", "teacher.url=http://127.0.0.1:1", "policy=seqkd"], "cannot sample SeqKD targets"),
+    (["teacher=remote", "teacher.url=http://127.0.0.1:1", "loss=ot"], "has no top-k form"),
+    (["teacher=remote", "teacher.url=http://127.0.0.1:1", "loss.temperature=2.0"], "use loss.temperature=1.0"),
+])
+def test_what_a_teacher_outside_cannot_do_is_refused_before_anything_loads(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _run(tmp_path, *overrides)
+
+
+def test_a_remote_teacher_scores_the_students_own_samples_as_the_live_teacher(served, tmp_path):
+    remote = ["teacher=remote", f"teacher.url={served}", f"teacher.top_k={VOCAB}"]
+    live = _run(tmp_path / "live", "policy=onpolicy", "trainer.max_steps=1")
+    _run(tmp_path / "remote", "policy=onpolicy", "trainer.max_steps=1", *remote)
+    assert live["onpolicy_fraction"] == 1.0
+    assert _losses(tmp_path / "remote") == pytest.approx(_losses(tmp_path / "live"), rel=1e-5)
+
+
+def test_a_run_that_loses_its_server_stops_with_a_checkpoint_and_resumes_exactly(served, tmp_path):
+    common = ["policy=mixed", "trainer.max_steps=4", "teacher=remote", "teacher.top_k=8", "teacher.retries=0",
+              "checkpoint.every_n_train_steps=100"]
+    _run(tmp_path / "straight", *common, f"teacher.url={served}")
+    lost = tmp_path / "lost"
+    with pytest.raises(TeacherServerError, match=r"saved .*last.ckpt at step 2\. Resume"):
+        _run(lost, *common, f"teacher.url={served}",
+             "+callbacks.stop._target_=tests.workers.callbacks.ShutDownServerAt", "+callbacks.stop.step=2")
+    assert torch.load(last_checkpoint(lost), weights_only=False)["global_step"] == 2
+    results = _run(lost, *common, f"teacher.url={_serve()}", "ckpt_path=last")  # the server is back, elsewhere
+    assert results["steps"] == 4
+    ours, reference = (load_file(str(tmp_path / d / STUDENT / "model.safetensors")) for d in ("lost", "straight"))
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-6, msg=name)

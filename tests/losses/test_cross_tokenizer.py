@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -131,24 +132,54 @@ def paper_multilevel_ot(s, t, s_len, t_len, k=50, tau=1.0, tau_sl=1.0, tau_sd=2.
     return {"had": had, "sl": sl, "sd": sd}
 
 
-def released_code_multilevel_ot(s, t, s_lens, t_lens, k=50, tau_sl=1.0, tau_sd=2.0, eps=0.1, iters=10):
-    """The documented `variant=released_code` for a batch, float64: one ranking by column sums over the batch's
-    response positions, then a second softmax of the truncated probabilities, SL with the student's weights on the
-    log of the teacher's. Per sequence as the paper's form otherwise."""
-    k = min(k, max(s.shape[-1], t.shape[-1]))
-    t_sums = sum(torch.softmax(t[b, :n].double(), -1).sum(0) for b, n in enumerate(t_lens))
-    s_sums = sum(torch.softmax(s[b, :n].double(), -1).sum(0) for b, n in enumerate(s_lens))
-    out = {"had": [], "sl": [], "sd": []}
-    for b, (s_len, t_len) in enumerate(zip(s_lens, t_lens)):
-        t_k, s_k = _ranked_truncated(t[b, :t_len], 1.0, k, t_sums), _ranked_truncated(s[b, :s_len], 1.0, k, s_sums)
-        width = min(s_len, t_len)
-        out["had"].append(float((t_k[:width] - s_k[:width]).abs().sum()) / max(width, 1))
-        sl = -(torch.softmax(s_k[:width] / tau_sl, -1) * torch.log_softmax(t_k[:width] / tau_sl, -1)).sum()
-        out["sl"].append(float(sl) / max(width, 1))
-        t_sd, s_sd = torch.softmax(t_k / tau_sd, -1), torch.softmax(s_k / tau_sd, -1)
-        cost = np.array([[float((t_sd[i] - s_sd[j]).abs().sum()) for j in range(s_len)] for i in range(t_len)])
-        out["sd"].append(float((naive_sinkhorn(cost, eps, iters) * cost).sum()))
-    return {term: float(np.mean(values)) for term, values in out.items()}
+def released_code_reference(s, t, s_lens, t_lens, k=50, tau=1.0, tau_sl=1.0, tau_sd=2.0, eps=0.1, iters=10):
+    """The authors' `DistillationLoss` (2018cx/Multi-Level-OT, models/distillation_model.py, commit 712cfb4, f=1),
+    written from its formulas in float64 with loops; tensors, so that autograd gives its gradient.
+
+    s, t: each side's logits at its response rows (row i predicts response token i), s_lens, t_lens: the response
+    lengths (the released code's answer sizes). Its steps: `normalize` divides each row by its standard deviation
+    over the vocabulary (Bessel-corrected) plus 1e-4; softmax(. / tau) of the response rows, right-padded with zero
+    rows to n = the longest response of either side; `improved_sort` orders the vocabulary by its column sums over
+    the whole batch and keeps k columns; the narrower side is zero-padded. Then
+      had = mean over sequences of the L1 of each row, averaged over the shorter response's rows;
+      sl  = `KL_wo(teacher, student)`: -sum softmax(s^k / tau_SL) log softmax(t^k / tau_SL), averaged over all
+            B x n rows, zero rows included;
+      sd  = `Sinkhorn_seq(teacher, student)`: per sequence, C_ij = L1(softmax(t^k_i / tau_SD), softmax(s^k_j /
+            tau_SD)) over all n x n rows, K = exp(-C / eps), `iters` row then column normalisations, sum(P * C);
+            0.001 times its sum over the sequences.
+    The released code's loss is had + 0.1 sl + 0.1 sd, times distil_factor (1.5)."""
+    batch, n = len(s_lens), max(max(s_lens), max(t_lens))
+
+    def window(x, lengths):
+        rows = torch.zeros(batch, n, x.shape[-1], dtype=torch.float64)
+        for b in range(batch):
+            for i in range(lengths[b]):
+                z = x[b, i].double()
+                sigma = (((z - z.mean()) ** 2).sum() / (len(z) - 1)).sqrt()
+                rows[b, i] = torch.softmax(z / (sigma + 1e-4) / tau, -1)
+        return rows
+
+    def ranked(p):
+        sums = p.detach().sum(dim=(0, 1))
+        return p[:, :, sorted(range(p.shape[-1]), key=lambda j: -float(sums[j]))[:k]]
+
+    t_k, s_k = ranked(window(t, t_lens)), ranked(window(s, s_lens))
+    width = max(t_k.shape[-1], s_k.shape[-1])
+    t_k, s_k = (torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in (t_k, s_k))
+    had = sum(sum((s_k[b, i] - t_k[b, i]).abs().sum() for i in range(m)) / m
+              for b, m in enumerate(map(min, s_lens, t_lens))) / batch
+    sl = -sum((torch.softmax(s_k[b, i] / tau_sl, -1) * torch.log_softmax(t_k[b, i] / tau_sl, -1)).sum()
+              for b in range(batch) for i in range(n)) / (batch * n)
+    sd = 0.0
+    for b in range(batch):
+        p_t, p_s = torch.softmax(t_k[b] / tau_sd, -1), torch.softmax(s_k[b] / tau_sd, -1)
+        cost = torch.stack([torch.stack([(p_t[i] - p_s[j]).abs().sum() for j in range(n)]) for i in range(n)])
+        plan = torch.exp(-cost / eps)
+        for _ in range(iters):
+            plan = plan / plan.sum(1, keepdim=True)  # each teacher row sums to 1
+            plan = plan / plan.sum(0, keepdim=True)  # each student column sums to 1
+        sd = sd + 0.001 * (plan * cost).sum()
+    return {"had": had, "sl": sl, "sd": sd}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -175,17 +206,58 @@ def test_the_sequential_log_loss_depends_on_the_models_unlike_the_released_codes
     assert paper[1] - paper[0] > 2.0, paper
 
 
-@pytest.mark.parametrize("k", [50, 5])
-def test_released_code_variant_agrees_with_its_documented_form(k):
-    s, t = logits(3, 7, 40, seed=3), logits(3, 9, 60, seed=4)
-    s_len, t_len = [7, 5, 2], [9, 3, 6]
-    got = multilevel_ot(s, t, lengths_mask(s_len, 7), lengths_mask(t_len, 9), top_k=k, sinkhorn_iterations=10,
-                        variant="released_code")
-    expected = released_code_multilevel_ot(s, t, s_len, t_len, k=k)
+RELEASED_CASES = {
+    # student vocab, teacher vocab, student (width, lengths), teacher (width, lengths), settings
+    "defaults": (40, 60, (7, [5, 3, 2]), (6, [4, 6, 3]), {}),
+    "student_narrower_than_teacher_responses": (746, 389, (3, [3, 2]), (8, [6, 4]), dict(top_k=20)),
+    "settings": (389, 120, (5, [5, 1, 4]), (9, [2, 7, 3]),
+                 dict(top_k=5, temperature=1.5, sl_temperature=0.7, sd_temperature=3.0, sinkhorn_epsilon=0.2,
+                      sinkhorn_iterations=4)),
+}
+
+
+@pytest.mark.parametrize("case", list(RELEASED_CASES))
+def test_released_code_variant_equals_the_authors_formulas_in_value_and_gradient(case):
+    """variant=released_code against `released_code_reference` (the authors' DistillationLoss written out), float64:
+    responses of different lengths on each side, garbage in the padding rows, vocabularies of different sizes.
+    The reference itself agreed with the authors' file run on the same logits to 2.2e-16 in value and 3e-18 in
+    gradient (docs/cross_tokenizer.md); both sides here agree to about 1e-15."""
+    s_vocab, t_vocab, (s_width, s_lens), (t_width, t_lens), settings = RELEASED_CASES[case]
+    s = logits(len(s_lens), s_width, s_vocab, seed=50, dtype=torch.float64)
+    t = logits(len(t_lens), t_width, t_vocab, seed=51, dtype=torch.float64)
+    sm, tm = lengths_mask(s_lens, s_width), lengths_mask(t_lens, t_width)
+    s = torch.where(sm[..., None], s, 50.0).requires_grad_(True)  # what the padding rows hold must not matter
+    settings = {"top_k": 50, "sinkhorn_iterations": 10, **settings}
+    got = multilevel_ot(s, t, sm, tm, variant="released_code", **settings)
+    expected = released_code_reference(s, t, s_lens, t_lens, k=settings["top_k"],
+                                       tau=settings.get("temperature", 1.0),
+                                       tau_sl=settings.get("sl_temperature", 1.0),
+                                       tau_sd=settings.get("sd_temperature", 2.0),
+                                       eps=settings.get("sinkhorn_epsilon", 0.1), iters=settings["sinkhorn_iterations"])
     for term in ("had", "sl", "sd"):
-        assert got[term].item() == pytest.approx(expected[term], rel=1e-5, abs=1e-6), term
+        assert got[term].dtype == torch.float64
+        assert got[term].item() == pytest.approx(expected[term].item(), rel=1e-10, abs=1e-12), term
+        (ours,) = torch.autograd.grad(got[term], s, retain_graph=True)
+        (theirs,) = torch.autograd.grad(expected[term], s, retain_graph=True)
+        assert theirs.abs().max() > 0, term
+        torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-12, msg=term)
     with pytest.raises(ValueError, match="variant"):
-        multilevel_ot(s, t, lengths_mask(s_len, 7), lengths_mask(t_len, 9), variant="authors")
+        multilevel_ot(s, t, sm, tm, variant="authors")
+
+
+def test_released_code_terms_make_the_authors_total_through_the_objective():
+    """loss=ot loss.variant=released_code's objective: CE + 1.5 (had + 0.1 sl + 0.1 sd), the released code's
+    crossentropy + distil_factor x distillation loss, although its sl and sd are batch-wide (not means over
+    sequences) and its ranking is one for the batch."""
+    s, t = logits(3, 6, 30, seed=52, dtype=torch.float64), logits(3, 7, 45, seed=53, dtype=torch.float64)
+    s_lens, t_lens = [6, 4, 2], [5, 7, 3]
+    target = torch.randint(0, 30, (3, 6), generator=torch.Generator().manual_seed(54))
+    sm, tm = lengths_mask(s_lens, 6), lengths_mask(t_lens, 7)
+    total, _ = build_objective(loss_config("ot", variant="released_code"))(s, t, target, sm, tm)
+    ref = released_code_reference(s, t, s_lens, t_lens)
+    ce = torch.nn.functional.cross_entropy(s[sm], target[sm])
+    assert total.item() == pytest.approx((ce + 1.5 * (ref["had"] + 0.1 * ref["sl"] + 0.1 * ref["sd"])).item(),
+                                         rel=1e-10)
 
 
 def _shared_order_logits(positions, vocab, seed):
@@ -241,8 +313,8 @@ def test_gradient_descent_on_the_sequential_log_loss_matches_the_student_to_the_
     after = _normalised_distance(s, t, mask, 10)
     if variant == "paper":
         assert after < 0.01 * before, (before, after)
-    else:  # the released code's gradient moves the student away from the teacher's distribution
-        assert after > before, (before, after)
+    else:  # the released code's L_SL stays within 0.01 of log k: its gradient leaves the student far from the teacher
+        assert after > 0.5 * before, (before, after)  # measured: 0.72 before, between 0.72 and 0.91 along the way
 
 
 def test_sequence_ranking_orders_columns_by_their_sum_over_response_positions():
@@ -360,7 +432,8 @@ def test_empty_responses_give_zero_with_a_gradient_path():
     s = logits(2, 4, 20, seed=15).requires_grad_(True)
     t = logits(2, 4, 25, seed=16)
     empty = torch.zeros(2, 4, dtype=torch.bool)
-    for fn in (multilevel_ot, universal_logit_distillation):
+    released = functools.partial(multilevel_ot, variant="released_code")
+    for fn in (multilevel_ot, released, universal_logit_distillation):
         total = sum(fn(s, t, empty, empty).values())
         assert total.item() == 0.0
         total.backward()

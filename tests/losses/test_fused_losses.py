@@ -315,9 +315,10 @@ def test_uld_equals_logits_path_across_vocabularies_and_lengths(dtype: torch.dty
         _assert_close(a, b, tolerance)
 
 
-@pytest.mark.parametrize("per_batch", [False, True])
-def test_ranked_topk_equals_logits_path_at_two_temperatures(per_batch: bool) -> None:
-    """MultiLevelOT's ranked, truncated probabilities (t^k, s^k) and their gradients, from hidden states."""
+@pytest.mark.parametrize("per_batch,std_scaled", [(False, False), (True, False), (True, True)])
+def test_ranked_topk_equals_logits_path_at_two_temperatures(per_batch: bool, std_scaled: bool) -> None:
+    """MultiLevelOT's ranked, truncated probabilities (t^k, s^k) and their gradients, from hidden states; ranked
+    per batch and with each row of logits divided by its standard deviation, as loss=ot's variant=released_code."""
     from kdlab.losses.cross_tokenizer import ranked_topk_probs_at
     from kdlab.losses.fused import fused_ranked_topk_probs_at
 
@@ -330,8 +331,9 @@ def test_ranked_topk_equals_logits_path_at_two_temperatures(per_batch: bool) -> 
     def value(tops) -> torch.Tensor:
         return sum((top * u).sum() for top, u in zip(tops, upstream))
 
-    ref = ranked_topk_probs_at(student.logits(hs), mask, 4, temperatures, per_batch)
-    ours = fused_ranked_topk_probs_at(hs, student, mask, 4, temperatures, per_batch, chunk_size=4)
+    ref = ranked_topk_probs_at(student.logits(hs), mask, 4, temperatures, per_batch, std_scaled)
+    ours = fused_ranked_topk_probs_at(hs, student, mask, 4, temperatures, per_batch, chunk_size=4,
+                                      std_scaled=std_scaled)
     for a, b in zip(ours, ref):
         assert a.dtype == b.dtype == torch.float64  # both keep float64
         _assert_close(a, b, 1e-12)

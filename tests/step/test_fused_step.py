@@ -201,7 +201,8 @@ def test_an_output_bias_is_fused():
 
 CROSS_TOKENIZER_CASES = {
     "ot": dict(loss="ot"),  # the paper's variant, ranked per sequence; with the CE term (ce_weight 1, conf/loss)
-    "ot_released_code": dict(loss="ot", variant="released_code"),  # ranked per batch, second softmax, 10 iterations
+    # the authors' code: rows of logits over their std, ranked per batch, padded window, second softmax, 10 iterations
+    "ot_released_code": dict(loss="ot", variant="released_code"),
     "uld": dict(loss="uld"),
     "ot_onpolicy": dict(loss="ot", onpolicy=True),
     "ot_released_code_onpolicy": dict(loss="ot", variant="released_code", onpolicy=True),

@@ -11,8 +11,8 @@ are right-padded). Either side may instead be `HiddenStates` (its last hidden st
 kdlab.losses.fused): its logits are then computed chunk by chunk and never exist whole, as in the training step with
 `loss.fused` (kdlab.step.fused). Everything is computed in float32 whatever the input dtype (float64 inputs stay
 float64, as in the other losses). Each function returns a dict of scalar components (means over the sequences of the
-batch); a sequence with an empty response contributes zero, and a batch of empty responses gives zeros that still
-carry a gradient path.
+batch; MultiLevelOT's `variant="released_code"` returns the released code's batch-wide values instead); a sequence
+with an empty response contributes zero, and a batch of empty responses gives zeros that still carry a gradient path.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from torch import Tensor
 from kdlab.losses.chunking import compute_dtype, rows_per_chunk
 from kdlab.losses.fused import (
     HiddenStates,
+    chain_row_std_scale_,
     fused_ranked_topk_probs_at,
     fused_universal_logit_distillation,
+    row_std_scale,
     uld_row_loss,
 )
 
@@ -77,12 +79,14 @@ class _RankedTopK(torch.autograd.Function):
     exp(logit / T - lse) gathered from the logits. Backward, chunk by chunk again, writes the sum over temperatures
     of d/d logits = (mask / T) (scatter(g * q~) - q * <g, q~>) into one buffer of the logits' dtype: several
     temperatures (MultiLevelOT's tau_SL and tau_SD) cost one gradient of the logits, not one each. The ranking
-    itself carries no gradient (as with topk indices).
+    itself carries no gradient (as with topk indices). `std_scaled` first divides each row of logits by its
+    standard deviation over the vocabulary plus 1e-4 (the released code's `normalize`, kdlab.losses.fused
+    `row_std_scale`), and backward chains through that row-dependent divisor.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, mask: Tensor, k: int, temperatures: tuple[float, ...], rows: int,
-                per_batch: bool = False) -> tuple[Tensor, ...]:
+                per_batch: bool = False, std_scaled: bool = False) -> tuple[Tensor, ...]:
         batch, positions, vocab = logits.shape
         flat = logits.reshape(-1, vocab)
         dtype = compute_dtype(logits)
@@ -92,59 +96,74 @@ class _RankedTopK(torch.autograd.Function):
         owner = torch.arange(groups, device=logits.device).repeat_interleave(positions * (batch // groups))
         lse = torch.empty(len(temperatures), flat.shape[0], dtype=dtype, device=logits.device)
         column_sums = torch.zeros(len(temperatures), groups, vocab, dtype=dtype, device=logits.device)
+        stats = torch.empty(3, flat.shape[0], dtype=dtype, device=logits.device) if std_scaled else None
         for start in range(0, flat.shape[0], rows):
             part = slice(start, start + rows)
+            z = flat[part].to(dtype)
+            if stats is not None:
+                stats[:, part] = row_std_scale(z)
+                z = z / stats[2, part, None]
             for i, temperature in enumerate(temperatures):
-                x = flat[part].to(dtype) / temperature
+                x = z / temperature
                 lse[i, part] = torch.logsumexp(x, dim=-1)
                 column_sums[i].index_add_(0, owner[part], (x - lse[i, part, None]).exp_().mul_(weight[part, None]))
         index = column_sums.topk(k, dim=-1).indices[:, owner]  # (temperatures, B*T, k), by descending column sum
         tops = []
         for i, temperature in enumerate(temperatures):
-            tops.append((flat.gather(1, index[i]).to(dtype) / temperature - lse[i, :, None]).exp() * weight[:, None])
-        ctx.save_for_backward(logits, weight, lse, index, *tops)
+            z = flat.gather(1, index[i]).to(dtype)
+            if stats is not None:
+                z = z / stats[2, :, None]
+            tops.append((z / temperature - lse[i, :, None]).exp() * weight[:, None])
+        ctx.save_for_backward(logits, weight, lse, index, stats, *tops)
         ctx.temperatures, ctx.rows = temperatures, rows
         return tuple(top.view(batch, positions, k) for top in tops)
 
     @staticmethod
     def backward(ctx, *grad_tops: Tensor):
-        logits, weight, lse, index, *tops = ctx.saved_tensors
+        logits, weight, lse, index, stats, *tops = ctx.saved_tensors
         flat = logits.reshape(-1, logits.shape[-1])
         gqs = [g.reshape(top.shape).to(top.dtype) * top for g, top in zip(grad_tops, tops)]
         inners = [gq.sum(dim=-1) for gq in gqs]  # <g, q~> per row
         grad = torch.empty_like(flat)
         for start in range(0, flat.shape[0], ctx.rows):
             part = slice(start, start + ctx.rows)
+            z = flat[part].to(lse.dtype)
+            x = z if stats is None else z / stats[2, part, None]
             out = None
             for i, temperature in enumerate(ctx.temperatures):
-                q = (flat[part].to(lse.dtype) / temperature - lse[i, part, None]).exp_()
+                q = (x / temperature - lse[i, part, None]).exp_()
                 term = q.mul_(-inners[i][part, None]).scatter_add_(1, index[i, part], gqs[i][part]).div_(temperature)
                 out = term if out is None else out.add_(term)
+            if stats is not None:
+                out = chain_row_std_scale_(out, z, stats[:, part])
             grad[part] = out.mul_(weight[part, None]).to(grad.dtype)
-        return grad.view_as(logits), None, None, None, None, None
+        return grad.view_as(logits), None, None, None, None, None, None
 
 
 def ranked_topk_probs(
-    logits: Tensor, mask: Tensor, k: int, temperature: float = 1.0, per_batch: bool = False
+    logits: Tensor, mask: Tensor, k: int, temperature: float = 1.0, per_batch: bool = False,
+    std_scaled: bool = False,
 ) -> Tensor:
     """(B, T, k): `sequence_ranked_topk(softmax(logits / temperature), mask, k)`, computed from the logits in chunks.
 
     Equal to the two-step form to float32 rounding (ties in the ranking aside), but never holds a float32 copy of
     the (B, T, V) logits, in forward or backward: the memory of loss=ot is the logits' gradient and a chunk.
-    `per_batch=True` ranks by column sums over the whole batch instead (the authors' released code)."""
-    return ranked_topk_probs_at(logits, mask, k, (temperature,), per_batch)[0]
+    `per_batch=True` ranks by column sums over the whole batch instead, and `std_scaled=True` divides each row of
+    logits by its standard deviation over the vocabulary plus 1e-4 first (both as the authors' released code)."""
+    return ranked_topk_probs_at(logits, mask, k, (temperature,), per_batch, std_scaled)[0]
 
 
 def ranked_topk_probs_at(
-    logits: Tensor, mask: Tensor, k: int, temperatures: tuple[float, ...], per_batch: bool = False
+    logits: Tensor, mask: Tensor, k: int, temperatures: tuple[float, ...], per_batch: bool = False,
+    std_scaled: bool = False,
 ) -> tuple[Tensor, ...]:
     """`ranked_topk_probs` at each of `temperatures`, from one pass over the logits and with one gradient buffer."""
     k = min(k, logits.shape[-1])
     rows = rows_per_chunk(1 << 30, logits.shape[-1] * len(temperatures), logits.device)
     if not (torch.is_grad_enabled() and logits.requires_grad):
         with torch.no_grad():
-            return _RankedTopK.forward(_NoCtx(), logits, mask.bool(), k, temperatures, rows, per_batch)
-    return _RankedTopK.apply(logits, mask.bool(), k, temperatures, rows, per_batch)
+            return _RankedTopK.forward(_NoCtx(), logits, mask.bool(), k, temperatures, rows, per_batch, std_scaled)
+    return _RankedTopK.apply(logits, mask.bool(), k, temperatures, rows, per_batch, std_scaled)
 
 
 class _NoCtx:
@@ -256,6 +275,8 @@ class _KernelSinkhorn(torch.autograd.Function):
 
 
 VARIANTS = ("paper", "released_code")
+# The released code's Sinkhorn term is 0.001 times its sum over the sequences of the batch (`Sinkhorn_seq.forward`).
+RELEASED_SINKHORN_SCALE = 1e-3
 
 
 def multilevel_ot(
@@ -285,10 +306,8 @@ def multilevel_ot(
     The teacher weights the log of the student in sl, so its gradient matches the student to the teacher. A term
     at another temperature ranks its own probabilities. log s^k is floored at float32's smallest normal number
     (only a column past a vocabulary smaller than top_k, zero-padded, reaches it).
-    `variant="released_code"` reproduces the authors' code (2018cx/Multi-Level-OT) for comparisons with their
-    numbers: one ranking per batch, and sl and sd on a second softmax of the truncated probabilities with the roles
-    of sl reversed, sl = -1/T sum_t sum_i softmax(s^k_t / tau_SL)_i log softmax(t^k_t / tau_SL)_i and C_ij =
-    ||softmax(t^k_i / tau_SD) - softmax(s^k_j / tau_SD)||_1, t^k and s^k at `temperature` (docs/cross_tokenizer.md).
+    `variant="released_code"` computes what the authors' code computes instead (`_released_code_terms`), for
+    comparisons with their numbers (docs/cross_tokenizer.md).
     The teacher side never carries a gradient. `components` names the terms to compute (ablations skip the rest).
     `mask` marks the student's response positions, `teacher_mask` the teacher's (default: see `_masks`). A side given
     as `HiddenStates` is ranked from its hidden states and output layer (`fused_ranked_topk_probs_at`: a first pass
@@ -297,10 +316,13 @@ def multilevel_ot(
     student_mask, teacher_mask = _masks(student_logits, teacher_logits, mask, teacher_mask)
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is unknown; choose one of {VARIANTS}")
-    released = variant == "released_code"
-    wanted = {"had": temperature, "sl": temperature if released else sl_temperature,
-              "sd": temperature if released else sd_temperature}
-    pairs = _RankedPairs(student_logits, teacher_logits.detach(), student_mask, teacher_mask, top_k, released,
+    if variant == "released_code":
+        return _released_code_terms(student_logits, teacher_logits.detach(), student_mask, teacher_mask,
+                                    temperature=temperature, top_k=top_k, sl_temperature=sl_temperature,
+                                    sd_temperature=sd_temperature, sinkhorn_epsilon=sinkhorn_epsilon,
+                                    sinkhorn_iterations=sinkhorn_iterations, components=components)
+    wanted = {"had": temperature, "sl": sl_temperature, "sd": sd_temperature}
+    pairs = _RankedPairs(student_logits, teacher_logits.detach(), student_mask, teacher_mask, top_k, False,
                          tuple(wanted[term] for term in components if term in wanted))
     matched = _valid_length_mask(student_mask, teacher_mask)  # (B, T)
     width, counts = matched.shape[1], matched.sum(-1).clamp(min=1)
@@ -313,12 +335,59 @@ def multilevel_ot(
         t_top, s_top = pairs(temperature)
         out["had"] = position_mean((t_top[:, :width] - s_top[:, :width]).abs().sum(-1))
     if "sl" in components:
-        out["sl"] = position_mean(_sequential_log_loss(pairs, width, temperature, sl_temperature, released))
+        t_top, s_top = (x[:, :width] for x in pairs(sl_temperature))
+        floor = torch.finfo(torch.float32).tiny
+        out["sl"] = position_mean(-(t_top * s_top.clamp(min=floor).log()).sum(-1))
     if "sd" in components:
-        t_sd, s_sd = _sinkhorn_inputs(pairs, temperature, sd_temperature, released)
+        t_sd, s_sd = pairs(sd_temperature)
         cost = torch.cdist(t_sd, s_sd, p=1)  # (B, Tt, Ts)
         plan = log_sinkhorn(cost, teacher_mask.bool(), student_mask.bool(), sinkhorn_epsilon, sinkhorn_iterations)
         out["sd"] = _mean_over_sequences((plan * cost).sum(dim=(1, 2)))
+    return out
+
+
+def _released_code_terms(student: Side, teacher: Side, student_mask: Tensor, teacher_mask: Tensor, *,
+                         temperature: float, top_k: int, sl_temperature: float, sd_temperature: float,
+                         sinkhorn_epsilon: float, sinkhorn_iterations: int,
+                         components: tuple[str, ...]) -> dict[str, Tensor]:
+    """The terms of the authors' `DistillationLoss` (2018cx/Multi-Level-OT, models/distillation_model.py, f=1),
+    so that alpha * (had + beta sl + gamma sd) is its distillation loss with distil_factor alpha.
+
+    Each row of logits is divided by its standard deviation over the vocabulary plus 1e-4, then softmax(. / tau);
+    the response rows are right-padded with zero rows to n, the longest response of either side in the batch; the
+    vocabulary is ranked once for the whole batch by column sums and cut to top_k: t^k, s^k (B, n, k). Then
+      had = mean_b 1/T_b sum_{t < T_b} sum_i |t^k_ti - s^k_ti|, T_b the shorter response of sequence b
+      sl  = -1/(B n) sum_{b, t < n} sum_i softmax(s^k_bt / tau_SL)_i log softmax(t^k_bt / tau_SL)_i   (zero rows too)
+      sd  = 0.001 sum_b sum_ij P_bij C_bij, C_bij = ||softmax(t^k_bi / tau_SD) - softmax(s^k_bj / tau_SD)||_1 over
+            all n x n rows, P_b from `sinkhorn_iterations` row-then-column normalisations of exp(-C_b / epsilon)
+    The released code's plan has rows and columns each summing to 1 (its mass is n); those iterates are n times
+    the uniform-marginal plan of `log_sinkhorn` with every row valid, which is what is computed here. sl, sd and the
+    ranking depend on the whole batch and sd grows with the batch size, as in the released code.
+    """
+    pairs = _RankedPairs(student, teacher, student_mask, teacher_mask, top_k, True, (temperature,), std_scaled=True)
+    t_top, s_top = pairs(temperature)
+    student_lengths, teacher_lengths = student_mask.sum(-1), teacher_mask.sum(-1)
+    batch = student_mask.shape[0]
+    n = int(torch.maximum(student_lengths, teacher_lengths).max()) if batch else 0
+    # responses start at row 0 and are zero past their lengths (ranked rows are masked), so cutting or zero-padding
+    # to n rows gives the released code's padded window
+    t_top, s_top = (F.pad(x[:, :n], (0, 0, 0, n - min(n, x.shape[1]))) for x in (t_top, s_top))
+    out: dict[str, Tensor] = {}
+    if "had" in components:
+        lengths = torch.minimum(student_lengths, teacher_lengths)
+        matched = torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
+        per_row = (t_top - s_top).abs().sum(-1) * matched
+        out["had"] = _mean_over_sequences(per_row.sum(-1) / lengths.clamp(min=1))
+    if "sl" in components:
+        log_t = torch.log_softmax(t_top / sl_temperature, dim=-1)
+        per_row = -(torch.softmax(s_top / sl_temperature, dim=-1) * log_t).sum(-1)
+        out["sl"] = per_row.mean() if per_row.numel() else per_row.sum()  # no rows: 0, with a gradient path
+    if "sd" in components:
+        t_sd, s_sd = torch.softmax(t_top / sd_temperature, dim=-1), torch.softmax(s_top / sd_temperature, dim=-1)
+        cost = torch.cdist(t_sd, s_sd, p=1)  # (B, n, n): teacher rows, student rows
+        every = torch.ones(batch, n, dtype=torch.bool, device=cost.device)
+        plan = log_sinkhorn(cost, every, every, sinkhorn_epsilon, sinkhorn_iterations) * n
+        out["sd"] = RELEASED_SINKHORN_SCALE * (plan * cost).sum()
     return out
 
 
@@ -328,9 +397,9 @@ class _RankedPairs:
     smaller than top_k) is zero-padded to the other."""
 
     def __init__(self, student_logits: Side, teacher_logits: Side, student_mask: Tensor, teacher_mask: Tensor,
-                 top_k: int, per_batch: bool, temperatures: tuple[float, ...]):
+                 top_k: int, per_batch: bool, temperatures: tuple[float, ...], std_scaled: bool = False):
         temperatures = tuple(dict.fromkeys(temperatures))  # distinct, in order
-        sides = [_ranked(side, mask, top_k, temperatures, per_batch) if temperatures else ()
+        sides = [_ranked(side, mask, top_k, temperatures, per_batch, std_scaled) if temperatures else ()
                  for side, mask in ((teacher_logits, teacher_mask), (student_logits, student_mask))]
         self.cache: dict[float, tuple[Tensor, Tensor]] = {}
         for temperature, t_top, s_top in zip(temperatures, *sides):
@@ -341,32 +410,12 @@ class _RankedPairs:
         return self.cache[temperature]
 
 
-def _ranked(side: Side, mask: Tensor, k: int, temperatures: tuple[float, ...], per_batch: bool) -> tuple[Tensor, ...]:
+def _ranked(side: Side, mask: Tensor, k: int, temperatures: tuple[float, ...], per_batch: bool,
+            std_scaled: bool) -> tuple[Tensor, ...]:
     if isinstance(side, HiddenStates):
-        return fused_ranked_topk_probs_at(side.hidden, side.layer, mask, k, temperatures, per_batch)
-    return ranked_topk_probs_at(side, mask, k, temperatures, per_batch)
-
-
-def _sequential_log_loss(pairs: "_RankedPairs", width: int, temperature: float, sl_temperature: float,
-                         released: bool) -> Tensor:
-    """(B, T) per position: -sum_i t^k_i log s^k_i at tau_SL (paper), or the released code's
-    -sum_i softmax(s^k / tau_SL)_i log softmax(t^k / tau_SL)_i on t^k, s^k at `temperature`."""
-    if released:
-        t_top, s_top = (x[:, :width] for x in pairs(temperature))
-        log_t = torch.log_softmax(t_top / sl_temperature, dim=-1)
-        return -(torch.softmax(s_top / sl_temperature, dim=-1) * log_t).sum(-1)
-    t_top, s_top = (x[:, :width] for x in pairs(sl_temperature))
-    return -(t_top * s_top.clamp(min=torch.finfo(torch.float32).tiny).log()).sum(-1)
-
-
-def _sinkhorn_inputs(pairs: "_RankedPairs", temperature: float, sd_temperature: float,
-                     released: bool) -> tuple[Tensor, Tensor]:
-    """The distributions the Sinkhorn cost compares: t^k, s^k at tau_SD (paper), or the released code's
-    softmax(t^k / tau_SD), softmax(s^k / tau_SD) on t^k, s^k at `temperature`."""
-    if released:
-        t_top, s_top = pairs(temperature)
-        return torch.softmax(t_top / sd_temperature, dim=-1), torch.softmax(s_top / sd_temperature, dim=-1)
-    return pairs(sd_temperature)
+        return fused_ranked_topk_probs_at(side.hidden, side.layer, mask, k, temperatures, per_batch,
+                                          std_scaled=std_scaled)
+    return ranked_topk_probs_at(side, mask, k, temperatures, per_batch, std_scaled)
 
 
 def universal_logit_distillation(

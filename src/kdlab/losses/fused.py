@@ -445,21 +445,49 @@ def fused_universal_logit_distillation(student_hidden: Tensor, student_layer: Ou
     return {"uld": _apply(hs, student_layer, weights.reshape(-1), target, chunk_size)}
 
 
+# MultiLevelOT's released code (its `normalize`) divides each row of logits by its standard deviation over the
+# vocabulary (Bessel-corrected) plus this, before any softmax: loss=ot's variant=released_code does the same.
+STD_SCALE_OFFSET = 1e-4
+
+
+def row_std_scale(z: Tensor) -> Tensor:
+    """(3, rows): each row's mean, standard deviation (Bessel-corrected) and std + STD_SCALE_OFFSET, the divisor of
+    the released MultiLevelOT code's `normalize` (z (rows, V) in the compute dtype)."""
+    mean, std = z.mean(dim=-1), z.std(dim=-1)
+    return torch.stack((mean, std, std + STD_SCALE_OFFSET))
+
+
+def chain_row_std_scale_(grad: Tensor, z: Tensor, stats: Tensor) -> Tensor:
+    """d loss / d z from grad = d loss / d x, x = z / (std(z) + offset), in place on grad (rows, V); `stats` is
+    `row_std_scale(z)`. d x_j / d z_i = delta_ij / s - z_j / s^2 * (z_i - mean) / ((V - 1) std): the scale is a
+    function of the row, so every column's gradient gets a share of <grad, z>."""
+    mean, std, scale = stats
+    share = torch.einsum("rv,rv->r", grad, z) / (scale * scale * (z.shape[-1] - 1) * std.clamp(min=torch.finfo(
+        std.dtype).tiny))
+    return grad.div_(scale[:, None]).sub_((z - mean[:, None]).mul_(share[:, None]))
+
+
 def _ranking(hidden: Tensor, layer: OutputLayer, weight: Tensor, owner: Tensor, groups: int, k: int,
-             temperatures: tuple[float, ...], rows: int) -> tuple[Tensor, Tensor]:
+             temperatures: tuple[float, ...], rows: int, std_scaled: bool = False
+             ) -> tuple[Tensor, Tensor, Tensor | None]:
     """First pass: per row and temperature the log-normaliser (nT, N); per group the top-k columns of its masked
-    probabilities' column sums, broadcast to its rows (nT, N, k)."""
+    probabilities' column sums, broadcast to its rows (nT, N, k); with `std_scaled` each row's `row_std_scale`
+    (3, N), by which its logits are divided before the temperature (else None)."""
     dtype = weight.dtype
     lse = torch.empty(len(temperatures), hidden.shape[0], dtype=dtype, device=hidden.device)
     column_sums = torch.zeros(len(temperatures), groups, layer.columns, dtype=dtype, device=hidden.device)
+    stats = torch.empty(3, hidden.shape[0], dtype=dtype, device=hidden.device) if std_scaled else None
     for start in range(0, hidden.shape[0], rows):
         part = slice(start, start + rows)
         z, _ = _layer_chunk(hidden[part], layer, dtype)
+        if stats is not None:
+            stats[:, part] = row_std_scale(z)
+            z = z.div_(stats[2, part, None])
         for i, temperature in enumerate(temperatures):
             x = z / temperature
             lse[i, part] = torch.logsumexp(x, dim=-1)
             column_sums[i].index_add_(0, owner[part], x.sub_(lse[i, part, None]).exp_().mul_(weight[part, None]))
-    return lse, column_sums.topk(k, dim=-1).indices[:, owner]
+    return lse, column_sums.topk(k, dim=-1).indices[:, owner], stats
 
 
 def _selected_logits(hidden: Tensor, layer: OutputLayer, index: Tensor, dtype: torch.dtype) -> Tensor:
@@ -480,29 +508,32 @@ class _FusedRankedTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor, softcap: float | None,
-                vocab: int | None, k: int, temperatures: tuple[float, ...], rows: int, per_batch: bool):
+                vocab: int | None, k: int, temperatures: tuple[float, ...], rows: int, per_batch: bool,
+                std_scaled: bool = False):
         layer = OutputLayer(weight, bias, softcap, vocab)
         batch, positions = mask.shape
         dtype = compute_dtype(hidden, weight)
         row_weight = mask.reshape(-1).to(dtype)
         groups = 1 if per_batch else batch
         owner = torch.arange(groups, device=hidden.device).repeat_interleave(positions * (batch // groups))
-        lse, index = _ranking(hidden, layer, row_weight, owner, groups, k, temperatures, rows)
+        lse, index, stats = _ranking(hidden, layer, row_weight, owner, groups, k, temperatures, rows, std_scaled)
         tops = []
         for i, temperature in enumerate(temperatures):
             top = torch.empty(hidden.shape[0], k, dtype=dtype, device=hidden.device)
             for start in range(0, hidden.shape[0], rows):
                 part = slice(start, start + rows)
                 z = _selected_logits(hidden[part], layer, index[i, part], dtype)
+                if stats is not None:
+                    z = z / stats[2, part, None]
                 top[part] = (z / temperature - lse[i, part, None]).exp() * row_weight[part, None]
             tops.append(top)
-        ctx.save_for_backward(hidden, weight, bias, row_weight, lse, index, *tops)
+        ctx.save_for_backward(hidden, weight, bias, row_weight, lse, index, stats, *tops)
         ctx.settings = (softcap, vocab, temperatures, rows)
         return tuple(top.view(batch, positions, k) for top in tops)
 
     @staticmethod
     def backward(ctx, *grad_tops: Tensor):
-        hidden, weight, bias, row_weight, lse, index, *tops = ctx.saved_tensors
+        hidden, weight, bias, row_weight, lse, index, stats, *tops = ctx.saved_tensors
         softcap, vocab, temperatures, rows = ctx.settings
         layer, dtype = OutputLayer(weight, bias, softcap, vocab), row_weight.dtype
         gqs = [torch.zeros_like(top) if g is None else g.reshape(top.shape).to(dtype) * top
@@ -512,14 +543,17 @@ class _FusedRankedTopK(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             part = slice(start, start + rows)
             z, dcap = _layer_chunk(hidden[part], layer, dtype)
+            x = z if stats is None else z / stats[2, part, None]
             g = torch.zeros_like(z)
             for i, temperature in enumerate(temperatures):
-                q = (z / temperature).sub_(lse[i, part, None]).exp_()
+                q = (x / temperature).sub_(lse[i, part, None]).exp_()
                 g += q.mul_(-inners[i][part, None]).scatter_add_(1, index[i, part], gqs[i][part]).div_(temperature)
+            if stats is not None:
+                g = chain_row_std_scale_(g, z, stats[:, part])
             g.mul_(row_weight[part, None])
             _accumulate(g if dcap is None else g.mul_(dcap), hidden[part], weight, part, grad_h, grad_w, grad_b)
         grads = [grad_h, grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(bias.dtype)]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def _accumulate(g: Tensor, h: Tensor, weight: Tensor, index: Any, grad_h: Tensor | None, grad_w: Tensor | None,
@@ -537,16 +571,16 @@ def _accumulate(g: Tensor, h: Tensor, weight: Tensor, index: Any, grad_h: Tensor
 
 def fused_ranked_topk_probs_at(hidden: Tensor, layer: OutputLayer, mask: Tensor, k: int,
                                temperatures: tuple[float, ...], per_batch: bool = False,
-                               chunk_size: int | None = None) -> tuple[Tensor, ...]:
-    """kdlab.losses.cross_tokenizer.ranked_topk_probs_at(layer.logits(hidden), mask, k, temperatures, per_batch),
-    without (B, T, V) logits: hidden (B, T, H), mask (B, T) -> one (B, T, k) tensor per temperature, each
-    sequence's probabilities on its k most used vocabulary entries (MultiLevelOT's t^k, s^k)."""
+                               chunk_size: int | None = None, std_scaled: bool = False) -> tuple[Tensor, ...]:
+    """kdlab.losses.cross_tokenizer.ranked_topk_probs_at(layer.logits(hidden), mask, k, temperatures, per_batch,
+    std_scaled), without (B, T, V) logits: hidden (B, T, H), mask (B, T) -> one (B, T, k) tensor per temperature,
+    each sequence's probabilities on its k most used vocabulary entries (MultiLevelOT's t^k, s^k)."""
     if hidden.dim() != 3 or tuple(mask.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"hidden (B, T, H) and mask (B, T) expected, got {tuple(hidden.shape)}, {tuple(mask.shape)}")
     k = min(k, layer.columns)
     rows = _rows(chunk_size, layer.columns * len(temperatures), hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    args = (layer.softcap, layer.vocab, k, tuple(temperatures), rows, per_batch)
+    args = (layer.softcap, layer.vocab, k, tuple(temperatures), rows, per_batch, std_scaled)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or layer.weight.requires_grad)):
         with torch.no_grad():
             return _FusedRankedTopK.apply(flat, layer.weight, layer.bias, mask.bool(), *args)

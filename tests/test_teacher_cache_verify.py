@@ -326,10 +326,10 @@ def test_a_second_writer_is_refused_naming_the_first_and_the_lock_goes_when_it_c
     shard = cache / SHARD
     with ShardWriter(shard, K, "float16", block_bytes=BLOCK):
         holder = f"pid {os.getpid()} on host {socket.gethostname()}"
-        with pytest.raises(CacheError, match=f"writer.lock: shard {SHARD} is being written by kdlab-cache-teacher "
+        with pytest.raises(CacheError, match=f"writer.lock: {SHARD} is being written by kdlab-cache-teacher "
                                              f"{holder} since .*wait for that one to finish"):
             ShardWriter(shard, K, "float16", block_bytes=BLOCK)
-        with pytest.raises(CacheError, match=f"writer.lock: shard {SHARD} is being written by .*{holder}"):
+        with pytest.raises(CacheError, match=f"writer.lock: {SHARD} is being written by .*{holder}"):
             cache_teacher(compose_conf([*WRITE, f"cache.dir={cache}"], config_name="cache_teacher"))
     assert (shard / "writer.lock").read_text() == ""
     cache_teacher(compose_conf([*WRITE, f"cache.dir={cache}"], config_name="cache_teacher"))  # nothing left to do

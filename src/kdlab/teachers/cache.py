@@ -70,8 +70,6 @@ from kdlab.teachers.cache_verify import (
     read_block,
 )
 
-__all__ = ["CacheError", "TeacherCache", "open_cache", "read_manifest", "cache_teacher", "ShardWriter"]
-
 FORMAT = "kdlab-teacher-cache/2"
 # caches written before checksums existed: refused with the command that rewrites them (their files cannot be
 # verified, and a size check alone misses ids moved within range or bytes overwritten in place)
@@ -266,7 +264,7 @@ class ShardWriter:
         self.row_bytes = {LOGPROBS: top_k * item, IDS: top_k * 4, TAIL: item}
         if samples:
             self.row_bytes[TARGETS] = 4
-        self.lock = WriterLock(self.directory / LOCK, f"shard {self.directory.name}").__enter__()
+        self.lock = WriterLock(self.directory / LOCK, self.directory.name).__enter__()
         try:
             self.progress = self._read_progress(block_bytes)
             self._cut_to_progress()

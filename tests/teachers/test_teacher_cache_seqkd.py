@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,6 +142,20 @@ def test_resume_after_an_interruption_gives_identical_files(samples, tmp_path, m
         _write(directory, "cache.seed=4")
     _write(directory)
     assert _files(directory) == _files(samples)
+
+
+def test_the_sampled_targets_are_verified_whole_by_the_default_and_against_the_vocabulary(samples, tmp_path) -> None:
+    copy = Path(shutil.copytree(samples, tmp_path / "copy"))
+    path = copy / "shard-00000-of-00001" / "target_ids.bin"
+    data = bytearray(path.read_bytes())
+    data[-4:] = np.array([VOCAB], dtype="<i4").tobytes()  # the last row (verify=sampled reads this file whole)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=re.escape(str(path)) + r": block 0 \(bytes 0-\d+\) does not match"):
+        open_cache(copy)
+    largest = max(int(open_cache(samples).targets(i).max()) for i in range(23))
+    with pytest.raises(CacheError, match=rf"target_ids.bin: token id {largest} at row \d+ is outside the student's "
+                                         rf"vocabulary \[0, {largest}\)"):
+        open_cache(samples, vocab_size=largest)
 
 
 def test_the_writer_refuses_other_targets_or_sampling_in_the_same_directory(samples) -> None:

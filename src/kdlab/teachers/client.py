@@ -100,7 +100,7 @@ class TeacherClient:
         return TopK(logprobs.masked_fill(~mask[..., None], 0.0), ids, tail, mask)
 
     def target_top_k(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> TopK:
-        """Top-k aligned as `kdlab.models.loading.score_targets`' logits: row j of example b is the distribution of
+        """Top-k aligned as `kdlab.models.scoring.score_targets`' logits: row j of example b is the distribution of
         targets[b][j] given the prompt and targets[b][:j]; (batch, longest target, k), mask False past a target."""
         if any(len(p) < 1 for p in prompts):
             raise ValueError("every prompt needs at least one token (the first target token is predicted from it)")

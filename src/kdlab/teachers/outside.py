@@ -44,6 +44,16 @@ def outside_teacher_errors(cfg: Mapping[str, Any]) -> list[str]:
     key = "dir" if kind == CACHED else "url"
     if not teacher.get(key):
         errors.append(f"teacher={kind} needs teacher.{key}")
+    if kind == CACHED:
+        from kdlab.teachers.cache_verify import VERIFY_MODES
+
+        if teacher.get("verify", "sampled") not in VERIFY_MODES:
+            errors.append(f"teacher.verify={teacher.get('verify')!r}: one of {', '.join(VERIFY_MODES)} (how much of "
+                          f"the cache is re-read against its checksums before training)")
+        for name in ("verify_blocks", "verify_seed"):
+            value = teacher.get(name, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                errors.append(f"teacher.{name}={value!r}: an integer >= 0")
     fraction = float(cfg["policy"]["student_fraction"])
     if kind == CACHED and fraction > 0:
         errors.append(f"teacher=cached holds the teacher's distributions on the fixed training targets only, but "
@@ -137,33 +147,37 @@ def _padded(rows: Sequence[tuple[Tensor, Tensor, Tensor]], mask: Tensor, k: int)
 def build_outside_teacher(teacher_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], tokenizer: Any,
                           train_examples: Sequence[Any],
                           policy_cfg: Mapping[str, Any] | None = None) -> CachedTeacher | RemoteTeacher:
-    """Open the cache (checked against this run's tokenizer, task settings, data, k and, from `policy_cfg`, its
-    targets: the ground truth, or for SeqKD the teacher's samples under this run's sampling settings) or connect to
+    """Open the cache (its manifest checked against this run's tokenizer, task settings, data, k and, from
+    `policy_cfg`, its targets: the ground truth, or for SeqKD the teacher's samples under this run's sampling
+    settings; then its files verified as `teacher.verify` says, ids against the student's vocabulary) or connect to
     the server (checked against the student's vocabulary and tokenizer): every mismatch stops here, before training."""
     from kdlab.teachers.cache import (
         GROUND_TRUTH,
         CacheError,
         check_cache_matches,
         open_cache,
+        read_manifest,
         run_fingerprints,
         sampled_targets,
     )
     from kdlab.teachers.fingerprint import tokenizer_fingerprint
 
     if teacher_kind(teacher_cfg) == CACHED:
-        cache = open_cache(teacher_cfg["dir"])
+        manifest = read_manifest(teacher_cfg["dir"])  # which run it was written for, before its files are read
         policy = policy_cfg or {}
         seqkd = policy.get("fixed_source") == "teacher" and float(policy.get("student_fraction", 0.0)) < 1
         targets = sampled_targets(policy["sampling"]) if seqkd else GROUND_TRUTH
         expected = run_fingerprints(task_cfg, tokenizer, train_examples, targets=targets)
         if teacher_cfg.get("top_k") is not None:
             expected["top_k"] = int(teacher_cfg["top_k"])
-        difference = check_cache_matches(cache.manifest, expected)
+        difference = check_cache_matches(manifest, expected)
         if difference:
             how = "cache.targets=teacher" if seqkd else "cache.targets=ground_truth"
             raise CacheError(f"{difference} ({teacher_cfg['dir']}); write a cache for this run with "
                              f"kdlab-cache-teacher <this run's overrides> {how} cache.dir=<dir>")
-        return CachedTeacher(cache)
+        verify = {key: teacher_cfg[key] for key in ("verify", "verify_blocks", "verify_seed")
+                  if teacher_cfg.get(key) is not None}
+        return CachedTeacher(open_cache(teacher_cfg["dir"], vocab_size=len(tokenizer), **verify))
     from kdlab.teachers.client import TeacherClient
 
     client = TeacherClient(str(teacher_cfg["url"]), top_k=int(teacher_cfg["top_k"]), model=teacher_cfg.get("model"),

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from kdlab.conf import compose as compose_conf
@@ -144,3 +146,25 @@ def test_a_server_that_refuses_what_the_run_will_ask_stops_it_at_start_up(tmp_pa
         server.shutdown()
         server.server_close()
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / RESULTS).exists()
+
+
+class RefuseFrom(Callback):
+    """From optimizer step `step` on, the named server refuses k above 4, as a server restarted with a lower
+    server.max_logprobs would."""
+
+    def __init__(self, step: int, name: str = "teacher"):
+        self.step, self.name = step, name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            app = SERVERS[self.name].app
+            app.limits = replace(app.limits, max_logprobs=4)
+
+
+def test_a_refusal_mid_run_is_not_a_lost_server(served, tmp_path):
+    """The step checkpoints and says "Resume" for TeacherLost only: a refusal would be refused again on resuming."""
+    with pytest.raises(TeacherRefused, match=r"\(server.max_logprobs\), got 8\): lower teacher.top_k") as err:
+        _run(tmp_path, "policy=supervised", "trainer.max_steps=4", "teacher=remote", f"teacher.url={served}",
+             "teacher.top_k=8", "teacher.retries=0", f"+callbacks.refuse._target_={__name__}.RefuseFrom",
+             "+callbacks.refuse.step=2")
+    assert "Resume" not in str(err.value)

@@ -551,6 +551,11 @@ def test_client_refuses_to_send_the_key_over_plain_http_to_another_machine(url, 
         assert make().url == url  # nothing is sent at construction
 
 
+def test_client_names_a_url_that_is_not_http() -> None:
+    with pytest.raises(TeacherServerError, match="teacher.url 127.0.0.1:8000 must start with http:// or https://"):
+        TeacherClient("127.0.0.1:8000", top_k=4)
+
+
 @pytest.mark.parametrize("body,message", [
     ({"error": {"message": "nested"}}, "nested"),  # OpenAI, vLLM
     ({"message": "top level", "type": "BadRequestError", "code": 400}, "top level"),  # vLLM in some versions

@@ -81,7 +81,7 @@ def fix_for(message: str) -> str | None:
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """Redirects are answered, not followed: following one would send the Bearer key to wherever it points."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
         return None
 
 

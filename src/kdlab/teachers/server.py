@@ -100,10 +100,10 @@ class TeacherScorer:
         self.dtype = next(model.parameters()).dtype
         self.logprob_dtype = torch.promote_types(self.dtype, torch.float32)
         self.lock = threading.Lock()  # one forward at a time: threads share the model and its memory
-        # the longest text one prompt_logprobs entry can take, for the memory plan
-        digits = len(str(self.vocab_size))
-        self.entry_bytes = len('"": {"logprob": , "rank": , "decoded_token": }, ') + 2 * digits + 24 + max(
-            len(text) for text in self.decoded_json)
+        # the longest text one prompt_logprobs entry can take (id, rank, a 24-character float, the token), for the
+        # memory plan
+        digits, longest_token = len(str(self.vocab_size)), max(len(text) for text in self.decoded_json)
+        self.entry_bytes = len('"": {"logprob": , "rank": , "decoded_token": }, ') + 2 * digits + 24 + longest_token
 
     # -- memory ------------------------------------------------------------------------------------------------------
     def forward_bytes_per_row(self, width: int) -> int:
@@ -113,9 +113,8 @@ class TeacherScorer:
         hidden = int(getattr(config, "hidden_size", 0) or 0)
         inner = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
         heads = int(getattr(config, "num_attention_heads", 0) or 0)
-        per_token = self.vocab_size * self.dtype.itemsize + self.dtype.itemsize * (4 * hidden + 2 * inner
-                                                                                   + 2 * heads * width)
-        return width * per_token
+        activations = 4 * hidden + 2 * inner + 2 * heads * width  # per token: hidden states, MLP, attention scores
+        return width * self.dtype.itemsize * (self.vocab_size + activations)
 
     def answer_bytes(self, lengths: list[int], k: int, body_bytes: int) -> int:
         """Bytes a request holds besides its forward passes: the body and its parsed ids, every position's top-k,

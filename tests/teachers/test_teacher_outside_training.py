@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from kdlab.run.compose import compose as compose_conf
@@ -17,7 +19,7 @@ from kdlab.run.rundir import RESULTS, STUDENT, last_checkpoint
 from kdlab.run.train import run
 from kdlab.run.validate import ConfigError
 from kdlab.teachers.cache import CacheError, cache_teacher
-from kdlab.teachers.client import TeacherServerError
+from kdlab.teachers.client import TeacherRefused, TeacherServerError
 from kdlab.teachers.server import build_server
 from tests.conftest import TINY_RUN, compose
 from tests.workers.callbacks import SERVERS
@@ -26,8 +28,8 @@ VOCAB = 746  # the arith tokenizer: with k = VOCAB the top-k forms are the dense
 TEACHER = ["teacher=arith_teacher", "student=arith_student"]  # both loaded: the runs compared start alike
 RUN = [*TINY_RUN, *TEACHER, "loss=fkl", "eval.teacher=false", "eval.before=false", "task.train_size=24",
        "task.eval_examples=4", "trainer.max_steps=2"]
-def _serve(name: str = "teacher") -> str:
-    cfg = compose_conf(["teacher=arith_teacher", "server.port=0", f"server.max_logprobs={VOCAB}"],
+def _serve(name: str = "teacher", *limits: str) -> str:
+    cfg = compose_conf(["teacher=arith_teacher", "server.port=0", f"server.max_logprobs={VOCAB}", *limits],
                        config_name="serve_teacher")
     server = build_server(cfg)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -124,3 +126,45 @@ def test_a_run_that_loses_its_server_stops_with_a_checkpoint_and_resumes_exactly
     ours, reference = (load_file(str(tmp_path / d / STUDENT / "model.safetensors")) for d in ("lost", "straight"))
     for name in reference:
         torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("limit,overrides,message", [
+    ("server.max_logprobs=16", ["teacher.top_k=32"],
+     r"prompt_logprobs must be an integer in \[0, 16\] \(server.max_logprobs\), got 32\): lower teacher.top_k"),
+    ("server.max_tokens_per_sequence=300", [],  # arith: prompts up to 256 tokens, targets and samples up to 256
+     r"prompt 0 has 512 tokens; at most 300 .*: shorten the run's sequences \(task.max_prompt_tokens"),
+])
+def test_a_server_that_refuses_what_the_run_will_ask_stops_it_at_start_up(tmp_path, limit, overrides, message):
+    """A permanent refusal is not a lost server: the run stops before its first step (no checkpoint, nothing to
+    resume) with the server's message and the fix, instead of failing at the first step that asks."""
+    url = _serve("refusing", limit)
+    try:
+        with pytest.raises(TeacherRefused, match=message):
+            _run(tmp_path, "policy=mixed", "teacher=remote", f"teacher.url={url}", "teacher.retries=0", *overrides)
+    finally:
+        server = SERVERS.pop("refusing")
+        server.shutdown()
+        server.server_close()
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / RESULTS).exists()
+
+
+class RefuseFrom(Callback):
+    """From optimizer step `step` on, the named server refuses k above 4, as a server restarted with a lower
+    server.max_logprobs would."""
+
+    def __init__(self, step: int, name: str = "teacher"):
+        self.step, self.name = step, name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            app = SERVERS[self.name].app
+            app.limits = replace(app.limits, max_logprobs=4)
+
+
+def test_a_refusal_mid_run_is_not_a_lost_server(served, tmp_path):
+    """The step checkpoints and says "Resume" for TeacherLost only: a refusal would be refused again on resuming."""
+    with pytest.raises(TeacherRefused, match=r"\(server.max_logprobs\), got 8\): lower teacher.top_k") as err:
+        _run(tmp_path, "policy=supervised", "trainer.max_steps=4", "teacher=remote", f"teacher.url={served}",
+             "teacher.top_k=8", "teacher.retries=0", f"+callbacks.refuse._target_={__name__}.RefuseFrom",
+             "+callbacks.refuse.step=2")
+    assert "Resume" not in str(err.value)

@@ -12,6 +12,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,8 +21,8 @@ import pytest
 import torch
 
 from kdlab.run.compose import compose
-from kdlab.teachers.client import TeacherClient, TeacherServerError
-from kdlab.teachers.server import TeacherScorer, TeacherServer, build_server
+from kdlab.teachers.client import TeacherClient, TeacherLost, TeacherRefused, TeacherServerError
+from kdlab.teachers.server import ServerLimits, TeacherScorer, TeacherServer, build_server
 from tests.conftest import REPO
 
 torch.set_num_threads(1)  # a tiny model on a shared 2-core machine: one thread is several times faster than two
@@ -140,6 +142,10 @@ BAD_REQUESTS = [
     ("k missing", {"model": "arith-teacher", "prompt": [[1, 2]]}, 400, "prompt_logprobs"),
     ("generation", _request(max_tokens=8), 400, "max_tokens"),
     ("body too large", _request(prompt=[[1] * 30] * 4, pad="x" * 5000), 413, "server.max_request_bytes"),
+    # refused before parsing: a recursion of the JSON decoder, or ~20 bytes of lists per byte of body
+    ("deeply nested arrays", b"[" * 4000, 400, "4000 arrays"),
+    ("array-heavy", b"[" + b"[]," * 1300 + b"[]]", 400, "1302 arrays"),
+    ("deeply nested objects", b'{"a":' * 500 + b"1" + b"}" * 500, 400, "500 objects"),
 ]
 
 
@@ -158,6 +164,44 @@ def test_sequences_past_the_models_positions_are_refused_even_under_a_larger_lim
         parse_completion_request(_request(prompt=[[1] * 513]), server.scorer,
                                  ServerLimits(max_tokens_per_sequence=4096))
     assert err.value.status == 400
+
+
+def test_forward_passes_split_to_fit_the_memory_budget_and_answer_as_one(server) -> None:
+    """8 prompts of 200 tokens: under a 32 MiB budget they go through the model a few rows at a time, and each row's
+    answer is the one it gets in a single pass (float64: padding changes nothing beyond rounding)."""
+    scorer = server.scorer
+    prompts = [[(11 * i + j) % 700 + 3 for j in range(200 - 9 * i)] for i in range(8)]
+    limits = ServerLimits(max_batch=8, max_request_memory=32 * 2**20)
+    rows = scorer.rows_per_pass([len(p) for p in prompts], 8, 20000, limits)
+    per_row, fixed = scorer.forward_bytes_per_row(200), scorer.answer_bytes([len(p) for p in prompts], 8, 20000)
+    assert 1 <= rows < 8 and fixed + rows * per_row <= 32 * 2**20 < fixed + (rows + 1) * per_row
+    split, whole = scorer.score(prompts, 8, rows), scorer.score(prompts, 8, 8)
+    for a, b in zip(split, whole):
+        assert torch.equal(a.top_ids, b.top_ids) and torch.equal(a.rank, b.rank) and a.greedy == b.greedy
+        assert torch.allclose(a.top_values, b.top_values, rtol=0, atol=1e-12)
+        assert torch.allclose(a.own, b.own, rtol=0, atol=1e-12)
+
+
+def test_a_request_over_the_memory_budget_is_413_saying_what_fits(server) -> None:
+    from kdlab.teachers.server import ApiError
+
+    scorer, limits = server.scorer, ServerLimits(max_batch=64, max_request_memory=32 * 2**20)
+    with pytest.raises(ApiError, match=r"a prompt of 512 tokens needs ~.* MiB in one forward pass over a vocabulary "
+                                       r"of 746; server.max_request_memory is 32.0 MiB, which fits prompts of at most "
+                                       r"(\d+) tokens \(at k = 64\)") as err:
+        scorer.rows_per_pass([512], 64, 0, limits)
+    fits = int(re.search(r"at most (\d+) tokens", err.value.message).group(1))
+    assert err.value.status == 413 and scorer.rows_per_pass([fits], 64, 0, limits) == 1
+    with pytest.raises(ApiError, match=f"a prompt of {fits + 1} tokens"):
+        scorer.rows_per_pass([fits + 1], 64, 0, limits)
+    with pytest.raises(ApiError, match=r"64 prompts of up to 300 tokens at k = 64 need ~.* for their top-k, answer "
+                                       r"and one forward pass; server.max_request_memory is 32.0 MiB, which fits "
+                                       r"(\d+) such prompts") as err:
+        scorer.rows_per_pass([300] * 64, 64, 0, limits)
+    most = int(re.search(r"fits (\d+) such", err.value.message).group(1))
+    assert 1 <= most < 64 and scorer.rows_per_pass([300] * most, 64, 0, limits) >= 1
+    with pytest.raises(ApiError, match=f"fits {most} such prompts"):
+        scorer.rows_per_pass([300] * (most + 1), 64, 0, limits)
 
 
 def test_a_body_without_content_length_is_411(server) -> None:
@@ -181,11 +225,148 @@ def test_a_failing_forward_is_a_500_without_traceback_and_the_server_survives(se
     def broken(sequences):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(server.scorer, "log_probs", broken)
+    monkeypatch.setattr(server.scorer, "forward", broken)
     status, out = _post(server.url, "/v1/completions", _request())
     assert status == 500 and "secret" not in json.dumps(out)
     monkeypatch.undo()
     assert _post(server.url, "/v1/completions", _request())[0] == 200
+
+
+# -- HTTP: every answer JSON, bounded in time and in number ------------------------------------------------------------
+@contextmanager
+def _served(scorer: TeacherScorer, host: str = "127.0.0.1", **limits) -> Iterator[TeacherServer]:
+    """A server of the module's teacher with the module fixture's limits changed by `limits`."""
+    base = ServerLimits(max_batch=4, max_tokens_per_sequence=32, max_request_bytes=4096, max_logprobs=16)
+    srv = _serve(TeacherServer(scorer, host=host, api_key=KEY, limits=replace(base, **limits)))
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _exchange(url: str, raw: bytes, timeout: float = 10) -> tuple[int, dict, bytes]:
+    """Send raw bytes, read one HTTP answer: (status, headers, body)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
+        conn.sendall(raw)
+        response = http.client.HTTPResponse(conn)
+        response.begin()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+
+
+@pytest.mark.parametrize("method,path,allowed", [
+    ("PUT", "/v1/completions", "POST"), ("GET", "/v1/completions", "POST"), ("POST", "/v1/models", "GET"),
+    ("DELETE", "/health", "GET"), ("BREW", "/v1/models", "GET"),
+])
+def test_a_wrong_method_gets_405_naming_the_right_one(server, method, path, allowed) -> None:
+    request = f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 0\r\n\r\n"
+    status, headers, body = _exchange(server.url, request.encode())
+    error = json.loads(body)["error"]
+    assert (status, headers["allow"], error["code"]) == (405, allowed, 405) and f"use {allowed}" in error["message"]
+
+
+def test_a_query_string_does_not_change_the_route(server) -> None:
+    assert _post(server.url, "/health?probe=1", b"GET", key=None) == (200, {})
+    assert _post(server.url, "/v1/models?x=y", b"GET")[1]["data"][0]["id"] == "arith-teacher"
+    assert _post(server.url, "/v1/completions?x=y", _request(prompt=[[1, 2, 3]]))[0] == 200
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"NOT HTTP AT ALL\r\n\r\n", "invalid HTTP request"),
+    # headers still incomplete past max_header_bytes (16 KiB): h11 bounds what it buffers, so this is refused
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20000, "invalid HTTP request"),
+])
+def test_malformed_http_and_oversized_headers_get_a_json_400(server, raw, message) -> None:
+    status, headers, body = _exchange(server.url, raw)
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert message in json.loads(body)["error"]["message"]
+    assert _post(server.url, "/health", b"GET", key=None) == (200, {})
+
+
+def test_answers_do_not_name_the_server_software(server) -> None:
+    _, headers, _ = _exchange(server.url, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert "server" not in headers and not any("python" in v.lower() for v in headers.values())
+
+
+def test_the_ipv6_loopback_serves(server, reference) -> None:
+    with _served(server.scorer, host="::1") as v6:
+        assert v6.url.startswith("http://[::1]:")
+        client = TeacherClient(v6.url, top_k=4, api_key=KEY, retries=0)
+        client.check(746)
+        got = client.top_k(SEQUENCES[:1])
+    want = reference[1](SEQUENCES[0])[:-1].topk(4)
+    assert torch.equal(got.ids[0], want.indices)
+    assert torch.allclose(got.logprobs[0].double(), want.values, rtol=0, atol=1e-6)  # the client keeps float32
+
+
+def _closed_by_server(conn: socket.socket, within: float) -> bool:
+    conn.settimeout(within)
+    try:
+        return conn.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_past_max_connections_a_request_gets_503_until_idle_connections_reach_the_header_deadline(server) -> None:
+    with _served(server.scorer, max_connections=4, header_timeout=1.0) as srv:
+        host, port = srv.server_address
+        idle = [socket.create_connection((host, port)) for _ in range(4)]  # connected, sending nothing
+        try:
+            status, out = _post(srv.url, "/v1/completions", _request(prompt=[[1, 2, 3]]))
+            assert status == 503 and "5 connections open, at most 4 (server.max_connections)" in out["error"]["message"]
+            started = time.monotonic()
+            assert all(_closed_by_server(conn, within=5) for conn in idle)
+            assert time.monotonic() - started < 2.0  # 1 s after they connected, not at some later sweep
+            assert _post(srv.url, "/v1/completions", _request(prompt=[[1, 2, 3]]))[0] == 200
+        finally:
+            for conn in idle:
+                conn.close()
+
+
+def test_a_slow_body_gets_408_and_a_request_waiting_past_queue_timeout_gets_503(server) -> None:
+    """One turn (max_requests_in_flight=1), held by a body that never completes: the next completion waits
+    queue_timeout (0.3 s) and gets 503, which the client retries; the slow one gets 408 at body_timeout (1 s)."""
+    with _served(server.scorer, max_requests_in_flight=1, body_timeout=1.0, queue_timeout=0.3) as srv:
+        host, port = srv.server_address
+        with socket.create_connection((host, port), timeout=10) as slow:
+            slow.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                         f"Content-Length: 100\r\n\r\n{{".encode())
+            started = time.monotonic()
+            status, out = _post(srv.url, "/v1/completions", _request(prompt=[[1, 2, 3]]))
+            waited = time.monotonic() - started
+            assert status == 503 and "server.queue_timeout" in out["error"]["message"] and 0.3 <= waited < 0.9
+            response = http.client.HTTPResponse(slow)
+            response.begin()
+            assert response.status == 408 and "server.body_timeout" in json.loads(response.read())["error"]["message"]
+        assert _post(srv.url, "/v1/completions", _request(prompt=[[1, 2, 3]]))[0] == 200  # the turn is free again
+
+
+def test_a_client_that_leaves_its_answer_unread_is_dropped_and_frees_its_turn(server) -> None:
+    """A ~20 MB answer to a client that reads nothing: after write_timeout (0.5 s) of no progress the connection is
+    dropped (the answer arrives cut short), and the one turn serves the next request."""
+    prompts = [[(7 * i + j) % 700 + 3 for j in range(200)] for i in range(20)]
+    raw = json.dumps(_request(k=64, prompt=prompts)).encode()
+    with _served(server.scorer, max_requests_in_flight=1, write_timeout=0.5, max_batch=20, max_logprobs=64,
+                 max_tokens_per_sequence=512, max_request_bytes=2**20) as srv:
+        host, port = srv.server_address
+        with socket.socket() as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.connect((host, port))
+            stalled.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                            f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+            assert _post(srv.url, "/v1/completions", _request(prompt=[[1, 2, 3]]))[0] == 200  # after the drop
+            received = b""
+            stalled.settimeout(10)
+            try:
+                while chunk := stalled.recv(2**20):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+    assert received.startswith(b"HTTP/1.1 200") and not received.endswith(b"0\r\n\r\n")  # cut before its end
+    assert 0 < len(received) < 15 * 2**20
 
 
 # -- client -----------------------------------------------------------------------------------------------------------
@@ -261,7 +442,7 @@ def test_client_refuses_ids_outside_the_students_vocabulary_from_a_vllm_like_ser
 
 
 def test_client_with_the_wrong_key_says_so(server) -> None:
-    with pytest.raises(TeacherServerError, match=f"{server.url} refused the API key"):
+    with pytest.raises(TeacherRefused, match=f"{server.url} refused the API key"):
         TeacherClient(server.url, top_k=4, api_key="nope", retries=0).check(746)
 
 
@@ -274,7 +455,7 @@ def _free_port() -> int:
 def test_client_of_a_server_that_is_down_names_the_url_after_retries() -> None:
     url = f"http://127.0.0.1:{_free_port()}"  # bound and closed: nothing listens
     started = time.monotonic()
-    with pytest.raises(TeacherServerError, match=f"{url} failed 3 tries .*is it running"):
+    with pytest.raises(TeacherLost, match=f"{url} failed 3 tries .*is it running"):
         TeacherClient(url, top_k=4, retries=2, backoff=0.05).check(746)
     assert time.monotonic() - started >= 0.05 + 0.1  # backoff 0.05 then 0.1 between the three tries
 
@@ -284,39 +465,125 @@ def test_client_timeout_is_reported() -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        with pytest.raises(TeacherServerError, match=r"failed 2 tries \(no answer within 0.2s\)"):
+        with pytest.raises(TeacherLost, match=r"failed 2 tries \(no answer within 0.2s\)"):
             TeacherClient(url, top_k=4, timeout=0.2, retries=1, backoff=0.01).check(746)
 
 
-def test_client_retries_5xx_and_not_4xx() -> None:
-    calls = []
+@contextmanager
+def _canned(answer) -> Iterator[tuple[str, list]]:
+    """A plain HTTP server whose every request gets `answer(path) -> (status, body bytes, headers)`; yields its URL
+    and the (method, path, Authorization) of each request it saw."""
+    seen = []
 
-    class Flaky(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            calls.append(self.path)
-            code = 503 if self.path == "/v1/models" else 400
-            body = json.dumps({"error": {"message": f"busy {code}", "type": "x", "code": code}}).encode()
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(body)))
+    class Canned(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            seen.append((self.command, self.path, self.headers.get("Authorization")))
+            if self.headers.get("Content-Length"):
+                self.rfile.read(int(self.headers["Content-Length"]))
+            status, body, headers = answer(self.path)
+            self.send_response(status)
+            for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
+
+        do_GET = do_POST = _answer  # noqa: N815
 
         def log_message(self, *args) -> None:
             pass
 
-    flaky = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=flaky.serve_forever, daemon=True).start()
+    canned = ThreadingHTTPServer(("127.0.0.1", 0), Canned)
+    threading.Thread(target=canned.serve_forever, daemon=True).start()
     try:
-        client = TeacherClient(f"http://127.0.0.1:{flaky.server_address[1]}", top_k=4, retries=3, backoff=0.01)
-        with pytest.raises(TeacherServerError, match="HTTP 503: busy 503"):
-            client.check(746)
-        assert len(calls) == 4  # one try and three retries
-        with pytest.raises(TeacherServerError, match=r"rejected GET /other \(400: busy 400\)"):
-            client._request("GET", "/other")
-        assert len(calls) == 5  # a 4xx is not retried
+        yield f"http://127.0.0.1:{canned.server_address[1]}", seen
     finally:
-        flaky.shutdown()
-        flaky.server_close()
+        canned.shutdown()
+        canned.server_close()
+
+
+def _error(code: int, message: str) -> tuple[int, bytes, dict]:
+    return code, json.dumps({"error": {"message": message, "type": "x", "code": code}}).encode(), {}
+
+
+@pytest.mark.parametrize("code,kind,tries", [
+    (500, TeacherLost, 4), (503, TeacherLost, 4), (408, TeacherLost, 4), (429, TeacherLost, 4),
+    (400, TeacherRefused, 1), (404, TeacherRefused, 1), (413, TeacherRefused, 1), (401, TeacherRefused, 1),
+    (403, TeacherRefused, 1),
+])
+def test_client_retries_then_reports_a_lost_server_and_stops_at_once_on_a_refusal(code, kind, tries) -> None:
+    """5xx, 408 and 429 may pass: retried, then TeacherLost (the run checkpoints). Other 4xx would come back the same:
+    one try, TeacherRefused with the server's message."""
+    with _canned(lambda path: _error(code, f"answer {code}")) as (url, seen):
+        client = TeacherClient(url, top_k=4, retries=3, backoff=0.01)
+        with pytest.raises(kind, match=f"answer {code}") as err:
+            client.check(746)
+        assert len(seen) == tries and type(err.value) is kind
+        if kind is TeacherRefused:
+            assert err.value.status == code and err.value.server_message == f"answer {code}"
+
+
+def test_client_never_follows_a_redirect_and_never_sends_the_key_elsewhere() -> None:
+    with _canned(lambda path: (200, b"{}", {})) as (elsewhere, seen_elsewhere):
+        moved = lambda path: (307, b"", {"Location": elsewhere + path})  # noqa: E731
+        with _canned(moved) as (url, seen):
+            with pytest.raises(TeacherRefused, match=f"redirects /v1/models \\(307\\) to {elsewhere}/v1/models; "
+                                                     f"set teacher.url"):
+                TeacherClient(url, top_k=4, api_key=KEY, retries=2).check(746)
+    assert seen == [("GET", "/v1/models", f"Bearer {KEY}")] and seen_elsewhere == []
+
+
+@pytest.mark.parametrize("url,key,allow,refused", [
+    ("http://10.1.2.3:8000", KEY, False, True),
+    ("http://teacher.example.org:8000", KEY, False, True),
+    ("http://10.1.2.3:8000", KEY, True, False),  # teacher.allow_insecure_key=true
+    ("http://10.1.2.3:8000", None, False, False),  # no key to leak
+    ("https://10.1.2.3:8000", KEY, False, False),
+    ("http://localhost:8000", KEY, False, False),
+    ("http://127.0.0.2:8000", KEY, False, False),
+    ("http://[::1]:8000", KEY, False, False),
+])
+def test_client_refuses_to_send_the_key_over_plain_http_to_another_machine(url, key, allow, refused) -> None:
+    make = lambda: TeacherClient(url, top_k=4, api_key=key, allow_insecure_key=allow)  # noqa: E731
+    if refused:
+        with pytest.raises(TeacherServerError, match=r"plain HTTP to another machine.*teacher.allow_insecure_key=true"):
+            make()
+    else:
+        assert make().url == url  # nothing is sent at construction
+
+
+def test_client_names_a_url_that_is_not_http() -> None:
+    with pytest.raises(TeacherServerError, match="teacher.url 127.0.0.1:8000 must start with http:// or https://"):
+        TeacherClient("127.0.0.1:8000", top_k=4)
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"error": {"message": "nested"}}, "nested"),  # OpenAI, vLLM
+    ({"message": "top level", "type": "BadRequestError", "code": 400}, "top level"),  # vLLM in some versions
+    ({"error": "a string"}, "a string"),
+    ({"detail": "Not Found"}, "Not Found"),  # FastAPI's own errors
+    ("not json", "Bad Request"),  # the HTTP reason
+])
+def test_client_reads_the_servers_message_in_every_shape(body, message) -> None:
+    raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    with _canned(lambda path: (400, raw, {})) as (url, _):
+        with pytest.raises(TeacherRefused) as err:
+            TeacherClient(url, top_k=4, retries=0).check(746)
+    assert err.value.server_message == message and f"(400: {message})" in str(err.value)
+
+
+def test_check_asks_the_runs_k_and_length_and_a_refusal_says_the_servers_message_and_the_fix(server) -> None:
+    """At start-up: k above server.max_logprobs (16 here), sequences over server.max_tokens_per_sequence (32) or the
+    card's max_model_len stop the run with the server's words and what to change on either side."""
+    client = lambda k: TeacherClient(server.url, top_k=k, api_key=KEY, retries=0)  # noqa: E731
+    assert client(16).check(746, longest=32)["id"] == "arith-teacher"
+    with pytest.raises(TeacherRefused, match=r"prompt_logprobs must be an integer in \[0, 16\] \(server.max_logprobs\)"
+                                             r", got 17\): lower teacher.top_k, .*vllm serve --max-logprobs"):
+        client(17).check(746, longest=8)
+    with pytest.raises(TeacherRefused, match=r"prompt 0 has 33 tokens; at most 32 .*: shorten the run's sequences "
+                                             r"\(task.max_prompt_tokens"):
+        client(4).check(746, longest=33)
+    with pytest.raises(TeacherRefused, match=r"max_model_len 512, and this run's sequences reach 600 tokens"):
+        client(4).check(746, longest=600)  # from the card, before any request
 
 
 @pytest.mark.parametrize("entries,message", [

@@ -43,7 +43,7 @@ from kdlab.step.policy import STUDENT, DataPolicy
 from kdlab.step.resilience import NonFiniteGuard, step_seed
 from kdlab.step.rewards import RewardTerm, leave_one_out_advantages, policy_gradient_sum
 from kdlab.step.rollouts import rollout_rows
-from kdlab.teachers.client import TeacherServerError
+from kdlab.teachers.client import TeacherLost, TeacherServerError
 from kdlab.teachers.ensemble import ROUTE, TeacherEnsemble
 from kdlab.teachers.outside import CachedTeacher, RemoteTeacher
 
@@ -339,7 +339,7 @@ class DistillationModule(L.LightningModule):
         with torch.no_grad():
             try:
                 window = [self._step_targets(part, source) for part in batch.split(self.task.config.batch_size)]
-            except TeacherServerError as err:  # before any backward: no process is left waiting in a collective
+            except TeacherLost as err:  # before any backward: no process is left waiting in a collective
                 lost = err
         if any_rank(lost is not None, self.device):
             self._stop_without_teacher(lost)

@@ -10,19 +10,27 @@ the same alignment as a causal model's `logits[b, t]` over the same ids. The las
 row (nothing after it is scored: `mask` is False there and on padding). Tail: log(1 - sum of the top-k), the mass
 of every other token (`kdlab.losses.sparse.tail_log_mass`).
 
-Every failure is one `TeacherServerError` line naming the URL: a server that is down (after `retries` tries with
-exponential backoff), a timeout, a refused API key, a request the server rejects, and a server whose token ids do
-not fit the student's vocabulary (another tokenizer). Connection errors, timeouts, 429 and 5xx are retried; other
-4xx answers are not (asking again would not change them).
+Every failure is one `TeacherServerError` line naming the URL, of one of two kinds that a run treats differently:
+
+- `TeacherLost`: no answer (connection refused or reset, a timeout) or a 5xx, 408 or 429, after `retries` tries with
+  exponential backoff. The server may come back: a training step saves a checkpoint to resume from.
+- `TeacherRefused`: any other 4xx (a wrong key, k above the server's limit, sequences longer than it takes), or a
+  redirect. Asking again would get the same answer: the run stops with the server's message and the fix.
+  `check(..., longest=...)` asks what the run will ask once at start-up, so these stop a run before its first step.
+
+Other failures (an answer of the wrong shape, another tokenizer) are plain `TeacherServerError`s. The API key is
+never sent across a redirect (none is followed) nor over plain HTTP to another machine unless `allow_insecure_key`.
 """
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -37,24 +45,90 @@ class TeacherServerError(RuntimeError):
     """The teacher server cannot give what the run needs; the message says which URL and what to do."""
 
 
+class TeacherLost(TeacherServerError):
+    """No answer, or a server error, after every retry: the server may come back (a run checkpoints and stops)."""
+
+
+class TeacherRefused(TeacherServerError):
+    """A permanent refusal (4xx, a redirect) with the server's message: asking again would not change it."""
+
+    def __init__(self, message: str, status: int | None = None, server_message: str = ""):
+        super().__init__(message)
+        self.status, self.server_message = status, server_message
+
+
+# what a run changes when a server refuses what it asks, by what the server's message names (first match)
+FIXES = (
+    (("prompts in one request", "prompts of up to", "max_batch"),
+     "lower teacher.max_batch, or raise the server's limits (kdlab-serve-teacher server.max_batch, "
+     "server.max_request_memory)"),
+    (("logprobs",),
+     "lower teacher.top_k, or raise the server's limit (vllm serve --max-logprobs <k>; kdlab-serve-teacher "
+     "server.max_logprobs=<k>)"),
+    (("tokens", "context length"),
+     "shorten the run's sequences (task.max_prompt_tokens, task.max_target_tokens, policy.sampling.max_new_tokens), "
+     "or raise the server's limit (vllm serve --max-model-len; kdlab-serve-teacher server.max_tokens_per_sequence, "
+     "server.max_request_memory)"),
+)
+
+
+def fix_for(message: str) -> str | None:
+    """The run-side fix for a server's refusal, or None when its message names nothing known."""
+    lowered = message.lower()
+    return next((fix for words, fix in FIXES if any(word in lowered for word in words)), None)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are answered, not followed: following one would send the Bearer key to wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def is_loopback(url: str) -> bool:
+    """Whether the URL's host is this machine (localhost, 127.0.0.0/8, ::1): plain HTTP never leaves it."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class TeacherClient:
     """Batched, authenticated, retried requests for prompt log-probabilities (see the module doc)."""
 
     def __init__(self, url: str, top_k: int, model: str | None = None, api_key: str | None = None,
-                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, max_batch: int = 32):
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, max_batch: int = 32,
+                 allow_insecure_key: bool = False):
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        scheme = urllib.parse.urlsplit(url).scheme
+        if scheme not in ("http", "https"):
+            raise TeacherServerError(f"teacher.url {url} must start with http:// or https://")
+        if api_key and scheme == "http" and not is_loopback(url) and not allow_insecure_key:
+            raise TeacherServerError(f"teacher.url {url} is plain HTTP to another machine: the API key would cross "
+                                     f"the network unencrypted; use https://, a tunnel to 127.0.0.1, or set "
+                                     f"teacher.allow_insecure_key=true")
         self.url = url.rstrip("/")
         self.k, self.model, self.api_key = top_k, model, api_key
         self.timeout, self.retries, self.backoff, self.max_batch = timeout, retries, backoff, max_batch
         self.vocab_size: int | None = None
 
     # -- start-up ---------------------------------------------------------------------------------------------------
-    def check(self, vocab_size: int, tokenizer_fingerprint: str | None = None) -> dict[str, Any]:
+    def check(self, vocab_size: int, tokenizer_fingerprint: str | None = None,
+              longest: int | None = None) -> dict[str, Any]:
         """The served model's card, after checking it can be this run's teacher; remembers the vocabulary size.
 
         vLLM's /v1/models names the model and its `max_model_len`; kdlab's server adds its vocabulary size and
         tokenizer fingerprint, compared here. Against vLLM the ids of every answer are still checked (`top_k`).
+        With `longest` (the run's longest prompt + target, in tokens) it then asks for the top-k of one sequence of
+        that length, so that a k or a length the server refuses stops the run now, with the server's message and
+        the fix, rather than at the step that first needs it.
         """
         cards = self._request("GET", "/v1/models").get("data") or []
         names = [c.get("id") for c in cards]
@@ -73,6 +147,12 @@ class TeacherClient:
             raise TeacherServerError(f"teacher server at {self.url} uses another tokenizer (fingerprint "
                                      f"{extra['tokenizer_fingerprint']}, the student's {tokenizer_fingerprint})")
         self.vocab_size = vocab_size
+        if longest is not None:
+            limit = card.get("max_model_len")
+            if isinstance(limit, int) and 0 < limit < longest:
+                raise TeacherRefused(f"teacher server at {self.url} serves {self.model} with max_model_len {limit}, "
+                                     f"and this run's sequences reach {longest} tokens: {fix_for('tokens')}")
+            self.top_k([[0] * longest])
         return card
 
     # -- scoring ----------------------------------------------------------------------------------------------------
@@ -152,16 +232,21 @@ class TeacherClient:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with _OPENER.open(request, timeout=self.timeout) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as err:
-                message = _error_message(err)
+                message = error_message(err)
                 if err.code in (401, 403):
-                    raise TeacherServerError(f"teacher server at {self.url} refused the API key ({err.code}: "
-                                             f"{message}); set teacher.api_key to the server's key") from None
-                if err.code != 429 and err.code < 500:
-                    raise TeacherServerError(f"teacher server at {self.url} rejected {method} {path} "
-                                             f"({err.code}: {message})") from None
+                    raise TeacherRefused(f"teacher server at {self.url} refused the API key ({err.code}: {message}); "
+                                         f"set teacher.api_key to the server's key", err.code, message) from None
+                if 300 <= err.code < 400:
+                    raise TeacherRefused(f"teacher server at {self.url} redirects {path} ({err.code}) to "
+                                         f"{err.headers.get('Location')}; set teacher.url to where it points (a "
+                                         f"redirect is never followed: it would carry the API key)", err.code) from None
+                if err.code < 500 and err.code not in (408, 429):
+                    fix = fix_for(message)
+                    raise TeacherRefused(f"teacher server at {self.url} refused {method} {path} ({err.code}: "
+                                         f"{message})" + (f": {fix}" if fix else ""), err.code, message) from None
                 last = f"HTTP {err.code}: {message}"
             except (TimeoutError, socket.timeout):
                 last = f"no answer within {self.timeout}s"
@@ -169,13 +254,28 @@ class TeacherClient:
                 reason = getattr(err, "reason", err)
                 timed_out = isinstance(reason, (TimeoutError, socket.timeout))
                 last = f"no answer within {self.timeout}s" if timed_out else (str(reason) or type(err).__name__)
-        raise TeacherServerError(f"teacher server at {self.url} failed {self.retries + 1} tries ({last}): is it "
-                                 f"running and reachable? (teacher.url)")
+        raise TeacherLost(f"teacher server at {self.url} failed {self.retries + 1} tries ({last}): is it running and "
+                          f"reachable? (teacher.url)")
 
 
-def _error_message(err: urllib.error.HTTPError) -> str:
-    """The `error.message` of an OpenAI-style error body, else the HTTP reason."""
+def error_message(err: urllib.error.HTTPError) -> str:
+    """The message of an error body: OpenAI's `{"error": {"message"}}`, vLLM's top-level `{"message"}` (some
+    versions), `{"error": "..."}`, FastAPI's `{"detail"}`; else the HTTP reason. One line, at most 500 characters."""
     try:
-        return str(json.loads(err.read())["error"]["message"])
+        raw = err.read()
     except Exception:
-        return str(err.reason)
+        raw = b""
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        payload = None
+    message = None
+    if isinstance(payload, dict):
+        inner = payload.get("error")
+        if isinstance(inner, dict):
+            message = inner.get("message")
+        elif isinstance(inner, str):
+            message = inner
+        message = message or payload.get("message") or payload.get("detail")
+    text = str(message) if message else str(err.reason)
+    return " ".join(text.split())[:500]

@@ -183,6 +183,12 @@ def build_outside_teacher(teacher_cfg: Mapping[str, Any], task_cfg: Mapping[str,
     client = TeacherClient(str(teacher_cfg["url"]), top_k=int(teacher_cfg["top_k"]), model=teacher_cfg.get("model"),
                            api_key=teacher_cfg.get("api_key"), timeout=float(teacher_cfg["timeout"]),
                            retries=int(teacher_cfg["retries"]), backoff=float(teacher_cfg["backoff"]),
-                           max_batch=int(teacher_cfg["max_batch"]))
-    client.check(vocab_size=len(tokenizer), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+                           max_batch=int(teacher_cfg["max_batch"]),
+                           allow_insecure_key=bool(teacher_cfg.get("allow_insecure_key", False)))
+    # the longest row a step sends: a prompt and its target, or the student's sample when the policy draws them
+    sampled = (policy_cfg or {}).get("sampling") or {}
+    on_policy = float((policy_cfg or {}).get("student_fraction", 0.0)) > 0
+    target = max(int(task_cfg["max_target_tokens"]), int(sampled.get("max_new_tokens", 0)) if on_policy else 0)
+    client.check(vocab_size=len(tokenizer), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                 longest=int(task_cfg["max_prompt_tokens"]) + target)  # k and length refused now, not mid-run
     return RemoteTeacher(client)

@@ -4,9 +4,12 @@ Hydra composes the config and `kdlab.run.train.run_job` runs it in the job's dir
 is marked there, and what happens to a sweep after it, is documented (and tested) in the package.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from kdlab.run.compose import expand_overrides
 from kdlab.run.resolvers import register_resolvers
 
 register_resolvers()
@@ -20,4 +23,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = expand_overrides(sys.argv[1:])  # `student=tiny teacher=tiny`: presets of conf/model/ in both roles
     main()

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_times, machine, parse, parser, stats, table, write  # noqa: E402
 
 from kdlab.sampling import layers as sampling_layers  # noqa: E402
-from kdlab.sampling.hf import SamplingSettings, generate_targets  # noqa: E402
+from kdlab.sampling.base import SamplingSettings  # noqa: E402
+from kdlab.sampling.hf import generate_targets  # noqa: E402
 from kdlab.sampling.layers import few_rows_linear  # noqa: E402
 
 LAYERS = [(49152, 576), (151936, 1024), (32000, 2048)]
@@ -73,7 +74,7 @@ def sampling_case(student, tokenizer, args) -> dict:
     from bench_step import first_batch
 
     batch, _ = first_batch(tokenizer, args.batch, "cpu")
-    settings = SamplingSettings(max_new_tokens=args.max_new_tokens)
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, do_sample=True)
     floor = sampling_layers.MIN_ENTRIES
     largest = max(m.weight.numel() for m in student.modules() if type(m) is torch.nn.Linear)
 

@@ -74,7 +74,7 @@ from kdlab.data.tasks import Task  # noqa: E402
 from kdlab.losses import generalized_jsd  # noqa: E402
 from kdlab.losses.objective import Objective  # noqa: E402
 from kdlab.run.compose import task_node  # noqa: E402
-from kdlab.sampling.hf import SamplingSettings  # noqa: E402
+from kdlab.sampling.base import SamplingSettings  # noqa: E402
 from kdlab.step.module import DistillationModule  # noqa: E402
 from kdlab.step.policy import STUDENT, DataPolicy  # noqa: E402
 
@@ -159,7 +159,7 @@ def non_embedding_params(model) -> int:
 
 class KdlabStep:
     def __init__(self, student, teacher, tokenizer, task, args, compile: bool = False):
-        sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, compile=compile)
+        sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, compile=compile, do_sample=True)
         run = OmegaConf.load(RUN_DEFAULTS)
         self.module = DistillationModule(
             student=student, tokenizer=tokenizer, task=task, teacher=teacher,

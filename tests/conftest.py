@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -44,14 +45,21 @@ def compose(overrides: list[str] | None = None, output_dir: Path | None = None):
     return compose_conf(overrides)
 
 
-def loss_config(name: str, **overrides) -> dict:
-    """`conf/loss/<name>.yaml` resolved, with `overrides` on top: what `loss=<name> loss.key=value` composes."""
+@functools.lru_cache(maxsize=None)
+def _loss_node(name: str) -> dict:
     from omegaconf import OmegaConf
 
-    from kdlab.run.resolvers import register_resolvers
+    from kdlab.run.compose import compose as compose_conf
 
-    register_resolvers()
-    node = OmegaConf.merge(OmegaConf.load(CONF_DIR / "loss" / f"{name}.yaml"), overrides)
+    return OmegaConf.to_container(compose_conf([f"loss={name}"]).loss, resolve=True)
+
+
+def loss_config(name: str, **overrides) -> dict:
+    """`conf/loss/<name>.yaml` composed (with the base file it lists) and resolved, with `overrides` on top: what
+    `loss=<name> loss.key=value` composes."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.merge(_loss_node(name), overrides)
     return OmegaConf.to_container(node, resolve=True)
 
 

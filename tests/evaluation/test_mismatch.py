@@ -15,7 +15,8 @@ from kdlab.evaluation.generations import GenerationScorer, evaluate
 from kdlab.losses.objective import build_objective
 from kdlab.run.compose import task_node
 from kdlab.run.rundir import RESULTS
-from kdlab.sampling.hf import SamplingSettings, generate_targets
+from kdlab.sampling.base import SamplingSettings
+from kdlab.sampling.hf import generate_targets
 from kdlab.step.module import DistillationModule
 from kdlab.step.policy import DataPolicy
 from tests.conftest import TINY_RUN, compose, loss_config, tiny_model
@@ -81,7 +82,7 @@ def test_evaluation_measures_the_students_own_outputs(tokenizer, role):
     task = Task.from_config(task_node(**TASK))
     student, teacher = tiny_model(tokenizer, seed=0), tiny_model(tokenizer, seed=1, width=48)
     module = DistillationModule(student=student, tokenizer=tokenizer, objective=build_objective(loss_config("fkl")),
-                                policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=8)), task=task,
+                                policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=8, do_sample=True)), task=task,
                                 teacher=teacher, optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
                                 max_nonfinite_steps=3, score_groups=4,
                                 eval_sampling=SamplingSettings(**TASK["generation"]))

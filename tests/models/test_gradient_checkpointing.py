@@ -14,7 +14,7 @@ from kdlab.losses.objective import Objective
 from kdlab.models.loading import load_model, load_tokenizer
 from kdlab.models.scoring import score_targets
 from kdlab.run.compose import task_node
-from kdlab.sampling.hf import SamplingSettings
+from kdlab.sampling.base import SamplingSettings
 from kdlab.step.module import DistillationModule
 from kdlab.step.policy import DataPolicy
 from tests.conftest import compose
@@ -122,7 +122,7 @@ def _fit_one_step(checkpointing: bool) -> tuple[dict[str, torch.Tensor], list[in
     teacher, _ = _student("tiny", False, seed=1)
     task = Task.from_config(task_node(**TASK))
     module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl", forward_kl),
-                                policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4)), task=task,
+                                policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4, do_sample=True)), task=task,
                                 teacher=teacher, optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
                                 max_nonfinite_steps=10, score_groups=1)  # one scoring forward a step
     calls = _count_block_calls(student)

@@ -25,7 +25,8 @@ from kdlab.models.scoring import score_targets
 from kdlab.run.compose import task_node
 from kdlab.run.validate import config_errors
 from kdlab.sampling import compiled as decoding
-from kdlab.sampling.hf import SamplingSettings, generate_targets
+from kdlab.sampling.base import SamplingSettings
+from kdlab.sampling.hf import generate_targets
 from kdlab.step.module import DistillationModule
 from kdlab.step.policy import DataPolicy
 from tests.conftest import REPO, TINY_RUN, compose
@@ -90,7 +91,7 @@ def _fit(steps: int, ckpt_dir, resume_from=None) -> DistillationModule:
     teacher, _ = _student([], seed=1, preset="tiny")
     task = Task.from_config(task_node(**TASK))
     module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl", forward_kl),
-                                policy=DataPolicy(0.5, sampling=SamplingSettings(max_new_tokens=6), seed=3),
+                                policy=DataPolicy(0.5, sampling=SamplingSettings(max_new_tokens=6, do_sample=True), seed=3),
                                 task=task, teacher=teacher, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
                                 max_nonfinite_steps=10, score_groups=4)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -158,7 +159,7 @@ def test_compiled_sampling_on_a_lora_student_draws_what_generate_draws():
     _perturb_adapters(student)
     ids = tokenizer(["Question: 12 + 7?\nAnswer:", "Q: 9?\nA:"], add_special_tokens=False)["input_ids"]
     prompt_ids, prompt_mask = pad(ids, tokenizer.pad_token_id, "left")
-    settings = SamplingSettings(max_new_tokens=12)
+    settings = SamplingSettings(max_new_tokens=12, do_sample=True)
     config = settings.generation_config(tokenizer.pad_token_id, tokenizer.eos_token_id)
     assert decoding.unsupported_reason(student, config, False) is None  # the compiled loop applies
     torch._dynamo.reset()

@@ -34,7 +34,8 @@ from kdlab.models.loading import (
 )
 from kdlab.models.scoring import is_encoder_decoder, score_targets
 from kdlab.run.rundir import RESULTS, STUDENT
-from kdlab.sampling.hf import SamplingSettings, generate_targets
+from kdlab.sampling.base import SamplingSettings
+from kdlab.sampling.hf import generate_targets
 from tests.conftest import CONF_DIR, TINY_RUN, compose
 
 # (group, preset) -> (hub id, the class transformers builds for it, paper or "today": the pairs distilled now)

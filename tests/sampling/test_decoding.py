@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 from kdlab.data.datamodule import pad
 from kdlab.models.loading import load_model
 from kdlab.sampling import compiled as decoding
-from kdlab.sampling.hf import SamplingSettings, generate_targets
+from kdlab.sampling.base import SamplingSettings
+from kdlab.sampling.hf import generate_targets
 from tests.conftest import REPO, tiny_model
 
 STUDENT = REPO / "src/kdlab/assets/arith/student"
@@ -65,9 +66,9 @@ def graphs() -> int:
 
 
 SETTINGS = {
-    "sampling": SamplingSettings(max_new_tokens=96),
+    "sampling": SamplingSettings(max_new_tokens=96, do_sample=True),
     "greedy": SamplingSettings(max_new_tokens=96, do_sample=False),
-    "warped": SamplingSettings(max_new_tokens=96, temperature=0.7, top_k=20, top_p=0.9),
+    "warped": SamplingSettings(max_new_tokens=96, temperature=0.7, top_k=20, top_p=0.9, do_sample=True),
 }
 
 
@@ -98,7 +99,7 @@ def test_weights_are_read_at_every_call_without_recompiling(student, tokenizer):
 
 
 def test_prompts_of_other_widths_reuse_the_compiled_step(student, tokenizer):
-    settings = SamplingSettings(max_new_tokens=40)
+    settings = SamplingSettings(max_new_tokens=40, do_sample=True)
     for questions in (QUESTIONS[:4], [q[10:] for q in QUESTIONS[:4]]):  # widths differ, cache length bucket does not
         prompt_ids, prompt_mask = prompts(tokenizer, questions)
         (ids, mask), (cids, cmask) = both(student, tokenizer, prompt_ids, prompt_mask, settings)
@@ -122,7 +123,7 @@ def test_other_decoder_families_decode_the_same(tokenizer, architecture):
     model = load_model({"name": architecture, "architecture": architecture, "config": ARCHITECTURES[architecture]},
                        tokenizer)
     prompt_ids, prompt_mask = prompts(tokenizer, QUESTIONS[:3])
-    for settings in (SamplingSettings(max_new_tokens=12), SamplingSettings(max_new_tokens=12, do_sample=False)):
+    for settings in (SamplingSettings(max_new_tokens=12, do_sample=True), SamplingSettings(max_new_tokens=12, do_sample=False)):
         (ids, mask), (cids, cmask) = both(model, tokenizer, prompt_ids, prompt_mask, settings)
         assert torch.equal(ids, cids) and torch.equal(mask, cmask)
 
@@ -134,11 +135,11 @@ def test_what_the_loop_does_not_cover_goes_to_generate_with_the_reason(tokenizer
     uncompilable = tiny_model(tokenizer)
     uncompilable._can_compile_fullgraph = False  # as Hugging Face marks models with graph breaks
     cases = [
-        (tiny_model(tokenizer, architecture="t5"), SamplingSettings(max_new_tokens=6), False, "encoder-decoder"),
+        (tiny_model(tokenizer, architecture="t5"), SamplingSettings(max_new_tokens=6, do_sample=True), False, "encoder-decoder"),
         (llama, SamplingSettings(max_new_tokens=6, do_sample=False, num_beams=2), False, "beam search"),
-        (llama, SamplingSettings(max_new_tokens=6), True, "sharded"),
-        (penalised, SamplingSettings(max_new_tokens=6), False, "repetition_penalty"),
-        (uncompilable, SamplingSettings(max_new_tokens=6), False, "does not compile as one graph"),
+        (llama, SamplingSettings(max_new_tokens=6, do_sample=True), True, "sharded"),
+        (penalised, SamplingSettings(max_new_tokens=6, do_sample=True), False, "repetition_penalty"),
+        (uncompilable, SamplingSettings(max_new_tokens=6, do_sample=True), False, "does not compile as one graph"),
     ]
     prompt_ids, prompt_mask = prompts(tokenizer, QUESTIONS[:2])
     decoding.log_fallback.cache_clear()
@@ -152,6 +153,6 @@ def test_what_the_loop_does_not_cover_goes_to_generate_with_the_reason(tokenizer
             (ids, mask), (cids, cmask) = both(model, tokenizer, prompt_ids, prompt_mask, settings)
         assert torch.equal(ids, cids) and torch.equal(mask, cmask)
         assert reason in caplog.text and "through generate" in caplog.text
-    config = SamplingSettings().generation_config(tokenizer.pad_token_id, tokenizer.eos_token_id)
+    config = SamplingSettings(max_new_tokens=8, do_sample=True).generation_config(tokenizer.pad_token_id, tokenizer.eos_token_id)
     assert decoding.unsupported_reason(llama, config, False) is None
     assert graphs() == 0  # nothing above compiled

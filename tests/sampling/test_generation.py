@@ -5,7 +5,8 @@ import torch
 
 from kdlab.data.datamodule import pad
 from kdlab.models.scoring import score_targets
-from kdlab.sampling.hf import SamplingSettings, generate_targets, response_mask
+from kdlab.sampling.base import SamplingSettings, response_mask
+from kdlab.sampling.hf import generate_targets
 from tests.conftest import tiny_model
 
 GREEDY = SamplingSettings(max_new_tokens=8, do_sample=False)
@@ -67,7 +68,7 @@ def test_sampling_restores_mode_and_uses_eval_mode(tokenizer):
 def test_samples_carry_no_gradient(tokenizer):
     model = tiny_model(tokenizer)
     prompt_ids, prompt_mask = _prompts(tokenizer, ["Question: 1 + 1?\nAnswer:"])
-    ids, mask = generate_targets(model, prompt_ids, prompt_mask, SamplingSettings(max_new_tokens=5),
+    ids, mask = generate_targets(model, prompt_ids, prompt_mask, SamplingSettings(max_new_tokens=5, do_sample=True),
                                  pad_token_id=0, eos_token_id=2)
     assert not ids.requires_grad and ids.dtype == torch.long and mask.dtype == torch.bool
 
@@ -76,7 +77,7 @@ def test_samples_can_be_scored_with_a_gradient_right_after_sampling(tokenizer):
     # sampling runs under inference_mode; its tokens must still be usable by a training forward, which saves them
     model = tiny_model(tokenizer)
     prompt_ids, prompt_mask = _prompts(tokenizer, ["Question: 1 + 1?\nAnswer:", "Question: 12 * 3?\nAnswer:"])
-    ids, mask = generate_targets(model, prompt_ids, prompt_mask, SamplingSettings(max_new_tokens=5),
+    ids, mask = generate_targets(model, prompt_ids, prompt_mask, SamplingSettings(max_new_tokens=5, do_sample=True),
                                  pad_token_id=0, eos_token_id=2)
     assert not ids.is_inference() and not mask.is_inference()
     logits = score_targets(model, prompt_ids, prompt_mask, ids, mask)
@@ -89,7 +90,7 @@ def test_samples_can_be_scored_with_a_gradient_right_after_sampling(tokenizer):
 def test_seeded_sampling_is_reproducible(tokenizer):
     model = tiny_model(tokenizer)
     prompt_ids, prompt_mask = _prompts(tokenizer, ["Question: 4 - 1?\nAnswer:"] * 4)
-    settings = SamplingSettings(max_new_tokens=10, temperature=1.5, top_k=50, top_p=0.95)
+    settings = SamplingSettings(max_new_tokens=10, temperature=1.5, top_k=50, top_p=0.95, do_sample=True)
     runs = []
     for _ in range(2):
         torch.manual_seed(11)

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from kdlab.sampling import compiled as decoding
 from kdlab.sampling import layers as sampling_layers
-from kdlab.sampling.hf import SamplingSettings, generate_targets
+from kdlab.sampling.base import SamplingSettings
+from kdlab.sampling.hf import generate_targets
 from kdlab.sampling.layers import FEW_ROWS, few_rows_linear, linears_for_sampling
 from tests.conftest import REPO
 from tests.sampling.test_decoding import QUESTIONS, prompts
@@ -78,7 +79,7 @@ def test_both_samplers_draw_the_same_tokens_through_it(tokenizer, monkeypatch):
     monkeypatch.setattr(sampling_layers, "_forward", lambda self, x: calls.append(x.shape) or few_rows_linear(
         x, self.weight, self.bias))
     prompt_ids, prompt_mask = prompts(tokenizer, QUESTIONS[:4])
-    settings = SamplingSettings(max_new_tokens=24)
+    settings = SamplingSettings(max_new_tokens=24, do_sample=True)
     out = []
     for compile in (False, True):
         torch.manual_seed(11)
@@ -98,7 +99,7 @@ def test_sampling_again_reuses_the_compiled_step(tokenizer, monkeypatch):
     decoding._compiled_step.cache_clear()
     model = AutoModelForCausalLM.from_pretrained(STUDENT)
     prompt_ids, prompt_mask = prompts(tokenizer, QUESTIONS[:4])
-    settings = SamplingSettings(max_new_tokens=16, compile=True)
+    settings = SamplingSettings(max_new_tokens=16, compile=True, do_sample=True)
     out = []
     for _ in range(3):
         torch.manual_seed(11)

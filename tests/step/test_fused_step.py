@@ -17,7 +17,7 @@ from kdlab.data.tasks import Task
 from kdlab.losses.objective import CROSS_TOKENIZER_LOSSES, build_objective
 from kdlab.models.loading import load_model, load_tokenizer
 from kdlab.run.compose import task_node
-from kdlab.sampling.hf import SamplingSettings
+from kdlab.sampling.base import SamplingSettings
 from kdlab.step.fused import fused_terms
 from kdlab.step.module import DistillationModule, StepTargets
 from kdlab.step.policy import STUDENT, DataPolicy
@@ -50,7 +50,7 @@ def _module(loss: str = "fkl", preset: str = "tiny", overrides: tuple[str, ...] 
     task = Task.from_config(task_node(**TASK))
     module = DistillationModule(student=student.to(dtype), tokenizer=tokenizer,
                                 objective=build_objective(loss_config(loss, **loss_overrides)),
-                                policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4)), task=task,
+                                policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4, do_sample=True)), task=task,
                                 teacher=None if teacher is None else teacher.to(dtype),
                                 teacher_tokenizer=teacher_tokenizer if cross else None,
                                 optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),

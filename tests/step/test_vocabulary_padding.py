@@ -13,7 +13,7 @@ from kdlab.losses.objective import Objective
 from kdlab.models.loading import load_model, load_tokenizer
 from kdlab.models.scoring import score_targets
 from kdlab.run.compose import task_node
-from kdlab.sampling.hf import SamplingSettings
+from kdlab.sampling.base import SamplingSettings
 from kdlab.step.module import DistillationModule
 from kdlab.step.policy import DataPolicy
 from tests.conftest import TINY_RUN, compose
@@ -35,7 +35,7 @@ def _module_and_batch(student_rows: int, teacher_rows: int):
     teacher, _ = _padded("teacher", teacher_rows, seed=1)
     task = Task.from_config(task_node(**TASK))
     module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl", forward_kl),
-                                policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4)), task=task,
+                                policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4, do_sample=True)), task=task,
                                 teacher=teacher, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
                                 max_nonfinite_steps=10, score_groups=1)
     datamodule = DistillationDataModule(task, tokenizer)

@@ -94,7 +94,7 @@ def task_config_errors(task_cfg: Mapping[str, Any]) -> list[str]:
     for key in ("train_size", "eval_examples"):
         if task_cfg.get(key) is not None and int(task_cfg[key]) < 1:
             errors.append(f"task.{key}={task_cfg[key]} must be a positive integer, or null for all")
-    from kdlab.sampling.hf import SamplingSettings
+    from kdlab.sampling.base import SamplingSettings
 
     generation_keys = {f.name for f in dataclasses.fields(SamplingSettings)}
     for key in task_cfg.get("generation") or {}:

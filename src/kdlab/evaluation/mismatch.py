@@ -9,30 +9,33 @@ greedy outputs, the ones the task scores, per generated token:
 - `own_rkl`: KL(p_S || p_T) (reverse KL).
 
 Each is a mean over all generated tokens of the evaluation (the end-of-sequence token included, padding not). Needs
-one teacher model in the process with the student's tokenizer: across tokenizers no per-token divergence exists, and
-an outside teacher's top-k gives no exact one.
+a teacher that scores in the process with the student's tokenizer (a model, or several mixed): across tokenizers no
+per-token divergence exists, and an outside teacher's top-k gives no exact one.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from kdlab.losses.rowwise import kl
-from kdlab.models.scoring import score_targets
 
+Scorer = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor | None]
 MISMATCH_KEYS = ("own_teacher_nll", "own_fkl", "own_rkl")
 # At most this many (row, position, vocab) logits of one model at a time: rows are scored in groups under it.
 SCORE_ELEMENTS = 2**24
 
 
 @torch.no_grad()
-def own_output_sums(student: torch.nn.Module, teacher: torch.nn.Module, prompt: tuple[Tensor, Tensor],
-                    target: tuple[Tensor, Tensor], vocab: int, groups: int = 1) -> Tensor:
+def own_output_sums(score_student: Scorer, score_teacher: Scorer, prompt: tuple[Tensor, Tensor],
+                    target: tuple[Tensor, Tensor], vocab: int) -> Tensor | None:
     """(rows, 4) per-row sums over the target's tokens of the teacher's NLL, KL(T || S) and KL(S || T), and the
-    number of tokens. Only the first `vocab` columns (the tokenizer's) that both models have are read: an output
-    layer padded beyond the tokenizer has rows that are no tokens. Rows go through the models in groups of at most
-    SCORE_ELEMENTS logits each."""
+    number of tokens; None when the teacher gives no dense scores of them (`score_teacher` returns None). Each
+    scorer maps (prompt ids, prompt mask, target ids, target mask) to logits (rows, positions, columns); only the
+    first `vocab` columns (the tokenizer's) that both have are read: an output layer padded beyond the tokenizer has
+    rows that are no tokens. Rows are scored in groups of at most SCORE_ELEMENTS logits each."""
     ids, mask = target
     rows, width = ids.shape
     step = max(1, SCORE_ELEMENTS // max(1, width * vocab))
@@ -40,7 +43,10 @@ def own_output_sums(student: torch.nn.Module, teacher: torch.nn.Module, prompt: 
     for start in range(0, rows, step):
         part = slice(start, start + step)
         args = (prompt[0][part], prompt[1][part], ids[part], mask[part])
-        student_logits, teacher_logits = score_targets(student, *args, groups), score_targets(teacher, *args, groups)
+        teacher_logits = score_teacher(*args)
+        if teacher_logits is None:
+            return None
+        student_logits = score_student(*args)
         v = min(vocab, student_logits.shape[-1], teacher_logits.shape[-1])
         log_s = torch.log_softmax(student_logits[..., :v].float(), dim=-1)
         log_t = torch.log_softmax(teacher_logits[..., :v].float(), dim=-1)

@@ -11,8 +11,11 @@ The loss function is chosen by Hydra: `conf/loss/*.yaml` names it by `_target_` 
 `teacher_mask=` and `components=` (the terms to compute), and loss=sft gets the target ids in the teacher's place. A
 loss returns a mean over the units of its `reduction` (tokens by default), a `LossSum`, or, cross-tokenizer, a dict
 of per-sequence means by term name. The node's other keys are the objective's own: `name` (which calling convention),
-`ce_weight`, `fused` (training steps fuse the output layer and the loss where they can: kdlab.step.fused), and for
-loss=ot|uld the term weights and the CE term's `reduction` and `chunk_size`. Every default lives in the YAML.
+`ce_weight`, and for loss=ot|uld the term weights and the CE term's `reduction` and `chunk_size`; `fused` is the
+step's (kdlab.step.fused), read by the run. Every default lives in the YAML.
+
+The teacher's side is what the teacher answered (kdlab.teachers.base): its logits, a `TopK` (a cache, a server: the
+divergence's top-k form), or `Members` (several teachers: their mixture, or each row's own member's term summed).
 
 A term whose weight is 0 is not computed at all (ablations cost nothing). The CE term is left out on steps that
 train on the student's own samples (`hard_labels=False`): cross-entropy on its own samples only reinforces them
@@ -42,9 +45,18 @@ TERM_WEIGHT_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
     "uld": {"uld": ("uld_weight",)},
 }
 CROSS_TOKENIZER_LOSSES = tuple(TERM_WEIGHT_KEYS)
-# Keys of a loss node that configure the objective, not the loss function.
+# Keys of a loss node that configure the objective or the step, not the loss function.
 OBJECTIVE_KEYS = ("name", "ce_weight", "fused")
 CE_KEYS = ("reduction", "chunk_size")  # loss=ot|uld: settings of the CE term only
+
+
+@dataclass
+class Members:
+    """Several teachers' answers for one batch: each member's scores and the rows it teaches (bool, (batch,)), and
+    their per-token mixture (None when each row has its own member: routing)."""
+
+    parts: dict[str, tuple[Any, Tensor]]
+    mixture: Tensor | TopK | None = None
 
 
 @dataclass(frozen=True)
@@ -55,8 +67,6 @@ class Objective:
     reduction: str = "token_mean"  # of the CE term, and the unit a loss's plain mean is over
     chunk_size: int = 1024  # of the CE term
     term_weights: Mapping[str, float] = field(default_factory=dict)  # loss=ot|uld: each returned term's weight
-    # training steps compute the terms from hidden states and the output layers (kdlab.step.fused) where they can
-    fused: bool = False
 
     @property
     def needs_teacher(self) -> bool:
@@ -88,7 +98,7 @@ class Objective:
     def terms(
         self,
         student_logits: Tensor,
-        teacher_logits: Tensor | TopK | None,
+        teacher_logits: Tensor | TopK | Members | None,
         target_ids: Tensor,
         mask: Tensor,
         teacher_mask: Tensor | None = None,
@@ -96,24 +106,40 @@ class Objective:
     ) -> dict[str, tuple[float, LossSum]]:
         """Each active term by name: (its weight in the total, its LossSum). A term of weight 0 is not computed.
 
-        `teacher_logits` may be a `TopK` (a cached or remote teacher): the loss's top-k form is used
-        (kdlab.losses.sparse.sparse_form). `teacher_mask` marks the teacher's own response tokens (cross-tokenizer
-        losses); default: `mask`.
+        `teacher_logits` may be a `TopK` (a cached or remote teacher: the loss's top-k form,
+        kdlab.losses.sparse.sparse_form) or `Members` (several teachers: the divergence from their mixture, or with
+        routed members the sum of each member's divergence over its own rows). `teacher_mask` marks the teacher's
+        own response tokens (cross-tokenizer losses); default: `mask`.
         `hard_labels=False` (targets sampled from the student) leaves the CE term out."""
         unit = REDUCTION_UNITS.get(self.reduction, TOKENS)
         if not self.needs_teacher:
             return {"ce": (1.0, as_loss_sum(self.loss(student_logits, target_ids, mask), mask, unit))}
         if self.cross_tokenizer:
             terms = self.cross_tokenizer_terms(student_logits, teacher_logits, mask, teacher_mask)
-        elif isinstance(teacher_logits, TopK):  # a cached or remote teacher: the divergence's top-k form
-            t = teacher_logits
-            value = sparse_form(self.loss)(student_logits, t.logprobs, t.ids, t.tail, mask)
-            terms = {self.name: (1.0, as_loss_sum(value, mask, unit))}
+        elif isinstance(teacher_logits, Members) and teacher_logits.mixture is None:  # routed: each row its member's
+            parts = list(self.member_terms(student_logits, teacher_logits, target_ids, mask).values())
+            terms = {self.name: (1.0, LossSum(sum(p.total for p in parts), sum(p.count for p in parts), parts[0].unit))}
         else:
-            terms = {self.name: (1.0, as_loss_sum(self.loss(student_logits, teacher_logits, mask), mask, unit))}
+            terms = {self.name: (1.0, self.divergence_term(student_logits, teacher_logits, mask))}
         if self.ce_weight > 0 and hard_labels:
             terms["ce"] = (self.ce_weight, self.ce_term(student_logits, target_ids, mask))
         return terms
+
+    def divergence_term(self, student_logits: Tensor, teacher: Tensor | TopK | Members, mask: Tensor) -> LossSum:
+        """The divergence from a teacher's logits, its top-k (the loss's top-k form) or several teachers' mixture."""
+        unit = REDUCTION_UNITS.get(self.reduction, TOKENS)
+        teacher = teacher.mixture if isinstance(teacher, Members) else teacher
+        if isinstance(teacher, TopK):
+            value = sparse_form(self.loss)(student_logits, teacher.logprobs, teacher.ids, teacher.tail, mask)
+        else:
+            value = self.loss(student_logits, teacher, mask)
+        return as_loss_sum(value, mask, unit)
+
+    def member_terms(self, student_logits: Tensor, members: Members, target_ids: Tensor,
+                     mask: Tensor) -> dict[str, LossSum]:
+        """Each member's own divergence from the student over the rows it teaches (all of them in a mixture)."""
+        return {name: self.divergence_term(student_logits, scores, mask & rows[:, None])
+                for name, (scores, rows) in members.parts.items()}
 
     def ce_term(self, student_logits: Tensor, target_ids: Tensor, mask: Tensor) -> LossSum:
         """The hard-label cross-entropy term (weighed by `ce_weight` in the total)."""
@@ -151,9 +177,8 @@ def build_objective(loss_cfg: Mapping[str, Any]) -> Objective:
     return Objective(
         name=name,
         loss=hydra.utils.instantiate({key: value for key, value in loss_cfg.items() if key not in own}),
-        ce_weight=float(loss_cfg.get("ce_weight", 0.0)),
-        reduction=loss_cfg.get("reduction", "token_mean"),
-        chunk_size=int(loss_cfg.get("chunk_size", 1024)),
+        ce_weight=float(loss_cfg.get("ce_weight", 0.0)),  # loss=sft has none: it is the cross-entropy
+        reduction=loss_cfg["reduction"],
+        chunk_size=int(loss_cfg["chunk_size"]),
         term_weights=term_weights,
-        fused=bool(loss_cfg.get("fused", False)),
     )

@@ -36,6 +36,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("kdlab.method", _method_label)
     if not OmegaConf.has_resolver("kdlab.ot_variant"):  # `${kdlab.ot_variant:${.variant},0.15,1.5}` -> 0.15 or 1.5
         OmegaConf.register_new_resolver("kdlab.ot_variant", _ot_variant_value)
+    if not OmegaConf.has_resolver("kdlab.by_role"):  # `${kdlab.by_role:bfloat16,float32}` in a conf/model preset
+        OmegaConf.register_new_resolver("kdlab.by_role", _by_role)
 
 
 def in_multirun() -> bool:
@@ -57,6 +59,12 @@ def _sweep_group(default: str) -> str:
 
 def _method_label(loss: Any) -> str:
     return method_label(OmegaConf.to_container(loss, resolve=True) if isinstance(loss, DictConfig) else loss)
+
+
+def _by_role(frozen: Any, trained: Any, _parent_: Any) -> Any:
+    """A model preset's setting by the role it is placed in (conf/model serves both): `trained` at `student`, `frozen`
+    anywhere else (the teacher, a member of several teachers)."""
+    return trained if _parent_._key() == "student" else frozen
 
 
 def _ot_variant_value(variant: str, paper: Any, released_code: Any) -> Any:

@@ -81,3 +81,20 @@ def mark_finished(run_dir: str | Path, keep_checkpoints: bool = True) -> None:
         (run_dir / marker).unlink(missing_ok=True)
     if not keep_checkpoints and process_rank() == 0:
         shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+
+
+def resume_command(run_dir: str | Path) -> str:
+    """The command that resumes the run in `run_dir`: the entry point, the run's own command-line overrides (Hydra's,
+    when the run was started by `train.py`), its directory and `ckpt_path=last`."""
+    import shlex
+
+    overrides: list[str] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [o for o in HydraConfig.get().overrides.task
+                     if not o.startswith(("hydra.run.dir=", "ckpt_path=", "output_dir="))]
+    except ValueError:  # composed outside a Hydra app (tests, notebooks): no command line to repeat
+        pass
+    return " ".join(["python train.py", *(shlex.quote(o) for o in overrides), f"hydra.run.dir={shlex.quote(str(run_dir))}",
+                     "ckpt_path=last"])

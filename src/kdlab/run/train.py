@@ -14,35 +14,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.sources import DataUnavailableError
 from kdlab.data.tasks import Task
-from kdlab.evaluation.generations import GenerationScorer, evaluate
+from kdlab.evaluation.generations import evaluate
 from kdlab.evaluation.mismatch import MISMATCH_KEYS
-from kdlab.losses.objective import build_objective
-from kdlab.models.loading import HubUnavailableError, load_model, load_tokenizer, same_vocabulary
-from kdlab.models.sharding import FSDP2Strategy
+from kdlab.models.loading import HubUnavailableError, load_tokenizer, same_vocabulary
 from kdlab.run import rundir
-from kdlab.run.checkpoints import LastCheckpoint, PreemptionCheckpoint, RunInterrupted, stop_on_sigterm
+from kdlab.run.build import build_loggers, build_module, build_sampler, build_trainer
+from kdlab.run.checkpoints import PreemptionCheckpoint, RunInterrupted, stop_on_sigterm
 from kdlab.run.console import run_end_lines, setup_console
-from kdlab.run.last_step import LogLastStep, final_train_metrics
-from kdlab.run.progress import StepProgressBar
+from kdlab.run.last_step import final_train_metrics
 from kdlab.run.resolvers import in_multirun, register_resolvers
 from kdlab.run.validate import ConfigError, config_errors, raise_if_any, vocabulary_errors
-from kdlab.sampling.hf import SamplingSettings
 from kdlab.step.module import DistillationModule
-from kdlab.step.policy import DataPolicy
 from kdlab.step.resilience import TrainingDiverged
-from kdlab.step.rewards import RewardTerm
-from kdlab.step.rollouts import ROLLOUTS, RolloutWriter
-from kdlab.teachers.ensemble import ROUTE, build_ensemble
-from kdlab.teachers.outside import CACHED, MODEL, REMOTE, build_outside_teacher, teacher_kind
+from kdlab.teachers.build import MODEL, build_teacher, member_tokenizer_errors, route_field, teacher_kind
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -50,7 +41,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def validate(cfg: DictConfig) -> tuple[Any, Any, Task | None]:
     """Check the whole config and that its data and models can be found, before anything heavy is built.
 
-    Returns the (student, teacher) tokenizers it loaded to compare vocabularies and the task with its examples read.
+    Returns the (student, teacher) tokenizers it loaded to compare vocabularies (the teacher's when it is a model in
+    this process) and the task with its examples read.
     """
     errors = config_errors(cfg)
     task = None
@@ -63,7 +55,7 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, Task | None]:
     tokenizers = {}
     for role in ("student", "teacher"):
         if cfg.get(role) is None or (role == "teacher" and teacher_kind(cfg.teacher) != MODEL):
-            tokenizers[role] = None  # a cached or remote teacher is checked against the student's tokenizer later
+            tokenizers[role] = None  # outside teachers are checked against the student's tokenizer as they open
             continue
         try:
             tokenizers[role] = load_tokenizer(cfg[role])
@@ -71,7 +63,7 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, Task | None]:
             errors.append(f"{role}: {err}")
             tokenizers[role] = None
     if not errors:
-        errors += _member_vocabulary_errors(cfg, tokenizers["student"])
+        errors += member_tokenizer_errors(cfg.get("teacher"), tokenizers["student"])
     if tokenizers["student"] is not None and tokenizers["teacher"] is not None:
         errors += vocabulary_errors(
             cfg.loss.name,
@@ -81,106 +73,6 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, Task | None]:
         )
     raise_if_any(errors)
     return tokenizers["student"], tokenizers["teacher"], task
-
-
-def _member_vocabulary_errors(cfg: DictConfig, student_tokenizer: Any) -> list[str]:
-    """Several teachers are combined token by token: each model member must share the student's tokenizer."""
-    node = cfg.get("teachers")
-    if node is None or student_tokenizer is None:
-        return []
-    errors = []
-    for name, member in (node.get("members") or {}).items():
-        if teacher_kind(member) != MODEL:
-            continue
-        try:
-            same = same_vocabulary(student_tokenizer, load_tokenizer(member))
-        except (OSError, ValueError, HubUnavailableError) as err:
-            errors.append(f"teachers.members.{name}: {err}")
-            continue
-        if not same:
-            errors.append(f"teachers.members.{name} ({member.get('name')}) tokenizes differently from the student: "
-                          f"several teachers must share the student's tokenizer; distil from a teacher with another "
-                          f"tokenizer alone, with loss=ot (MultiLevelOT) or loss=uld (ULD)")
-    return errors
-
-
-def build_policy(cfg: DictConfig) -> DataPolicy:
-    return DataPolicy(
-        student_fraction=float(cfg.policy.student_fraction),
-        fixed_source=cfg.policy.fixed_source,
-        sampling=SamplingSettings(**cfg.policy.sampling),
-        seed=int(cfg.seed),
-    )
-
-
-def build_reward(cfg: DictConfig) -> RewardTerm | None:
-    """The reward term of GKD Eq. 5 from `conf/reward/*.yaml` (None: pure distillation)."""
-    node = cfg.get("reward")
-    if node is None:
-        return None
-    return RewardTerm(hydra.utils.instantiate(node.fn), alpha=node.alpha, samples_per_prompt=node.samples_per_prompt)
-
-
-def build_loggers(cfg: DictConfig) -> list:
-    loggers = [hydra.utils.instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
-    config = OmegaConf.to_container(cfg, resolve=True)
-    for logger in loggers:
-        logger.log_hyperparams(config)
-    return loggers
-
-
-def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher_tokenizer: Any,
-                 teacher_tokens: Any, outside_teacher: Any = None, ensemble: Any = None) -> DistillationModule:
-    """Load the models and build the module: objective, policy, reward, optimizer, and the two trainer keys the module
-    applies itself (gradient clipping; accumulation is the datamodule's window) under manual optimization."""
-    teacher = load_model(cfg.teacher, teacher_tokenizer) if teacher_kind(cfg.get("teacher")) == MODEL else None
-    return DistillationModule(
-        student=load_model(cfg.student, student_tokenizer),
-        tokenizer=student_tokenizer,
-        objective=build_objective(cfg.loss),
-        policy=build_policy(cfg),
-        task=task,
-        teacher=teacher,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        eval_sampling=SamplingSettings(**task.config.generation),
-        teacher_tokenizer=teacher_tokens,
-        reward=build_reward(cfg),
-        seed=int(cfg.seed),
-        max_nonfinite_steps=int(cfg.nonfinite.max_consecutive_steps),
-        score_groups=int(cfg.score_groups),
-        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
-        gradient_clip_algorithm=cfg.trainer.get("gradient_clip_algorithm") or "norm",
-        outside_teacher=outside_teacher,
-        ensemble=ensemble,
-        rollouts=(int(cfg.log_rollouts_every_n_steps), int(cfg.log_rollouts_examples)),
-    )
-
-
-def build_trainer(cfg: DictConfig, task: Task, loggers: list, output_dir: Path) -> tuple[L.Trainer,
-                                                                                       PreemptionCheckpoint]:
-    strategy = cfg.strategy
-    strategy = hydra.utils.instantiate(strategy) if "_target_" in strategy else strategy.name
-    last = LastCheckpoint(rundir.last_checkpoint(output_dir), int(cfg.checkpoint.every_n_train_steps))
-    preemption = PreemptionCheckpoint(last)
-    extra = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
-    # LogLastStep first: the learning rate monitor then logs the last step too. LastCheckpoint last: a periodic save
-    # sees what the other callbacks did at the end of the step (as Lightning orders its own)
-    callbacks = [LogLastStep(), preemption, LearningRateMonitor(logging_interval="step"), GenerationScorer(task),
-                 RolloutWriter(output_dir / ROLLOUTS), *extra, last]
-    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in extra):
-        callbacks.insert(-1, StepProgressBar())
-    # FSDP2 allocates its gather buffers lazily at the first forward; under inference mode (Lightning's default for
-    # validate, which runs first) they would become inference tensors that training cannot use. no_grad instead.
-    inference_mode = not isinstance(strategy, FSDP2Strategy) and cfg.trainer.get("inference_mode", True)
-    # The module accumulates and clips itself (one loss normalisation per window): these two keys go to it and to
-    # the datamodule, and Lightning, which refuses them under manual optimization, gets neutral values.
-    trainer = hydra.utils.instantiate(
-        cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir),
-        inference_mode=inference_mode, enable_checkpointing=False,  # LastCheckpoint is the one writer of last.ckpt
-        accumulate_grad_batches=1, gradient_clip_val=None, gradient_clip_algorithm=None,
-    )
-    return trainer, preemption
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -209,7 +101,7 @@ def fit(trainer: L.Trainer, preemption: PreemptionCheckpoint, module: Distillati
     if preemption.stopped_by is not None:
         last = rundir.last_checkpoint(output_dir)
         message = (f"interrupted at step {preemption.stopped_at_step}; {last} is saved. "
-                   f"Resume with: python train.py <same overrides> hydra.run.dir={output_dir} ckpt_path=last")
+                   f"Resume with: {rundir.resume_command(output_dir)}")
         raise RunInterrupted(preemption.stopped_by, message)
     return time.perf_counter() - start
 
@@ -313,21 +205,16 @@ def _run(cfg: DictConfig) -> float:
 
     # Teacher and student tokenize differently: every example is tokenized for each, and samples cross via text.
     cross = teacher_tokenizer is not None and not same_vocabulary(student_tokenizer, teacher_tokenizer)
-    teacher_tokens = teacher_tokenizer if cross else None
-    teachers = cfg.get("teachers")
-    route_field = teachers.route_field if teachers is not None and teachers.combine == ROUTE else None
-    datamodule = DistillationDataModule(task, student_tokenizer, seed=int(cfg.seed), teacher_tokenizer=teacher_tokens,
+    datamodule = DistillationDataModule(task, student_tokenizer, seed=int(cfg.seed),
+                                        teacher_tokenizer=teacher_tokenizer if cross else None,
                                         accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches") or 1),
-                                        route_field=route_field)
+                                        route_field=route_field(cfg.get("teacher")))
     datamodule.setup("fit")  # tokenize now: length rules and an empty training set show before models load
     _print_data_report(task, output_dir)
-    outside = ensemble = None
-    if teacher_kind(cfg.get("teacher")) in (CACHED, REMOTE):  # checked against this run before any model loads
-        outside = build_outside_teacher(cfg.teacher, cfg.task, student_tokenizer, datamodule.train_set.items,
-                                        cfg.policy)
-    if teachers is not None:
-        ensemble = build_ensemble(teachers, cfg.task, student_tokenizer, datamodule.train_set.items)
-    module = build_module(cfg, task, student_tokenizer, teacher_tokenizer, teacher_tokens, outside, ensemble)
+    # outside teachers (a cache, a server) are opened and checked against this run before any model loads
+    teacher = build_teacher(cfg.get("teacher"), cfg, student_tokenizer, teacher_tokenizer,
+                            datamodule.train_set.items, build_sampler)
+    module = build_module(cfg, task, student_tokenizer, teacher, rundir.resume_command(output_dir))
 
     loggers = build_loggers(cfg)
     succeeded = False

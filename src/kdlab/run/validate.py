@@ -121,15 +121,14 @@ def config_errors(cfg: DictConfig) -> list[str]:
     """Every problem found in the config without loading anything."""
     from kdlab.models.lora import lora_errors
     from kdlab.step.rewards import reward_config_errors
-    from kdlab.teachers.ensemble import teachers_errors
-    from kdlab.teachers.outside import outside_teacher_errors
+    from kdlab.teachers.build import teacher_errors
 
     errors = _loss_errors(cfg.loss) + _policy_errors(cfg.policy) + task_config_errors(cfg.task) + _run_errors(cfg)
     errors += reward_config_errors(cfg.get("reward"), float(cfg.policy.get("student_fraction", 0.0)))
     errors += lora_errors(cfg.student.get("lora") if cfg.get("student") is not None else None)
-    errors += outside_teacher_errors(cfg) + teachers_errors(cfg)
+    errors += teacher_errors(cfg)
     loss_name = cfg.loss.get("name")
-    has_teacher = cfg.get("teacher") is not None or cfg.get("teachers") is not None
+    has_teacher = cfg.get("teacher") is not None
     fraction = float(cfg.policy.get("student_fraction", 0.0))
     if loss_name != SFT and not has_teacher:
         errors.append(f"loss={loss_name} distills from a teacher but teacher=null; pick a teacher or use loss=sft")

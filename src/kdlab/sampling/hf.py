@@ -1,55 +1,40 @@
-"""Batched sampling from the student or the teacher, returned as right-padded targets with a response mask.
+"""Sampling with Hugging Face models: `generate`, or the compiled static-cache loop, behind the sampler interface.
 
-Sampling runs without gradient, in eval mode (no dropout: the paper's on-policy samples come from the model as it
-would be used), with the KV cache on, from left-padded prompts, and leaves the model's train/eval mode as it found it.
+`HFSampler` (kdlab.sampling.base.Sampler) samples from a model it holds, without gradient, in eval mode (no dropout:
+the paper's on-policy samples come from the model as it would be used), with the KV cache on, from left-padded
+prompts, and leaves the model's train/eval mode as it found it. It reads the model's current weights at every call,
+so `sync` has nothing to do. Its draws come from torch's generator, which the training step seeds per step
+(kdlab.step.resilience.step_seed): a resumed run repeats them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import Tensor
-from transformers import GenerationConfig, PreTrainedModel
+from torch import Tensor, nn
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab.models.scoring import is_encoder_decoder
 from kdlab.sampling import compiled
+from kdlab.sampling.base import SamplingSettings, response_mask
 from kdlab.sampling.layers import linears_for_sampling
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How targets are generated: sampling for on-policy/teacher data, greedy or beam search for evaluation."""
+class HFSampler:
+    """Samples `model`'s continuations with `generate` or the compiled loop (`settings.compile`); see the module doc.
+    The tokenizer gives the padding and end-of-sequence ids, and its size: rows of an output layer padded beyond it
+    are never drawn."""
 
-    max_new_tokens: int = 128
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    num_beams: int = 1
-    # Sample through kdlab.sampling.compiled's compiled static-cache loop (same tokens as generate, less time per token; the
-    # first batch of each shape pays a compilation). Falls back to generate where that loop does not apply.
-    compile: bool = False
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        self.model, self.tokenizer = model, tokenizer
 
-    def generation_config(self, pad_token_id: int, eos_token_id: int) -> GenerationConfig:
-        kwargs = dict(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=self.do_sample,
-            num_beams=self.num_beams,
-            use_cache=True,
-            pad_token_id=pad_token_id,
-            eos_token_id=eos_token_id,
-        )
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        return GenerationConfig(**kwargs)
+    def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, settings: SamplingSettings, seed: int | None = None,
+               lockstep: bool = False) -> tuple[Tensor, Tensor]:
+        return generate_targets(self.model, prompt_ids, prompt_mask, settings,
+                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                                synced_gpus=lockstep, vocab=len(self.tokenizer))
 
-
-def response_mask(tokens: Tensor, eos_token_id: int) -> Tensor:
-    """True up to and including each row's first EOS (the whole row when it has none)."""
-    is_eos = tokens == eos_token_id
-    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-    return ~after_eos
+    def sync(self, model: nn.Module) -> None:
+        """Nothing to do: `generate` reads the model's weights as they are."""
 
 
 def generate_targets(

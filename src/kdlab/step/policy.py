@@ -12,20 +12,21 @@ from dataclasses import dataclass
 
 import torch
 
-from kdlab.sampling.hf import SamplingSettings
+from kdlab.sampling.base import SamplingSettings
 
-STUDENT = "student"
-FIXED_SOURCES = ("ground_truth", "teacher")
+STUDENT, GROUND_TRUTH, TEACHER = "student", "ground_truth", "teacher"  # where a step's targets come from
+FIXED_SOURCES = (GROUND_TRUTH, TEACHER)
 
 
 @dataclass(frozen=True)
 class DataPolicy:
-    """The on-policy fraction (conf/policy/*.yaml sets it: no default here) and where fixed targets come from."""
+    """The on-policy fraction, where fixed targets come from and how samples are drawn (conf/policy/*.yaml sets
+    them: no defaults here), and the run's seed, of which each step's draw is a function."""
 
     student_fraction: float
-    fixed_source: str = "ground_truth"
-    sampling: SamplingSettings = SamplingSettings()
-    seed: int = 0
+    fixed_source: str
+    sampling: SamplingSettings
+    seed: int
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.student_fraction <= 1.0:
@@ -45,4 +46,4 @@ class DataPolicy:
 
     @property
     def uses_teacher_samples(self) -> bool:
-        return self.fixed_source == "teacher" and self.student_fraction < 1.0
+        return self.fixed_source == TEACHER and self.student_fraction < 1.0

@@ -9,8 +9,8 @@ to `<run>/rollouts.jsonl` (and, with `logger=wandb`, a `train/rollouts` W&B tabl
     student_logprob and teacher_logprob (the sequence's log-likelihood under each model, summed over its tokens),
     divergence (the objective on this sequence alone, CE term left out), reward (GKD Eq. 5 runs only)
 
-The teacher's log-likelihood is null where it is unknown: with several teachers, and with a top-k teacher when a
-target token is outside its top-k. Every process scores its own rows (sharded models need every process in each
+The teacher's log-likelihood is null where it is unknown: with routed teachers, and with a top-k teacher when a target
+token is outside its top-k; with several teachers mixed it is the mixture's. Every process scores its own rows (sharded models need every process in each
 forward pass); the first process writes.
 """
 
@@ -24,7 +24,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from kdlab.losses.objective import Members
 from kdlab.losses.sparse import TopK
+from kdlab.teachers.base import LOGITS
 
 ROLLOUTS = "rollouts.jsonl"
 COLUMNS = ("step", "source", "prompt", "target", "tokens", "student_logprob", "teacher_logprob", "divergence",
@@ -48,51 +50,47 @@ def _top_k_logprob(top: TopK, ids: Tensor, mask: Tensor) -> float | None:
     return float((top.logprobs * hit).sum(-1).masked_fill(~mask.bool(), 0.0).sum())
 
 
-def _row_outside(scores: dict[str, TopK], row: int, width: int) -> dict[str, TopK]:
-    return {name: TopK(t.logprobs[row : row + 1, :width], t.ids[row : row + 1, :width], t.tail[row : row + 1, :width],
-                       t.mask[row : row + 1, :width]) for name, t in scores.items()}
-
-
 @torch.no_grad()
-def rollout_rows(module: Any, targets: Any, source: str, step: int, examples: int) -> list[dict[str, Any]]:
-    """The first `examples` rows of a micro-batch's targets (kdlab.step.module.StepTargets), each scored alone."""
+def rollout_rows(step: Any, targets: Any, step_index: int, examples: int) -> list[dict[str, Any]]:
+    """The first `examples` rows of a micro-batch's targets (kdlab.step.step.StepTargets), each scored alone by
+    `step` (kdlab.step.step.DistillationStep) on the logits path."""
     rows = []
-    for i, row in enumerate(targets.batch.split(1)[:examples]):
-        ids, mask = row.student.target
-        student_logits, local = module._scores(row)  # one scoring serves the divergence and the log-likelihoods
-        scores = {**local, **_row_outside(targets.outside_scores, i, ids.shape[1])}
-        terms, _ = module._terms_of(student_logits, scores, row, hard_labels=False)
+    for i in range(min(examples, len(targets.batch))):
+        row = targets.row(i)
+        ids, mask = row.batch.student.target
+        student_logits, scores = step.scored(row)  # one scoring serves the divergence and the log-likelihoods
+        teacher_mask = row.batch.teacher.target_mask if row.batch.teacher is not None else None
+        terms = step.objective.terms(student_logits, scores, ids, mask, teacher_mask, hard_labels=False)
         divergence = sum(weight * term.mean() for weight, term in terms.values())
         prompt_ids, target_ids = (side_ids[side_mask].tolist() for side_ids, side_mask in
-                                  (row.student.prompt, row.student.target))
+                                  (row.batch.student.prompt, row.batch.student.target))
         rows.append({
-            "step": step, "source": source, "prompt": module.tokenizer.decode(prompt_ids),
-            "target": module.tokenizer.decode(target_ids), "tokens": len(target_ids),
+            "step": step_index, "source": targets.source, "prompt": step.tokenizer.decode(prompt_ids),
+            "target": step.tokenizer.decode(target_ids), "tokens": len(target_ids),
             "student_logprob": sequence_logprob(student_logits, ids, mask),
-            "teacher_logprob": _teacher_logprob(module, row, scores.get("teacher")),
+            "teacher_logprob": _teacher_logprob(step, row, scores),
             "divergence": float(divergence),
-            "reward": float(targets.rewards[i]) if targets.rewards is not None else None,
+            "reward": float(row.rewards[0]) if row.rewards is not None else None,
             "prompt_ids": prompt_ids, "target_ids": target_ids,
         })
     return rows
 
 
-def _teacher_logprob(module: Any, row: Any, score: Tensor | TopK | None) -> float | None:
-    """The one teacher's log-likelihood of the row's target in its own tokens, from the scores the loss used (None
-    with several teachers). With loss=sft the teacher takes no part in the loss and is scored here."""
-    if module.ensemble is not None:
-        return None
-    if isinstance(score, TopK):
-        return _top_k_logprob(score, *row.student.target)
-    side = row.side("teacher")
-    if score is None:
-        if module.teacher is None:
+def _teacher_logprob(step: Any, row: Any, scores: Any) -> float | None:
+    """The teacher's log-likelihood of the row's target in its own tokens, from the scores the loss used: its logits,
+    its top-k, or several teachers' mixture (None for routed members, whose row has one member's). With loss=sft the
+    teacher takes no part in the loss and, when it scores in the process, is scored here."""
+    if scores is None:
+        if step.teacher is None or not step.teacher.in_process:
             return None
-        from kdlab.models.scoring import score_targets
-
-        score = score_targets(module.teacher, *side.prompt, *side.target)
-        score = score[..., : len(module.teacher_tokenizer or module.tokenizer)]
-    return sequence_logprob(score, *side.target)
+        scores = step.teacher.scores(row.batch, None, LOGITS, step.groups)
+    if isinstance(scores, Members):
+        scores = scores.mixture
+    if isinstance(scores, TopK):
+        return _top_k_logprob(scores, *row.batch.student.target)
+    if scores is None:
+        return None
+    return sequence_logprob(scores, *row.batch.side("teacher").target)
 
 
 class RolloutWriter(L.Callback):

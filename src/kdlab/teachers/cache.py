@@ -52,7 +52,8 @@ import torch
 from torch import Tensor
 
 from kdlab.losses.sparse import top_k_of_logits
-from kdlab.sampling.hf import SamplingSettings, generate_targets
+from kdlab.sampling.base import SamplingSettings
+from kdlab.sampling.hf import generate_targets
 from kdlab.teachers.cache_verify import (
     BITS,
     BLOCK_BYTES,

@@ -16,9 +16,13 @@ from kdlab.run.compose import CONF_DIR
 
 def hydra_entry(config_name: str, fn: Callable[[DictConfig], object]) -> None:
     """Run `fn(cfg)` under `hydra.main` with `conf/<config_name>.yaml` as the primary config."""
+    import sys
+
     import hydra
 
+    from kdlab.run.compose import expand_overrides
     from kdlab.run.resolvers import register_resolvers
 
     register_resolvers()
+    sys.argv[1:] = expand_overrides(sys.argv[1:])  # `teacher=arith_teacher`: a conf/model/ preset at `teacher`
     hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(fn)()

@@ -254,7 +254,7 @@ def _draw_operation(rng: random.Random, op: str, total: int, spec: ArithSpec) ->
 
 def generate_problem(rng: random.Random, spec: ArithSpec = ArithSpec()) -> dict:
     """One problem `{"question": str, "answer": str, "steps": int}` drawn from `rng` (the only source of randomness);
-    `steps`, the number of operations, lets a run split problems by difficulty (e.g. `teachers.route_field=steps`)."""
+    `steps`, the number of operations, lets a run split problems by difficulty (e.g. `teacher.route_field=steps`)."""
     name, pron, poss = rng.choice(_PEOPLE)
     money = rng.random() < 0.3
     obj, container = ("dollars", "envelopes") if money else rng.choice(_ITEMS)

@@ -55,7 +55,7 @@ class Batch:
     """Rows of examples: the student's tokens, the teacher's own when it tokenizes differently (else None), each
     example's reference text (what a prediction is scored against, and a reward's second argument) and its row in
     its split (a cached teacher's key; None where rows were not read from a split), and with several teachers
-    routed by a field (`teachers.route_field`), that field's value per example."""
+    routed by a field (`teacher.route_field`), that field's value per example."""
 
     student: Side
     reference: list[str]

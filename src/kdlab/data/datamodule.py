@@ -148,14 +148,14 @@ class Example:
     student: Tokens
     teacher: Tokens | None = None
     index: int = -1
-    route: str | None = None  # the value of `teachers.route_field`, when several teachers are routed by it
+    route: str | None = None  # the value of `teacher.route_field`, when several teachers are routed by it
 
 
 def _route_value(example: Mapping[str, Any], field: str, split: str, index: int) -> str:
     try:
         return str(lookup(example, field))
     except KeyError:
-        raise ValueError(f"teachers.route_field={field}: {split} example {index} has no such field (its fields: "
+        raise ValueError(f"teacher.route_field={field}: {split} example {index} has no such field (its fields: "
                          f"{', '.join(example)})") from None
 
 

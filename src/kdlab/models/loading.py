@@ -156,7 +156,7 @@ def load_model(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase)
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """Recompute each transformer block in backward (non-reentrant checkpoints: no input needs grad). Idempotent, so
-    FSDP's `strategy.activation_checkpointing` may enable it again. transformers >= 5.24 names it
+    FSDP's `trainer.strategy.activation_checkpointing` may enable it again. transformers >= 5.24 names it
     `activation_checkpointing_enable` (the older name warns)."""
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:

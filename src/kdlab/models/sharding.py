@@ -1,6 +1,6 @@
 """Sharding and cross-rank arithmetic: FSDP2 through Lightning's ModelParallelStrategy, and cross-rank flags.
 
-`strategy=fsdp` builds `FSDP2Strategy`: PyTorch's `fully_shard` (FSDP2) per transformer block, then per model, for
+`trainer=fsdp` builds `FSDP2Strategy`: PyTorch's `fully_shard` (FSDP2) per transformer block, then per model, for
 the student and for the frozen teacher, applied in `DistillationModule.configure_model`. FSDP2 runs on CPU with gloo
 as well as on GPUs with NCCL (Lightning's older FSDPStrategy refuses CPU), so the same path is tested in CI.
 
@@ -33,7 +33,7 @@ DTYPES = {**MODEL_DTYPES, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32":
 
 @dataclass(frozen=True)
 class ShardingOptions:
-    """How `fully_shard` wraps the models (the `strategy=fsdp` config keys).
+    """How `fully_shard` wraps the models (the `trainer.strategy` keys of `trainer=fsdp`).
 
     mixed_precision: parameter dtype during forward/backward ("bf16"), gradients reduced in float32; null: float32.
     activation_checkpointing: recompute each student block in backward instead of keeping its activations.
@@ -49,7 +49,7 @@ class ShardingOptions:
 
     def __post_init__(self) -> None:
         if self.mixed_precision is not None and self.mixed_precision not in DTYPES:
-            raise ValueError(f"strategy.mixed_precision={self.mixed_precision!r}: use bf16, fp16 or null")
+            raise ValueError(f"trainer.strategy.mixed_precision={self.mixed_precision!r}: use bf16, fp16 or null")
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -113,7 +113,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     if not blocks:
         raise ValueError(
             f"{type(model).__name__} lists no transformer block classes in `_no_split_modules`, so FSDP cannot "
-            "shard it block by block; use strategy=ddp for this model"
+            "shard it block by block; use trainer=ddp for this model"
         )
     return blocks
 

@@ -13,7 +13,7 @@ and MultiLevelOT's per-sequence ranking makes two passes over chunks, column sum
 the CE term. Everything else keeps the logits path, and `fused_off_reason` says why (the run logs it once with
 `verbose=true`): an outside teacher or several teachers, a loss function of the user's own, a model whose output
 layer is not a plain linear map or that is an encoder-decoder, and models sharded by a strategy other than
-strategy=fsdp. Under strategy=fsdp (FSDP2, kdlab.models.sharding.shard_model) the output weight is a sharded DTensor
+trainer=fsdp. Under trainer=fsdp (FSDP2, kdlab.models.sharding.shard_model) the output weight is a sharded DTensor
 outside its model's forward, so each model's decoder stack and its reading of the output layer run as one forward of
 that model (kdlab.models.sharding.within_forward): FSDP2 gathers the weight whole for it and reduce-scatters the
 student's output weight and bias gradients in backward (docs/benchmarks.md section 6).
@@ -65,7 +65,7 @@ def _builtin(objective: Objective) -> bool:
 
 def fused_off_reason(objective: Objective, student: nn.Module, teacher: Any) -> str | None:
     """Why training steps of this objective, student and teacher keep the logits path (None: they can be fused).
-    The strategy's part (models sharded other than by strategy=fsdp) is the run's to add (kdlab.run.train)."""
+    The strategy's part (models sharded other than by trainer=fsdp) is the run's to add (kdlab.run.build.use_fused)."""
     if teacher is not None and teacher.tokenizer is not None and objective.needs_teacher \
             and not objective.cross_tokenizer:
         return f"the teacher has its own tokenizer, and loss={objective.name} compares token by token"

@@ -224,7 +224,7 @@ class DistillationModule(L.LightningModule):
 
     # -- sharding, optimisation and checkpoints ------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Under strategy=fsdp: FSDP2 `fully_shard` per transformer block, then per model, student and teacher."""
+        """Under trainer=fsdp: FSDP2 `fully_shard` per transformer block, then per model, student and teacher."""
         strategy = self._trainer.strategy if self._trainer is not None else None
         if not isinstance(strategy, FSDP2Strategy) or is_sharded(self.student):
             return  # Lightning calls this hook before fit and before each validate: shard once

@@ -43,7 +43,8 @@ def distillation_module(student: torch.nn.Module, tokenizer: Any, objective: Obj
                         fused: bool = False, score_groups: int = 1, reward: Any = None, micro_batch_size: int = 8,
                         optimizer: Callable[..., torch.optim.Optimizer] | None = None, seed: int = 0,
                         eval_sampling: SamplingSettings | None = None, max_nonfinite_steps: int = 10,
-                        rollouts: tuple[int, int] = (0, 0), gradient_clip_val: float | None = None) -> DistillationModule:
+                        rollouts: tuple[int, int] = (0, 0),
+                        gradient_clip_val: float | None = None) -> DistillationModule:
     """A DistillationModule as `kdlab.run.build.build_module` makes one, from models built in code."""
     step = distillation_step(student, tokenizer, objective, teacher, teacher_tokenizer, fused, score_groups, reward)
     policy = DataPolicy(fraction, fixed_source, SamplingSettings(max_new_tokens=max_new_tokens, do_sample=True), seed)

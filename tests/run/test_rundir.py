@@ -53,3 +53,24 @@ def test_a_finished_job_clears_old_markers_and_keeps_checkpoints_only_when_asked
     rundir.mark_finished(tmp_path, keep_checkpoints=keep)
     assert not (tmp_path / FAILURE_MARKER).exists() and not (tmp_path / INTERRUPTION_MARKER).exists()
     assert (tmp_path / CHECKPOINTS).exists() == keep
+
+
+def test_the_resume_command_repeats_the_runs_own_overrides(tmp_path):
+    """What a lost server or a stop signal prints is the command that resumes this run, not a placeholder."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from kdlab.run.resolvers import register_resolvers
+    from tests.conftest import CONF_DIR
+
+    assert rundir.resume_command(tmp_path) == f"python train.py hydra.run.dir={tmp_path} ckpt_path=last"  # no Hydra
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["loss=rkl", "seed=3", "tags=[a b]", f"hydra.run.dir={tmp_path}",
+                                          "ckpt_path=auto"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert rundir.resume_command(tmp_path) == (f"python train.py loss=rkl seed=3 'tags=[a b]' "
+                                                   f"hydra.run.dir={tmp_path} ckpt_path=last")
+    finally:
+        HydraConfig.instance().cfg = None

@@ -25,11 +25,12 @@ def compose_sweep(name: str, overrides: list[str]):
     """The config one job of `python train.py -m -cd sweeps -cn <name> <overrides>` runs, composed in-process."""
     from hydra import compose, initialize_config_dir
 
+    from kdlab.run.compose import expand_overrides
     from kdlab.run.resolvers import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=[f"hydra.searchpath=[file://{CONF_DIR}]", *overrides,
+        return compose(config_name=name, overrides=[f"hydra.searchpath=[file://{CONF_DIR}]", *expand_overrides(overrides),
                                                     "output_dir=/tmp/unused"], return_hydra_config=True)
 
 

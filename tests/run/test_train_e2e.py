@@ -42,9 +42,10 @@ def test_each_policy_preset_runs_and_reports_the_fraction_used(tmp_path, policy,
     if fraction is not None:
         assert results["onpolicy_fraction"] == fraction
     else:  # the draws of steps 0..3 under seed 0, recomputed here
-        from kdlab.step.policy import DataPolicy
+        from kdlab.run.build import build_policy
 
-        expected = sum(DataPolicy(0.5, seed=0).draw(s) == "student" for s in range(4)) / 4
+        policy = build_policy(compose(["policy=mixed", "seed=0"]))
+        expected = sum(policy.draw(s) == "student" for s in range(4)) / 4
         assert results["onpolicy_fraction"] == expected
 
 

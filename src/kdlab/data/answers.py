@@ -8,9 +8,9 @@ The reference scorer released with GSM8K (openai/grade-school-math, `grade_schoo
 4. a prediction is correct when its extracted answer is a valid answer and equals, *as a string*, the answer
    extracted the same way from the reference solution. The reference must itself have a final answer.
 
-So ``"#### 42"`` matches ``"#### 42"`` but not ``"#### 42.0"`` or ``"####42"``: there is no numeric normalisation,
-which is what the published GSM8K accuracies use. This module reimplements that rule (it copies no code); the
-`gsm8k_accuracy` metric in `kdlab/evaluation/metrics/` carries its own copy of the same regex and a test checks they agree.
+So ``"#### 42"`` matches ``"#### 42"`` but not ``"#### 42.0"`` or ``"####42"``: there is no numeric normalisation, which
+is what the published GSM8K accuracies use. This module reimplements that rule (it copies no code); the `gsm8k_accuracy`
+metric in `kdlab/evaluation/metrics/` carries its own copy of the same regex and a test checks they agree.
 """
 
 from __future__ import annotations

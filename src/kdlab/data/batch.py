@@ -1,9 +1,9 @@
 """The shape of a batch: one `Side` per tokenizer (left-padded prompts, right-padded targets) and the references.
 
-A batch always has the student's side. When the teacher tokenizes differently it also has the teacher's own side:
-the same examples' text in the teacher's tokens and prompt format (kdlab.sampling.retokenize crosses samples between the two
-through text). A training step replaces a batch's targets with the ones its data policy picked (`with_targets`),
-so "the step's targets" and "the batch" are one object all the way to the loss.
+A batch always has the student's side. When the teacher tokenizes differently it also has the teacher's own side: the
+same examples' text in the teacher's tokens and prompt format (kdlab.sampling.retokenize crosses samples between the two
+through text). A training step replaces a batch's targets with the ones its data policy picked (`with_targets`), so "the
+step's targets" and "the batch" are one object all the way to the loss.
 """
 
 from __future__ import annotations

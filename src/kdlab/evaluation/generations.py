@@ -47,7 +47,8 @@ class GenerationScorer(L.Callback):
         self.task = task
         self.result: Generations | None = None
         self._current = Generations("student")
-        self._mismatch_sums: list[list[float]] = []  # kdlab.evaluation.mismatch's per-row sums, made means at the epoch's end
+        # kdlab.evaluation.mismatch's per-row sums, made means at the epoch's end
+        self._mismatch_sums: list[list[float]] = []
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._current = Generations(getattr(pl_module, "eval_role", "student"))

@@ -1,10 +1,10 @@
 """`kdlab-mismatch <run or sweep dir>...`: the teacher's view of a finished run's student outputs, added afterwards.
 
-Runs evaluate the mismatch themselves (kdlab.evaluation.mismatch: own_teacher_nll, own_fkl, own_rkl in results.json). This
-command gives it to runs that finished without it: it evaluates each run's exported student (`<run>/student`) on
-the run's validation split with the run's own config (`<run>/config.yaml`), checks that the task score is the one
-the run reported, and adds the measures to `results.json`. `--before` does the same for the student the run started
-from (the config's student), in `student_before`.
+Runs evaluate the mismatch themselves (kdlab.evaluation.mismatch: own_teacher_nll, own_fkl, own_rkl in results.json).
+This command gives it to runs that finished without it: it evaluates each run's exported student (`<run>/student`) on
+the run's validation split with the run's own config (`<run>/config.yaml`), checks that the task score is the one the
+run reported, and adds the measures to `results.json`. `--before` does the same for the student the run started from
+(the config's student), in `student_before`.
 
     kdlab-mismatch outputs/multirun/gkd_decided/<time>            # every finished run below it
     kdlab-mismatch outputs/2026-11-26/10-00-00 --before

@@ -1,1 +1,1 @@
-"""Models: loading, scoring (logits and hidden states of targets), LoRA, sharding (FSDP2), export, the shipped assets."""
+"""Models: loading, scoring (logits and hidden states of targets), LoRA, sharding (FSDP2), export, shipped assets."""

@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--column", help="config key spread over the table's columns "
                                          "(default: policy.student_fraction when the sweep varied it)")
     parser.add_argument("--metric", help="the score compared (default: the runs' task metric, e.g. accuracy); any "
-                                         "key of results.json's metrics, e.g. own_teacher_nll (kdlab.evaluation.mismatch)")
+                                         "key of results.json's metrics, e.g. own_teacher_nll "
+                                         "(kdlab.evaluation.mismatch)")
     parser.add_argument("--wandb", action="store_true", help="also build a W&B Report of the sweep's runs")
     parser.add_argument("--entity", help="W&B entity of the report (with --wandb)")
     parser.add_argument("--project", help="W&B project of the report (with --wandb)")

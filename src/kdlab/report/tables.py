@@ -157,7 +157,8 @@ def _sort_key(value: Any) -> tuple:
 
 
 def lower_is_better(metric: str) -> bool:
-    """kdlab's task metrics are higher-is-better; losses, NLLs and the mismatch measures (kdlab.evaluation.mismatch) are not."""
+    """kdlab's task metrics are higher-is-better; losses, NLLs and the mismatch measures (kdlab.evaluation.mismatch)
+    are not."""
     return metric.startswith("own_") or metric.endswith(("loss", "nll"))
 
 

@@ -1,8 +1,8 @@
 """The run directory: the names of what a run leaves on disk, its status markers, and the clean-up of a finished run.
 
-One Hydra job is one run directory. `kdlab.run.train` writes into it, the job wrapper (`kdlab.run.train.run_job`) marks how
-it ended, and `kdlab.report` reads it back, all through the names below, so a renamed file cannot go unnoticed by one
-of them. What the presence of each file means:
+One Hydra job is one run directory. `kdlab.run.train` writes into it, the job wrapper (`kdlab.run.train.run_job`) marks
+how it ended, and `kdlab.report` reads it back, all through the names below, so a renamed file cannot go unnoticed by
+one of them. What the presence of each file means:
 
     config.yaml              the resolved config (written once the trainer is built)
     results.json             the final metrics; written last, so the run finished
@@ -96,5 +96,5 @@ def resume_command(run_dir: str | Path) -> str:
                      if not o.startswith(("hydra.run.dir=", "ckpt_path=", "output_dir="))]
     except ValueError:  # composed outside a Hydra app (tests, notebooks): no command line to repeat
         pass
-    return " ".join(["python train.py", *(shlex.quote(o) for o in overrides), f"hydra.run.dir={shlex.quote(str(run_dir))}",
-                     "ckpt_path=last"])
+    where = f"hydra.run.dir={shlex.quote(str(run_dir))}"
+    return " ".join(["python train.py", *(shlex.quote(o) for o in overrides), where, "ckpt_path=last"])

@@ -1,1 +1,1 @@
-"""Sampling: the sampler interface, Hugging Face `generate` and the compiled loop, the sampling layers, retokenizing samples."""
+"""Sampling: the sampler interface, `generate` and the compiled loop, the sampling layers, samples across tokenizers."""

@@ -1,1 +1,2 @@
-"""One distillation step: the LightningModule (hooks), the step (targets -> scores -> terms -> loss), the data policy, rewards, rollouts and resilience."""
+"""One distillation step: the LightningModule (hooks), the step (targets -> scores -> terms -> loss), the data policy,
+rewards, rollouts and resilience."""

@@ -10,8 +10,8 @@ to `<run>/rollouts.jsonl` (and, with `logger=wandb`, a `train/rollouts` W&B tabl
     divergence (the objective on this sequence alone, CE term left out), reward (GKD Eq. 5 runs only)
 
 The teacher's log-likelihood is null where it is unknown: with routed teachers, and with a top-k teacher when a target
-token is outside its top-k; with several teachers mixed it is the mixture's. Every process scores its own rows (sharded models need every process in each
-forward pass); the first process writes.
+token is outside its top-k; with several teachers mixed it is the mixture's. Every process scores its own rows (sharded
+models need every process in each forward pass); the first process writes.
 """
 
 from __future__ import annotations

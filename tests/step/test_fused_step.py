@@ -71,6 +71,7 @@ def _compare(step: DistillationStep, batch, steps: int = 2, tolerance: float = 1
     (gradients after the first step and the weights to `later`). `onpolicy`: on the student's own samples, without
     hard labels (no CE term)."""
     fused = twin(step, fused=True)
+    assert fused.fused and not step.fused
     start = {k: v.detach().clone() for k, v in step.student.state_dict().items()}
     targets = _own_samples(step, batch) if onpolicy else StepTargets(batch)
     fused_losses, fused_gradients, fused_weights = _steps(fused, targets, steps)

@@ -43,13 +43,13 @@ def _loss_curve(run_dir) -> list[float]:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     _train(root / "single", "task.batch_size=8")
-    _train(root / "ddp", "trainer=ddp", "strategy=ddp", *TWO_PROCESSES)
+    _train(root / "ddp", "trainer=ddp", *TWO_PROCESSES)
     # FSDP through the torchrun recipe of docs/scaling.md (processes started outside Lightning), DDP through
     # Lightning's own launcher: both ways of starting processes are covered.
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    _train(root / "fsdp", "trainer=fsdp", "strategy=fsdp", *TWO_PROCESSES, launcher=torchrun)
+    _train(root / "fsdp", "trainer=fsdp", *TWO_PROCESSES, launcher=torchrun)
     # On-policy under sharding: both processes sample every step, in lockstep (synced_gpus), without hanging.
-    _train(root / "fsdp_onpolicy", "trainer=fsdp", "strategy=fsdp", *TWO_PROCESSES, "policy=onpolicy",
+    _train(root / "fsdp_onpolicy", "trainer=fsdp", *TWO_PROCESSES, "policy=onpolicy",
            "trainer.max_steps=2", "export=false")
     return root
 
@@ -102,7 +102,7 @@ def test_slurm_launcher_config_instantiates_with_the_run_s_nodes_and_devices():
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", return_hydra_config=True, overrides=[
-            "hydra/launcher=slurm", "trainer=fsdp", "strategy=fsdp", "trainer.devices=8", "trainer.num_nodes=2",
+            "hydra/launcher=slurm", "trainer=fsdp", "trainer.devices=8", "trainer.num_nodes=2",
             "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=60"])
         previous = HydraConfig.instance().cfg
         HydraConfig.instance().set_config(cfg)  # the launcher config interpolates ${hydra:...}
@@ -165,8 +165,8 @@ def test_sharding_options_take_effect(one_process_mesh, tokenizer):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_measure_the_mismatch_over_every_process(runs, strategy):
-    """Each process scores its share of the validation problems; the mismatch (kdlab.evaluation.mismatch) is the per-token mean
-    over all of them, as one process measures it (half the problems would give other means)."""
+    """Each process scores its share of the validation problems; the mismatch (kdlab.evaluation.mismatch) is the
+    per-token mean over all of them, as one process measures it (half the problems would give other means)."""
     from kdlab.evaluation.mismatch import MISMATCH_KEYS
 
     single = json.loads((runs / "single" / RESULTS).read_text())["student_after"]

@@ -5,79 +5,43 @@ vocabulary) tensor of either model exists in a fused step; what cannot be fused 
 
 from __future__ import annotations
 
-import copy
 import logging
+import re
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kdlab.data.datamodule import DistillationDataModule
-from kdlab.data.tasks import Task
-from kdlab.losses.objective import CROSS_TOKENIZER_LOSSES, build_objective
-from kdlab.models.loading import load_model, load_tokenizer
-from kdlab.run.compose import task_node
-from kdlab.sampling.base import SamplingSettings
-from kdlab.step.fused import fused_terms
-from kdlab.step.module import DistillationModule, StepTargets
-from kdlab.step.policy import STUDENT, DataPolicy
+from kdlab.run.build import use_fused
+from kdlab.step.fused import fused_off_reason, fused_terms
+from kdlab.step.policy import STUDENT
+from kdlab.step.step import DistillationStep, StepTargets
 from tests.conftest import REPO, compose, loss_config
+from tests.workers.cases import RUN, SAMPLING, TOKENS, TWO_PROCESS_RUNS, add_output_bias, case_step, twin
 
-TASK = {"name": "arith", "train_size": 16, "val_size": 4, "eval_examples": 4, "batch_size": 8, "eval_batch_size": 4,
-        "generation": {"max_new_tokens": 4, "do_sample": False}}
-TOKENS = 746  # the arith tokenizer
-UNIGRAM = REPO / "src/kdlab/assets/arith/unigram_tokenizer"  # 389 tokens: a teacher with its own tokenizer
 DIVERGENCES = ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"]
 
 
-def _model(role: str, preset: str, seed: int, *overrides: str, tokenizer=None):
-    own = [f"{role}.tokenizer={tokenizer}"] if tokenizer is not None else []
-    cfg = compose([f"{role}={preset}", *own, *(f"+{role}.config.{o}" for o in overrides)])[role]
-    tokenizer = load_tokenizer(cfg)
-    torch.manual_seed(seed)
-    return load_model(cfg, tokenizer), tokenizer
+def _counts(targets: StepTargets) -> dict[str, torch.Tensor]:
+    return DistillationStep.global_counts([targets], targets.batch.student.target_ids.device)
 
 
-def _module(loss: str = "fkl", preset: str = "tiny", overrides: tuple[str, ...] = (), dtype=torch.float32,
-            score_groups: int = 1, cross: bool | None = None, **loss_overrides) -> tuple[DistillationModule, object]:
-    """A module with a tiny student and teacher of `preset` and a batch of 8 ground-truth rows of mixed lengths; with
-    `cross` (default: for loss=ot|uld) the teacher has its own tokenizer (Unigram, 389 tokens), the batch its own
-    tokens."""
-    student, tokenizer = _model("student", preset, 0, *overrides)
-    cross = loss in CROSS_TOKENIZER_LOSSES if cross is None else cross
-    teacher, teacher_tokenizer = (None, None) if loss == "sft" else _model(
-        "teacher", preset, 1, *overrides, tokenizer=UNIGRAM if cross else None)
-    task = Task.from_config(task_node(**TASK))
-    module = DistillationModule(student=student.to(dtype), tokenizer=tokenizer,
-                                objective=build_objective(loss_config(loss, **loss_overrides)),
-                                policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4, do_sample=True)), task=task,
-                                teacher=None if teacher is None else teacher.to(dtype),
-                                teacher_tokenizer=teacher_tokenizer if cross else None,
-                                optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
-                                max_nonfinite_steps=10, score_groups=score_groups)
-    datamodule = DistillationDataModule(task, tokenizer, teacher_tokenizer=teacher_tokenizer if cross else None)
-    datamodule.setup("fit")
-    return module, next(iter(datamodule.train_dataloader()))
-
-
-def _steps(module: DistillationModule, targets: StepTargets, fused: bool, steps: int,
-           hard_labels: bool = True) -> tuple[list[torch.Tensor], list[dict], dict]:
-    """`steps` SGD steps of the module's micro-loss on `targets`: the losses, each step's gradients, the weights.
+def _steps(step: DistillationStep, targets: StepTargets, steps: int) -> tuple[list[torch.Tensor], list[dict], dict]:
+    """`steps` SGD steps of the step's loss on `targets`: the losses, each step's gradients, the weights.
 
     SGD, not Adam: Adam's first steps move each weight by about lr whatever its gradient's size, so float noise in a
-    near-zero gradient would show at 1e-3 (tests/teachers/test_teacher_outside_training.py); SGD's update is the gradient."""
-    module._fused_reason = "" if fused else "off"
-    assert module._fused is fused
-    optimizer = torch.optim.SGD([p for p in module.student.parameters() if p.requires_grad], lr=0.5)
+    near-zero gradient would show at 1e-3 (tests/teachers/test_teacher_outside_training.py); SGD's update is the
+    gradient."""
+    optimizer = torch.optim.SGD([p for p in step.student.parameters() if p.requires_grad], lr=0.5)
     losses, gradients = [], []
     for _ in range(steps):
-        loss, _ = module._micro_loss(targets, hard_labels, module._global_counts([targets]))
+        loss, _ = step.loss(targets, _counts(targets))
         loss.backward()
-        gradients.append({n: p.grad.clone() for n, p in module.student.named_parameters() if p.requires_grad})
+        gradients.append({n: p.grad.clone() for n, p in step.student.named_parameters() if p.requires_grad})
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.detach())
-    return losses, gradients, {k: v.detach().clone() for k, v in module.student.state_dict().items()}
+    return losses, gradients, {k: v.detach().clone() for k, v in step.student.state_dict().items()}
 
 
 def _relative(ours: dict, reference: dict) -> float:
@@ -86,26 +50,32 @@ def _relative(ours: dict, reference: dict) -> float:
                for k in reference)
 
 
-def _own_samples(module, batch) -> StepTargets:
+def _cross(step: DistillationStep) -> bool:
+    """Whether the step's teacher reads its own tokens."""
+    return step.teacher is not None and step.teacher.tokenizer is not None
+
+
+def _own_samples(step: DistillationStep, batch) -> StepTargets:
     """The student's own samples of the batch's prompts (retokenized for a teacher with its own tokenizer)."""
     torch.manual_seed(3)
-    targets = module._step_targets(batch, STUDENT)
-    for side in ("student", "teacher") if module.cross_tokenizer else ("student",):
+    targets = step.targets(batch, STUDENT, SAMPLING)
+    for side in ("student", "teacher") if _cross(step) else ("student",):
         ours, given = targets.batch.side(side).target_ids, batch.side(side).target_ids
         assert ours.shape != given.shape or not torch.equal(ours, given), side  # sampled, not the ground truth
     return targets
 
 
-def _compare(module, batch, steps: int = 2, tolerance: float = 1e-5, later: float = 1e-5,
+def _compare(step: DistillationStep, batch, steps: int = 2, tolerance: float = 1e-5, later: float = 1e-5,
              onpolicy: bool = False) -> None:
     """Fused and logits-path runs from the same start: the same losses, gradients and weights after each step
     (gradients after the first step and the weights to `later`). `onpolicy`: on the student's own samples, without
     hard labels (no CE term)."""
-    twin = copy.deepcopy(module)
-    start = {k: v.detach().clone() for k, v in module.student.state_dict().items()}
-    targets = _own_samples(module, batch) if onpolicy else StepTargets(batch)
-    fused_losses, fused_gradients, fused_weights = _steps(module, targets, True, steps, not onpolicy)
-    plain_losses, plain_gradients, plain_weights = _steps(twin, targets, False, steps, not onpolicy)
+    fused = twin(step, fused=True)
+    assert fused.fused and not step.fused
+    start = {k: v.detach().clone() for k, v in step.student.state_dict().items()}
+    targets = _own_samples(step, batch) if onpolicy else StepTargets(batch)
+    fused_losses, fused_gradients, fused_weights = _steps(fused, targets, steps)
+    plain_losses, plain_gradients, plain_weights = _steps(step, targets, steps)
     torch.testing.assert_close(torch.stack(fused_losses), torch.stack(plain_losses), rtol=tolerance, atol=tolerance)
     assert _relative(fused_gradients[0], plain_gradients[0]) <= tolerance
     for ours, reference in zip(fused_gradients[1:], plain_gradients[1:]):
@@ -114,31 +84,29 @@ def _compare(module, batch, steps: int = 2, tolerance: float = 1e-5, later: floa
     assert _relative(plain_weights, start) > 100 * tolerance  # the steps moved the student far beyond it
 
 
-def _gradients(module, batch, fused: bool) -> tuple[torch.Tensor, dict]:
-    module._fused_reason = "" if fused else "off"
-    assert module._fused is fused, module._fused_reason
-    module.student.zero_grad(set_to_none=True)
+def _gradients(step: DistillationStep, batch) -> tuple[torch.Tensor, dict]:
+    step.student.zero_grad(set_to_none=True)
     targets = StepTargets(batch)
-    loss, _ = module._micro_loss(targets, True, module._global_counts([targets]))
+    loss, _ = step.loss(targets, _counts(targets))
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in module.student.named_parameters()}
+    return loss.detach(), {n: p.grad.clone() for n, p in step.student.named_parameters()}
 
 
 @pytest.mark.parametrize("loss", [*DIVERGENCES, "sft"])
 def test_one_and_two_steps_give_the_logits_path_s_losses_and_weights(loss):
-    module, batch = _module(loss)
-    assert module.objective.fused
+    step, batch = case_step(loss)
+    assert loss_config(loss)["fused"]  # the config's default
     # TVD's gradient 0.5 sign(q - p) jumps where q = p: after a step, 10 of 408,062 scored (q, p) pairs of this
     # batch lie within 1e-8 of each other, where the two paths' 1e-7 float noise flips a sign (5e-4 of the gradient)
-    _compare(module, batch, later=1e-3 if loss == "tvd" else 1e-5)
+    _compare(step, batch, later=1e-3 if loss == "tvd" else 1e-5)
 
 
 @pytest.mark.parametrize("loss", ["jsd", "tvd", "sft", "ot", "uld"])
 def test_float64_values_and_gradients_equal_the_logits_path_s(loss):
-    module, batch = _module(loss, dtype=torch.float64, ce_weight=0.5) if loss != "sft" else _module(
+    step, batch = case_step(loss, dtype=torch.float64, ce_weight=0.5) if loss != "sft" else case_step(
         loss, dtype=torch.float64)
-    fused_loss, fused = _gradients(module, batch, True)
-    plain_loss, plain = _gradients(module, batch, False)
+    fused_loss, fused = _gradients(twin(step, fused=True), batch)
+    plain_loss, plain = _gradients(step, batch)
     assert fused_loss.dtype == torch.float64
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-12, atol=1e-12)
     for name in plain:
@@ -156,8 +124,8 @@ def test_float64_values_and_gradients_equal_the_logits_path_s(loss):
 ])
 def test_weights_ce_reductions_temperatures_and_length_groups(case):
     case = {k: v for k, v in case.items() if v is not None}
-    module, batch = _module(**case)
-    _compare(module, batch)
+    step, batch = case_step(**case)
+    _compare(step, batch)
 
 
 @pytest.mark.parametrize("preset,overrides", [
@@ -166,35 +134,22 @@ def test_weights_ce_reductions_temperatures_and_length_groups(case):
     ("tiny_gemma3", ("final_logit_softcapping=3.0",)),  # Gemma 2-style soft-cap, scaled tied embeddings
 ])
 def test_untied_padded_and_soft_capped_output_layers(preset, overrides):
-    module, batch = _module("jsd", preset, overrides, ce_weight=0.5)
-    head = module.student.get_output_embeddings()
-    tied = head.weight is module.student.get_input_embeddings().weight
+    step, batch = case_step("jsd", preset, overrides, ce_weight=0.5)
+    head = step.student.get_output_embeddings()
+    tied = head.weight is step.student.get_input_embeddings().weight
     assert tied == (preset != "tiny_qwen2")
     if overrides == ("vocab_size=768",):
         assert head.weight.shape[0] == 768 > TOKENS
         with torch.no_grad():  # large values in the padding rows: any softmax that saw them would change
-            for model in (module.student, module.teacher):
+            for model in (step.student, step.teacher.model):
                 model.get_output_embeddings().weight[TOKENS:] = 30.0
-    _compare(module, batch)
-
-
-def add_output_bias(module) -> None:
-    """Each model's output layer becomes a Linear with the same weight and a random bias (teacher frozen)."""
-    for seed, model in enumerate((module.student, module.teacher)):
-        old = model.get_output_embeddings()
-        head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            head.weight.copy_(old.weight)
-            head.bias.normal_(0.0, 1.0)
-        model.set_output_embeddings(head)
-    module.teacher.requires_grad_(False)
+    _compare(step, batch)
 
 
 def test_an_output_bias_is_fused():
-    module, batch = _module("fkl", "tiny_qwen2", ce_weight=0.5)
-    add_output_bias(module)
-    _compare(module, batch)
+    step, batch = case_step("fkl", "tiny_qwen2", ce_weight=0.5)
+    add_output_bias(step)
+    _compare(step, batch)
 
 
 # -- cross-tokenizer losses: each model reads its own tokens and keeps its own tokenizer's columns -----------------
@@ -226,9 +181,10 @@ def test_cross_tokenizer_losses_give_the_logits_path_s_losses_gradients_and_weig
     is compared to 1e-5."""
     settings = dict(CROSS_TOKENIZER_CASES[case])
     onpolicy = settings.pop("onpolicy", False)
-    module, batch = _module(**settings)
-    assert module.cross_tokenizer == (case != "ot_one_tokenizer") and module._fused, module._fused_reason
-    _compare(module, batch, onpolicy=onpolicy, later=1e-3 if settings["loss"] == "uld" else 1e-5)
+    step, batch = case_step(**settings)
+    reason = fused_off_reason(step.objective, step.student, step.teacher)
+    assert _cross(step) == (case != "ot_one_tokenizer") and reason is None, reason
+    _compare(step, batch, onpolicy=onpolicy, later=1e-3 if settings["loss"] == "uld" else 1e-5)
 
 
 @pytest.mark.parametrize("case,names", [
@@ -238,10 +194,10 @@ def test_cross_tokenizer_losses_give_the_logits_path_s_losses_gradients_and_weig
 def test_cross_tokenizer_terms_are_the_logits_path_s_loss_sums(case, names):
     """Each term as `Objective.terms` gives it on the logits path: its name, weight, unit, count and sum; a term of
     weight 0 is not computed."""
-    module, batch = _module(**case)
+    step, batch = case_step(**case)
     with torch.no_grad():
-        _, fused = fused_terms(module, batch, True)
-        _, plain, _ = module._terms(batch, {}, True)
+        _, fused = fused_terms(twin(step, fused=True), StepTargets(batch), True)
+        _, plain, _ = step.terms(StepTargets(batch), True)
     assert fused.keys() == plain.keys() == names.keys()
     for name, (weight, term) in plain.items():
         assert fused[name][0] == pytest.approx(weight) == pytest.approx(names[name])
@@ -252,15 +208,15 @@ def test_cross_tokenizer_terms_are_the_logits_path_s_loss_sums(case, names):
 def test_a_lora_student_is_fused():
     from kdlab.models.lora import add_lora, has_lora
 
-    module, batch = _module("jsd", "tiny_qwen2", ce_weight=0.5)
+    step, batch = case_step("jsd", "tiny_qwen2", ce_weight=0.5)
     torch.manual_seed(2)
-    add_lora(module.student, {"r": 4, "alpha": 8})
+    add_lora(step.student, {"r": 4, "alpha": 8})
     with torch.no_grad():  # B starts at zero: give the adapters an output, so that their A matrices get gradients
-        for name, parameter in module.student.named_parameters():
+        for name, parameter in step.student.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0.0, 0.1)
-    assert has_lora(module.student) and not module.student.get_output_embeddings().weight.requires_grad
-    _compare(module, batch)
+    assert has_lora(step.student) and not step.student.get_output_embeddings().weight.requires_grad
+    _compare(step, batch)
 
 
 class _Shapes(TorchDispatchMode):
@@ -278,31 +234,30 @@ class _Shapes(TorchDispatchMode):
         return out
 
 
-def _logits_shapes(module, batch, fused: bool) -> set[tuple[int, ...]]:
+def _logits_shapes(step: DistillationStep, batch) -> set[tuple[int, ...]]:
     """Shapes of (rows, positions, vocabulary) tensors of either model that one micro-batch's forward and backward
     create, vocabulary being any width of the output layers or the tokenizer."""
-    module._fused_reason = "" if fused else "off"
     targets = StepTargets(batch)
-    counts = module._global_counts([targets])
+    counts = _counts(targets)
     with _Shapes() as seen:
-        loss, _ = module._micro_loss(targets, True, counts)
+        loss, _ = step.loss(targets, counts)
         loss.backward()
-    widths = {TOKENS, module.student.config.vocab_size, module.teacher.config.vocab_size}
-    if module.teacher_tokenizer is not None:
-        widths.add(len(module.teacher_tokenizer))
+    widths = {TOKENS, step.student.config.vocab_size, step.teacher.model.config.vocab_size}
+    if _cross(step):
+        widths.add(len(step.teacher.tokenizer))
     return {s for s in seen.shapes if len(s) == 3 and s[0] == batch.student.target_ids.shape[0] and s[2] in widths}
 
 
 @pytest.mark.parametrize("case", [dict(loss="jsd", preset="tiny_qwen3", overrides=("vocab_size=768",), ce_weight=0.5),
                                   dict(loss="ot"), dict(loss="uld")], ids=["jsd", "ot", "uld"])
 def test_no_logits_tensor_of_either_model_exists_in_a_fused_step(case):
-    module, batch = _module(**case)
-    assert module._fused, module._fused_reason
-    unfused = _logits_shapes(module, batch, fused=False)  # the logits path makes them: the probe sees them
+    step, batch = case_step(**case)
+    fused = twin(step, fused=True)  # raises with the reason where the fused path cannot run
+    unfused = _logits_shapes(step, batch)  # the logits path makes them: the probe sees them
     # the student's logits over its tokens, and with a teacher of its own tokenizer the teacher's over its own
-    widths = {len(module.tokenizer), *([len(module.teacher_tokenizer)] if module.cross_tokenizer else [])}
+    widths = {len(step.tokenizer), *([len(step.teacher.tokenizer)] if _cross(step) else [])}
     assert {shape[2] for shape in unfused} >= widths, unfused
-    assert _logits_shapes(module, batch, fused=True) == set()
+    assert _logits_shapes(fused, batch) == set()
 
 
 class _ScaledHead(torch.nn.Linear):
@@ -312,21 +267,32 @@ class _ScaledHead(torch.nn.Linear):
         return 2.0 * super().forward(hidden)
 
 
+def _run_choice(caplog, step: DistillationStep, *overrides: str) -> tuple[bool, list[str]]:
+    """What a run with these overrides decides for the step's objective and models (`kdlab.run.build.use_fused`, once
+    per run), and the `loss.fused:` lines it logs."""
+    cfg = compose(list(overrides))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kdlab.run.build"):
+        fused = use_fused(cfg, {"objective": step.objective, "student": step.student, "teacher": step.teacher})
+    return fused, [r.getMessage() for r in caplog.records if r.name == "kdlab.run.build" and "loss.fused" in
+                   r.getMessage()]
+
+
 def test_a_head_that_is_not_plain_falls_back_with_one_log_line(caplog):
-    module, batch = _module("fkl", "tiny_qwen2")
-    old = module.student.get_output_embeddings()
+    step, batch = case_step("fkl", "tiny_qwen2")
+    old = step.student.get_output_embeddings()
     head = _ScaledHead(old.in_features, old.out_features, bias=False)
     head.weight = old.weight
-    module.student.set_output_embeddings(head)
-    with caplog.at_level(logging.INFO, logger="kdlab.step.fused"):
-        assert not module._fused
-        assert not module._fused  # decided once: one line
-    lines = [r.getMessage() for r in caplog.records if r.name == "kdlab.step.fused"]
+    step.student.set_output_embeddings(head)
+    fused, lines = _run_choice(caplog, step, "loss=fkl")
+    assert not fused
     assert len(lines) == 1 and "keep the logits path" in lines[0] and "_ScaledHead" in lines[0], lines
+    with pytest.raises(ValueError, match="_ScaledHead"):  # a fused step is refused, with the reason
+        twin(step, fused=True)
     targets = StepTargets(batch)
-    loss, _ = module._micro_loss(targets, True, module._global_counts([targets]))
+    loss, _ = step.loss(targets, _counts(targets))
     with torch.no_grad():
-        by_hand, _ = module._loss(batch)  # the logits path through the scaled head
+        by_hand = step.validation_loss(batch)  # the logits path through the scaled head
     torch.testing.assert_close(loss, by_hand)
 
 
@@ -337,28 +303,24 @@ def test_a_head_that_is_not_plain_falls_back_with_one_log_line(caplog):
     (dict(loss="ot", _target_="kdlab.losses.universal_logit_distillation"), "not kdlab's own loss for loss=ot"),
 ])
 def test_what_falls_back_says_why(case, reason, caplog):
-    with caplog.at_level(logging.INFO, logger="kdlab.step.fused"):
-        module, _ = _module(**case)
-        assert not module._fused
-    lines = [r.getMessage() for r in caplog.records if r.name == "kdlab.step.fused"]
-    assert (lines == []) if reason == "loss.fused=false" else (len(lines) == 1 and reason in lines[0]), lines
-    assert module._fused_reason.startswith(reason) or reason in module._fused_reason
+    step, _ = case_step(**case)
+    overrides = [f"loss.{key}={'false' if value is False else value}" for key, value in case.items()
+                 if key not in ("loss", "preset")]
+    fused, lines = _run_choice(caplog, step, f"loss={case['loss']}", *overrides)
+    assert not fused
+    off = fused_off_reason(step.objective, step.student, step.teacher)
+    if reason == "loss.fused=false":  # the config alone keeps the logits path: nothing to explain
+        assert lines == [] and off is None, (lines, off)
+        return
+    assert len(lines) == 1 and reason in lines[0], lines
+    assert reason in off
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        twin(step, fused=True)
 
 
 # -- whole runs: the config's default (loss.fused=true) against loss.fused=false, in one process, DDP and FSDP2 -----
 
-RUN = ["teacher=tiny", "student=tiny", "trainer.max_steps=2", "trainer.log_every_n_steps=1", "task.train_size=16",
-       "task.val_size=4", "task.eval_examples=4", "task.batch_size=4", "task.eval_batch_size=4",
-       "task.generation.max_new_tokens=4", "policy.sampling.max_new_tokens=4", "eval.teacher=false",
-       "eval.before=false", "checkpoint.every_n_train_steps=2", "loss=jsd", "loss.ce_weight=0.5"]
-TWO_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2"]
-STRATEGIES = {"ddp": ["trainer=ddp", "strategy=ddp", *TWO_PROCESSES],
-              "fsdp": ["trainer=fsdp", "strategy=fsdp", *TWO_PROCESSES]}
-# loss=ot with a teacher of its own tokenizer (the tiny teacher on the Unigram tokenizer), the CE term on
-CROSS_RUN = [*(o for o in RUN if not o.startswith("loss")), "loss=ot", f"teacher.tokenizer={UNIGRAM}"]
-# tests/workers/fused_step_runs.py's runs on 2 processes: (the run, the strategy) by name
-TWO_PROCESS_RUNS = {"ddp": (RUN, STRATEGIES["ddp"]), "fsdp": (RUN, STRATEGIES["fsdp"]),
-                    "ddp_ot": (CROSS_RUN, STRATEGIES["ddp"])}
+# RUN, TWO_PROCESS_RUNS: tests/workers/cases.py (the worker runs them too)
 
 
 def _losses(run_dir) -> list[float]:
@@ -389,7 +351,7 @@ def _assert_same_runs(ours, reference) -> None:
 def test_a_whole_run_trains_as_with_loss_fused_false(tmp_path, caplog):
     from kdlab.run.train import run
 
-    with caplog.at_level(logging.INFO, logger="kdlab.step.fused"):
+    with caplog.at_level(logging.INFO, logger="kdlab.run.build"):
         run(compose(RUN, output_dir=tmp_path / "fused"))
     assert any("compute loss=jsd and its CE term from hidden states" in r.getMessage() for r in caplog.records)
     run(compose([*RUN, "loss.fused=false"], output_dir=tmp_path / "logits"))
@@ -415,7 +377,7 @@ def test_two_processes_train_as_with_loss_fused_false(tmp_path, case):
 
 @pytest.fixture(scope="module")
 def fsdp_steps(tmp_path_factory) -> dict:
-    """tests/workers/fused_step_fsdp.py's cases: two SGD steps, fused and not, of models sharded as strategy=fsdp shards
+    """tests/workers/fused_step_fsdp.py's cases: two SGD steps, fused and not, of models sharded as trainer=fsdp shards
     them, on 2 gloo processes (one launch for every case)."""
     import json
     import subprocess
@@ -440,9 +402,9 @@ FSDP_CASES = ["fkl_tied", "fkl_untied", "jsd_tied_ce", "jsd_untied_ce", "rkl_unt
 def test_fsdp2_sharded_models_are_fused_and_train_as_with_loss_fused_false(fsdp_steps, case):
     """Under FSDP2 the output weight is whole only inside its model's forward, and its gradient must be
     reduce-scattered: each rank scores other rows, so a gradient kept local (or read from the local shard) would
-    leave the fused weights apart from the logits path's. bf16 (strategy.mixed_precision): the logits path rounds the
-    logits' gradient and the weight gradient's matmul to bf16, the fused one the weight gradient once, so they agree
-    to bf16's precision (2^-8 relative per rounding), not float32's."""
+    leave the fused weights apart from the logits path's. bf16 (trainer.strategy.mixed_precision): the logits path
+    rounds the logits' gradient and the weight gradient's matmul to bf16, the fused one the weight gradient once, so
+    they agree to bf16's precision (2^-8 relative per rounding), not float32's."""
     result = fsdp_steps[case]
     losses, gradients, weights = (1e-3, 5e-2, 5e-3) if case.endswith("bf16") else (1e-5, 1e-5, 1e-5)
     assert result["fused_reason"] is None  # the fused path ran (fused_off_reason: no fallback for FSDP2)
@@ -454,9 +416,12 @@ def test_fsdp2_sharded_models_are_fused_and_train_as_with_loss_fused_false(fsdp_
     assert result["moved"] > 10 * weights  # the steps moved the student far beyond the tolerance
 
 
-def test_models_sharded_by_another_strategy_keep_the_logits_path(monkeypatch, caplog):
-    monkeypatch.setattr(DistillationModule, "_sharded", property(lambda self: True))  # no FSDP2Strategy trainer
-    module, _ = _module("fkl")
-    with caplog.at_level(logging.INFO, logger="kdlab.step.fused"):
-        assert not module._fused
-    assert "sharded by a strategy other than strategy=fsdp" in caplog.records[-1].getMessage()
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "ModelParallelStrategy"])
+def test_models_sharded_by_another_strategy_keep_the_logits_path(caplog, strategy):
+    step, _ = case_step("fkl")
+    fused, lines = _run_choice(caplog, step, "loss=fkl", "trainer=fsdp",
+                               f"trainer.strategy._target_=lightning.pytorch.strategies.{strategy}")
+    assert not fused
+    assert len(lines) == 1 and "sharded by a strategy other than trainer=fsdp" in lines[0], lines
+    fused, lines = _run_choice(caplog, step, "loss=fkl", "trainer=fsdp")  # FSDP2's units: fused
+    assert fused and len(lines) == 1 and "from hidden states" in lines[0], lines

@@ -13,6 +13,7 @@ from kdlab.losses.objective import build_objective
 from kdlab.run.compose import task_node
 from kdlab.step.rewards import policy_gradient_loss, policy_gradient_sum
 from tests.conftest import loss_config
+from tests.workers.normalisation_ddp import CASES, WHOLE_RUN
 
 VOCAB, TEACHER_VOCAB = 11, 17
 
@@ -162,19 +163,8 @@ def test_a_batch_splits_into_micro_batches_as_wide_as_collated_alone(tokenizer):
 
 
 # -- whole runs ---------------------------------------------------------------------------------------------------
-# Supervised targets make a step a function of the weights, so runs can be compared; 3 steps of 8 examples each.
-WHOLE_RUN = ["teacher=tiny", "student=tiny", "trainer.max_steps=3", "trainer.log_every_n_steps=1", "task.train_size=48",
-             "task.val_size=8", "task.eval_examples=4", "task.eval_batch_size=4", "task.generation.max_new_tokens=4",
-             "checkpoint.every_n_train_steps=100", "policy=supervised", "eval.teacher=false", "eval.before=false"]
-CASES = {
-    "jsd": [],
-    "sequence_mean": ["loss.reduction=sequence_mean"],
-    "sft": ["loss=sft", "teacher=none"],
-    "ot": ["loss=ot", "teacher=arith_unigram_teacher"],
-    "uld": ["loss=uld", "teacher=arith_unigram_teacher"],
-}
+# WHOLE_RUN, CASES and TWO_PROCESSES: tests/workers/normalisation_ddp.py (the worker runs the 2-process ones).
 SPLITS = {"single": ["task.batch_size=8"], "accumulate": ["task.batch_size=4", "trainer.accumulate_grad_batches=2"]}
-TWO_PROCESSES = ["task.batch_size=4", "trainer=ddp", "strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
 def largest_relative_difference(weights, reference) -> float:

@@ -36,13 +36,13 @@ class NonFiniteAt(Callback):
         step = trainer.global_step
         self.before[step] = [p.detach().clone() for p in pl_module.student.parameters()]
         if step in self.steps and self.what == "loss":  # every micro-batch's loss and logged terms (any path)
-            real = pl_module._micro_loss
+            real = pl_module.step.loss
 
             def poisoned(*args, **kwargs):
                 loss, values = real(*args, **kwargs)
                 return loss * math.nan, {name: value * math.nan for name, value in values.items()}
 
-            pl_module._micro_loss, self._poisoned = poisoned, True
+            pl_module.step.loss, self._poisoned = poisoned, True
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step in self.steps and self.what == "gradient":
@@ -51,7 +51,7 @@ class NonFiniteAt(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._poisoned:
-            del pl_module._micro_loss  # the class's own method again
+            del pl_module.step.loss  # the class's own method again
             self._poisoned = False
         self.after[trainer.global_step - 1] = [p.detach().clone() for p in pl_module.student.parameters()]
 

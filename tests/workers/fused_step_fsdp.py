@@ -1,16 +1,14 @@
 """Worker of tests/step/test_fused_step.py's FSDP2 test, started by torchrun on 2 processes (gloo): for each case, one
-student and teacher sharded twice as strategy=fsdp shards them (kdlab.models.sharding.shard_model), two SGD steps of the
-training step's loss with loss.fused=true and with loss.fused=false, each rank on its own half of a batch (other
-rows, other token counts). Rank 0 writes what the test asserts on to <dir>/fsdp.json."""
+student and teacher in two steps, fused and not (tests/workers/cases.py), each sharded as trainer=fsdp shards them
+(kdlab.models.sharding.shard_model), two SGD steps of the training step's loss with each, each rank on its own half
+of a batch (other rows, other token counts). Rank 0 writes what the test asserts on to <dir>/fsdp.json."""
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -18,9 +16,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from kdlab.models.sharding import FSDP2Strategy, ShardingOptions, shard_model
-from kdlab.step.module import StepTargets
+from kdlab.step.fused import fused_off_reason
+from kdlab.step.module import shards_models
 from kdlab.step.policy import STUDENT
-from tests.step.test_fused_step import _module, add_output_bias
+from kdlab.step.step import DistillationStep, StepTargets
+from tests.workers.cases import SAMPLING, add_output_bias, case_step, twin
 
 # "tiny" (Llama) ties its output layer to the input embedding; "tiny_qwen2" does not.
 CASES = {
@@ -34,7 +34,7 @@ CASES = {
     "jsd_untied_checkpointed": dict(loss="jsd", preset="tiny_qwen2", ce_weight=0.5,
                                     sharding=dict(activation_checkpointing=True)),
     "jsd_tied_bf16": dict(loss="jsd", preset="tiny", ce_weight=0.5, sharding=dict(mixed_precision="bf16")),
-    # a teacher of its own tokenizer (tests/step/test_fused_step.py's `_module`): MultiLevelOT's ranking keeps the hidden
+    # a teacher of its own tokenizer (tests/workers/cases.py's `case_step`): MultiLevelOT's ranking keeps the hidden
     # states and the output weight for its backward, which FSDP2 gathers again there
     "ot_tied_ce": dict(loss="ot", preset="tiny"),
     "uld_untied_onpolicy": dict(loss="uld", preset="tiny_qwen2", onpolicy=True),
@@ -46,23 +46,22 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return (t.to_local() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def _steps(module, targets: StepTargets, fused: bool) -> tuple[list[float], list[dict], dict]:
+def _steps(step: DistillationStep, targets: StepTargets) -> tuple[list[float], list[dict], dict]:
     """STEPS SGD steps: the global loss of each (the ranks' shares summed), each step's gradient shards, the final
     weight shards."""
-    module._fused_reason = "" if fused else "off"
-    assert module._fused is fused, module._fused_reason
-    optimizer = torch.optim.SGD([p for p in module.student.parameters() if p.requires_grad], lr=0.5)
+    optimizer = torch.optim.SGD([p for p in step.student.parameters() if p.requires_grad], lr=0.5)
     losses, gradients = [], []
     for _ in range(STEPS):
-        loss, _ = module._micro_loss(targets, True, module._global_counts([targets]))
+        counts = DistillationStep.global_counts([targets], targets.batch.student.target_ids.device)  # all ranks'
+        loss, _ = step.loss(targets, counts)
         loss.backward()
-        gradients.append({n: _local(p.grad) for n, p in module.student.named_parameters() if p.requires_grad})
+        gradients.append({n: _local(p.grad) for n, p in step.student.named_parameters() if p.requires_grad})
         optimizer.step()
         optimizer.zero_grad()
         total = loss.detach().clone()
         dist.all_reduce(total)
         losses.append(float(total))
-    return losses, gradients, {n: _local(p) for n, p in module.student.named_parameters()}
+    return losses, gradients, {n: _local(p) for n, p in step.student.named_parameters()}
 
 
 def _maxima(ours: dict, reference: dict) -> torch.Tensor:
@@ -89,27 +88,27 @@ def run_case(case: dict, mesh, rank: int) -> dict:
     case = dict(case)
     bias, onpolicy = case.pop("bias", False), case.pop("onpolicy", False)
     options = ShardingOptions(**case.pop("sharding", {}))
-    module, batch = _module(**case)
+    plain, batch = case_step(**case)
     if bias:
-        add_output_bias(module)
+        add_output_bias(plain)
     batch = batch.split(len(batch) // 2)[rank]
-    twin = copy.deepcopy(module)
-    for m in (module, twin):
-        m._trainer = SimpleNamespace(strategy=FSDP2Strategy())  # what `_sharded` and `fused_off_reason` read
-        shard_model(m.student, mesh, options, frozen=False)
-        if m.teacher is not None:
-            shard_model(m.teacher, mesh, options, frozen=True)
-    assert module._sharded
-    start = {n: _local(p) for n, p in twin.student.named_parameters()}
+    fused = twin(plain, fused=True)
+    for step in (fused, plain):
+        step.sharded = shards_models(FSDP2Strategy())  # what the module's `setup` sets under trainer=fsdp
+        shard_model(step.student, mesh, options, frozen=False)
+        if step.teacher is not None:
+            shard_model(step.teacher.model, mesh, options, frozen=True)
+    assert fused.sharded and fused.groups == 1
+    start = {n: _local(p) for n, p in plain.student.named_parameters()}
     # on-policy: the student's own samples (every rank sampling in lockstep), the same for both runs
-    targets = module._step_targets(batch, STUDENT) if onpolicy else StepTargets(batch)
-    fused_losses, fused_gradients, fused_weights = _steps(module, targets, True)
-    fused_reason = module._fused_reason
-    plain_losses, plain_gradients, plain_weights = _steps(twin, targets, False)
+    targets = fused.targets(batch, STUDENT, SAMPLING) if onpolicy else StepTargets(batch)
+    fused_losses, fused_gradients, fused_weights = _steps(fused, targets)
+    fused_reason = fused_off_reason(fused.objective, fused.student, fused.teacher)  # of the sharded models
+    plain_losses, plain_gradients, plain_weights = _steps(plain, targets)
     return {
         "fused_reason": fused_reason,
-        "tied": bool(module.student.get_output_embeddings().weight is module.student.get_input_embeddings().weight),
-        "bias": module.student.get_output_embeddings().bias is not None,
+        "tied": bool(fused.student.get_output_embeddings().weight is fused.student.get_input_embeddings().weight),
+        "bias": fused.student.get_output_embeddings().bias is not None,
         "sampled": onpolicy and not torch.equal(targets.batch.student.target_ids, batch.student.target_ids),
         "fused_losses": fused_losses,
         "plain_losses": plain_losses,

@@ -76,8 +76,9 @@ def use_fused(cfg: DictConfig, step_parts: dict[str, Any]) -> bool:
         reason = ("the models are sharded by a strategy other than trainer=fsdp, whose FSDP2 units run the fused loss "
                   "inside their forward; others leave the output weight sharded")
     if reason is None:
-        log.info("loss.fused: training steps compute loss=%s from hidden states and the output layers; the logits "
-                 "path stays for %s", cfg.loss.name, ALWAYS_UNFUSED)
+        ce = " and its CE term" if step_parts["objective"].ce_weight > 0 else ""
+        log.info("loss.fused: training steps compute loss=%s%s from hidden states and the output layers; the logits "
+                 "path stays for %s", cfg.loss.name, ce, ALWAYS_UNFUSED)
     else:
         log.info("loss.fused: training steps keep the logits path: %s", reason)
     return reason is None

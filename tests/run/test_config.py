@@ -9,7 +9,7 @@ from kdlab.run.train import validate
 from kdlab.run.validate import ConfigError, config_errors
 from tests.conftest import CONF_DIR, compose
 
-GROUPS = ["task", "teacher", "teachers", "student", "loss", "policy", "reward", "trainer", "strategy", "logger",
+GROUPS = ["task", "model", "teacher", "loss", "policy", "reward", "trainer", "trainer/strategy", "logger",
           "experiment", "debug"]
 
 
@@ -34,7 +34,11 @@ COMPANIONS = {"teacher=none": ["loss=sft", "policy=supervised"], "loss=sft": ["p
               "teacher=remote": ["teacher.url=http://127.0.0.1:8000"]}
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+# conf/model serves both roles: each preset composes as `student=` and as `teacher=`
+CHOICES = [(role, o) for g in GROUPS for role in (("student", "teacher") if g == "model" else (g,)) for o in _options(g)]
+
+
+@pytest.mark.parametrize("group,option", CHOICES)
 def test_every_option_composes_resolves_and_validates(group, option, tmp_path):
     override = f"{group}={option}"
     cfg = compose([override, *COMPANIONS.get(override, [])], output_dir=tmp_path)
@@ -127,13 +131,15 @@ def test_bad_values_fail_with_the_fix(overrides, message, tmp_path):
 
 def test_run_settings_fail_at_start_up_before_any_model_loads(tmp_path, monkeypatch):
     """score_groups and nonfinite were checked by the module, once both models had loaded; now by the config."""
-    from kdlab.run import train
+    import kdlab.models.loading
+    import kdlab.run.build
     from kdlab.run.train import run
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was checked")
 
-    monkeypatch.setattr(train, "load_model", no_loading)
+    monkeypatch.setattr(kdlab.models.loading, "load_model", no_loading)  # teachers (kdlab.teachers.build)
+    monkeypatch.setattr(kdlab.run.build, "load_model", no_loading)  # the student
     cfg = compose(["score_groups=-1", "nonfinite.max_consecutive_steps=0"], output_dir=tmp_path)
     with pytest.raises(ConfigError) as err:
         run(cfg)

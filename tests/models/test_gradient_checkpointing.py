@@ -1,5 +1,6 @@
 """`student.gradient_checkpointing=true` on one device: the same gradients, each block run twice, fewer tensors kept
-for backward; through Lightning's training loop, and together with FSDP's `trainer.strategy.activation_checkpointing`."""
+for backward; through Lightning's training loop, and together with FSDP's
+`trainer.strategy.activation_checkpointing`."""
 
 
 import lightning as L
@@ -145,7 +146,8 @@ def test_fsdp_activation_checkpointing_on_a_checkpointed_student_changes_nothing
     from kdlab.models.sharding import ShardingOptions, shard_model
 
     plain, tokenizer = _student("tiny", False)
-    sharded, _ = _student("tiny", True)  # student.gradient_checkpointing=true and trainer.strategy.activation_checkpointing
+    # student.gradient_checkpointing=true and trainer.strategy.activation_checkpointing
+    sharded, _ = _student("tiny", True)
     shard_model(sharded, one_process_mesh, ShardingOptions(activation_checkpointing=True), frozen=False)
     calls = _count_block_calls(sharded)
     batch = _batch(tokenizer)

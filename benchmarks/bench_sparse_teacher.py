@@ -72,9 +72,12 @@ def accuracy_rows(student_logits, teacher_logits, mask, ks: list[int]) -> list[d
 
 
 def teacher_share(task_cfg, tokenizer, teacher, data, batch, repeats: int) -> dict:
-    """Live teacher forward over the batch against the cache lookup of the same examples (CachedTeacher.top_k)."""
+    """Live teacher forward over the batch (ModelTeacher.scores) against the cache lookup of the same examples
+    (CachedTeacher.prepare): what a training step asks of each kind of teacher."""
+    from kdlab.sampling.hf import HFSampler
     from kdlab.teachers.cache import open_cache, run_fingerprints, write_or_check_manifest, write_shard
-    from kdlab.teachers.outside import CachedTeacher
+    from kdlab.teachers.cached import CachedTeacher
+    from kdlab.teachers.model import ModelTeacher
 
     directory = Path(tempfile.mkdtemp()) / "cache"
     cache_cfg = {"shard_index": 0, "shard_count": 1, "top_k": 32, "dtype": "float16", "batch_size": 32}
@@ -82,10 +85,10 @@ def teacher_share(task_cfg, tokenizer, teacher, data, batch, repeats: int) -> di
     write_or_check_manifest(directory, {**run_fingerprints(task_cfg, tokenizer, examples), "top_k": 32,
                                         "dtype": "float16", "shard_count": 1})
     write_shard(directory, teacher, examples, int(tokenizer.pad_token_id), cache_cfg, len(tokenizer))
-    cached = CachedTeacher(open_cache(directory))
-    side = batch.student
-    fns = {"live teacher forward": lambda: score_targets(teacher, *side.prompt, *side.target),
-           "cache lookup (k=32)": lambda: cached.top_k(batch)}
+    cached = CachedTeacher(open_cache(directory), int(tokenizer.pad_token_id))
+    live = ModelTeacher(teacher, len(tokenizer), HFSampler(teacher, tokenizer))
+    fns = {"live teacher forward": lambda: live.scores(batch),
+           "cache lookup (k=32)": lambda: cached.prepare(batch)}
     with torch.no_grad():
         times = interleaved_times(fns, repeats, "cpu")
     return {name: stats(t) for name, t in times.items()}

@@ -10,8 +10,9 @@ One step, on every side: the student samples `--max-new-tokens` tokens for each 
 the frozen teacher and the student score the samples, generalized JSD(beta) over the response tokens, backward,
 AdamW step. Every side gets the same models (copies of the same weights), the same batch of prompts (kdlab's arith
 data module, left-padded), the same sampling settings, the same optimizer (torch AdamW, same lr, no weight decay).
-kdlab runs what `training_step` runs for one on-policy micro-batch (`_step_targets`, `_global_counts`, `_micro_loss`:
-the fused output layer and loss, `loss.fused` as conf/loss/jsd.yaml sets it) without Lightning's loop;
+kdlab runs what `DistillationModule.training_step` runs for one on-policy micro-batch (`step.targets`,
+`DistillationStep.global_counts`, `step.loss`: the fused output layer and loss where the run fuses them,
+`kdlab.run.build.use_fused` on `loss=jsd` as train.py composes it) without Lightning's loop;
 TRL runs `GKDTrainer.training_step` (sampling + `compute_loss` + backward) and the trainer's optimizer, and
 `DistillationTrainer.training_step` the same way, without the HF Trainer loop. Steps alternate kdlab, TRL, kdlab,
 ... after one warm-up step each (timed on its own: the compiled side's includes compilation); tokens per second
@@ -59,11 +60,9 @@ import sys
 import tempfile
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DTYPES, interleaved_times, machine, matmul_peak_flops, parse, parser, stats, table, write  # noqa: E402
@@ -71,17 +70,15 @@ from common import DTYPES, interleaved_times, machine, matmul_peak_flops, parse,
 from kdlab.data.batch import Batch  # noqa: E402
 from kdlab.data.datamodule import DistillationDataModule  # noqa: E402
 from kdlab.data.tasks import Task  # noqa: E402
-from kdlab.losses import generalized_jsd  # noqa: E402
-from kdlab.losses.objective import Objective  # noqa: E402
-from kdlab.run.compose import task_node  # noqa: E402
+from kdlab.losses.objective import build_objective  # noqa: E402
+from kdlab.run.build import build_sampler, use_fused  # noqa: E402
+from kdlab.run.compose import compose, task_node  # noqa: E402
 from kdlab.sampling.base import SamplingSettings  # noqa: E402
-from kdlab.step.module import DistillationModule  # noqa: E402
-from kdlab.step.policy import STUDENT, DataPolicy  # noqa: E402
+from kdlab.step.policy import STUDENT  # noqa: E402
+from kdlab.step.step import DistillationStep  # noqa: E402
+from kdlab.teachers.model import ModelTeacher  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "kdlab" / "assets" / "arith"
-# the run settings the benchmark shares with `python train.py` (score_groups, nonfinite), read where they are set
-RUN_DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "train.yaml"
-JSD_DEFAULTS = Path(__file__).resolve().parents[1] / "conf" / "loss" / "jsd.yaml"  # loss=jsd as train.py reads it
 
 
 # HuggingFaceTB/SmolLM2-135M's architecture (its config.json; random weights here, no download): 134.5M parameters
@@ -158,40 +155,42 @@ def non_embedding_params(model) -> int:
 
 
 class KdlabStep:
-    def __init__(self, student, teacher, tokenizer, task, args, compile: bool = False):
-        sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, compile=compile, do_sample=True)
-        run = OmegaConf.load(RUN_DEFAULTS)
-        self.module = DistillationModule(
-            student=student, tokenizer=tokenizer, task=task, teacher=teacher,
-            objective=Objective("jsd", loss=partial(generalized_jsd, beta=args.beta),
-                                fused=bool(OmegaConf.load(JSD_DEFAULTS).fused)),
-            policy=DataPolicy(1.0, sampling=sampling),
-            optimizer=self.adamw(args.lr), max_nonfinite_steps=run.nonfinite.max_consecutive_steps,
-            score_groups=run.score_groups,
-        )
-        self.module.train()
+    def __init__(self, student, teacher, tokenizer, args, compile: bool = False):
+        self.sampling_settings = SamplingSettings(max_new_tokens=args.max_new_tokens, compile=compile, do_sample=True)
+        # loss=jsd and the run settings the benchmark shares with `python train.py` (score_groups), as it composes them
+        run = compose(["loss=jsd", f"loss.beta={args.beta}"])
+        parts = {"student": student, "objective": build_objective(run.loss),
+                 "teacher": ModelTeacher(teacher, len(tokenizer), build_sampler(teacher, tokenizer))}
+        self.step = DistillationStep(tokenizer=tokenizer, sampler=build_sampler(student, tokenizer),
+                                     fused=use_fused(run, parts), score_groups=int(run.score_groups), **parts)
+        student.train()
         self.optimizer = self.adamw(args.lr)(student.parameters())
         self.tokens, self.widths, self.sampling = [], [], []
 
     @staticmethod
     def adamw(lr: float):
-        """The benchmark steps its own optimizer (TRL's settings); the module holds the same factory."""
+        """The benchmark steps its own optimizer (TRL's settings)."""
         return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
-    def loss_on(self, batch: Batch) -> float:
+    def sampled(self, batch: Batch) -> Batch:
+        """The batch with the student's own samples as targets (no gradient)."""
         with torch.no_grad():
-            loss, _ = self.module._loss(batch, hard_labels=False)
-        return loss.item()
+            return self.step.sampled(batch, STUDENT, self.sampling_settings)
+
+    def loss_on(self, batch: Batch) -> float:
+        """The objective on the batch's targets, normalised within it, on the logits path (loss=jsd has no CE
+        term, so the hard labels of validation's loss change nothing)."""
+        with torch.no_grad():
+            return self.step.validation_loss(batch).item()
 
     def __call__(self, batch: Batch) -> None:
         """What `training_step` runs for one on-policy micro-batch: sampling, the global unit counts, the
-        normalised loss (the fused output layer and loss where it applies, as in training), backward, update."""
-        module = self.module
+        normalised loss (the fused output layer and loss where the run fuses them), backward, update."""
+        step = self.step
         start = time.perf_counter()
-        with torch.no_grad():
-            targets = module._step_targets(batch, STUDENT)
+        targets = step.targets(batch, STUDENT, self.sampling_settings)
         self.sampling.append(time.perf_counter() - start)  # generate returns after its last host sync
-        loss, _ = module._micro_loss(targets, False, module._global_counts([targets]))
+        loss, _ = step.loss(targets, DistillationStep.global_counts([targets], batch.student.target_ids.device))
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -371,14 +370,14 @@ def arguments():
     return parse(p)
 
 
-def build_steps(args, student, teacher, tokenizer, task) -> tuple[dict, str | None]:
+def build_steps(args, student, teacher, tokenizer) -> tuple[dict, str | None]:
     """The sides to time, each with its own copy of the student: kdlab (generate, compiled loop), TRL's GKDTrainer
     (`trl`) and TRL's DistillationTrainer (`trl_distillation`)."""
     steps = {}
     if args.compile in ("both", "off"):
-        steps["kdlab"] = KdlabStep(copy.deepcopy(student), teacher, tokenizer, task, args)
+        steps["kdlab"] = KdlabStep(copy.deepcopy(student), teacher, tokenizer, args)
     if args.compile in ("both", "on"):
-        steps["kdlab_compiled"] = KdlabStep(copy.deepcopy(student), teacher, tokenizer, task, args, compile=True)
+        steps["kdlab_compiled"] = KdlabStep(copy.deepcopy(student), teacher, tokenizer, args, compile=True)
     notes = []
     trl_sides = [("trl", TrlStep, args.no_gkd), ("trl_distillation", DistillationTrainerStep,
                                                   args.no_distillation_trainer)]
@@ -399,13 +398,12 @@ def main() -> None:
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
     tokenizer, teacher, student = load(args.device, dtype, args.pair, tuple(args.layers))
-    batch, task = first_batch(tokenizer, args.batch, args.device)
-    steps, trl_note = build_steps(args, student, teacher, tokenizer, task)
+    batch, _ = first_batch(tokenizer, args.batch, args.device)
+    steps, trl_note = build_steps(args, student, teacher, tokenizer)
     kdlab = next(iter(steps.values()))
 
     # the same loss on the same batch: one set of kdlab samples, scored by both with identical weights
-    with torch.no_grad():
-        sampled = kdlab.module._targets(batch, STUDENT)
+    sampled = kdlab.sampled(batch)
     same_batch = {name: step.loss_on(sampled) for name, step in steps.items()}
     mask = sampled.student.target_mask
 

@@ -8,10 +8,11 @@ with Qwen's 151,936-row output layer over a tokenizer of 151,669 tokens (the ari
 appended, as `bench_step.py --pair smollm` builds it), both in --dtype (bfloat16 by default: weights, gradients and
 AdamW's states), built by kdlab's own loader. The batch: --batch rows of --prompt prompt tokens and --response
 target tokens (random ids, no padding). The step is what `DistillationModule.training_step` runs on one
-micro-batch (`_step_targets`, `_global_counts`, `_micro_loss`: both models score the targets, `loss=jsd` as
-conf/loss/jsd.yaml sets it (beta 0.5, the logits path's chunks of 1,024 rows) over the response tokens,
+micro-batch (`step.targets`, `DistillationStep.global_counts`, `step.loss`: both models score the targets,
+`loss=jsd` as train.py composes it (beta 0.5, the logits path's chunks of 1,024 rows) over the response tokens,
 backward) and then an AdamW step, --steps times; with `loss.fused=true` (the default) the terms come from hidden
-states chunk by chunk, with `false` from both models' (batch, response, vocabulary) logits.
+states chunk by chunk (where the run fuses them: `kdlab.run.build.use_fused`), with `false` from both models'
+(batch, response, vocabulary) logits.
 
 Each setting runs in a fresh process and reports: the process's peak resident memory (VmHWM: weights, gradients,
 optimizer states and the step's own memory), the peak the last step adds above the resident size before it (the
@@ -30,16 +31,20 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import JSD_DEFAULTS, RUN_DEFAULTS, padded_tokenizer  # noqa: E402
+from bench_step import padded_tokenizer  # noqa: E402
 from common import case_in_subprocess, machine, parse, parser, peak_rss, reset_peak_rss, table, write  # noqa: E402
 
 from kdlab.data.batch import Batch, Side  # noqa: E402
 from kdlab.losses.objective import build_objective  # noqa: E402
 from kdlab.models.loading import load_model  # noqa: E402
-from kdlab.step.module import DistillationModule  # noqa: E402
+from kdlab.run.build import build_sampler, use_fused  # noqa: E402
+from kdlab.run.compose import compose  # noqa: E402
+from kdlab.sampling.base import SamplingSettings  # noqa: E402
+from kdlab.step.policy import GROUND_TRUTH  # noqa: E402
+from kdlab.step.step import DistillationStep  # noqa: E402
+from kdlab.teachers.model import ModelTeacher  # noqa: E402
 
 # Qwen/Qwen3-0.6B and Qwen/Qwen3-1.7B config.json (architecture only; random weights, no download)
 QWEN3 = {"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
@@ -51,7 +56,7 @@ TOKENIZER_SIZE = 151669  # Qwen3's tokenizer; the output layers' other 267 rows 
 
 
 def build(case: dict):
-    """(module, optimizer, batch) for one setting: the pair, kdlab's module with JSD(0.5), AdamW, fixed targets."""
+    """(step, optimizer, batch) for one setting: the pair, kdlab's step with JSD(0.5), AdamW, fixed targets."""
     torch.manual_seed(0)
     tokenizer = padded_tokenizer(case["tokenizer_size"], tempfile.mkdtemp())
     teacher_layers, student_layers = case["layers"]
@@ -63,20 +68,19 @@ def build(case: dict):
 
     teacher = model("qwen3-1.7b-shaped-teacher", TEACHER, teacher_layers).eval().requires_grad_(False)
     student = model("qwen3-0.6b-shaped-student", STUDENT, student_layers).train()
-    run = OmegaConf.load(RUN_DEFAULTS)
-    module = DistillationModule(
-        student=student, tokenizer=tokenizer, task=None, teacher=teacher,
-        objective=build_objective({**OmegaConf.load(JSD_DEFAULTS), "fused": case["fused"]}),
-        policy=None, optimizer=None, max_nonfinite_steps=run.nonfinite.max_consecutive_steps,
-        score_groups=run.score_groups,
-    )
+    # loss=jsd and score_groups as train.py composes them; loss.fused as the case sets it, applied as the run applies it
+    run = compose(["loss=jsd", f"loss.fused={str(case['fused']).lower()}"])
+    parts = {"student": student, "objective": build_objective(run.loss),
+             "teacher": ModelTeacher(teacher, len(tokenizer), build_sampler(teacher, tokenizer))}
+    step = DistillationStep(tokenizer=tokenizer, sampler=build_sampler(student, tokenizer), fused=use_fused(run, parts),
+                            score_groups=int(run.score_groups), **parts)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, case["tokenizer_size"], (case["batch"], case["prompt"] + case["response"]), generator=g)
     mask = torch.ones_like(ids, dtype=torch.bool)
     p = case["prompt"]
     batch = Batch(Side(ids[:, :p], mask[:, :p], ids[:, p:], mask[:, p:]), reference=[""] * case["batch"])
-    return module, optimizer, batch
+    return step, optimizer, batch
 
 
 def params(model: torch.nn.Module) -> int:
@@ -86,23 +90,24 @@ def params(model: torch.nn.Module) -> int:
 def memory_case(case: dict) -> None:
     """Child process: --steps training steps; prints one JSON line of peaks, losses and times."""
     torch.set_num_threads(case["threads"])
-    module, optimizer, batch = build(case)
+    step, optimizer, batch = build(case)
+    unused = SamplingSettings(max_new_tokens=1, do_sample=False)  # fixed targets: nothing is sampled
     losses, times, before = [], [], 0
     for i in range(case["steps"]):
         if i == case["steps"] - 1:
             before = reset_peak_rss()
         start = time.perf_counter()
-        targets = module._step_targets(batch, "ground_truth")
-        loss, _ = module._micro_loss(targets, False, module._global_counts([targets]))
+        targets = step.targets(batch, GROUND_TRUTH, unused)
+        loss, _ = step.loss(targets, DistillationStep.global_counts([targets], batch.student.target_ids.device))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
     peak = peak_rss()
-    print(json.dumps({"fused_plan": module._fused_reason is None, "process_peak_bytes": peak,
+    print(json.dumps({"fused_plan": step.fused, "process_peak_bytes": peak,
                       "last_step_peak_bytes": peak - before, "losses": losses, "step_s": times,
-                      "student_params": params(module.student), "teacher_params": params(module.teacher)}))
+                      "student_params": params(step.student), "teacher_params": params(step.teacher.model)}))
 
 
 def main() -> None:

@@ -51,7 +51,8 @@ def _loss_node(name: str) -> dict:
 
     from kdlab.run.compose import compose as compose_conf
 
-    return OmegaConf.to_container(compose_conf([f"loss={name}"]).loss, resolve=True)
+    # unresolved: a key interpolated from another (loss=ot's `${kdlab.ot_variant:${.variant},...}`) follows overrides
+    return OmegaConf.to_container(compose_conf([f"loss={name}"]).loss, resolve=False)
 
 
 def loss_config(name: str, **overrides) -> dict:

@@ -137,12 +137,12 @@ def test_smollm_pair_scaled_down_to_one_layer_runs_a_kdlab_step_over_the_whole_v
 
     tokenizer, teacher, student = load("cpu", torch.float32, "smollm", layers=(1, 1))
     assert student.get_output_embeddings().weight.shape == (len(tokenizer), 576) == (49152, 576)
-    batch, task = first_batch(tokenizer, 2, "cpu")
-    step = KdlabStep(student, teacher, tokenizer, task, Namespace(max_new_tokens=4, beta=0.5, lr=1e-5))
+    batch, _ = first_batch(tokenizer, 2, "cpu")
+    step = KdlabStep(student, teacher, tokenizer, Namespace(max_new_tokens=4, beta=0.5, lr=1e-5))
     step(batch)
-    assert step.module._fused_reason is None  # the training step's own path: the fused output layer and loss
+    assert step.step.fused  # the training step's own path, as the run decides: the fused output layer and loss
     assert 0 < step.widths[0] <= 4 and 0 < step.tokens[0] <= 2 * 4
-    assert not teacher.training and student.training  # the module keeps the teacher in eval mode
+    assert not teacher.training and student.training  # the teacher is kept in eval mode
 
 
 @pytest.mark.slow

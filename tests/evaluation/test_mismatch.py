@@ -12,13 +12,11 @@ from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.tasks import Task
 from kdlab.evaluation import mismatch
 from kdlab.evaluation.generations import GenerationScorer, evaluate
-from kdlab.losses.objective import build_objective
 from kdlab.run.compose import task_node
 from kdlab.run.rundir import RESULTS
 from kdlab.sampling.base import SamplingSettings
 from kdlab.sampling.hf import generate_targets
-from kdlab.step.module import DistillationModule
-from kdlab.step.policy import DataPolicy
+from tests.builders import distillation_module, distillation_step
 from tests.conftest import TINY_RUN, compose, loss_config, tiny_model
 
 TASK = {"name": "arith", "train_size": 32, "val_size": 8, "eval_examples": 8, "batch_size": 4, "eval_batch_size": 8,
@@ -58,7 +56,8 @@ def test_own_output_sums_match_the_per_token_reference(tokenizer, monkeypatch, g
     student, teacher = tiny_model(tokenizer, seed=0), tiny_model(tokenizer, seed=1, width=48)
     datamodule = DistillationDataModule(Task.from_config(task_node(**TASK)), tokenizer)
     batch, target = _greedy(student, tokenizer, datamodule)
-    sums = mismatch.own_output_sums(student, teacher, batch.student.prompt, target, len(tokenizer), groups)
+    step = distillation_step(student, tokenizer, loss_config("fkl"), teacher, score_groups=groups)
+    sums = step.mismatch_sums(batch.student.prompt, *target)
     reference = _reference(student, teacher, batch.student.prompt, target)
     assert sums.shape == (target[0].shape[0], 4)
     assert sums.sum(0).tolist() == pytest.approx(reference, rel=1e-5)
@@ -68,11 +67,11 @@ def test_own_output_sums_match_the_per_token_reference(tokenizer, monkeypatch, g
 
 
 def test_a_teacher_equal_to_the_student_shows_no_divergence(tokenizer):
-    student = tiny_model(tokenizer, seed=0)
+    student, teacher = tiny_model(tokenizer, seed=0), tiny_model(tokenizer, seed=0)  # the same weights
     datamodule = DistillationDataModule(Task.from_config(task_node(**TASK)), tokenizer)
     batch, target = _greedy(student, tokenizer, datamodule)
-    means = mismatch.per_token_means(mismatch.own_output_sums(student, student, batch.student.prompt, target,
-                                                              len(tokenizer)).tolist())
+    step = distillation_step(student, tokenizer, loss_config("fkl"), teacher)
+    means = mismatch.per_token_means(step.mismatch_sums(batch.student.prompt, *target).tolist())
     assert means["own_fkl"] == pytest.approx(0.0, abs=1e-6) and means["own_rkl"] == pytest.approx(0.0, abs=1e-6)
     assert means["own_teacher_nll"] > 0  # the student's own NLL of its greedy tokens
 
@@ -81,11 +80,9 @@ def test_a_teacher_equal_to_the_student_shows_no_divergence(tokenizer):
 def test_evaluation_measures_the_students_own_outputs(tokenizer, role):
     task = Task.from_config(task_node(**TASK))
     student, teacher = tiny_model(tokenizer, seed=0), tiny_model(tokenizer, seed=1, width=48)
-    module = DistillationModule(student=student, tokenizer=tokenizer, objective=build_objective(loss_config("fkl")),
-                                policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=8, do_sample=True)), task=task,
-                                teacher=teacher, optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
-                                max_nonfinite_steps=3, score_groups=4,
-                                eval_sampling=SamplingSettings(**TASK["generation"]))
+    module = distillation_module(student, tokenizer, loss_config("fkl"), teacher, max_new_tokens=8,
+                                 micro_batch_size=TASK["batch_size"], max_nonfinite_steps=3, score_groups=4,
+                                 eval_sampling=SamplingSettings(**TASK["generation"]))
     datamodule = DistillationDataModule(task, tokenizer)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[GenerationScorer(task)])

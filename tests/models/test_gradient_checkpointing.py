@@ -1,5 +1,6 @@
 """`student.gradient_checkpointing=true` on one device: the same gradients, each block run twice, fewer tensors kept
-for backward; through Lightning's training loop, and together with FSDP's `strategy.activation_checkpointing`."""
+for backward; through Lightning's training loop, and together with FSDP's
+`trainer.strategy.activation_checkpointing`."""
 
 
 import lightning as L
@@ -14,9 +15,7 @@ from kdlab.losses.objective import Objective
 from kdlab.models.loading import load_model, load_tokenizer
 from kdlab.models.scoring import score_targets
 from kdlab.run.compose import task_node
-from kdlab.sampling.base import SamplingSettings
-from kdlab.step.module import DistillationModule
-from kdlab.step.policy import DataPolicy
+from tests.builders import distillation_module
 from tests.conftest import compose
 
 PROMPTS = ["Question: Bo has 41 cards and buys 2.\nAnswer:", "Q: 9?\nA:", "Question: 12 + 7?\nAnswer:"]
@@ -121,10 +120,10 @@ def _fit_one_step(checkpointing: bool) -> tuple[dict[str, torch.Tensor], list[in
     student, tokenizer = _student("tiny", checkpointing, seed=0)
     teacher, _ = _student("tiny", False, seed=1)
     task = Task.from_config(task_node(**TASK))
-    module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl", forward_kl),
-                                policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4, do_sample=True)), task=task,
-                                teacher=teacher, optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
-                                max_nonfinite_steps=10, score_groups=1)  # one scoring forward a step
+    module = distillation_module(student, tokenizer, Objective("fkl", forward_kl), teacher, fraction=0.0,
+                                 max_new_tokens=4, micro_batch_size=TASK["batch_size"], max_nonfinite_steps=10,
+                                 optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+                                 score_groups=1)  # one scoring forward a step
     calls = _count_block_calls(student)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -147,7 +146,8 @@ def test_fsdp_activation_checkpointing_on_a_checkpointed_student_changes_nothing
     from kdlab.models.sharding import ShardingOptions, shard_model
 
     plain, tokenizer = _student("tiny", False)
-    sharded, _ = _student("tiny", True)  # student.gradient_checkpointing=true and strategy.activation_checkpointing
+    # student.gradient_checkpointing=true and trainer.strategy.activation_checkpointing
+    sharded, _ = _student("tiny", True)
     shard_model(sharded, one_process_mesh, ShardingOptions(activation_checkpointing=True), frozen=False)
     calls = _count_block_calls(sharded)
     batch = _batch(tokenizer)

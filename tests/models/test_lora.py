@@ -28,7 +28,7 @@ from kdlab.sampling import compiled as decoding
 from kdlab.sampling.base import SamplingSettings
 from kdlab.sampling.hf import generate_targets
 from kdlab.step.module import DistillationModule
-from kdlab.step.policy import DataPolicy
+from tests.builders import distillation_module
 from tests.conftest import REPO, TINY_RUN, compose
 
 LORA = ["student.lora.r=4", "student.lora.alpha=8"]
@@ -90,10 +90,9 @@ def _fit(steps: int, ckpt_dir, resume_from=None) -> DistillationModule:
     student, tokenizer = _student([*LORA, "student.lora.dropout=0.1"], seed=0, preset="tiny")
     teacher, _ = _student([], seed=1, preset="tiny")
     task = Task.from_config(task_node(**TASK))
-    module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl", forward_kl),
-                                policy=DataPolicy(0.5, sampling=SamplingSettings(max_new_tokens=6, do_sample=True), seed=3),
-                                task=task, teacher=teacher, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
-                                max_nonfinite_steps=10, score_groups=4)
+    module = distillation_module(student, tokenizer, Objective("fkl", forward_kl), teacher, fraction=0.5,
+                                 max_new_tokens=6, seed=3, micro_batch_size=TASK["batch_size"], score_groups=4,
+                                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), max_nonfinite_steps=10)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
@@ -130,10 +129,9 @@ def test_export_writes_a_peft_adapter_and_a_merged_model_with_the_same_logits(tm
 
     student, tokenizer = _student(LORA)
     _perturb_adapters(student)
-    module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("sft", cross_entropy),
-                                policy=DataPolicy(0.0), task=Task.from_config(task_node(**TASK)),
-                                optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), max_nonfinite_steps=10,
-                                score_groups=4)
+    module = distillation_module(student, tokenizer, Objective("sft", cross_entropy),
+                                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), max_nonfinite_steps=10,
+                                 score_groups=4)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     ids = torch.randint(3, len(tokenizer), (3, 11))
     with torch.no_grad():
@@ -238,9 +236,9 @@ def _adapter(run_dir) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_ddp_and_fsdp_lora_runs_end_with_the_single_process_adapters_and_fsdp_resumes_exactly(tmp_path):
     _train(tmp_path / "single", "task.batch_size=8")
-    _train(tmp_path / "ddp", "trainer=ddp", "strategy=ddp", *TWO_PROCESSES)
+    _train(tmp_path / "ddp", "trainer=ddp", *TWO_PROCESSES)
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    fsdp = ["trainer=fsdp", "strategy=fsdp", *TWO_PROCESSES]
+    fsdp = ["trainer=fsdp", *TWO_PROCESSES]
     _train(tmp_path / "fsdp", *fsdp, launcher=torchrun)
     single = _adapter(tmp_path / "single")
     assert single and all("lora_" in name for name in single)

@@ -1,6 +1,9 @@
-"""Model presets: the papers' hub models compose and fail offline naming the fix; tiny families build, score, sample."""
+"""Model presets (conf/model/, one file for both roles): the papers' hub models compose and fail offline naming the
+fix; every preset composes as student and as teacher; tiny families build, score, sample; the old spellings of the
+teacher and strategy groups still compose to the new configs."""
 
 import json
+import re
 
 import huggingface_hub
 import pytest
@@ -38,7 +41,8 @@ from kdlab.sampling.base import SamplingSettings
 from kdlab.sampling.hf import generate_targets
 from tests.conftest import CONF_DIR, TINY_RUN, compose
 
-# (group, preset) -> (hub id, the class transformers builds for it, paper or "today": the pairs distilled now)
+# (role, preset) -> (hub id, the class transformers builds for it, paper or "today": the pairs distilled now). The role
+# is the one each paper (or today's pairs) gives the model; every preset is one file in conf/model/ for both roles.
 HUB_PRESETS = {
     ("teacher", "flan_t5_xl"): ("google/flan-t5-xl", T5ForConditionalGeneration, "GKD"),
     ("teacher", "t5_xl"): ("google/t5-v1_1-xl", T5ForConditionalGeneration, "GKD"),
@@ -97,6 +101,7 @@ def _cached(hub_id: str) -> bool:
 
 @pytest.mark.parametrize("group,preset", sorted(HUB_PRESETS))
 def test_hub_preset_composes_with_settings_the_loader_accepts(group, preset, tmp_path):
+    """`group` is the role the preset is composed in (`student=X` or `teacher=X`)."""
     hub_id, model_cls, _ = HUB_PRESETS[group, preset]
     cfg = OmegaConf.to_container(compose([f"{group}={preset}"], output_dir=tmp_path)[group], resolve=True)
     assert cfg["path"] == hub_id and cfg["name"]
@@ -106,17 +111,16 @@ def test_hub_preset_composes_with_settings_the_loader_accepts(group, preset, tmp
     assert cfg["trust_remote_code"] is False and cfg["revision"]
     attention = cfg["attn_implementation"]
     assert _supports(model_cls, attention), f"{model_cls.__name__} has no {attention} attention"
-    assert (CONF_DIR / group / f"{preset}.yaml").read_text().startswith("# ")  # one line saying what and which paper
+    assert (CONF_DIR / "model" / f"{preset}.yaml").read_text().startswith("# ")  # one line: what, which paper
 
 
 def test_every_hub_preset_on_disk_is_listed_here():
     on_disk = {
-        (group, path.stem)
-        for group in ("teacher", "student")
-        for path in (CONF_DIR / group).glob("*.yaml")
+        path.stem
+        for path in (CONF_DIR / "model").glob("*.yaml")
         if (value := yaml.safe_load(path.read_text()).get("path")) and "${" not in str(value)  # not a shipped asset
     }
-    assert on_disk == set(HUB_PRESETS)
+    assert on_disk == {preset for _, preset in HUB_PRESETS}
 
 
 @pytest.mark.parametrize("group,preset", sorted(HUB_PRESETS))
@@ -173,18 +177,67 @@ def _tiny(preset: str, seed: int = 0, role: str = "student"):
     return load_model(cfg, tokenizer).eval(), tokenizer
 
 
-def test_tiny_presets_cover_every_architecture_and_teacher_equals_student():
-    used = {OmegaConf.load(CONF_DIR / "student" / f"{p}.yaml").architecture for p in TINY_PRESETS}
+def test_tiny_presets_cover_every_architecture():
+    used = {OmegaConf.load(CONF_DIR / "model" / f"{p}.yaml").architecture for p in TINY_PRESETS}
     assert used == set(ARCHITECTURES)
-    for preset in TINY_PRESETS:  # same file, so a tiny teacher and student always share tokenizer and shape
-        teacher, student = ((CONF_DIR / group / f"{preset}.yaml").read_text() for group in ("teacher", "student"))
-        assert teacher == student
+
+
+MODEL_PRESETS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+BY_ROLE = re.compile(r"^\$\{kdlab\.by_role:([^,]+),([^}]+)\}$")  # a setting by role: ${kdlab.by_role:frozen,trained}
+
+
+@pytest.mark.parametrize("preset", MODEL_PRESETS)
+def test_every_model_preset_composes_in_both_roles(preset, tmp_path):
+    """One file serves both roles: `student=X teacher=X` places the same preset at both, each key the same in both
+    roles but those set by role (`${kdlab.by_role:frozen,trained}`), and the teacher is a model in this process."""
+    from kdlab.teachers.build import MODEL, teacher_kind
+
+    cfg = compose([f"student={preset}", f"teacher={preset}"], output_dir=tmp_path)
+    student, teacher = (OmegaConf.to_container(cfg[role], resolve=True) for role in ("student", "teacher"))
+    assert teacher_kind(teacher) == MODEL
+    raw = yaml.safe_load((CONF_DIR / "model" / f"{preset}.yaml").read_text())
+    for key, value in raw.items():
+        by_role = BY_ROLE.match(value) if isinstance(value, str) else None
+        if by_role:
+            assert (teacher[key], student[key]) == by_role.groups(), key
+        else:
+            assert student[key] == teacher[key], key
+    assert set(raw) <= set(teacher) and set(raw) <= set(student)
+
+
+def test_no_preset_file_exists_twice():
+    """Each preset is one file: no copies between groups (conf/student/ is gone; conf/teacher/ holds the other kinds
+    of teacher, not models), and no two files under conf/ are the same bytes."""
+    assert not (CONF_DIR / "student").exists()
+    kinds = {p.stem for p in (CONF_DIR / "teacher").glob("*.yaml")}
+    assert kinds == {"cached", "remote", "none", "arith_pair"} and not kinds & set(MODEL_PRESETS)
+    by_content: dict[bytes, list[str]] = {}
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        by_content.setdefault(path.read_bytes(), []).append(str(path.relative_to(CONF_DIR)))
+    assert [paths for paths in by_content.values() if len(paths) > 1] == []
+
+
+@pytest.mark.parametrize("old,new", [
+    (["teachers=arith_pair", "teachers.combine=route", "teachers.route_field=steps",
+      "teachers.routes={2: peer, 3: teacher, 4: teacher}"],
+     ["teacher=arith_pair", "teacher.combine=route", "teacher.route_field=steps",
+      "teacher.routes={2: peer, 3: teacher, 4: teacher}"]),
+    (["strategy=ddp"], ["trainer/strategy=ddp"]),
+    (["trainer=ddp", "strategy=ddp"], ["trainer=ddp"]),
+    (["trainer=fsdp", "strategy=fsdp", "strategy.mixed_precision=bf16"],
+     ["trainer=fsdp", "trainer.strategy.mixed_precision=bf16"]),
+])
+def test_the_old_spellings_compose_to_the_new_config(old, new, tmp_path):
+    composed = [OmegaConf.to_container(compose(overrides, output_dir=tmp_path), resolve=True)
+                for overrides in (old, new)]
+    assert composed[0] == composed[1]
+    assert "teachers" not in composed[0] and "strategy" not in composed[0]
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_tiny_preset_builds_with_the_tokenizer_special_tokens(preset):
     model, tokenizer = _tiny(preset)
-    architecture = OmegaConf.load(CONF_DIR / "student" / f"{preset}.yaml").architecture
+    architecture = OmegaConf.load(CONF_DIR / "model" / f"{preset}.yaml").architecture
     assert type(model) is ARCHITECTURES[architecture][1]
     assert model.config.vocab_size == len(tokenizer) == model.get_output_embeddings().weight.shape[0]
     config_ids = (model.config.pad_token_id, model.config.eos_token_id, model.config.bos_token_id)
@@ -295,5 +348,5 @@ def test_tiny_preset_trains_end_to_end(preset, tmp_path):
     assert results["steps"] == 2
     loader = AutoModelForSeq2SeqLM if preset == "tiny_t5" else AutoModelForCausalLM
     exported = loader.from_pretrained(tmp_path / STUDENT)
-    architecture = OmegaConf.load(CONF_DIR / "student" / f"{preset}.yaml").architecture
+    architecture = OmegaConf.load(CONF_DIR / "model" / f"{preset}.yaml").architecture
     assert type(exported) is ARCHITECTURES[architecture][1]

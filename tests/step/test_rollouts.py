@@ -45,6 +45,44 @@ def test_rollouts_hold_the_text_trained_on_and_its_scores_under_both_models(tmp_
         assert row["divergence"] == pytest.approx(forward_kl(s, t).item(), rel=1e-4)
 
 
+def test_several_teachers_rollouts_hold_the_mixtures_log_likelihood_and_none_when_routed(tmp_path):
+    """Mixed teachers: the teacher's log-likelihood and the divergence are the mixture's, log sum_i w_i p_i, written
+    out here from each member's logits; routed members have no one distribution for a row: null."""
+    import math
+
+    from kdlab.models.loading import load_model, load_tokenizer
+
+    pair = [o for o in RUN if not o.startswith("teacher=")] + ["teacher=arith_pair", "policy=supervised",
+                                                                 "trainer.max_steps=1"]
+    cfg = compose(pair, output_dir=tmp_path / "mixed")
+    run(cfg)
+    rows = _rows(tmp_path / "mixed")
+    assert len(rows) == 2
+    tokenizer = load_tokenizer(cfg.student)
+    student = load_model(cfg.student, tokenizer).eval()
+    members = {name: load_model(node, tokenizer).eval() for name, node in cfg.teacher.members.items()}
+    total = sum(float(w) for w in cfg.teacher.weights.values())
+    weights = {name: float(cfg.teacher.weights[name]) / total for name in members}
+    for row in rows:
+        ids = torch.tensor([row["prompt_ids"] + row["target_ids"]])
+        rows_of_target = slice(len(row["prompt_ids"]) - 1, ids.shape[1] - 1)
+        with torch.no_grad():
+            s = student(input_ids=ids).logits[:, rows_of_target, : len(tokenizer)].double()
+            mixture = torch.logsumexp(torch.stack([
+                torch.log_softmax(model(input_ids=ids).logits[:, rows_of_target, : len(tokenizer)].double(), -1)
+                + math.log(weights[name]) for name, model in members.items()]), dim=0)
+        target = torch.tensor([row["target_ids"]])
+        expected = mixture.gather(-1, target[..., None]).sum().item()
+        assert row["teacher_logprob"] == pytest.approx(expected, rel=1e-4)
+        assert row["divergence"] == pytest.approx(forward_kl(s, mixture).item(), rel=1e-4)
+
+    routed = [*pair, "teacher.combine=route", "teacher.route_field=steps",
+              "teacher.routes={2: peer, 3: teacher, 4: teacher}"]
+    run(compose(routed, output_dir=tmp_path / "routed"))
+    rows = _rows(tmp_path / "routed")
+    assert len(rows) == 2 and all(r["teacher_logprob"] is None and r["student_logprob"] is not None for r in rows)
+
+
 def test_on_policy_rollouts_are_the_students_own_samples_and_off_means_no_file(tmp_path):
     run(compose([*RUN, "policy=onpolicy", "trainer.max_steps=1"], output_dir=tmp_path / "on"))
     rows = _rows(tmp_path / "on")

@@ -14,8 +14,9 @@ from kdlab.models.loading import load_model, load_tokenizer
 from kdlab.models.scoring import score_targets
 from kdlab.run.compose import task_node
 from kdlab.sampling.base import SamplingSettings
-from kdlab.step.module import DistillationModule
-from kdlab.step.policy import DataPolicy
+from kdlab.step.policy import STUDENT
+from kdlab.step.step import DistillationStep, StepTargets
+from tests.builders import distillation_module, distillation_step
 from tests.conftest import TINY_RUN, compose
 
 TASK = {"name": "arith", "train_size": 16, "val_size": 4, "eval_examples": 4, "batch_size": 4, "eval_batch_size": 4,
@@ -34,10 +35,9 @@ def _module_and_batch(student_rows: int, teacher_rows: int):
     student, tokenizer = _padded("student", student_rows, seed=0)
     teacher, _ = _padded("teacher", teacher_rows, seed=1)
     task = Task.from_config(task_node(**TASK))
-    module = DistillationModule(student=student, tokenizer=tokenizer, objective=Objective("fkl", forward_kl),
-                                policy=DataPolicy(0.0, sampling=SamplingSettings(max_new_tokens=4, do_sample=True)), task=task,
-                                teacher=teacher, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
-                                max_nonfinite_steps=10, score_groups=1)
+    module = distillation_module(student, tokenizer, Objective("fkl", forward_kl), teacher, fraction=0.0,
+                                 max_new_tokens=4, micro_batch_size=TASK["batch_size"], max_nonfinite_steps=10,
+                                 optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3), score_groups=1)
     datamodule = DistillationDataModule(task, tokenizer)
     datamodule.setup("fit")
     return module, next(iter(datamodule.train_dataloader()))
@@ -45,8 +45,7 @@ def _module_and_batch(student_rows: int, teacher_rows: int):
 
 def _module_loss(module, batch) -> torch.Tensor:
     with torch.no_grad():
-        loss, _ = module._loss(batch)
-    return loss
+        return module.step.validation_loss(batch)
 
 
 def _scrambled_padding(model) -> None:
@@ -59,13 +58,14 @@ def _scrambled_padding(model) -> None:
 @pytest.mark.parametrize("student_rows,teacher_rows", [(768, 896), (768, 768), (TOKENS, 768)])
 def test_same_vocabulary_loss_is_the_loss_on_logits_trimmed_to_the_tokenizer(student_rows, teacher_rows):
     module, batch = _module_and_batch(student_rows, teacher_rows)
-    assert len(module.tokenizer) == TOKENS
+    assert len(module.step.tokenizer) == TOKENS
     assert module.student.get_output_embeddings().weight.shape[0] == student_rows
-    assert module.teacher.get_output_embeddings().weight.shape[0] == teacher_rows
+    assert module.teacher.model.get_output_embeddings().weight.shape[0] == teacher_rows
     module.eval()
     args = (*batch.student.prompt, *batch.student.target)
     with torch.no_grad():
-        student_logits, teacher_logits = score_targets(module.student, *args), score_targets(module.teacher, *args)
+        student_logits, teacher_logits = score_targets(module.student, *args), score_targets(module.teacher.model,
+                                                                                              *args)
     by_hand = forward_kl(student_logits[..., :TOKENS], teacher_logits[..., :TOKENS], batch.student.target_mask)
     torch.testing.assert_close(_module_loss(module, batch), by_hand, atol=1e-6, rtol=1e-6)
 
@@ -75,13 +75,14 @@ def test_padded_columns_do_not_move_the_loss():
     module.eval()
     before = _module_loss(module, batch)
     args = (*batch.student.prompt, *batch.student.target)
+    teacher = module.teacher.model
     with torch.no_grad():
-        untrimmed_before = forward_kl(score_targets(module.student, *args), score_targets(module.teacher, *args),
+        untrimmed_before = forward_kl(score_targets(module.student, *args), score_targets(teacher, *args),
                                       batch.student.target_mask)
     _scrambled_padding(module.student)
-    _scrambled_padding(module.teacher)
+    _scrambled_padding(teacher)
     with torch.no_grad():
-        untrimmed_after = forward_kl(score_targets(module.student, *args), score_targets(module.teacher, *args),
+        untrimmed_after = forward_kl(score_targets(module.student, *args), score_targets(teacher, *args),
                                      batch.student.target_mask)
     assert abs(untrimmed_after - untrimmed_before) > 0.1  # the scrambled rows would change a loss that saw them
     assert torch.equal(_module_loss(module, batch), before)  # the module's loss does not see them
@@ -112,7 +113,7 @@ def test_sampling_never_draws_the_rows_padded_beyond_the_tokenizer():
     module, batch = _module_and_batch(768, 768)
     _scrambled_padding(module.student)  # padding rows the softmax would otherwise favour
     settings = SamplingSettings(max_new_tokens=12, do_sample=True)
-    tokenizer = module.tokenizer
+    tokenizer = module.step.tokenizer
     common = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     unguarded, _ = generate_targets(module.student, *batch.student.prompt, settings, **common)
@@ -121,7 +122,7 @@ def test_sampling_never_draws_the_rows_padded_beyond_the_tokenizer():
     ids, mask = generate_targets(module.student, *batch.student.prompt, settings, vocab=TOKENS, **common)
     assert not (ids[mask] >= TOKENS).any()
     torch.manual_seed(0)
-    module_ids, module_mask = module._sample("student", batch, settings)  # the module passes it
+    module_ids, module_mask = module.step.sampled(batch, STUDENT, settings).student.target  # the step passes it
     assert not (module_ids[module_mask] >= TOKENS).any()
 
 
@@ -132,18 +133,13 @@ def test_sft_reads_the_tokenizers_columns_only(fused):
     from kdlab.losses.sft import cross_entropy
 
     module, batch = _module_and_batch(768, 768)
-    module.objective = Objective("sft", cross_entropy, fused=fused)
-    module.teacher = None
+    step = distillation_step(module.student, module.step.tokenizer, Objective("sft", cross_entropy), fused=fused)
     module.eval()
     ids, mask = batch.student.target
     with torch.no_grad():
         logits = score_targets(module.student, *batch.student.prompt, ids, mask)[..., :TOKENS]
         by_hand = cross_entropy(logits, ids, mask)
         _scrambled_padding(module.student)
-        module._fused_reason = ""  # decide again for this objective
-        from kdlab.losses.normalisation import unit_counts
-        from kdlab.step.module import StepTargets
-
-        counts = {**unit_counts(mask), "rows": torch.tensor(float(len(batch)))}
-        loss, _ = module._micro_loss(StepTargets(batch), True, counts)
+        targets = StepTargets(batch)
+        loss, _ = step.loss(targets, DistillationStep.global_counts([targets], mask.device))
     torch.testing.assert_close(loss, by_hand, rtol=1e-5, atol=1e-6)

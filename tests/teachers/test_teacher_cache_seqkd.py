@@ -170,7 +170,8 @@ def test_the_writer_refuses_other_targets_or_sampling_in_the_same_directory(samp
 
 def test_a_training_run_compares_the_sampling_not_the_draw(samples) -> None:
     manifest = open_cache(samples).manifest
-    run_sampling = {"max_new_tokens": NEW_TOKENS, "temperature": 1, "compile": True}  # int 1 == 1.0; compile: same
+    run_sampling = {"max_new_tokens": NEW_TOKENS, "do_sample": True, "temperature": 1,  # int 1 == 1.0
+                    "compile": True}  # compile: same tokens
     assert check_cache_matches(manifest, {"targets": sampled_targets(run_sampling)}) is None
     assert check_cache_matches(manifest, {"targets": sampled_targets({**run_sampling, "top_p": 0.9})}) == (
         "the teacher cache does not match this run: policy.sampling.top_p is 1.0 in the cache, 0.9 in this run")
@@ -249,8 +250,8 @@ def test_a_cache_of_other_targets_or_sampling_is_refused_naming_the_difference(r
 
 
 def test_seqkd_is_refused_for_a_remote_teacher_only() -> None:
-    from kdlab.teachers.outside import outside_teacher_errors
+    from kdlab.teachers.build import teacher_errors
 
-    assert outside_teacher_errors(compose([*RUN, "policy=seqkd", "teacher=cached", "teacher.dir=x"])) == []
-    errors = outside_teacher_errors(compose([*RUN, "policy=seqkd", "teacher=remote", "teacher.url=http://x"]))
+    assert teacher_errors(compose([*RUN, "policy=seqkd", "teacher=cached", "teacher.dir=x"])) == []
+    errors = teacher_errors(compose([*RUN, "policy=seqkd", "teacher=remote", "teacher.url=http://x"]))
     assert len(errors) == 1 and "cannot sample SeqKD targets" in errors[0] and "cache.targets=teacher" in errors[0]

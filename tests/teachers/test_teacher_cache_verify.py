@@ -410,11 +410,11 @@ def test_train_py_refuses_a_damaged_cache_in_one_line_before_any_model_loads(tmp
 
 
 def test_a_bad_verify_setting_is_a_config_error() -> None:
-    from kdlab.teachers.outside import outside_teacher_errors
+    from kdlab.teachers.build import teacher_errors
     from tests.conftest import compose
 
-    assert outside_teacher_errors(compose([*RUN, "teacher=cached", "teacher.dir=x"])) == []
-    errors = outside_teacher_errors(compose([*RUN, "teacher=cached", "teacher.dir=x", "teacher.verify=some",
-                                             "teacher.verify_blocks=-1"]))
+    assert teacher_errors(compose([*RUN, "teacher=cached", "teacher.dir=x"])) == []
+    errors = teacher_errors(compose([*RUN, "teacher=cached", "teacher.dir=x", "teacher.verify=some",
+                                     "teacher.verify_blocks=-1"]))
     assert errors == ["teacher.verify='some': one of sampled, full, off (how much of the cache is re-read against "
                       "its checksums before training)", "teacher.verify_blocks=-1: an integer >= 0"]

@@ -16,7 +16,7 @@ from kdlab.run.compose import compose as compose_conf
 from kdlab.run.train import run
 from kdlab.run.validate import ConfigError
 from kdlab.teachers.cache import cache_teacher
-from kdlab.teachers.ensemble import mix_top_k
+from kdlab.teachers.mixture import mix_top_k
 from tests.conftest import TINY_RUN, compose
 
 V = 50
@@ -94,8 +94,9 @@ def test_a_repeated_id_with_nothing_on_it_is_an_empty_bucket(name):
 
 
 # -- runs -----------------------------------------------------------------------------------------------------------
-RUN = [*TINY_RUN, "student=arith_student", "loss=fkl", "policy=supervised", "eval.teacher=false", "eval.before=false",
-       "task.train_size=24", "task.eval_examples=4", "trainer.max_steps=1"]
+# no teacher= here: a model preset given on the command line would be merged into teacher=arith_pair's node
+RUN = [*(o for o in TINY_RUN if not o.startswith("teacher=")), "student=arith_student", "loss=fkl", "policy=supervised",
+       "eval.teacher=false", "eval.before=false", "task.train_size=24", "task.eval_examples=4", "trainer.max_steps=1"]
 
 
 def _metrics(run_dir: Path) -> dict[str, float]:
@@ -105,10 +106,10 @@ def _metrics(run_dir: Path) -> dict[str, float]:
 
 
 def _run_pair(run_dir: Path, *overrides: str, peer: dict | None = None) -> dict[str, float]:
-    cfg = compose([*RUN, "teachers=arith_pair", *overrides], output_dir=run_dir)
+    cfg = compose([*RUN, "teacher=arith_pair", *overrides], output_dir=run_dir)
     if peer is not None:
         with open_dict(cfg):
-            cfg.teachers.members.peer = peer
+            cfg.teacher.members.peer = peer
     run(cfg)
     return _metrics(run_dir)
 
@@ -128,15 +129,15 @@ def test_a_cached_member_beside_a_live_one_mixes_on_the_union_of_ids(tmp_path):
     cache_teacher(compose_conf([*RUN, "teacher=arith_teacher", f"cache.dir={cache}", "cache.top_k=746",
                                 "cache.dtype=float32"], config_name="cache_teacher"))
     run(compose([*RUN, "teacher=arith_teacher"], output_dir=tmp_path / "single"))
-    mixed = _run_pair(tmp_path / "pair", "teachers.top_k=746", peer={"kind": "cached", "dir": str(cache),
+    mixed = _run_pair(tmp_path / "pair", "teacher.top_k=746", peer={"kind": "cached", "dir": str(cache),
                                                                       "name": "cached", "top_k": None})
     assert mixed["train/loss"] == pytest.approx(_metrics(tmp_path / "single")["train/loss"], rel=1e-5)
 
 
 def test_routing_every_example_to_one_member_is_that_teacher_alone(tmp_path):
     run(compose([*RUN, "teacher=arith_teacher"], output_dir=tmp_path / "single"))
-    metrics = _run_pair(tmp_path / "pair", "teachers.combine=route", "teachers.route_field=steps",
-                        'teachers.routes={2: teacher, 3: teacher, 4: teacher}')
+    metrics = _run_pair(tmp_path / "pair", "teacher.combine=route", "teacher.route_field=steps",
+                        'teacher.routes={2: teacher, 3: teacher, 4: teacher}')
     expected = _metrics(tmp_path / "single")["train/loss"]
     assert metrics["train/loss"] == pytest.approx(expected, rel=1e-5)
     assert metrics["train/teacher/teacher"] == pytest.approx(expected, rel=1e-5)
@@ -145,8 +146,8 @@ def test_routing_every_example_to_one_member_is_that_teacher_alone(tmp_path):
 
 def test_routed_members_losses_add_up_to_the_loss(tmp_path):
     tiny = dict(compose(["teacher=tiny"]).teacher)  # the pair's peer is the student itself: a divergence of 0
-    metrics = _run_pair(tmp_path, "teachers.combine=route", "teachers.route_field=steps",
-                        'teachers.routes={2: peer, 3: teacher, 4: peer}', "task.batch_size=8", peer=tiny)
+    metrics = _run_pair(tmp_path, "teacher.combine=route", "teacher.route_field=steps",
+                        'teacher.routes={2: peer, 3: teacher, 4: peer}', "task.batch_size=8", peer=tiny)
     assert metrics["train/teacher/peer"] > 0 and metrics["train/teacher/teacher"] > 0
     total = metrics["train/teacher/peer"] + metrics["train/teacher/teacher"]
     assert total == pytest.approx(metrics["train/loss"], rel=1e-5)  # each row is taught by one member
@@ -154,27 +155,25 @@ def test_routed_members_losses_add_up_to_the_loss(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["loss=ot"], "a teacher with another tokenizer is distilled alone with loss=ot or loss=uld"),
-    (["teachers.combine=route"], "needs teachers.route_field"),
+    (["teacher.combine=route"], "needs teacher.route_field"),
     (["policy=seqkd"], "samples its targets from one teacher"),
-    (["~teachers.weights.peer"], "teachers.weights.peer is missing"),
+    (["~teacher.weights.peer"], "teacher.weights.peer is missing"),
 ])
 def test_what_several_teachers_cannot_do_is_refused_before_anything_loads(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        run(compose([*RUN, "teachers=arith_pair", *overrides], output_dir=tmp_path))
+        run(compose([*RUN, "teacher=arith_pair", *overrides], output_dir=tmp_path))
 
 
 def test_one_teacher_beside_several_is_refused(tmp_path):
-    cfg = compose([*RUN, "teachers=arith_pair"], output_dir=tmp_path)
-    with open_dict(cfg):
-        cfg.teacher = compose(["teacher=arith_teacher"]).teacher
-    with pytest.raises(ConfigError, match="teachers= and teacher= are both set"):
+    cfg = compose([*RUN, "teacher=arith_pair", "teacher=arith_teacher"], output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="are both set"):
         run(cfg)
 
 
 def test_a_member_with_another_tokenizer_is_refused_naming_the_cross_tokenizer_losses(tmp_path):
-    cfg = compose([*RUN, "teachers=arith_pair"], output_dir=tmp_path)
+    cfg = compose([*RUN, "teacher=arith_pair"], output_dir=tmp_path)
     unigram = compose(["teacher=arith_unigram_teacher"]).teacher
     with open_dict(cfg):
-        cfg.teachers.members.peer = unigram
-    with pytest.raises(ConfigError, match=r"teachers.members.peer .* tokenizes differently.*loss=ot.*loss=uld"):
+        cfg.teacher.members.peer = unigram
+    with pytest.raises(ConfigError, match=r"teacher.members.peer .* tokenizes differently.*loss=ot.*loss=uld"):
         run(cfg)

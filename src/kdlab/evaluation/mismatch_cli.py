@@ -38,7 +38,9 @@ def rescore(run_dir: Path, before: bool = False) -> dict:
     from kdlab.data.datamodule import DistillationDataModule
     from kdlab.evaluation.generations import GenerationScorer, evaluate
     from kdlab.models.loading import same_vocabulary
-    from kdlab.run.train import build_module, validate
+    from kdlab.run.build import build_module, build_sampler
+    from kdlab.run.train import validate
+    from kdlab.teachers.build import build_teacher
 
     cfg = OmegaConf.load(run_dir / rundir.CONFIG)
     results = json.loads((run_dir / rundir.RESULTS).read_text())
@@ -56,7 +58,9 @@ def rescore(run_dir: Path, before: bool = False) -> dict:
     for key, student in students.items():
         run_cfg = OmegaConf.merge(cfg, {"student": student})
         L.seed_everything(int(cfg.seed), verbose=False)  # a randomly initialised student is the run's one again
-        module = build_module(run_cfg, task, student_tokenizer, teacher_tokenizer, None)
+        # the teacher first, as the run built it: a randomly initialised one draws before the student
+        teacher = build_teacher(cfg.teacher, cfg, student_tokenizer, teacher_tokenizer, [], build_sampler)
+        module = build_module(run_cfg, task, student_tokenizer, teacher)
         trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                             enable_model_summary=False, enable_progress_bar=False, callbacks=[GenerationScorer(task)])
         generations = evaluate(trainer, module, datamodule, "student")

@@ -213,7 +213,7 @@ class DistillationStep:
         """The teacher's dense scores of these targets in the student's tokens, where it scores in the process with
         the student's tokenizer (a model, or several mixed); else None (outside, its own tokens, routed members)."""
         teacher = self.teacher
-        if teacher is None or not teacher.in_process or teacher.tokenizer is not None:
+        if teacher is None or not teacher.in_process or teacher.tokenizer is not None or hasattr(teacher, "routes"):
             return None
         scores = teacher.scores(Batch(Side(prompt_ids, prompt_mask, ids, mask), [""] * ids.shape[0]), None, LOGITS,
                                 self.groups)

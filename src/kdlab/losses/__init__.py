@@ -5,16 +5,21 @@ reduced by "token_mean" (default), "sequence_mean" or "sum"; temperature divides
 rescaling; work is chunked over flattened rows so no full float32 copy of the logits is made. `cross_entropy`
 takes aligned labels instead of teacher logits. The cross-tokenizer losses `multilevel_ot` and
 `universal_logit_distillation` take each side's own logits and masks (`teacher_mask=`) and return their terms by
-name. Configs pick a loss by `_target_` (conf/loss/*.yaml); `DIVERGENCES` maps the config names to the divergences.
+name. Configs pick a loss by `_target_` (conf/loss/*.yaml); `DIVERGENCES` maps the config names to the divergences'
+records (`Divergence`: each divergence's row loss, settings and closed-form gradient, from which its dense, top-k and
+fused forms are built; `register_divergence` adds one).
 """
 
 from kdlab.losses.cross_tokenizer import multilevel_ot, universal_logit_distillation
 from kdlab.losses.divergences import (
     DIVERGENCES,
     SAME_VOCAB_LOSSES,
+    Divergence,
+    Setting,
     forward_kl,
     generalized_jsd,
     get_divergence,
+    register_divergence,
     reverse_kl,
     skew_forward_kl,
     skew_reverse_kl,
@@ -37,4 +42,7 @@ __all__ = [
     "DIVERGENCES",
     "SAME_VOCAB_LOSSES",
     "get_divergence",
+    "Divergence",
+    "Setting",
+    "register_divergence",
 ]

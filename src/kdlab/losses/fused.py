@@ -3,7 +3,8 @@
 Both models hand over their last hidden states at the scored positions and their output layer (weight (V, H), an
 optional bias (V,), an optional final-logit soft-cap c: logits = c tanh(z / c)). One pass over the scored rows, a
 chunk at a time, computes the student's and the teacher's logits of the chunk, the per-row loss and its gradient
-with respect to the student's logits in closed form, chains that through the soft-cap and the temperature, and
+with respect to the student's logits (a divergence's closed form from its record in kdlab.losses.divergences, or
+autograd on the chunk where it has none), chains that through the soft-cap and the temperature, and
 accumulates the gradients of the student's hidden states, output weight and bias; the chunk's logits are then
 dropped. Backward only scales those gradients by the incoming one, so nothing is recomputed. The teacher gets no
 gradient (it is frozen in every training step).
@@ -21,7 +22,6 @@ The training step calls them through kdlab.step.fused (`loss.fused`, on by defau
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab.losses.chunking import compute_dtype, row_weights, rows_per_chunk
-from kdlab.losses.rowwise import LossAndGrad, check_unit, dot, forward_kl_and_grad, jsd_and_grad, reverse_kl_and_grad
+from kdlab.losses.divergences import Divergence, divergence_named
+from kdlab.losses.rowwise import LossAndGrad
 
 log = logging.getLogger(__name__)
 
@@ -129,66 +130,13 @@ def output_layer_of(model: nn.Module, vocab: int | None = None) -> OutputLayer |
     return OutputLayer(head.weight, head.bias, float(softcap) if softcap else None, vocab)
 
 
-def _skew_forward_kl_and_grad(alpha: float) -> LossAndGrad:
-    def loss_and_grad(log_q: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
-        # KL(P || M), M = alpha P + (1-alpha) Q: d / d q_v = -(1-alpha) p_v / m_v; through the softmax
-        # r - q <1, r> with r_v = q_v d/dq_v = -(1-alpha) q_v p_v / m_v
-        lm = _log_mix(log_p, log_q, alpha)
-        p = log_p.exp()
-        loss = (log_p - lm).masked_fill_(p == 0, 0.0).mul_(p).sum(dim=-1)
-        r = (log_q + log_p - lm).nan_to_num_(nan=-math.inf).exp_().mul_(-(1.0 - alpha))
-        return loss, r.sub_(log_q.exp().mul_(r.sum(dim=-1, keepdim=True)))
-
-    return loss_and_grad
-
-
-def _skew_reverse_kl_and_grad(alpha: float) -> LossAndGrad:
-    def loss_and_grad(log_q: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
-        # KL(Q || M), M = alpha Q + (1-alpha) P: d / d q_v = log(q_v / m_v) + 1 - alpha q_v / m_v; the constant
-        # cancels through the softmax, which gives r - q <1, r> with r_v = q_v (log(q_v / m_v) - alpha q_v / m_v)
-        lm = _log_mix(log_q, log_p, alpha)
-        q = log_q.exp()
-        diff = (log_q - lm).masked_fill_(q == 0, 0.0)
-        loss = dot(q, diff)
-        ratio = (log_q - lm).nan_to_num_(nan=-math.inf).exp_().mul_(alpha)
-        r = diff.sub_(ratio).mul_(q)
-        return loss, r.sub_(q.mul_(r.sum(dim=-1, keepdim=True)))
-
-    return loss_and_grad
-
-
-def _total_variation_and_grad(log_q: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
-    # 0.5 sum |p - q|: d / d q_v = 0.5 sign(q_v - p_v) (0 at a tie, as autograd's abs); through the softmax
-    # q (s - <q, s>)
-    q = log_q.exp()
-    delta = q - log_p.exp()
-    loss = 0.5 * delta.abs().sum(dim=-1)
-    s = delta.sign_().mul_(0.5)
-    return loss, s.sub_(dot(q, s)[:, None]).mul_(q)
-
-
-def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
-    """log(w a + (1 - w) b) in log space, without autograd; the endpoints return an input exactly (as divergences')."""
-    if w == 0.0:
-        return log_b
-    if w == 1.0:
-        return log_a
-    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
-
-
-def loss_and_grad_of(name: str, beta: float = 0.5, alpha: float = 0.1) -> LossAndGrad:
-    """Per-row (loss, d loss / d student logits at temperature 1) of divergence `name`, as kdlab.losses defines it."""
-    if name in ("jsd", "skl", "srkl"):
-        check_unit("beta" if name == "jsd" else "alpha", beta if name == "jsd" else alpha)
-    if name == "fkl" or (name == "jsd" and beta == 0.0):
-        return forward_kl_and_grad
-    if name == "rkl" or (name == "jsd" and beta == 1.0):
-        return reverse_kl_and_grad
-    known = {"jsd": lambda: jsd_and_grad(beta), "tvd": lambda: _total_variation_and_grad,
-             "skl": lambda: _skew_forward_kl_and_grad(alpha), "srkl": lambda: _skew_reverse_kl_and_grad(alpha)}
-    if name not in known:
-        raise ValueError(f"unknown divergence {name!r} for the fused loss; known: fkl, jsd, rkl, skl, srkl, tvd")
-    return known[name]()
+def loss_and_grad_of(divergence: str | Divergence, **settings: float) -> LossAndGrad:
+    """Per-row (loss, d loss / d student logits at temperature 1) of a divergence (its record, or its `loss=` name)
+    with its settings (beta=...), as kdlab.losses defines it: the record's closed form, or autograd on each chunk
+    where it has none; the edge cases (jsd at beta 0 is fkl) resolved as in the dense form."""
+    record = divergence if isinstance(divergence, Divergence) else divergence_named(divergence)
+    target, values = record.bind(settings)
+    return target.loss_and_grad(values)
 
 
 # A loss seen from one chunk of rows: given the chunk's row index (what the targets of those rows need, e.g. the
@@ -303,16 +251,16 @@ def _apply(hidden: Tensor, layer: OutputLayer, row_weights: Tensor, target: Chun
                                   rows, loss_rows)
 
 
-def fused_divergence_sum(loss: str | LossAndGrad, student_hidden: Tensor, student_layer: OutputLayer,
+def fused_divergence_sum(loss: str | Divergence | LossAndGrad, student_hidden: Tensor, student_layer: OutputLayer,
                          teacher_hidden: Tensor, teacher_layer: OutputLayer, row_weights: Tensor, *,
-                         temperature: float = 1.0, chunk_size: int | None = None, beta: float = 0.5,
-                         alpha: float = 0.1) -> Tensor:
+                         temperature: float = 1.0, chunk_size: int | None = None, **settings: float) -> Tensor:
     """sum_n w_n D(P_n || Q_n) with Q = softmax(student_layer(h_s) / T), P = softmax(teacher_layer(h_t) / T).
 
     student_hidden (N, Hs), teacher_hidden (N, Ht): the same N scored rows; row_weights (N,) in the compute dtype
-    (rows with weight 0 are skipped). loss: fkl | rkl | jsd (beta) | tvd | skl (alpha) | srkl (alpha) as in
-    kdlab.losses, or a LossAndGrad (log q, log p) -> (per-row loss, gradient w.r.t. the student logits at T = 1).
-    The core of `fused_divergence`, for callers that normalise once by a global count of units."""
+    (rows with weight 0 are skipped). loss: a divergence of kdlab.losses (its record in `DIVERGENCES`, or its name:
+    fkl | rkl | jsd | tvd | skl | srkl) with its `settings` (beta=..., alpha=...), or a LossAndGrad (log q, log p)
+    -> (per-row loss, gradient w.r.t. the student logits at T = 1). The core of `fused_divergence`, for callers that
+    normalise once by a global count of units."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if student_layer.columns != teacher_layer.columns:
@@ -320,7 +268,12 @@ def fused_divergence_sum(loss: str | LossAndGrad, student_hidden: Tensor, studen
                          "divergences need one vocabulary (set OutputLayer.vocab to the tokenizer's size)")
     if teacher_hidden.shape[0] != student_hidden.shape[0]:
         raise ValueError(f"teacher rows {teacher_hidden.shape[0]} != student rows {student_hidden.shape[0]}")
-    loss_and_grad = loss_and_grad_of(loss, beta, alpha) if isinstance(loss, str) else loss
+    if isinstance(loss, (str, Divergence)):
+        loss_and_grad = loss_and_grad_of(loss, **settings)
+    elif settings:
+        raise TypeError(f"settings {sorted(settings)} are a divergence's; a LossAndGrad has its own bound")
+    else:
+        loss_and_grad = loss
     dtype = row_weights.dtype
     teacher_hidden = teacher_hidden.detach()  # read, never differentiated (forward runs without autograd)
 
@@ -348,11 +301,12 @@ def _flat_weights(hidden: Tensor, mask: Tensor | None, reduction: str, dtype: to
     return row_weights(mask2d, reduction, dtype).reshape(-1)
 
 
-def fused_divergence(loss: str | LossAndGrad, student_hidden: Tensor, student_layer: OutputLayer,
+def fused_divergence(loss: str | Divergence | LossAndGrad, student_hidden: Tensor, student_layer: OutputLayer,
                      teacher_hidden: Tensor, teacher_layer: OutputLayer, mask: Tensor | None = None, *,
                      temperature: float = 1.0, reduction: str = "token_mean", chunk_size: int | None = None,
-                     beta: float = 0.5, alpha: float = 0.1) -> Tensor:
-    """The divergence of kdlab.losses (`loss` by name) on the logits both output layers would give, fused.
+                     **settings: float) -> Tensor:
+    """The divergence of kdlab.losses (`loss` by name or record, with its `settings`) on the logits both output
+    layers would give, fused.
 
     Hidden states (batch, positions, H) or (N, H) (one sequence), each model with its own H; mask of their leading
     shape, True where scored. reduction: token_mean | sequence_mean | sum, as the logit-level losses."""
@@ -360,7 +314,7 @@ def fused_divergence(loss: str | LossAndGrad, student_hidden: Tensor, student_la
     weights = _flat_weights(student_hidden, mask, reduction, dtype)
     return fused_divergence_sum(loss, student_hidden.reshape(-1, student_hidden.shape[-1]), student_layer,
                                 teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_layer, weights,
-                                temperature=temperature, chunk_size=chunk_size, beta=beta, alpha=alpha)
+                                temperature=temperature, chunk_size=chunk_size, **settings)
 
 
 def fused_cross_entropy_sum(hidden: Tensor, layer: OutputLayer, labels: Tensor, row_weights: Tensor, *,

@@ -1,8 +1,9 @@
-"""Per-row divergence formulas over log-probabilities, and the closed-form gradients the fused paths use.
+"""What every divergence's per-row formula is built from, over (rows, vocab) log-probabilities.
 
-Each takes (rows, vocab) log-probabilities in the compute dtype and returns one value per row; the `*_and_grad`
-forms also return d loss / d (student logits / temperature), computed in place on tensors that are dead after the
-line (they run without autograd), so a chunk needs about four (rows, vocab) temporaries.
+A divergence (kdlab.losses.divergences.Divergence) gives its loss per row of log-probabilities in the compute dtype;
+the forms that also give d loss / d (student logits / temperature) (`LossAndGrad`) run without autograd, so they may
+work in place on tensors that are dead after the line: a chunk then needs about four (rows, vocab) temporaries.
+`autograd_loss_and_grad` is that form for a divergence without a closed-form gradient: autograd on one chunk alone.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     return mix.masked_fill(both, -math.inf)
 
 
+def log_mix_no_grad(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
+    """`log_mix` for the closed-form gradients, which run without autograd: no detour around entries where both are
+    -inf (their NaN differences are masked where they are read), so no masks are built."""
+    if w == 0.0:
+        return log_b
+    if w == 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+
+
 def log_softmax(logits: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
     x = logits.to(dtype)
     return F.log_softmax(x if temperature == 1.0 else x / temperature, dim=-1)
@@ -48,43 +59,15 @@ def dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(dim=-1)
 
 
-# The fused helpers below run without autograd, so they work in place on tensors that are dead after the line: a
-# chunk then needs about four (rows, vocab) temporaries, which is most of the loss's own memory.
+def autograd_loss_and_grad(row: Callable[[Tensor, Tensor], Tensor]) -> LossAndGrad:
+    """The (loss, d loss / d student logits) of a per-row loss given without a closed-form gradient: autograd on the
+    chunk's log q alone, chained through the log-softmax (d log q_v / d z_j = delta_vj - q_j)."""
 
-
-def forward_kl_and_grad(log_q: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
-    # d KL(P||Q) / d logits = q - p
-    p = log_p.exp()
-    loss = (log_p - log_q).masked_fill_(p == 0, 0.0).mul_(p).sum(dim=-1)
-    return loss, log_q.exp_().sub_(p)
-
-
-def reverse_kl_and_grad(log_q: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
-    # d KL(Q||P) / d q_v = log q_v - log p_v + 1; through the softmax: q * (diff - KL), the constant cancels
-    q = log_q.exp()
-    diff = (log_q - log_p).masked_fill_(q == 0, 0.0)
-    loss = dot(q, diff)
-    return loss, diff.sub_(loss[:, None]).mul_(q)
-
-
-def jsd_and_grad(beta: float) -> LossAndGrad:
     def loss_and_grad(log_q: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
-        # d JSD / d q_v = (1 - beta) log(q_v / m_v): the p/m and q/m terms of both KLs cancel exactly;
-        # through the softmax, q * (g - <q, g>). No gradient flows through log m here, so entries where both
-        # models are -inf need no detour (their -inf - -inf is masked with p == 0 and q == 0).
-        lm = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        p = log_p.exp()
-        kl_p = (log_p - lm).masked_fill_(p == 0, 0.0).mul_(p).sum(dim=-1)
-        del p
-        q = log_q.exp()
-        diff = (log_q - lm).masked_fill_(q == 0, 0.0)
-        loss = beta * kl_p + (1.0 - beta) * dot(q, diff)
-        g = diff.mul_(1.0 - beta)
-        return loss, g.sub_(dot(q, g)[:, None]).mul_(q)
+        with torch.enable_grad():
+            x = log_q.detach().requires_grad_()
+            loss = row(x, log_p)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+        return loss.detach(), grad.sub_(log_q.exp().mul_(grad.sum(dim=-1, keepdim=True)))
 
     return loss_and_grad
-
-
-def check_unit(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in the range [0, 1], got {value}")

@@ -13,6 +13,12 @@ By the data-processing inequality it is at most the dense divergence between the
 inner shape is lost), and it equals the dense loss exactly when k = vocabulary size (the tail is empty). The
 teacher's buckets are renormalised to sum to 1: a no-op up to rounding for float32 top-k, it absorbs the rounding of
 float16/bfloat16 caches. Temperature is not offered: a tempered teacher cannot be recovered from its top-k alone.
+(The inequality holds for f-divergences, which every built-in divergence is.)
+
+Each loss is built from a divergence's record (kdlab.losses.divergences.Divergence): its row loss on the buckets'
+log-probabilities, its settings and edge cases as in the dense form (`top_k_form`). The built-ins' forms go by
+name (`sparse_forward_kl`, `sparse_generalized_jsd`, ...: `sparse_` and the dense form's name, for any registered
+divergence); `sparse_form` gives the form of a config's loss with its settings bound.
 
 Shapes: student_logits (batch, positions, vocab); teacher_logprobs and teacher_ids (batch, positions, k), ids
 distinct within a row; teacher_tail (batch, positions) or None (then computed with `tail_log_mass`); mask (batch,
@@ -24,6 +30,7 @@ float32 copy of the full (batch, positions, vocab) tensor exists in forward or b
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -33,7 +40,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from kdlab.losses.chunking import CHUNK_ELEMENTS, row_weights
-from kdlab.losses.rowwise import check_unit, kl, log_mix
+from kdlab.losses.divergences import DIVERGENCES, Divergence, keyword_settings, named_form
 
 # (log q buckets, log p buckets), each (rows, k + 1) -> per-row loss
 BucketDivergence = Callable[[Tensor, Tensor], Tensor]
@@ -74,7 +81,7 @@ def student_buckets(student_logits: Tensor, teacher_ids: Tensor) -> Tensor:
     The tail is logsumexp over the logits outside the ids minus logsumexp over all of them, not log(1 - sum q_i):
     exact where the top-k holds nearly all the mass, and -inf (with a zero gradient) when no token is left. A slot
     whose id repeats an earlier slot's is empty (-inf): several teachers mixed over the union of their ids fill a
-    row's unused slots that way (kdlab.teachers.ensemble), with nothing on them on the teacher's side either.
+    row's unused slots that way (kdlab.teachers.mixture), with nothing on them on the teacher's side either.
     """
     lse_all = torch.logsumexp(student_logits, dim=-1, keepdim=True)
     at_ids = (student_logits.gather(-1, teacher_ids) - lse_all).masked_fill(_repeated_slots(teacher_ids), -math.inf)
@@ -149,69 +156,6 @@ def _sparse_divergence(fn: BucketDivergence, student_logits: Tensor, teacher_log
     return total
 
 
-def sparse_forward_kl(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
-                      teacher_tail: Tensor | None = None, mask: Tensor | None = None, *,
-                      reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
-    """KL(P || Q) over the k + 1 buckets (module doc): sum_b p_b (log p_b - log q_b) per scored token."""
-    return _sparse_divergence(lambda lq, lp: kl(lp, lq), student_logits, teacher_logprobs, teacher_ids,
-                              teacher_tail, mask, reduction, chunk_size)
-
-
-def sparse_reverse_kl(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
-                      teacher_tail: Tensor | None = None, mask: Tensor | None = None, *,
-                      reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
-    """KL(Q || P) over the k + 1 buckets: sum_b q_b (log q_b - log p_b) per scored token."""
-    return _sparse_divergence(lambda lq, lp: kl(lq, lp), student_logits, teacher_logprobs, teacher_ids,
-                              teacher_tail, mask, reduction, chunk_size)
-
-
-def sparse_generalized_jsd(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
-                           teacher_tail: Tensor | None = None, mask: Tensor | None = None, *, beta: float = 0.5,
-                           reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
-    """JSD(beta) = beta KL(P || M) + (1-beta) KL(Q || M), M = beta P + (1-beta) Q, over the k + 1 buckets.
-
-    As kdlab's dense `generalized_jsd` (GKD's convention): beta == 0 is forward KL and beta == 1 reverse KL, exactly.
-    """
-    check_unit("beta", beta)
-    common = dict(reduction=reduction, chunk_size=chunk_size)
-    if beta == 0.0:
-        return sparse_forward_kl(student_logits, teacher_logprobs, teacher_ids, teacher_tail, mask, **common)
-    if beta == 1.0:
-        return sparse_reverse_kl(student_logits, teacher_logprobs, teacher_ids, teacher_tail, mask, **common)
-
-    def jsd(lq: Tensor, lp: Tensor) -> Tensor:
-        lm = log_mix(lp, lq, beta)
-        return beta * kl(lp, lm) + (1.0 - beta) * kl(lq, lm)
-
-    return _sparse_divergence(jsd, student_logits, teacher_logprobs, teacher_ids, teacher_tail, mask, **common)
-
-
-def sparse_total_variation(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
-                           teacher_tail: Tensor | None = None, mask: Tensor | None = None, *,
-                           reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
-    """TVD = 0.5 sum_b |p_b - q_b| over the k + 1 buckets."""
-    return _sparse_divergence(lambda lq, lp: 0.5 * (lp.exp() - lq.exp()).abs().sum(dim=-1), student_logits,
-                              teacher_logprobs, teacher_ids, teacher_tail, mask, reduction, chunk_size)
-
-
-def sparse_skew_forward_kl(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
-                           teacher_tail: Tensor | None = None, mask: Tensor | None = None, *, alpha: float = 0.1,
-                           reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
-    """SKL(alpha) = KL(P || alpha P + (1-alpha) Q) over the k + 1 buckets (DistiLLM, Ko et al. ICML 2024)."""
-    check_unit("alpha", alpha)
-    return _sparse_divergence(lambda lq, lp: kl(lp, log_mix(lp, lq, alpha)), student_logits, teacher_logprobs,
-                              teacher_ids, teacher_tail, mask, reduction, chunk_size)
-
-
-def sparse_skew_reverse_kl(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
-                           teacher_tail: Tensor | None = None, mask: Tensor | None = None, *, alpha: float = 0.1,
-                           reduction: str = "token_mean", chunk_size: int = 1024) -> Tensor:
-    """SRKL(alpha) = KL(Q || alpha Q + (1-alpha) P) over the k + 1 buckets (DistiLLM, Ko et al. ICML 2024)."""
-    check_unit("alpha", alpha)
-    return _sparse_divergence(lambda lq, lp: kl(lq, log_mix(lq, lp, alpha)), student_logits, teacher_logprobs,
-                              teacher_ids, teacher_tail, mask, reduction, chunk_size)
-
-
 def top_k_of_logits(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """(top-k log-probs, their ids, tail log-mass) of dense teacher logits (..., vocab), in float32 or wider.
 
@@ -227,12 +171,58 @@ def top_k_of_logits(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor, Ten
     return values, ids, tail
 
 
-def _sparse_forms() -> dict[Callable[..., Tensor], Callable[..., Tensor]]:
-    from kdlab.losses import divergences as d
 
-    return {d.forward_kl: sparse_forward_kl, d.reverse_kl: sparse_reverse_kl, d.generalized_jsd: sparse_generalized_jsd,
-            d.total_variation: sparse_total_variation, d.skew_forward_kl: sparse_skew_forward_kl,
-            d.skew_reverse_kl: sparse_skew_reverse_kl}
+# Each divergence's top-k form, built once from its record.
+_TOP_K: dict[Divergence, Callable[..., Tensor]] = {}
+
+
+def top_k_form(divergence: Divergence) -> Callable[..., Tensor]:
+    """`sparse_<function>(student_logits, teacher_logprobs, teacher_ids, teacher_tail=None, mask=None, *,
+    <settings>, reduction, chunk_size)`: the divergence's row loss over the k + 1 buckets (module doc), with its
+    settings checked and its edge cases (jsd at beta 0 is fkl) as in the dense form."""
+    form = _TOP_K.get(divergence)
+    if form is None:
+        form = _TOP_K[divergence] = _build_top_k(divergence)
+    return form
+
+
+def _build_top_k(divergence: Divergence) -> Callable[..., Tensor]:
+    p = inspect.Parameter
+    signature = inspect.Signature(
+        [p(name, p.POSITIONAL_OR_KEYWORD, annotation="Tensor") for name in
+         ("student_logits", "teacher_logprobs", "teacher_ids")]
+        + [p(name, p.POSITIONAL_OR_KEYWORD, default=None, annotation="Tensor | None") for name in
+           ("teacher_tail", "mask")]
+        + keyword_settings(divergence, reduction="token_mean", chunk_size=1024),
+        return_annotation="Tensor")
+
+    def compute(target: Divergence, settings: dict[str, float], *, student_logits: Tensor, teacher_logprobs: Tensor,
+                teacher_ids: Tensor, teacher_tail: Tensor | None, mask: Tensor | None, reduction: str,
+                chunk_size: int) -> Tensor:
+        return _sparse_divergence(target.row_loss(settings), student_logits, teacher_logprobs, teacher_ids,
+                                  teacher_tail, mask, reduction, chunk_size)
+
+    summary = inspect.getdoc(divergence.dense).splitlines()[0]
+    doc = (f"The top-k form of kdlab.losses.{divergence.function} (loss={divergence.name}): its divergence over the "
+           f"k + 1 buckets (kdlab.losses.sparse's doc).\n\n    {summary}")
+    return named_form(divergence, f"sparse_{divergence.function}", doc, signature, compute, __name__)
+
+
+def __getattr__(name: str) -> Callable[..., Tensor]:
+    """`sparse_forward_kl`, ...: the top-k form of each registered divergence, by its dense form's name."""
+    if name.startswith("sparse_"):
+        for divergence in DIVERGENCES.values():
+            if divergence.function == name[len("sparse_"):]:
+                return top_k_form(divergence)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _registered(fn: Callable[..., Any]) -> Divergence | None:
+    """The registered divergence whose dense form `fn` is (or that `fn` is), else None."""
+    for divergence in DIVERGENCES.values():
+        if fn is divergence or fn is divergence.dense:
+            return divergence
+    return None
 
 
 def sparse_form(loss: Callable[..., Any]) -> Callable[..., Tensor]:
@@ -243,13 +233,13 @@ def sparse_form(loss: Callable[..., Any]) -> Callable[..., Tensor]:
     than 1 (a tempered teacher cannot be recovered from its top-k)."""
     fn = loss.func if isinstance(loss, functools.partial) else loss
     keywords = dict(loss.keywords) if isinstance(loss, functools.partial) else {}
-    sparse = _sparse_forms().get(fn)
-    if sparse is None:
-        known = ", ".join(f"{f.__module__}.{f.__name__}" for f in _sparse_forms())
+    divergence = _registered(fn)
+    if divergence is None:
+        known = ", ".join(f"{d.dense.__module__}.{d.function}" for d in DIVERGENCES.values())
         raise ValueError(f"{getattr(fn, '__qualname__', fn)} has no top-k form for a cached or remote teacher; "
-                         f"those teachers train with {known} (loss=fkl|rkl|jsd|tvd|skl|srkl)")
+                         f"those teachers train with {known} (loss={'|'.join(DIVERGENCES)})")
     temperature = keywords.pop("temperature", 1.0)
     if temperature != 1.0:
         raise ValueError(f"loss.temperature={temperature}: a cached or remote teacher gives its top-k at temperature "
                          f"1, from which a tempered teacher cannot be recovered; use loss.temperature=1.0")
-    return functools.partial(sparse, **keywords)
+    return functools.partial(top_k_form(divergence), **keywords)

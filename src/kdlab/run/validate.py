@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from kdlab.data.tasks import task_config_errors
 from kdlab.losses.chunking import REDUCTIONS
 from kdlab.losses.cross_tokenizer import VARIANTS as OT_VARIANTS
+from kdlab.losses.divergences import DIVERGENCES
 from kdlab.losses.objective import CROSS_TOKENIZER_LOSSES, SFT, build_objective
 from kdlab.step.policy import FIXED_SOURCES
 
@@ -31,10 +32,9 @@ def _loss_errors(loss: Mapping[str, Any]) -> list[str]:
     errors = []
     if name in CROSS_TOKENIZER_LOSSES:
         errors += _cross_tokenizer_errors(loss)
-    else:
-        for key in ("beta", "alpha"):
-            if key in loss and not 0.0 <= float(loss[key]) <= 1.0:
-                errors.append(f"loss.{key}={loss[key]} is outside [0, 1]; e.g. loss.{key}=0.5")
+    elif name in DIVERGENCES:  # each setting's range is the divergence record's
+        settings = [s for s in DIVERGENCES[name].settings if s.name in loss]
+        errors += [e for e in (s.config_error(loss[s.name]) for s in settings) if e]
     if float(loss.get("temperature", 1.0)) <= 0:
         errors.append(f"loss.temperature={loss['temperature']} must be > 0; e.g. loss.temperature=1.0")
     if float(loss.get("ce_weight", 0.0)) < 0:

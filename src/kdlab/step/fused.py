@@ -7,16 +7,17 @@ objective's terms are computed from them and the output layers' weights chunk by
 reduction times the count of the objective's unit), over the same vocabulary columns (`DistillationStep.scored`).
 
 Fused: a teacher that hands over hidden states and a plain output layer (a decoder-only model in the process:
-`Teacher.fused_reason`) with a built-in divergence (fkl, rkl, jsd, tvd, skl, srkl) or cross-tokenizer loss (ot, uld:
-each model reads its own tokens and keeps its own tokenizer's columns; the loss takes each side as `HiddenStates`,
-and MultiLevelOT's per-sequence ranking makes two passes over chunks, column sums then the top-k), or loss=sft, and
-the CE term. Everything else keeps the logits path, and `fused_off_reason` says why (the run logs it once with
-`verbose=true`): an outside teacher or several teachers, a loss function of the user's own, a model whose output
-layer is not a plain linear map or that is an encoder-decoder, and models sharded by a strategy other than
-trainer=fsdp. Under trainer=fsdp (FSDP2, kdlab.models.sharding.shard_model) the output weight is a sharded DTensor
-outside its model's forward, so each model's decoder stack and its reading of the output layer run as one forward of
-that model (kdlab.models.sharding.within_forward): FSDP2 gathers the weight whole for it and reduce-scatters the
-student's output weight and bias gradients in backward (docs/benchmarks.md section 6).
+`Teacher.fused_reason`) with a registered divergence (kdlab.losses.DIVERGENCES: fkl, rkl, jsd, tvd, skl, srkl, each
+from its record) or cross-tokenizer loss (ot, uld: each model reads its own tokens and keeps its own tokenizer's
+columns; the loss takes each side as `HiddenStates`, and MultiLevelOT's per-sequence ranking makes two passes over
+chunks, column sums then the top-k), or loss=sft, and the CE term. Everything else keeps the logits path, and
+`fused_off_reason` says why (the run logs it once with `verbose=true`): an outside teacher or several teachers, a
+loss function of the user's own, a model whose output layer is not a plain linear map or that is an encoder-decoder,
+and models sharded by a strategy other than trainer=fsdp. Under trainer=fsdp (FSDP2,
+kdlab.models.sharding.shard_model) the output weight is a sharded DTensor outside its model's forward, so each
+model's decoder stack and its reading of the output layer run as one forward of that model
+(kdlab.models.sharding.within_forward): FSDP2 gathers the weight whole for it and reduce-scatters the student's
+output weight and bias gradients in backward (docs/benchmarks.md section 6).
 Validation's loss, training rollouts and steps with a reward (REINFORCE needs the student's log-probabilities of
 its samples) always take the logits path.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -43,8 +44,16 @@ from kdlab.teachers.base import HIDDEN
 from kdlab.teachers.model import fused_model_reason, output_layer
 
 ALWAYS_UNFUSED = "validation loss, rollouts and steps with a reward (REINFORCE needs the student's logits)"
-# kdlab's own loss function for each loss name: only these take hidden states (a user's `_target_` is called on logits)
-BUILTIN_LOSSES = {**DIVERGENCES, SFT: cross_entropy, "ot": multilevel_ot, "uld": universal_logit_distillation}
+# kdlab's own loss function for each loss name other than a divergence's (each registered divergence's own is its
+# record's dense form, kdlab.losses.DIVERGENCES): only these take hidden states (a user's `_target_` is called on
+# logits)
+BUILTIN_LOSSES = {SFT: cross_entropy, "ot": multilevel_ot, "uld": universal_logit_distillation}
+
+
+def builtin_loss(name: str) -> Callable[..., Any] | None:
+    """kdlab's own loss function for `loss=<name>` (a registered divergence's dense form), or None."""
+    divergence = DIVERGENCES.get(name)
+    return divergence.dense if divergence is not None else BUILTIN_LOSSES.get(name)
 
 
 def loss_settings(objective: Objective) -> dict[str, Any]:
@@ -60,7 +69,7 @@ def _builtin(objective: Objective) -> bool:
     fn = getattr(objective.loss, "func", objective.loss)
     if getattr(objective.loss, "args", ()):
         return False
-    return fn is BUILTIN_LOSSES.get(objective.name)
+    return fn is builtin_loss(objective.name)
 
 
 def fused_off_reason(objective: Objective, student: nn.Module, teacher: Any) -> str | None:
@@ -137,13 +146,14 @@ def _student_forward(step: Any, targets: Any, hard_labels: bool) -> tuple[Tensor
 def _divergence_term(objective: Objective, student: Tensor, student_layer: OutputLayer, teacher_hidden: Tensor,
                      teacher_layer: OutputLayer, mask: Tensor) -> LossSum:
     settings = loss_settings(objective)
+    divergence = DIVERGENCES[objective.name]
     teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     dtype = compute_dtype(student, student_layer.weight, teacher, teacher_layer.weight)
     unit = REDUCTION_UNITS.get(objective.reduction, TOKENS)
     weights, count = unit_row_weights(mask, settings["reduction"], unit, dtype)
-    total = fused_divergence_sum(objective.name, student, student_layer, teacher, teacher_layer, weights,
-                                 temperature=float(settings["temperature"]), beta=float(settings.get("beta", 0.5)),
-                                 alpha=float(settings.get("alpha", 0.1)))
+    total = fused_divergence_sum(divergence, student, student_layer, teacher, teacher_layer, weights,
+                                 temperature=float(settings["temperature"]),
+                                 **{s.name: float(settings[s.name]) for s in divergence.settings})
     return LossSum(total, count, unit)
 
 

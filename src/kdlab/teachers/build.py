@@ -94,8 +94,10 @@ def _several_errors(node: Mapping[str, Any], policy: Mapping[str, Any], loss: Ma
     errors += [f"teacher.members.{n}: a member's name is a plain identifier" for n in members if not n.isidentifier()]
     name = loss.get("name")
     if name in ("ot", "uld", "sft"):
+        from kdlab.losses.divergences import DIVERGENCES
+
         errors.append(f"loss={name} with several teachers: the members share the student's tokenizer and are "
-                      f"combined token by token, so the loss is a divergence (fkl, rkl, jsd, tvd, skl, srkl); a "
+                      f"combined token by token, so the loss is a divergence ({', '.join(DIVERGENCES)}); a "
                       f"teacher with another tokenizer is distilled alone with loss=ot or loss=uld")
     if policy.get("fixed_source") == "teacher" and float(policy["student_fraction"]) < 1:
         errors.append("policy=seqkd samples its targets from one teacher; with several, train on the ground truth "

@@ -89,6 +89,11 @@ def _single_errors(node: Mapping[str, Any], policy: Mapping[str, Any], loss: Map
 
 def _several_errors(node: Mapping[str, Any], policy: Mapping[str, Any], loss: Mapping[str, Any]) -> list[str]:
     members, errors = dict(node.get("members") or {}), []
+    model_keys = sorted(k for k in ("path", "architecture", "tokenizer") if node.get(k) is not None)
+    if model_keys:  # `teacher=<model preset>` placed its keys beside the several-teachers option
+        errors.append(f"a model preset (teacher.{model_keys[0]}) and several teachers (teacher={node.get('name')}) "
+                      f"are both set: a run distils from one teacher or from several; drop the model preset's "
+                      f"teacher= override")
     if len(members) < 2:
         errors.append(f"teacher.members holds {len(members)} teacher(s); several teachers means two or more")
     errors += [f"teacher.members.{n}: a member's name is a plain identifier" for n in members if not n.isidentifier()]

@@ -300,9 +300,16 @@ class Task:
 
     # -- scoring ----------------------------------------------------------------------------------------------------
     def score(self, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+        return self.score_examples(predictions, references)[0]
+
+    def score_examples(self, predictions: Sequence[str], references: Sequence[str]
+                       ) -> tuple[dict[str, float], list[float]]:
+        """The metric's scores of all predictions, and the headline metric (`metric_key`) of each prediction alone
+        (accuracy 0 or 1, an example's ROUGE, sentence BLEU), so a generations file says which answers counted."""
         if self._metric is None:
             from kdlab.evaluation.metrics import load_metric  # evaluate is slow to import; only scoring needs it
 
             self._metric = load_metric(self.config.metric)
-        result = self._metric.compute(predictions=list(predictions), references=list(references))
-        return {key: float(value) for key, value in result.items()}
+        result = self._metric.compute(predictions=list(predictions), references=list(references), per_example=True)
+        each = result.pop("per_example", {}).get(self.config.metric_key, [])
+        return {key: float(value) for key, value in result.items()}, [float(v) for v in each]

@@ -22,22 +22,40 @@ from kdlab.evaluation.mismatch import per_token_means
 
 @dataclass
 class Generations:
-    """One evaluation: the role that generated, its predictions and the references, in validation order, the
-    task's scores of them, and for a student with a teacher in the process the teacher's view of its outputs
-    (`mismatch`: kdlab.evaluation.mismatch's per-token means, empty otherwise)."""
+    """One evaluation: the role that generated, its prompts, predictions and the references, in validation order,
+    the task's scores of them (`scores`, and `example_scores`: the headline metric of each example alone, named
+    `metric`), and for a student with a teacher in the process the teacher's view of its outputs (`mismatch`:
+    kdlab.evaluation.mismatch's per-token means, empty otherwise)."""
 
     role: str
     predictions: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)
     mismatch: dict[str, float] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)
+    example_scores: list[float] = field(default_factory=list)
+    metric: str = ""
+
+    def rows(self) -> list[dict]:
+        """One dict per example: `prompt` (the prompt as the model read it, decoded), `prediction`, `reference`,
+        `score` (the task's `metric` of this example alone: accuracy 0 or 1, its ROUGE, sentence BLEU) and
+        `metric`."""
+        rows = []
+        for i, (prediction, reference) in enumerate(zip(self.predictions, self.references)):
+            row = {"prompt": self.prompts[i] if i < len(self.prompts) else None, "prediction": prediction,
+                   "reference": reference}
+            if i < len(self.example_scores):
+                row.update(score=self.example_scores[i], metric=self.metric)
+            rows.append(row)
+        return rows
 
     def write_jsonl(self, path: Path) -> None:
-        """One JSON line per example (prediction, reference): a score can be checked by reading what was scored."""
+        """One JSON line per example (`rows`): a score can be checked by reading what was scored, and a wrong
+        answer found with its prompt."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as f:
-            for prediction, reference in zip(self.predictions, self.references):
-                f.write(json.dumps({"prediction": prediction, "reference": reference}) + "\n")
+            for row in self.rows():
+                f.write(json.dumps(row) + "\n")
 
 
 class GenerationScorer(L.Callback):
@@ -58,12 +76,15 @@ class GenerationScorer(L.Callback):
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         self._current.predictions.extend(outputs["predictions"])
         self._current.references.extend(outputs["references"])
+        self._current.prompts.extend(outputs.get("prompts", []))
         self._mismatch_sums.extend(outputs.get("mismatch", []))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         current = self._current
         current.predictions, current.references = _gather(current.predictions), _gather(current.references)
-        current.scores = self.task.score(current.predictions, current.references)
+        current.prompts = _gather(current.prompts)
+        current.scores, current.example_scores = self.task.score_examples(current.predictions, current.references)
+        current.metric = self.task.metric_name
         sums = _gather(self._mismatch_sums)
         current.mismatch = per_token_means(sums) if sums else {}
         prefix = "teacher" if current.role == "teacher" else "val"

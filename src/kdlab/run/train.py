@@ -225,7 +225,8 @@ def _run(cfg: DictConfig) -> float:
             OmegaConf.save(cfg, output_dir / rundir.CONFIG, resolve=True)
         generations = output_dir / "generations"
         teacher_scores = None
-        if module.teacher is not None and cfg.eval.teacher:
+        # a cached, remote or several-teacher teacher writes no text of its own: nothing to score
+        if module.teacher is not None and cfg.eval.teacher and module.teacher.generates:
             teacher_scores = evaluate_and_save(trainer, module, datamodule, "teacher", generations / "teacher.jsonl")
         before = None
         if cfg.eval.before:

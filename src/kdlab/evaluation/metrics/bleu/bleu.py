@@ -19,6 +19,8 @@ Args:
     predictions (`list` of `str`): generated translations.
     references (`list` of `str`): one reference translation per prediction.
     tokenize (`str`, default "13a"): sacreBLEU tokenizer for BLEU ("13a", "intl", "zh", "ja-mecab", "none", ...).
+    per_example (`bool`): also return `per_example`, sentence-level BLEU and chrF per prediction (the corpus scores
+        are not their means: corpus BLEU pools n-gram counts over all sentences).
 Returns:
     bleu (`float`): corpus BLEU in [0, 100]; chrf (`float`): corpus chrF in [0, 100] (0.0 each for no examples).
 Examples:
@@ -66,11 +68,17 @@ class Bleu(evaluate.Metric):
             reference_urls=["https://github.com/mjpost/sacrebleu"],
         )
 
-    def _compute(self, predictions, references, tokenize="13a"):
+    def _compute(self, predictions, references, tokenize="13a", per_example=False):
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-        if not predictions:
-            return {"bleu": 0.0, "chrf": 0.0}
-        bleu = sacrebleu.corpus_bleu(list(predictions), [list(references)], tokenize=tokenize)
-        chrf = sacrebleu.corpus_chrf(list(predictions), [list(references)])
-        return {"bleu": float(bleu.score), "chrf": float(chrf.score)}
+        result = {"bleu": 0.0, "chrf": 0.0}
+        if predictions:
+            bleu = sacrebleu.corpus_bleu(list(predictions), [list(references)], tokenize=tokenize)
+            chrf = sacrebleu.corpus_chrf(list(predictions), [list(references)])
+            result = {"bleu": float(bleu.score), "chrf": float(chrf.score)}
+        if per_example:
+            pairs = list(zip(predictions, references))
+            result["per_example"] = {
+                "bleu": [float(sacrebleu.sentence_bleu(p, [r], tokenize=tokenize).score) for p, r in pairs],
+                "chrf": [float(sacrebleu.sentence_chrf(p, [r]).score) for p, r in pairs]}
+        return result

@@ -22,6 +22,7 @@ _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list` of `str`): generated solutions; only the text after the first `#### ` is compared.
     references (`list` of `str`): full reference solutions, each containing a final `#### <answer>` line.
+    per_example (`bool`): also return `per_example`, {"accuracy": [1.0 or 0.0 per prediction]}.
 Returns:
     accuracy (`float`): fraction of predictions whose final answer equals the reference's (0.0 for no examples).
 Examples:
@@ -68,13 +69,16 @@ class Gsm8kAccuracy(evaluate.Metric):
             reference_urls=["https://github.com/openai/grade-school-math"],
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, per_example=False):
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-        correct = 0
+        correct = []
         for prediction, reference in zip(predictions, references):
             gold = extract_answer(reference)
             if gold == INVALID_ANSWER:
                 raise ValueError(f"reference has no final answer (`#### x`): {reference[-200:]!r}")
-            correct += extract_answer(prediction) == gold
-        return {"accuracy": correct / len(predictions) if predictions else 0.0}
+            correct.append(1.0 if extract_answer(prediction) == gold else 0.0)
+        result = {"accuracy": sum(correct) / len(predictions) if predictions else 0.0}
+        if per_example:  # each example's own score (0 or 1), written beside its generation
+            result["per_example"] = {"accuracy": correct}
+        return result

@@ -26,6 +26,7 @@ Args:
     predictions (`list` of `str`): generated texts.
     references (`list` of `str`): one reference text per prediction.
     use_stemmer (`bool`, default True): Porter-stem tokens before matching.
+    per_example (`bool`): also return `per_example`, each type's F-measure per prediction ({"rouge1": [...], ...}).
 Returns:
     rouge1, rouge2, rougeL, rougeLsum (`float`): mean F-measures in [0, 1] (0.0 each for no examples).
 Examples:
@@ -69,16 +70,20 @@ class Rouge(evaluate.Metric):
             reference_urls=["https://github.com/google-research/google-research/tree/master/rouge"],
         )
 
-    def _compute(self, predictions, references, use_stemmer=True):
+    def _compute(self, predictions, references, use_stemmer=True, per_example=False):
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
         if not predictions:
-            return {key: 0.0 for key in ROUGE_TYPES}
+            return {key: 0.0 for key in ROUGE_TYPES} | ({"per_example": {k: [] for k in ROUGE_TYPES}} if per_example
+                                                        else {})
         scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
-        totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+        each = {key: [] for key in ROUGE_TYPES}
         for prediction, reference in zip(predictions, references):
             # rougeLsum reads sentences from newlines; the other types ignore them
             scores = scorer.score("\n".join(split_sentences(reference)), "\n".join(split_sentences(prediction)))
             for key in ROUGE_TYPES:
-                totals[key] += scores[key].fmeasure
-        return {key: total / len(predictions) for key, total in totals.items()}
+                each[key].append(scores[key].fmeasure)
+        result = {key: sum(values) / len(predictions) for key, values in each.items()}
+        if per_example:  # the corpus score is the mean of these
+            result["per_example"] = each
+        return result

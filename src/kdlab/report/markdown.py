@@ -15,6 +15,7 @@ from kdlab.report.tables import (
     compare,
     comparison_table_markdown,
     fixed_settings,
+    model_label,
     reference_scores,
     run_standard_error_line,
     write_runs_csv,
@@ -100,10 +101,15 @@ def _comparison_lines(sweep: Sweep, column: str | None) -> list[str]:
         lines += [standard_error, ""]
     refs = reference_scores(sweep.runs, sweep.metric)
     if refs:
-        lines.append("For reference: " + ", ".join(
-            f"{'teacher' if k == 'teacher' else 'student before training'} {v:.4f}" for k, v in refs.items())
-            + " (mean over the runs that scored them).")
-        lines.append("")
+        parts = []
+        for kind, by_model in refs.items():
+            what = "teacher" if kind == "teacher" else "student before training"
+            role = "teacher" if kind == "teacher" else "student"
+            if len({model_label(run, role) for run in sweep.runs}) == 1:
+                parts.append(f"{what} {next(iter(by_model.values())):.4f}")
+            else:  # one figure per model: an average of different teachers describes none of them
+                parts += [f"{what} `{model}` {value:.4f}" for model, value in by_model.items()]
+        lines += ["For reference: " + ", ".join(parts) + " (mean over the runs that scored them).", ""]
     return lines
 
 

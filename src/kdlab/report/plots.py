@@ -51,9 +51,10 @@ def plot_metric(sweep: Sweep, path: str | Path, column: str | None = None) -> Pa
         ax.set_xticks(range(len(comparison.rows)), comparison.rows, rotation=30, ha="right", fontsize=8)
     references = reference_scores(sweep.runs, sweep.metric)
     for name, style in (("teacher", "--"), ("student_before", ":")):
-        if name in references:
-            ax.axhline(references[name], color="gray", linestyle=style, linewidth=1,
-                       label=f"{name.replace('_', ' ')} {references[name]:.3f}")
+        by_model = references.get(name, {})
+        for model, value in by_model.items():  # one line per model: different teachers are not averaged
+            label = name.replace("_", " ") + (f" {model}" if len(by_model) > 1 else "")
+            ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=f"{label} {value:.3f}")
     ax.legend(fontsize=8)
     ax.set_ylabel(f"{sweep.metric} (student after training)")
     ax.set_title(f"{sweep.metric}: mean ± std over seeds")

@@ -40,6 +40,9 @@ class RunRecord:
     results: dict | None = None  # results.json, None when missing
     status: str = UNFINISHED  # "finished" | "failed" | "unfinished"
     error: str | None = None  # one line: why it failed, when known
+    # the config group options the run composed, defaults included ({"reward": "none", "model@teacher": ...}), from
+    # Hydra's .hydra/hydra.yaml; {} when absent
+    choices: dict = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The config value at dotted path `key` (e.g. "loss.beta"), `default` when any part is missing."""
@@ -130,7 +133,14 @@ def load_run(directory: str | Path) -> RunRecord:
         results=results,
         status=status,
         error=error,
+        choices=_choices(directory),
     )
+
+
+def _choices(directory: Path) -> dict:
+    hydra = (_read_yaml(directory / ".hydra" / "hydra.yaml") or {}).get("hydra") or {}
+    choices = (hydra.get("runtime") or {}).get("choices") or {}
+    return {str(k): v for k, v in choices.items() if not str(k).startswith("hydra")}
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -260,6 +270,9 @@ def detect_swept_keys(runs: list[RunRecord]) -> list[str]:
     for key in candidates:
         if key not in kept and not _determined(values, kept, key):
             kept.append(key)
+    if STUDENT_FRACTION in differing and STUDENT_FRACTION not in kept:
+        # lambda is the experiment's axis (the table's columns) even where a policy preset set it (policy=onpolicy)
+        kept.append(STUDENT_FRACTION)
     return sorted(kept, key=_key_order)
 
 

@@ -81,20 +81,52 @@ def row_keys(sweep: Sweep, column: str | None) -> list[str]:
 
 
 def row_labels(sweep: Sweep, column: str | None = None) -> dict[str, str]:
-    """Each run's row label (by run directory): the loss's label, then the other varied keys as `key=value`.
+    """Each run's row label (by run directory): the loss's label, then what else sets the run apart.
 
     A loss parameter the sweep varied shows only where it departs from the value most runs of that loss use, so an
-    ablation reads `ot`, `ot(gamma=0)`, `ot(top_k=10)` rather than every parameter of every row."""
-    return {run: _label(factors) for run, factors in row_factors(sweep, column).items()}
+    ablation reads `ot`, `ot(gamma=0)`, `ot(top_k=10)` rather than every parameter of every row; likewise any other
+    setting shows only where it departs from the value most runs share, and never as `None` (runs beside a
+    baseline read `jsd(0.5)`, `jsd(0.5) reward=arith_correct`, `jsd(0.5) r=16`)."""
+    factors = row_factors(sweep, column)
+    omitted = omitted_values(factors)
+    return {run: _label(parts, omitted) for run, parts in factors.items()}
 
 
-def _label(factors: dict[str, str]) -> str:
-    return " ".join(factors.values()) or "all runs"
+def _label(factors: dict[str, str | None], omitted: dict[str, str | None] | None = None) -> str:
+    omitted = omitted or {}
+    shown = [text for key, text in factors.items()
+             if text is not None and (key == LOSS_FACTOR or omitted.get(key, _NOTHING) != text)]
+    return " ".join(shown) or "all runs"
 
 
-def row_factors(sweep: Sweep, column: str | None = None) -> dict[str, dict[str, str]]:
-    """Each run's row label in parts (by run directory): {"loss": "jsd(0.9)", "optimizer.lr": "lr=0.001"}. The parts
-    are what paired differences vary one at a time; the loss and its varied parameters count as one factor."""
+_NOTHING = object()
+
+
+def omitted_values(factors: dict[str, dict[str, str | None]]) -> dict[str, str | None]:
+    """The value of each setting that labels leave out: null where some run has none, else the value more than half
+    the runs share (the baseline); a setting with no such value is written in every label. At most one value per
+    setting is left out, so two rows never read alike."""
+    runs = list(factors.values())
+    keys = list(dict.fromkeys(key for parts in runs for key in parts if key != LOSS_FACTOR))
+    omitted: dict[str, str | None] = {}
+    for key in keys:
+        texts = [parts.get(key) for parts in runs]
+        if None in texts:
+            omitted[key] = None
+            continue
+        text, count = Counter(texts).most_common(1)[0]
+        if count * 2 > len(texts):
+            omitted[key] = text
+    return omitted
+
+
+def row_factors(sweep: Sweep, column: str | None = None) -> dict[str, dict[str, str | None]]:
+    """Each run's row label in parts (by run directory): {"loss": "jsd(0.9)", "optimizer.lr": "lr=0.001"}, None
+    where the run's value is null. The parts are what paired differences vary one at a time; the loss and its varied
+    parameters count as one factor, and the fields of a config group chosen by name count as one: `reward=
+    arith_correct`, `teacher=arith_pair` (Hydra's record of each run's choices, else its overrides). A setting of
+    the column's own node that the column's value determines (the policy preset of a lambda sweep) is left out: the
+    column says it."""
     keys = row_keys(sweep, column)
     loss_keys = [key.split(".", 1)[1] for key in keys if key.startswith("loss.") and key != "loss.name"]
     usual: dict[tuple[str, str], Any] = {}
@@ -104,16 +136,89 @@ def row_factors(sweep: Sweep, column: str | None = None) -> dict[str, dict[str, 
             counts = Counter(_as_key(run.get(f"loss.{key}")) for run in same)
             usual[(name, key)] = counts.most_common(1)[0][0] if counts else None
     other = [key for key in keys if not key.startswith("loss.")]
+    groups, other = _chosen_groups(sweep, other)
+    node = column.rsplit(".", 1)[0] if column and "." in column else None
+    if node:  # policy=onpolicy in the column lambda=1: the preset of the column's own node says nothing more
+        groups = {p: texts for p, texts in groups.items() if p != node or not _follows(sweep, column, texts)}
+        other = [k for k in other if not k.startswith(node + ".") or not _follows(
+            sweep, column, {str(r.directory): _as_key(r.get(k)) for r in sweep.runs})]
     short = _short_names(other)
     factors = {}
     for run in sweep.runs:
         name = run.get("loss.name")
         unusual = [k for k in loss_keys if _as_key(run.get(f"loss.{k}")) != usual.get((name, k))]
-        parts = {LOSS_FACTOR: method_label(run.get("loss") or {}, unusual)} if (
+        parts: dict[str, str | None] = {LOSS_FACTOR: method_label(run.get("loss") or {}, unusual)} if (
             run.get("loss") is not None or loss_keys) else {}
-        parts.update({key: f"{short[key]}={format_value(run.get(key))}" for key in other})
+        parts.update({package: texts[str(run.directory)] for package, texts in groups.items()})
+        for key in other:
+            value = run.get(key)
+            parts[key] = None if value is None else f"{short[key]}={_text(value)}"
         factors[str(run.directory)] = parts
     return factors
+
+
+# config group choices (Hydra's `runtime.choices` keys) by the config node they fill; loss has its own factor and
+# experiment=/debug= fill no node of their own
+_GROUP_NODES = {"model@teacher": "teacher", "teacher": "teacher", "model@student": "student", "reward": "reward",
+                "policy": "policy", "task": "task", "trainer": "trainer", "trainer/strategy": "trainer.strategy"}
+
+
+def _run_choices(run: RunRecord) -> dict[str, str]:
+    """{config node: how the command line names its option} for the groups the run chose, e.g. {"teacher":
+    "teacher=arith_pair", "reward": "reward=none"}: from Hydra's record, else from the run's own overrides."""
+    choices = dict(run.choices)
+    if not choices:
+        for override in run.overrides:
+            key, _, value = override.lstrip("+~").partition("=")
+            if key in _GROUP_NODES or key in ("student",):
+                choices["model@student" if key == "student" else key] = value
+    out: dict[str, str] = {}
+    for group, node in _GROUP_NODES.items():
+        value = choices.get(group)
+        if value is None or node in out and group != node:  # teacher=arith_pair wins over its model@teacher null
+            continue
+        out[node] = f"{node}={value}"
+    return out
+
+
+def _chosen_groups(sweep: Sweep, keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """The swept keys that a group option explains, as one factor per group ({node: {run: "node=option"}}), and the
+    keys left. A group counts when every run records its option and runs with the same option agree on each of its
+    keys; a key an override set directly stays a key of its own (student.lora.r=16 under student=...)."""
+    chosen = {str(run.directory): _run_choices(run) for run in sweep.runs}
+    direct = {o.split("=", 1)[0].lstrip("+~") for run in sweep.runs for o in run.overrides}
+    groups: dict[str, dict[str, str]] = {}
+    left = list(keys)
+    for node in sorted(set(_GROUP_NODES.values()), key=len):
+        members = [k for k in left if k.startswith(node + ".") and k not in direct]
+        if not members or any(node not in c for c in chosen.values()):
+            continue
+        texts = {run: c[node] for run, c in chosen.items()}
+        if all(_follows(sweep, None, texts, key) for key in members):
+            groups[node] = texts
+            left = [k for k in left if k not in members]
+    return groups, left
+
+
+def _follows(sweep: Sweep, key: str | None, by: dict[str, Any], target: str | None = None) -> bool:
+    """With `target`: runs that agree on `by` (values by run directory) agree on config key `target`. Without: runs
+    that agree on config key `key` agree on `by`."""
+    seen: dict[Any, Any] = {}
+    for run in sweep.runs:
+        if target is not None:
+            signature, value = by[str(run.directory)], _as_key(run.get(target))
+        else:
+            signature, value = _as_key(run.get(key)), by[str(run.directory)]
+        if seen.setdefault(signature, value) != value:
+            return False
+    return True
+
+
+def _text(value: Any) -> str:
+    """A value as the command line writes it: `[q_proj,v_proj]`, `0.001`."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_text(v) for v in value) + "]"
+    return format_value(value)
 
 
 def _as_key(value: Any) -> Any:
@@ -121,9 +226,13 @@ def _as_key(value: Any) -> Any:
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:
-    """`task.data.path` -> `path` when no other key ends the same way."""
-    last = Counter(key.rsplit(".", 1)[-1] for key in keys)
-    return {key: key.rsplit(".", 1)[-1] if last[key.rsplit(".", 1)[-1]] == 1 else key for key in keys}
+    """`task.data.path` -> `path` when no other key ends the same way; `teacher.name` -> `teacher`."""
+    def tail(key: str) -> str:
+        parts = key.split(".")
+        return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+    last = Counter(tail(key) for key in keys)
+    return {key: tail(key) if last[tail(key)] == 1 else key for key in keys}
 
 
 def compare(sweep: Sweep, column: str | None = None) -> Comparison:
@@ -134,8 +243,9 @@ def compare(sweep: Sweep, column: str | None = None) -> Comparison:
     columns: set = set()
     cells: dict[tuple[str, Any], Cell] = {}
     by_row: dict[str, dict[str, str]] = {}
+    omitted = omitted_values(factors)
     for run in sweep.runs:
-        row = _label(factors[str(run.directory)])
+        row = _label(factors[str(run.directory)], omitted)
         col = run.get(column) if column else None
         if row not in rows:
             rows.append(row)
@@ -257,11 +367,14 @@ def write_runs_csv(sweep: Sweep, path: str | Path) -> Path:
 def fixed_settings(sweep: Sweep, keys: tuple[str, ...] = ("task.name", "teacher.name", "student.name", "loss.name",
                                                           "policy.name", "trainer.max_steps", "task.batch_size",
                                                           "optimizer.lr", "seed")) -> dict[str, Any]:
-    """Settings shared by every run (the context a reader needs), leaving out what the sweep varied."""
+    """Settings shared by every run (the context a reader needs), leaving out what the sweep varied, and the policy's
+    name where lambda varied (`policy.name=mixed` beside lambda 0 and 1 reads as if the policy were fixed)."""
     fixed = {}
     configs = [flatten(run.config) for run in sweep.runs if run.config]
     for key in keys:
         if key in sweep.swept_keys or not configs:
+            continue
+        if key.startswith("policy.") and STUDENT_FRACTION in sweep.swept_keys:
             continue
         values = {str(config.get(key)) for config in configs}
         if len(values) == 1 and configs[0].get(key) is not None:
@@ -269,14 +382,30 @@ def fixed_settings(sweep: Sweep, keys: tuple[str, ...] = ("task.name", "teacher.
     return fixed
 
 
-def reference_scores(runs: list[RunRecord], metric: str) -> dict[str, float]:
-    """The teacher's and the untrained student's score, averaged over the runs that measured them."""
-    out = {}
-    for name in ("teacher", "student_before"):
-        values = [float(r.results[name][metric]) for r in runs
-                  if r.results and isinstance(r.results.get(name), dict) and metric in r.results[name]]
-        if values:
-            out[name] = statistics.fmean(values)
+def model_label(run: RunRecord, role: str) -> str:
+    """Which model a run's `role` ("teacher" or "student") was, as a reader names it: the option the command line
+    chose (`arith_pair`, `cached`), else the model's name."""
+    chosen = _run_choices(run).get(role)
+    if chosen:
+        return chosen.split("=", 1)[1]
+    name = run.get(f"{role}.name")
+    members = run.get(f"{role}.members")
+    if name is None and isinstance(members, dict):  # several teachers without a name of their own
+        return "+".join(str((m or {}).get("name", k)) for k, m in members.items())
+    return str(name) if name is not None else "?"
+
+
+def reference_scores(runs: list[RunRecord], metric: str) -> dict[str, dict[str, float]]:
+    """The teacher's and the untrained student's score, by model ({"teacher": {"arith_teacher": 0.62}, ...}), each
+    averaged over the runs of that model that measured it: different teachers are never averaged together."""
+    out: dict[str, dict[str, float]] = {}
+    for name, role in (("teacher", "teacher"), ("student_before", "student")):
+        by_model: dict[str, list[float]] = {}
+        for r in runs:
+            if r.results and isinstance(r.results.get(name), dict) and metric in r.results[name]:
+                by_model.setdefault(model_label(r, role), []).append(float(r.results[name][metric]))
+        if by_model:
+            out[name] = {model: statistics.fmean(values) for model, values in by_model.items()}
     return out
 
 

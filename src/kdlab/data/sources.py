@@ -68,7 +68,9 @@ def load_split(spec: DataSpec, split: str, fields_hint: str = "") -> tuple[list[
     if spec.path:
         folder = Path(spec.path).expanduser()
         if not folder.exists():
-            raise DataUnavailableError(f"task.data.path={spec.path} does not exist")
+            # relative paths resolve against the directory train.py was started from: show where that led
+            raise DataUnavailableError(f"task.data.path={spec.path} does not exist (looked for "
+                                       f"{folder.resolve()}); point it at the folder holding the split files")
         if folder.is_file():
             raise DataUnavailableError(
                 f"task.data.path={spec.path} is a file; point it at the folder that holds one file per split "

@@ -244,8 +244,9 @@ def _outside(node: Mapping[str, Any], run: Mapping[str, Any], tokenizer: PreTrai
         difference = check_cache_matches(manifest, expected)
         if difference:
             how = "cache.targets=teacher" if seqkd else "cache.targets=ground_truth"
-            raise CacheError(f"{difference} ({node['dir']}); write a cache for this run with "
-                             f"kdlab-cache-teacher <this run's overrides> {how} cache.dir=<dir>")
+            raise CacheError(f"{difference} ({node['dir']}); kdlab-cache-teacher and train.py take the same task "
+                             f"and data overrides: write a cache for this run with kdlab-cache-teacher "
+                             f"<this run's overrides> {how} cache.dir=<dir>")
         verify = {key: node[key] for key in ("verify", "verify_blocks", "verify_seed") if node.get(key) is not None}
         cache = open_cache(node["dir"], vocab_size=len(tokenizer), **verify)
         return CachedTeacher(cache, tokenizer.pad_token_id, name=name or str(node.get("name") or CACHED))

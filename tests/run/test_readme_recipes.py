@@ -1,0 +1,247 @@
+"""Every command of README.md's "Three commands" and "Recipes" blocks runs as written, in a short form, from a fresh
+directory: the same entry points (train.py's Hydra main, eval.py's, kdlab-cache-teacher's, kdlab-report's) with the
+recipe's own arguments, then `debug=limit` and small sizes appended (a sweep cut to its first job), and each `<...>`
+placeholder filled: `<path to gsm8k>` with the real GSM8K files beside the repository (../shared/data, or
+$KDLAB_SHARED_DATA), `outputs/.../<date>/...` with what an earlier recipe wrote.
+
+A recipe that needs what this machine lacks (the hub, 8 GPUs, a GPU) is still composed and checked, and then must
+fail at start-up with one line naming what is missing, or pass its config checks: every command is accounted for by
+name, so a recipe added to README.md without a way to run it here fails this test instead of being skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO
+
+README = REPO / "README.md"
+SECTIONS = ("## Three commands", "## Recipes")
+DATA = Path(os.environ.get("KDLAB_SHARED_DATA") or REPO.parent / "shared" / "data")
+# appended to every training command (a key the recipe sets itself is left as the recipe has it)
+SHORT = {"trainer.max_steps": "2", "task.train_size": "64", "task.batch_size": "4", "task.eval_examples": "4",
+         "task.eval_batch_size": "4", "task.generation.max_new_tokens": "24", "policy.sampling.max_new_tokens": "24"}
+# recipes this machine cannot run whole, and what is checked instead
+NEEDS_HUB = ("teacher=flan_t5_xl",)
+NEEDS_GPUS = {"trainer=gpu": 1, "trainer=fsdp": 8}
+
+
+def readme_commands() -> list[str]:
+    """The commands of the recipe blocks, comments removed, `a && b` as two commands."""
+    text = README.read_text()
+    commands = []
+    for section in SECTIONS:
+        assert section in text, f"README.md lost its {section!r} section"
+        body = text.split(section, 1)[1].split("\n## ", 1)[0]
+        for block in re.findall(r"```bash\n(.*?)```", body, re.S):
+            for line in block.splitlines():
+                line = re.split(r"\s#\s", " " + line, maxsplit=1)[0].strip()
+                commands += [part.strip() for part in line.split("&&") if part.strip()]
+    return commands
+
+
+def test_readme_recipes_are_found_and_each_has_a_runner():
+    commands = readme_commands()
+    assert len(commands) >= 25 and commands[0] == "python train.py"
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[:2] in (["python", "train.py"], ["python", "eval.py"]) or argv[0] in (
+            "kdlab-cache-teacher", "kdlab-report"), f"README recipe {command!r}: no runner in {__file__}"
+    assert not any("../shared" in c for c in commands), "a recipe points outside the repository"
+    for command in commands:  # every placeholder is one this test (and the README) explains
+        for placeholder in re.findall(r"<[^>]*>", command):
+            assert placeholder in ("<path to gsm8k>", "<date>", "<run>", "<time>"), (command, placeholder)
+
+
+def test_a_gsm8k_path_that_does_not_exist_is_named_in_full(tmp_path, monkeypatch, capsys):
+    """The GSM8K recipe with the placeholder left in: one line naming the absolute path it looked for."""
+    monkeypatch.chdir(tmp_path)
+    command = next(c for c in readme_commands() if "task=gsm8k" in c)
+    code, err = _train(shlex.split(command)[2:], capsys)
+    assert code != 0 and f"(looked for {tmp_path / '<path to gsm8k>'})" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
+
+
+def _fill(argv: list[str], places: dict[str, Path]) -> list[str]:
+    out = []
+    for arg in argv:
+        if "<path to gsm8k>" in arg:
+            assert (DATA / "gsm8k" / "test.jsonl").is_file(), (
+                f"the GSM8K recipe needs the GSM8K files in {DATA / 'gsm8k'} (train.jsonl, test.jsonl; "
+                f"github.com/openai/grade-school-math) or KDLAB_SHARED_DATA=<folder holding gsm8k/>")
+            arg = arg.replace("<path to gsm8k>", str(DATA / "gsm8k"))
+        for pattern, key in (("outputs/runs/<date>/<run>", "run"), ("outputs/multirun/<date>/<time>", "sweep")):
+            if pattern in arg:
+                assert key in places, f"{arg}: no earlier recipe wrote a {key} directory"
+                arg = arg.replace(pattern, str(places[key]))
+        out.append(arg)
+    return out
+
+
+def _short(argv: list[str]) -> list[str]:
+    keys = {a.split("=", 1)[0] for a in argv}
+    extra = [] if any(a.startswith("debug=") for a in argv) else ["debug=limit"]
+    return [*argv, *extra, *(f"{k}={v}" for k, v in SHORT.items() if k not in keys)]
+
+
+def _first_job(argv: list[str]) -> list[str]:
+    """A multirun cut to its first job: each command-line list to its first value, each list of the sweep file's
+    sweeper to its first value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    parser = OverridesParser.create()
+    for arg in argv:
+        if "=" in arg and not arg.startswith("-"):
+            override = parser.parse_override(arg)
+            if override.is_sweep_override():
+                arg = f"{override.key_or_group}={next(iter(override.sweep_string_iterator()))}"
+        out.append(arg)
+    if "-cn" in argv:
+        sweep_file = Path(argv[argv.index("-cd") + 1]) / f"{argv[argv.index('-cn') + 1]}.yaml"
+        params = yaml.safe_load(sweep_file.read_text())["hydra"]["sweeper"]["params"]
+        out += [f"hydra.sweeper.params.{key}={str(value).split(',')[0]}" for key, value in params.items()]
+    return out
+
+
+def _hydra_main(entry, argv: list[str], capsys) -> tuple[int, str]:
+    """Run a Hydra entry point in this process as its console command would, with `argv`; (exit code, stderr)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from kdlab.run.compose import expand_overrides
+
+    saved = sys.argv
+    sys.argv = ["train.py", *expand_overrides(argv)]
+    code = 0
+    try:
+        entry()
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    finally:
+        sys.argv = saved
+        GlobalHydra.instance().clear()
+    return code, capsys.readouterr().err
+
+
+def _train_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_kdlab_train_entry", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _train(argv: list[str], capsys) -> tuple[int, str]:
+    return _hydra_main(_train_main(), argv, capsys)
+
+
+def _serve_teacher() -> tuple[str, object]:
+    """kdlab-serve-teacher on a free port, in a thread: what the remote recipe's comment starts first."""
+    from kdlab.run.compose import compose
+    from kdlab.teachers.server import build_server
+
+    server = build_server(compose(["teacher=arith_teacher", "server.port=0"], config_name="serve_teacher"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    return f"http://{host}:{port}", server
+
+
+def _checked_only(argv: list[str]) -> list[str]:
+    """The config problems of a recipe this machine cannot run (none expected: the recipe is spelt right)."""
+    from kdlab.run.compose import compose
+    from kdlab.run.validate import config_errors
+
+    return config_errors(compose([a for a in argv if not a.startswith("hydra.")]))
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_every_readme_recipe_runs_in_its_short_form(tmp_path, monkeypatch, capsys, one_thread):
+    from hydra.core.hydra_config import HydraConfig
+
+    from kdlab.report.cli import main as report_main
+    from kdlab.teachers.cache import main as cache_main
+
+    monkeypatch.chdir(tmp_path)
+    places: dict[str, Path] = {}
+    outcomes: dict[str, str] = {}
+    url, server = _serve_teacher()
+    try:
+        for i, command in enumerate(readme_commands()):
+            argv = _fill(shlex.split(command), places)
+            if argv[:2] == ["python", "train.py"]:
+                args = _short(argv[2:])
+                if "-cd" in args:  # the sweeps folder of the repository, not of this test's directory
+                    args[args.index("-cd") + 1] = str(REPO / args[args.index("-cd") + 1])
+                args = [a.replace("http://127.0.0.1:8000", url) for a in args]
+                gpus = next((n for key, n in NEEDS_GPUS.items() if key in args), 0)
+                if any(key in args for key in NEEDS_HUB):
+                    code, err = _train(args + [f"hydra.run.dir=outputs/runs/recipes/{i}"], capsys)
+                    assert code != 0 and "hub" in err and "Traceback" not in err, (command, err[-2000:])
+                    outcomes[command] = "refused offline, naming the hub"
+                    continue
+                if gpus > torch.cuda.device_count():
+                    assert _checked_only(args) == [], command
+                    if gpus == 1:  # no GPU at all: one line, not Lightning's traceback
+                        code, err = _train(args + [f"hydra.run.dir=outputs/runs/recipes/{i}"], capsys)
+                        assert code != 0 and re.search("gpu|cuda", err, re.I) and "Traceback" not in err, (
+                            command, err[-2000:])
+                    outcomes[command] = f"config checked (needs {gpus} GPUs)"
+                    continue
+                if "trainer=ddp" in args:  # Lightning starts the other process by running the command again
+                    done = subprocess.run([sys.executable, str(REPO / "train.py"), *args,
+                                           f"hydra.run.dir=outputs/runs/recipes/{i}"], capture_output=True,
+                                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                    assert done.returncode == 0, (command, done.stderr[-3000:])
+                    outcomes[command] = "ran (2 processes)"
+                    continue
+                if "-m" in args:
+                    args = _first_job(args) + [f"hydra.sweep.dir=outputs/multirun/recipes/{i}"]
+                    places["sweep"] = tmp_path / "outputs" / "multirun" / "recipes" / str(i)
+                elif not any(a.startswith("hydra.run.dir=") for a in args):
+                    args.append(f"hydra.run.dir=outputs/runs/recipes/{i}")
+                    places["run"] = tmp_path / "outputs" / "runs" / "recipes" / str(i)
+                code, err = _train(args, capsys)
+                assert code == 0, (command, args, err[-3000:])
+                outcomes[command] = "ran"
+            elif argv[:2] == ["python", "eval.py"]:
+                from kdlab.run.evaluate import main as eval_main
+
+                code, err = _hydra_main(eval_main, _short(argv[2:]), capsys)
+                assert code == 0, (command, err[-3000:])
+                outcomes[command] = "ran"
+            elif argv[0] == "kdlab-cache-teacher":
+                code, err = _hydra_main(cache_main, _short(argv[1:]), capsys)
+                assert code == 0, (command, err[-3000:])
+                outcomes[command] = "ran"
+            elif argv[0] == "kdlab-report":
+                assert report_main(argv[1:]) == 0, command
+                assert (Path(argv[1]) / "report.md").is_file()
+                outcomes[command] = "ran"
+    finally:
+        server.shutdown()
+        server.server_close()
+        HydraConfig.instance().cfg = None  # later tests in this process run outside any Hydra job
+    print("\n".join(f"{outcome}: {command}" for command, outcome in outcomes.items()))
+    assert set(outcomes) == set(readme_commands())
+    assert sum(o == "ran" or o.startswith("ran ") for o in outcomes.values()) >= len(outcomes) - 3

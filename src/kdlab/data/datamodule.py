@@ -55,11 +55,10 @@ class PromptEncoder:
             raise ValueError(f"task.max_prompt_tokens={task.config.max_prompt_tokens} leaves no room for text")
 
     def text(self, example: Mapping[str, Any]) -> str:
-        text = self.task.prompt(example)
-        if self.use_chat:
-            messages = [{"role": "user", "content": text}]
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text
+        if self.use_chat:  # chat-format data keeps its own turns and roles (system included)
+            messages = self.task.conversation(example) or [{"role": "user", "content": self.task.prompt(example)}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.task.prompt(example)
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -164,8 +163,12 @@ def _encode(
 ) -> list[tuple[list[int], list[int], str | None, str | None]]:
     """(prompt ids, target ids, how the prompt was cut, how the target was cut) per example, for one tokenizer."""
     limit = task.config.max_target_tokens
-    prompts = PromptEncoder(task, tokenizer).encode(examples)
-    targets = tokenizer([task.target(e) for e in examples], add_special_tokens=False)["input_ids"]
+    encoder = PromptEncoder(task, tokenizer)
+    prompts = encoder.encode(examples)
+    # a chat template ends the prompt with the assistant's turn: the answer follows it as written, with no space
+    texts = [task.reference(e) if encoder.use_chat and task.config.messages_field else task.target(e)
+             for e in examples]
+    targets = tokenizer(texts, add_special_tokens=False)["input_ids"]
     out = []
     for (prompt, prompt_cut), target in zip(prompts, targets):
         if len(target) + 1 > limit:

@@ -64,6 +64,10 @@ class TaskConfig:
     eval_batch_size: int
     eval_examples: int | None  # the first this many validation examples are scored (null: all)
     generation: Mapping[str, Any]  # how validation generates (greedy by default; num_beams > 1 for beam search)
+    # chat-format data as TRL takes it: the field holding each example's [{"role", "content"}, ...] conversation; the
+    # last message is the assistant's answer (target and reference), the ones before it the prompt. Replaces the
+    # templates and reference_field (null: the templates apply)
+    messages_field: str | None
 
 
 TASK_FIELDS = tuple(f.name for f in dataclasses.fields(TaskConfig))
@@ -109,6 +113,11 @@ def task_config_errors(task_cfg: Mapping[str, Any]) -> list[str]:
                          ("long_examples", LONG_EXAMPLE_RULES)):
         if key in task_cfg and task_cfg[key] not in allowed:
             errors.append(f"task.{key}={task_cfg[key]!r} is unknown; choose one of {allowed}")
+    if task_cfg.get("messages_field"):
+        for key in ("few_shot", "truncate_field"):
+            if task_cfg.get(key):
+                errors.append(f"task.{key} does not apply to chat-format data (task.messages_field); set it to "
+                              f"{0 if key == 'few_shot' else 'null'}, or put exemplars in the conversations")
     if not errors:
         try:
             Task(TaskConfig(**dict(task_cfg))).required_fields()
@@ -138,6 +147,19 @@ def with_field(example: Mapping[str, Any], path: str, value: Any) -> dict:
     out = dict(example)
     out[head] = with_field(example[head], ".".join(rest), value) if rest else value
     return out
+
+
+def conversation_problem(messages: Any, field: str) -> str | None:
+    """Why a chat-format example cannot train (a drop reason), or None: `field` must be a list of {"role", "content"}
+    messages whose last one is the assistant's non-blank answer, after at least one message to answer."""
+    if not isinstance(messages, list) or not all(isinstance(m, Mapping) and "role" in m and "content" in m
+                                                 for m in messages):
+        return f"{field} is not a list of {{role, content}} messages"
+    if not messages or messages[-1]["role"] != "assistant" or not str(messages[-1]["content"]).strip():
+        return f"{field} does not end with an assistant's answer"
+    if len(messages) < 2:
+        return f"{field} has no message before the answer"
+    return None
 
 
 class _FieldFormatter(string.Formatter):
@@ -188,19 +210,38 @@ class Task:
             return self._jinja[template].render(**example)
         return _FORMATTER.vformat(template, (), example)
 
+    def conversation(self, example: Mapping[str, Any]) -> list[dict[str, str]] | None:
+        """The messages before the answer of a chat-format example (what a chat template renders as the prompt),
+        None for a task of templates."""
+        if not self.config.messages_field:
+            return None
+        return [{"role": str(m["role"]), "content": str(m["content"])}
+                for m in lookup(example, self.config.messages_field)[:-1]]
+
     def prompt(self, example: Mapping[str, Any]) -> str:
-        """The prompt text, after the few-shot exemplars when the task has them."""
+        """The prompt text, after the few-shot exemplars when the task has them. Chat-format data without a chat
+        template reads `role: content` lines ending in `assistant:` (a tokenizer's chat template replaces this:
+        kdlab.data.datamodule)."""
+        conversation = self.conversation(example)
+        if conversation is not None:
+            return "".join(f"{m['role']}: {m['content']}\n" for m in conversation) + "assistant:"
         return self._few_shot_prefix + self._render(self.config.prompt_template, example)
 
     def target(self, example: Mapping[str, Any]) -> str:
+        if self.config.messages_field:
+            return " " + self.reference(example)  # after `assistant:`, as the templates put a space before answers
         return self._render(self.config.target_template, example)
 
     def reference(self, example: Mapping[str, Any]) -> str:
+        if self.config.messages_field:
+            return str(lookup(example, self.config.messages_field)[-1]["content"])
         return str(lookup(example, self.config.reference_field))
 
     def required_fields(self) -> list[str]:
         """Field paths every example must hold, non-blank: those the templates and the reference use."""
         c = self.config
+        if c.messages_field:
+            return [c.messages_field]
         if c.template_format == "jinja":
             import jinja2
             from jinja2 import meta
@@ -270,6 +311,8 @@ class Task:
                 if value is None or (isinstance(value, str) and not value.strip()):
                     problem = f"empty {path}"
                     break
+            if problem is None and self.config.messages_field:
+                problem = conversation_problem(lookup(row, self.config.messages_field), self.config.messages_field)
             if problem:
                 dropped[problem] += 1
             else:

@@ -18,6 +18,7 @@ from kdlab.report.tables import (
     model_label,
     reference_scores,
     run_standard_error_line,
+    value_text,
     write_runs_csv,
 )
 from kdlab.run.resolvers import format_value
@@ -141,7 +142,7 @@ def _optuna_lines(sweep: Sweep) -> list[str]:
 def _distinct(sweep: Sweep, key: str) -> list[str]:
     values = []
     for run in sweep.runs:
-        text = format_value(run.get(key)) if run.get(key) is not None else "-"
+        text = value_text(run.get(key)) if run.get(key) is not None else "-"
         if text not in values:
             values.append(text)
     return values

@@ -152,7 +152,7 @@ def row_factors(sweep: Sweep, column: str | None = None) -> dict[str, dict[str, 
         parts.update({package: texts[str(run.directory)] for package, texts in groups.items()})
         for key in other:
             value = run.get(key)
-            parts[key] = None if value is None else f"{short[key]}={_text(value)}"
+            parts[key] = None if value is None else f"{short[key]}={value_text(value)}"
         factors[str(run.directory)] = parts
     return factors
 
@@ -214,10 +214,10 @@ def _follows(sweep: Sweep, key: str | None, by: dict[str, Any], target: str | No
     return True
 
 
-def _text(value: Any) -> str:
+def value_text(value: Any) -> str:
     """A value as the command line writes it: `[q_proj,v_proj]`, `0.001`."""
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_text(v) for v in value) + "]"
+        return "[" + ",".join(value_text(v) for v in value) + "]"
     return format_value(value)
 
 

@@ -764,6 +764,20 @@ def _teacher_sampling(cfg, eos_token_id: int) -> tuple[TeacherSampling | None, A
     return teacher_sampling, sampled_targets(sampling, seed, int(cfg.cache.batch_size))
 
 
+def training_command(overrides: list[str], cache_dir: str, targets: str) -> str:
+    """The train.py command that reads this cache: the cache command's own overrides (task, data, sizes: the run must
+    tokenize the same examples), less those of the cache and of the teacher it scored, with the cached teacher and a
+    policy that trains on what was cached (ground truth: policy=supervised; teacher samples: policy=seqkd)."""
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+
+    dropped = ("cache", "teacher", "model@teacher", "hydra")
+    kept = [o for o in overrides if key(o).split(".", 1)[0] not in dropped]
+    policy = [] if any(key(o) == "policy" for o in kept) else [
+        "policy=supervised" if targets == GROUND_TRUTH else "policy=seqkd"]
+    return " ".join(["python train.py", "teacher=cached", f"teacher.dir={cache_dir}", *policy, *kept])
+
+
 def main() -> None:
     """Console entry point: Hydra composes conf/cache_teacher.yaml (train.yaml plus the `cache` group)."""
     import sys
@@ -771,10 +785,14 @@ def main() -> None:
     from kdlab.teachers.entry import hydra_entry
 
     def run(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
         try:
             cache_teacher(cfg)
         except CacheError as err:
             sys.exit(f"error: {err}")
+        print("train on it with the same task overrides: "
+              + training_command(list(HydraConfig.get().overrides.task), str(cfg.cache.dir), str(cfg.cache.targets)))
 
     hydra_entry("cache_teacher", run)
 

@@ -27,7 +27,7 @@ from kdlab.models.export import export_student, trained_state
 from kdlab.models.sharding import FSDP2Strategy, any_rank, is_sharded, shard_model, world_size
 from kdlab.run.checkpoints import LastCheckpoint
 from kdlab.sampling.base import SamplingSettings
-from kdlab.step.policy import STUDENT, DataPolicy
+from kdlab.step.policy import SAMPLED_SOURCES, DataPolicy
 from kdlab.step.resilience import NonFiniteGuard, step_seed
 from kdlab.step.rollouts import rollout_rows
 from kdlab.step.step import DistillationStep, StepTargets
@@ -117,7 +117,7 @@ class DistillationModule(L.LightningModule):
         self._optimizer_step(totals)
         self.step.sampler.sync(self.student)  # an engine outside the module reads the updated weights
         self.policy_steps += 1
-        self.onpolicy_steps += int(source == STUDENT)
+        self.onpolicy_steps += int(source in SAMPLED_SOURCES)
         self._step_tokens = int(sum(int(t.batch.student.target_mask.sum()) for t in window))
         self.train_tokens += self._step_tokens
         if bool(torch.isfinite(totals["loss"])):
@@ -179,7 +179,7 @@ class DistillationModule(L.LightningModule):
         """train/loss is the loss normalised over the global batch; components are the global values too."""
         for name, value in totals.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=rows)
-        self.log("train/onpolicy", float(source == STUDENT), batch_size=rows)
+        self.log("train/onpolicy", float(source in SAMPLED_SOURCES), batch_size=rows)
         self.log("train/onpolicy_fraction", self.onpolicy_fraction, batch_size=rows)
         self.log("train/target_tokens", float(self._step_tokens), batch_size=rows)
 
@@ -190,7 +190,8 @@ class DistillationModule(L.LightningModule):
 
     @property
     def onpolicy_fraction(self) -> float:
-        """Share of training steps so far whose targets were the student's own samples."""
+        """Share of training steps so far whose targets were the student's own samples (or, policy=speculative,
+        its proposals interleaved with the teacher's replacements)."""
         return self.onpolicy_steps / max(1, self.policy_steps)
 
     # -- evaluation ----------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def build_speculative(policy: Any, student: Any, teacher: Any, tokenizer: Any) -
     if not isinstance(teacher, ModelTeacher) or teacher.tokenizer is not None:
         raise ValueError("policy=speculative needs one teacher model in this process that reads the student's tokens "
                          "(its top-K must rank the student's proposals)")
-    changes = dict(node.get("teacher") or {})
+    changes = {key: value for key, value in dict(node.get("teacher") or {}).items() if value is not None}
     settings = replace(sampling_settings(policy.sampling), **changes) if changes else None
     return SpeculativeSampler(student, teacher.model, tokenizer, int(node.top_k), teacher_vocab=teacher.vocab,
                               teacher_settings=settings)

@@ -40,11 +40,11 @@ def teacher_errors(cfg: Mapping[str, Any]) -> list[str]:
     """Every problem of the run's teacher node (conf/teacher/*.yaml or a model preset) with its loss and policy."""
     node = cfg.get("teacher")
     kind = teacher_kind(node)
+    errors = speculative_errors(kind, cfg["policy"], cfg["loss"])
     if kind is None:
-        return []
+        return errors
     if kind not in KINDS:
         return [f"teacher.kind={kind!r} is unknown; choose one of {KINDS}"]
-    errors = speculative_errors(kind, cfg["policy"], cfg["loss"])
     if kind == SEVERAL:
         return errors + _several_errors(node, cfg["policy"], cfg["loss"])
     return errors + _single_errors(node, cfg["policy"], cfg["loss"])
@@ -60,6 +60,8 @@ def speculative_errors(kind: str | None, policy: Mapping[str, Any], loss: Mappin
            REMOTE: "a server would need a round trip per token",
            SEVERAL: "several teachers have no one top-K to keep a proposal in",
            None: "there is no teacher"}
+    if kind not in (MODEL, *why):
+        return []  # an unknown kind: reported by teacher_errors
     if kind != MODEL:
         return [f"policy=speculative needs the teacher's distribution at every token the student proposes, from one "
                 f"model in this process (teacher=<model preset>): with teacher={kind or 'none'}, {why[kind]}"]

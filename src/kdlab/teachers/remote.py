@@ -52,7 +52,9 @@ class RemoteTeacher:
         return padded_top_k(rows, side.target_mask, self.client.k)
 
     def _target_logprobs(self, side: Any, prompts: list[list[int]], targets: list[list[int]]) -> TokenLogprobs:
-        values, _, size = self.client.target_logprobs(prompts, targets)
+        before = self.client.received_bytes
+        values, _ = self.client.target_logprobs(prompts, targets)
+        size = self.client.received_bytes - before
         logprobs = side.target_ids.new_zeros(side.target_ids.shape, dtype=values.dtype)
         for b, n in enumerate(len(t) for t in targets):  # targets are a row's unpadded tokens: its first n columns
             logprobs[b, :n] = values[b, :n].to(logprobs.device)

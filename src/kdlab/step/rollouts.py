@@ -32,7 +32,7 @@ from kdlab.teachers.base import LOGITS
 
 ROLLOUTS = "rollouts.jsonl"
 COLUMNS = ("step", "source", "prompt", "target", "tokens", "student_logprob", "teacher_logprob", "divergence",
-           "reward", "prompt_ids", "target_ids", "replaced")
+           "reward", "replaced", "prompt_ids", "target_ids")
 
 
 def sequence_logprob(logits: Tensor, ids: Tensor, mask: Tensor) -> float | None:

@@ -221,6 +221,7 @@ def test_a_speculative_run_trains_end_to_end_and_records_the_teachers_replacemen
     run(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["steps"] == 3 and results["onpolicy_fraction"] == 1.0
+    assert results["train"]["teacher_forward_tokens_total"] > 0  # the teacher's compute, for the comparison
     rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
     accept = [float(r["train/speculative_accept"]) for r in rows if r.get("train/speculative_accept")]
     assert len(accept) == 3 and all(0.0 <= a <= 1.0 for a in accept)
@@ -228,3 +229,20 @@ def test_a_speculative_run_trains_end_to_end_and_records_the_teachers_replacemen
     assert {r["source"] for r in rollouts} == {SPECULATIVE}
     assert all(all(0 <= i < r["tokens"] for i in r["replaced"]) for r in rollouts)
     assert any(r["replaced"] for r in rollouts)  # K = 2 with random tiny models: the teacher replaced some
+
+
+def test_both_models_read_each_new_token_once_through_their_kv_caches(tokenizer, models):
+    # The prompt once, then one token per row and step: P + T - 1 positions per row for each model (no re-reading
+    # of the sequence so far), counted as the run counts the teacher's compute (kdlab.step.module.ForwardTokens).
+    from kdlab.step.module import ForwardTokens
+
+    student, teacher = models
+    prompt = _prompts(tokenizer)
+    counts = ForwardTokens([student]), ForwardTokens([teacher])
+    torch.manual_seed(0)
+    draw = SpeculativeSampler(student, teacher, tokenizer, top_k=5).interleaved(*prompt, SAMPLE)
+    expected = len(TEXTS) * (prompt[0].shape[1] + draw.ids.shape[1] - 1)
+    assert [c.take() for c in counts] == [expected, expected]
+    assert [c.take() for c in counts] == [0, 0]
+    for count in counts:
+        count.remove()

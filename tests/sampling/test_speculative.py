@@ -246,3 +246,46 @@ def test_both_models_read_each_new_token_once_through_their_kv_caches(tokenizer,
     assert [c.take() for c in counts] == [0, 0]
     for count in counts:
         count.remove()
+
+
+def test_a_lora_student_proposes_through_its_adapters(tokenizer, models):
+    # LoRA injects adapters in place: the sampler reads the adapted model, token for token as generate does.
+    from kdlab.models.lora import add_lora
+
+    _, teacher = models
+    student = add_lora(tiny_model(tokenizer, seed=3), {"r": 4, "alpha": 8, "dropout": 0.0,
+                                                       "target_modules": "all-linear"})
+    with torch.no_grad():
+        for name, parameter in student.named_parameters():
+            if "lora_B" in name:  # B starts at zero: make the adapters change the proposals
+                parameter.normal_(0, 0.5)
+    prompt = _prompts(tokenizer)
+    torch.manual_seed(0)
+    plain, _ = HFSampler(tiny_model(tokenizer, seed=3), tokenizer).sample(*prompt, SAMPLE)
+    torch.manual_seed(0)
+    ids, _ = HFSampler(student, tokenizer).sample(*prompt, SAMPLE)
+    torch.manual_seed(0)
+    draw = SpeculativeSampler(student, teacher, tokenizer, top_k=len(tokenizer)).interleaved(*prompt, SAMPLE)
+    assert torch.equal(draw.ids, ids) and not torch.equal(ids, plain)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_sample_speculatively_each_step(tmp_path, strategy):
+    # FSDP: every forward pass is a collective, so the sampler keeps both ranks stepping until both have finished
+    # (their rows end at different tokens); DDP replicas sample on their own. Started as docs/scaling.md starts them.
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] if strategy == "fsdp" else []
+    cmd = [sys.executable, *launcher, "train.py", f"hydra.run.dir={tmp_path}", *TINY_RUN, f"trainer={strategy}",
+           "trainer.accelerator=cpu", "trainer.devices=2", "task.batch_size=4", "policy=speculative",
+           "policy.speculative.top_k=2", "trainer.max_steps=2", "export=false", "eval.teacher=false",
+           "eval.before=false", "task.eval_examples=8"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["steps"] == 2 and results["onpolicy_fraction"] == 1.0
+    assert 0.0 <= results["train"]["speculative_accept"] <= 1.0

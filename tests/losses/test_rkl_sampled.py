@@ -180,3 +180,13 @@ def test_a_server_answers_the_sampled_tokens_log_probabilities_with_fewer_bytes(
     before = client.received_bytes
     RemoteTeacher(client).prepare(batch)  # the top-k form's request for the same rows
     assert client.received_bytes - before > 3 * answer.received_bytes
+    # a step on the student's samples logs what the answers took per scored token
+    from kdlab.sampling.base import SamplingSettings
+
+    step = distillation_step(tiny_model(tokenizer, seed=1), tokenizer, loss_config("rkl_sampled"), remote)
+    torch.manual_seed(0)
+    targets = step.targets(batch, STUDENT, SamplingSettings(max_new_tokens=6, do_sample=True))
+    moved = float(targets.stats["teacher_bytes_per_token"])
+    _, values = step.loss(targets, step.global_counts([targets], torch.device("cpu")))
+    scored = float(targets.batch.student.target_mask.sum())
+    assert moved > 0 and float(values["teacher_bytes_per_token"]) == pytest.approx(moved / scored)

@@ -289,3 +289,29 @@ def test_two_processes_sample_speculatively_each_step(tmp_path, strategy):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["steps"] == 2 and results["onpolicy_fraction"] == 1.0
     assert 0.0 <= results["train"]["speculative_accept"] <= 1.0
+
+
+def test_a_training_step_counts_the_teachers_forward_tokens_of_training_only(tokenizer):
+    # The teacher compute the comparison reports (train/teacher_forward_tokens): one padded scoring pass of the
+    # batch reads rows x (prompt + target) positions; the rollouts scored in the same step are left out.
+    import lightning as L
+
+    from kdlab.data.datamodule import DistillationDataModule
+    from kdlab.data.tasks import Task
+    from kdlab.run.compose import task_node
+    from tests.builders import distillation_module
+
+    task = Task.from_config(task_node(name="arith", train_size=8, val_size=4, eval_examples=4, batch_size=4,
+                                      eval_batch_size=4, generation={"max_new_tokens": 4, "do_sample": False}))
+    module = distillation_module(tiny_model(tokenizer, seed=0), tokenizer, loss_config("fkl"),
+                                 tiny_model(tokenizer, seed=1), micro_batch_size=4, rollouts=(1, 2))
+    batches = []
+    original = module.training_step
+    module.training_step = lambda batch, batch_idx: batches.append(batch) or original(batch, batch_idx)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(module, datamodule=DistillationDataModule(task, tokenizer))
+    side = batches[0].student
+    expected = side.prompt_ids.shape[0] * (side.prompt_ids.shape[1] + side.target_ids.shape[1])
+    assert module.teacher_forward_tokens == expected

@@ -108,8 +108,10 @@ class DistillationModule(L.LightningModule):
         step = self.trainer.global_step
         source = self.policy.draw(step)  # one draw per optimizer step, the same on every rank
         window = self._window(batch, source, step)
+        teacher_tokens = self.teacher_tokens.take()  # sampling's (policy=speculative); rollouts' are no training's
         every, examples = self.settings.rollouts
         rollouts = rollout_rows(self.step, window[0], step, examples) if every and step % every == 0 else None
+        self.teacher_tokens.take()
         counts = self.step.global_counts(window, self.device)
         shares: dict[str, Tensor] = {}
         for targets in window:  # scores -> terms -> this micro-batch's share of the normalised loss -> backward
@@ -117,7 +119,8 @@ class DistillationModule(L.LightningModule):
             self.manual_backward(loss * world_size())  # DDP and FSDP average gradients over processes
             for name, value in values.items():
                 shares[name] = shares.get(name, 0.0) + value
-        shares["teacher_forward_tokens"] = torch.tensor(float(self.teacher_tokens.take()), device=self.device)
+        teacher_tokens += self.teacher_tokens.take()  # scoring's
+        shares["teacher_forward_tokens"] = torch.tensor(float(teacher_tokens), device=self.device)
         totals = _all_reduce_sum(shares)
         self.teacher_forward_tokens += int(totals["teacher_forward_tokens"])
         self._optimizer_step(totals)

@@ -188,6 +188,17 @@ def test_teachers_that_cannot_rank_each_proposal_are_refused_at_start(teacher, m
     assert any(message in e and "policy=speculative" in e for e in errors), errors
 
 
+def test_a_teacher_with_another_tokenizer_is_refused_at_start(tmp_path):
+    # with a token-by-token loss by the vocabulary check, with a cross-tokenizer loss by the policy's own check
+    from kdlab.run.train import validate
+    from kdlab.run.validate import ConfigError
+
+    for loss, message in (("jsd", "different vocabularies"), ("ot", "share a tokenizer")):
+        with pytest.raises(ConfigError, match=message):
+            validate(compose(["policy=speculative", "teacher=arith_unigram_teacher", f"loss={loss}"],
+                             output_dir=tmp_path))
+
+
 def test_its_own_settings_are_checked_at_start():
     errors = config_errors(compose(["policy=speculative", "policy.speculative.top_k=0",
                                     "+policy.speculative.teacher.beams=2"]))

@@ -12,13 +12,13 @@ import torch
 
 from kdlab.data.batch import Batch, Side
 from kdlab.data.datamodule import pad
+from kdlab.losses.objective import build_objective
 from kdlab.run.validate import config_errors
 from kdlab.sampling.base import SamplingSettings, response_mask
 from kdlab.sampling.hf import HFSampler
 from kdlab.sampling.speculative import SpeculativeSampler
 from kdlab.step.policy import SPECULATIVE, DataPolicy
 from kdlab.step.resilience import step_seed
-from kdlab.losses.objective import build_objective
 from kdlab.step.step import DistillationStep
 from tests.builders import model_teacher
 from tests.conftest import TINY_RUN, compose, loss_config, tiny_model

@@ -16,10 +16,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab.data.batch import Batch
 from kdlab.losses.fused import HiddenStates
+from kdlab.losses.sampled import TokenLogprobs, target_logprobs
 from kdlab.models.scoring import decoder_of, score_hidden, score_targets, unwrap
 from kdlab.models.sharding import within_forward
 from kdlab.sampling.base import Sampler, SamplingSettings
-from kdlab.losses.sampled import TokenLogprobs, target_logprobs
 from kdlab.teachers.base import HIDDEN, TOKEN_LOGPROBS, frozen
 
 

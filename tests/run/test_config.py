@@ -30,6 +30,7 @@ def _leaves(node: dict, prefix: str = "") -> dict[str, object]:
 
 # Options that are only valid together with others (no teacher means SFT).
 COMPANIONS = {"teacher=none": ["loss=sft", "policy=supervised"], "loss=sft": ["policy=supervised"],
+              "loss=rkl_sampled": ["policy=onpolicy"],  # it weighs the student's own samples only
               "teacher=cached": ["teacher.dir=/a/cache", "policy=supervised"],  # validated without reading it
               "teacher=remote": ["teacher.url=http://127.0.0.1:8000"],
               "task=chat": ["task.data.path=/a/folder"]}  # chat-format data names no hub dataset of its own

@@ -38,7 +38,7 @@ def basic_sweep_values(params) -> dict[str, list[str]]:
     return {key: str(value).split(",") for key, value in params.items()}
 
 
-@pytest.mark.parametrize("name", ["gkd_grid", "ot_ablation", "gkd_decided", "xtok_decided"])
+@pytest.mark.parametrize("name", ["gkd_grid", "ot_ablation", "gkd_decided", "xtok_decided", "onpolicy_methods"])
 def test_every_value_of_every_swept_key_composes_and_validates(name):
     """Each value of each key a sweep varies gives a valid config (validated as train.py would, models not loaded):
     a typo in a loss option or a key that does not apply would otherwise surface only when its job starts."""
@@ -83,6 +83,29 @@ def test_the_deciding_sweeps_keep_the_protocol_of_issue_18():
         assert cfg.trainer.max_steps == 400 and cfg.task.val_size == 1000 and cfg.task.eval_examples == 1000
         assert cfg.eval.teacher is False and cfg.eval.before is False
     assert grid.export is True and xtok.export is False
+
+
+def test_the_onpolicy_methods_sweep_has_issue_33s_arms_at_the_decided_protocol():
+    """Each arm (sweeps/method/) is the loss, policy and lambda issue 33 compares, at 400 steps, 1,000 problems and
+    seeds 1-5, with the shipped pair of the GKD grid."""
+    cfg = compose_sweep("onpolicy_methods", [])
+    params = basic_sweep_values(cfg.hydra.sweeper.params)
+    assert params["seed"] == ["1", "2", "3", "4", "5"]
+    arms = {}
+    for method in params["method"]:
+        arm = compose_sweep("onpolicy_methods", [f"method={method}"])
+        assert arm.trainer.max_steps == 400 and arm.task.val_size == 1000 and arm.task.eval_examples == 1000
+        assert arm.teacher.name == cfg.teacher.name and arm.student.name == cfg.student.name
+        arms[method] = (arm.loss.name, arm.loss.get("beta"), arm.policy.name, arm.policy.student_fraction)
+    assert arms == {
+        "sft": ("sft", None, "supervised", 0.0),
+        **{f"{loss}_lambda{lam}": (loss[:3], 0.9 if loss == "jsd0.9" else None,
+                                    "supervised" if lam == 0 else "onpolicy", float(lam))
+           for loss in ("fkl", "rkl", "jsd0.9") for lam in (0, 1)},
+        "skd_jsd0.9": ("jsd", 0.9, "speculative", 1.0), "skd_fkl": ("fkl", None, "speculative", 1.0),
+        "rkl_sampled": ("rkl_sampled", None, "onpolicy", 1.0),
+    }
+    assert compose_sweep("onpolicy_methods", ["method=skd_fkl"]).policy.speculative.top_k == 25
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@
     total = ce_weight * CE + alpha * (had_weight * HAD + beta * SL + gamma * SD)     (loss=ot, MultiLevelOT)
     total = ce_weight * CE + uld_weight * ULD                                        (loss=uld)
     total = CE(student, targets)                                                     (loss=sft, no teacher needed)
+    total = sampled reverse KL (kdlab.losses.sampled)                                (loss=rkl_sampled)
 
 The loss function is chosen by Hydra: `conf/loss/*.yaml` names it by `_target_` with `_partial_: true`, so
 `loss._target_=my_module.my_loss` plugs in a user's own function with no registry. Every loss is called the same way,
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from kdlab.losses.fused import HiddenStates
 from kdlab.losses.normalisation import REDUCTION_UNITS, SEQUENCES, TOKENS, LossSum, as_loss_sum, unit_counts
+from kdlab.losses.sampled import RKL_SAMPLED, TOKEN_LOGPROBS, TokenLogprobs, target_logprobs
 from kdlab.losses.sft import cross_entropy
 from kdlab.losses.sparse import TopK, sparse_form
 
@@ -71,6 +73,16 @@ class Objective:
     @property
     def needs_teacher(self) -> bool:
         return self.name != SFT
+
+    @property
+    def needs_student_samples(self) -> bool:
+        """True for objectives that weigh the student's own samples (loss=rkl_sampled): fixed data is refused."""
+        return self.name == RKL_SAMPLED
+
+    def teacher_want(self, hard_labels: bool) -> str:
+        """What the teacher's `scores` are asked for (kdlab.teachers.base): the log-probabilities of the sampled
+        tokens alone for loss=rkl_sampled on the student's samples, else logits (or what stands for them)."""
+        return TOKEN_LOGPROBS if self.needs_student_samples and not hard_labels else "logits"
 
     @property
     def cross_tokenizer(self) -> bool:
@@ -119,6 +131,8 @@ class Objective:
         elif isinstance(teacher_logits, Members) and teacher_logits.mixture is None:  # routed: each row its member's
             parts = list(self.member_terms(student_logits, teacher_logits, target_ids, mask).values())
             terms = {self.name: (1.0, LossSum(sum(p.total for p in parts), sum(p.count for p in parts), parts[0].unit))}
+        elif self.needs_student_samples:
+            terms = {self.name: (1.0, self.sampled_term(student_logits, teacher_logits, target_ids, mask, hard_labels))}
         else:
             terms = {self.name: (1.0, self.divergence_term(student_logits, teacher_logits, mask))}
         if self.ce_weight > 0 and hard_labels:
@@ -134,6 +148,29 @@ class Objective:
         else:
             value = self.loss(student_logits, teacher, mask)
         return as_loss_sum(value, mask, unit)
+
+    def sampled_term(self, student_logits: Tensor, teacher: Tensor | TokenLogprobs, target_ids: Tensor, mask: Tensor,
+                     hard_labels: bool) -> LossSum:
+        """loss=rkl_sampled: on the student's samples the sampled-token estimate (kdlab.losses.sampled), from the
+        teacher's token log-probabilities or its logits; on the reference solutions (validation's loss) the exact
+        reverse KL, the quantity the estimate's gradient follows, comparable with loss=rkl's val/loss."""
+        unit = REDUCTION_UNITS.get(self.reduction, TOKENS)
+        if hard_labels:
+            if not isinstance(teacher, Tensor):
+                raise ValueError("loss=rkl_sampled on fixed targets needs the teacher's logits (the exact reverse KL); "
+                                 "it trains on the student's own samples only (policy.student_fraction=1)")
+            from kdlab.losses.divergences import reverse_kl
+
+            value = reverse_kl(student_logits, teacher, mask, reduction=self.reduction, chunk_size=self.chunk_size)
+            return as_loss_sum(value, mask, unit)
+        if isinstance(teacher, Members):
+            teacher = teacher.mixture
+        if isinstance(teacher, Tensor):
+            teacher = TokenLogprobs(target_logprobs(teacher, target_ids), target_ids)
+        if not isinstance(teacher, TokenLogprobs):
+            raise ValueError(f"loss=rkl_sampled reads the teacher's log-probability of each sampled token; the "
+                             f"teacher answered {type(teacher).__name__}")
+        return as_loss_sum(self.loss(student_logits, teacher, mask), mask, unit)
 
     def member_terms(self, student_logits: Tensor, members: Members, target_ids: Tensor,
                      mask: Tensor) -> dict[str, LossSum]:

@@ -4,6 +4,7 @@ the trainer. `kdlab.run.train.run` calls them in order; tests and benchmarks cal
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,14 @@ from kdlab.run.last_step import LogLastStep
 from kdlab.run.progress import StepProgressBar
 from kdlab.sampling.base import Sampler, SamplingSettings
 from kdlab.sampling.hf import HFSampler
+from kdlab.sampling.speculative import SpeculativeSampler
 from kdlab.step.fused import ALWAYS_UNFUSED, fused_off_reason
 from kdlab.step.module import DistillationModule, OptimSettings, RunSettings
 from kdlab.step.policy import DataPolicy
 from kdlab.step.rewards import RewardTerm
 from kdlab.step.rollouts import ROLLOUTS, RolloutWriter
 from kdlab.step.step import DistillationStep
+from kdlab.teachers.model import ModelTeacher
 
 log = logging.getLogger(__name__)
 # strategies whose sharded parameters are outside a model's forward: the fused loss reads the output weight there
@@ -37,7 +40,24 @@ SHARDING_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
 
 def build_policy(cfg: DictConfig) -> DataPolicy:
     return DataPolicy(student_fraction=float(cfg.policy.student_fraction), fixed_source=cfg.policy.fixed_source,
-                      sampling=sampling_settings(cfg.policy.sampling), seed=int(cfg.seed))
+                      sampling=sampling_settings(cfg.policy.sampling), seed=int(cfg.seed),
+                      speculative=bool(cfg.policy.get("speculative")))
+
+
+def build_speculative(policy: Any, student: Any, teacher: Any, tokenizer: Any) -> SpeculativeSampler | None:
+    """policy=speculative's sampler (kdlab.sampling.speculative) when the policy has on-policy steps, else None. The
+    teacher must be one model in this process reading the student's tokens (the config checks refuse the rest at
+    start-up; this is the last word once the models exist)."""
+    node = policy.get("speculative")
+    if not node or float(policy.student_fraction) <= 0:
+        return None
+    if not isinstance(teacher, ModelTeacher) or teacher.tokenizer is not None:
+        raise ValueError("policy=speculative needs one teacher model in this process that reads the student's tokens "
+                         "(its top-K must rank the student's proposals)")
+    changes = {key: value for key, value in dict(node.get("teacher") or {}).items() if value is not None}
+    settings = replace(sampling_settings(policy.sampling), **changes) if changes else None
+    return SpeculativeSampler(student, teacher.model, tokenizer, int(node.top_k), teacher_vocab=teacher.vocab,
+                              teacher_settings=settings)
 
 
 def sampling_settings(node: Any) -> SamplingSettings:
@@ -93,7 +113,7 @@ def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher: A
     parts = {"student": student, "objective": build_objective(cfg.loss), "teacher": teacher}
     step = DistillationStep(tokenizer=student_tokenizer, sampler=build_sampler(student, student_tokenizer),
                             reward=build_reward(cfg), fused=use_fused(cfg, parts), score_groups=int(cfg.score_groups),
-                            **parts)
+                            speculative=build_speculative(cfg.policy, student, teacher, student_tokenizer), **parts)
     optim = OptimSettings(optimizer=hydra.utils.instantiate(cfg.optimizer),
                           scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
                           gradient_clip_val=cfg.trainer.get("gradient_clip_val"),

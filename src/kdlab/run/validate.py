@@ -17,6 +17,7 @@ from kdlab.losses.chunking import REDUCTIONS
 from kdlab.losses.cross_tokenizer import VARIANTS as OT_VARIANTS
 from kdlab.losses.divergences import DIVERGENCES
 from kdlab.losses.objective import CROSS_TOKENIZER_LOSSES, SFT, build_objective
+from kdlab.losses.sampled import RKL_SAMPLED
 from kdlab.step.policy import FIXED_SOURCES
 
 
@@ -114,6 +115,21 @@ def _policy_errors(policy: Mapping[str, Any]) -> list[str]:
         errors.append(f"policy.sampling.top_k={sampling['top_k']} must be >= 0; 0 turns top-k off")
     if int(sampling.get("max_new_tokens", 1)) < 1:
         errors.append(f"policy.sampling.max_new_tokens={sampling['max_new_tokens']} must be >= 1")
+    return errors + _speculative_errors(policy.get("speculative"))
+
+
+def _speculative_errors(node: Mapping[str, Any] | None) -> list[str]:
+    """policy=speculative's own settings (its teacher is checked by kdlab.teachers.build.speculative_errors)."""
+    if not node:
+        return []
+    errors = []
+    top_k = node.get("top_k")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        errors.append(f"policy.speculative.top_k={top_k!r} must be an integer >= 1 (the teacher keeps a proposal it "
+                      f"ranks in its top K; the paper's default is 25)")
+    known = ("do_sample", "temperature", "top_p", "top_k")
+    errors += [f"policy.speculative.teacher.{key} is not a sampling setting of the teacher's replacements; known: "
+               f"{', '.join(known)}" for key in (node.get("teacher") or {}) if key not in known]
     return errors
 
 
@@ -134,6 +150,18 @@ def config_errors(cfg: DictConfig) -> list[str]:
         errors.append(f"loss={loss_name} distills from a teacher but teacher=null; pick a teacher or use loss=sft")
     if cfg.policy.get("fixed_source") == "teacher" and fraction < 1.0 and not has_teacher:
         errors.append("policy.fixed_source=teacher (SeqKD) samples from the teacher but teacher=null; pick a teacher")
+    if loss_name == RKL_SAMPLED and fraction < 1.0:
+        errors.append(f"loss=rkl_sampled with policy.student_fraction={fraction}: it weighs the student's own sampled "
+                      f"tokens, and fixed data has no student samples to weigh; use policy=onpolicy "
+                      f"(policy.student_fraction=1), or loss=rkl for the exact reverse KL on any targets")
+    speculative = bool(cfg.policy.get("speculative")) and fraction > 0
+    if speculative and loss_name == RKL_SAMPLED:
+        errors.append("loss=rkl_sampled with policy=speculative: the estimator needs the student's own samples, and "
+                      "speculative targets hold the teacher's replacements; use policy=onpolicy, or a divergence "
+                      "(fkl, rkl, jsd) with policy=speculative")
+    if speculative and cfg.get("reward") is not None and float(cfg.reward.get("alpha", 1.0)) < 1:
+        errors.append("reward= with policy=speculative: REINFORCE weighs the student's own samples, and speculative "
+                      "targets hold the teacher's replacements; use policy=onpolicy with a reward, or reward=none")
     if loss_name == SFT and fraction > 0:
         errors.append(
             f"loss=sft with policy.student_fraction={fraction}: cross-entropy on the student's own samples only "

@@ -78,6 +78,9 @@ def fused_off_reason(objective: Objective, student: nn.Module, teacher: Any) -> 
     if teacher is not None and teacher.tokenizer is not None and objective.needs_teacher \
             and not objective.cross_tokenizer:
         return f"the teacher has its own tokenizer, and loss={objective.name} compares token by token"
+    if objective.needs_student_samples:
+        return (f"loss={objective.name}'s policy gradient reads the student's log-probabilities of its sampled tokens "
+                f"(the logits path)")
     if not _builtin(objective):
         return f"loss._target_ is not kdlab's own loss for loss={objective.name}"
     reason = fused_model_reason(student)

@@ -24,10 +24,11 @@ from torch import Tensor
 
 from kdlab.data.batch import Batch
 from kdlab.models.export import export_student, trained_state
+from kdlab.models.scoring import unwrap
 from kdlab.models.sharding import FSDP2Strategy, any_rank, is_sharded, shard_model, world_size
 from kdlab.run.checkpoints import LastCheckpoint
 from kdlab.sampling.base import SamplingSettings
-from kdlab.step.policy import STUDENT, DataPolicy
+from kdlab.step.policy import SAMPLED_SOURCES, DataPolicy
 from kdlab.step.resilience import NonFiniteGuard, step_seed
 from kdlab.step.rollouts import rollout_rows
 from kdlab.step.step import DistillationStep, StepTargets
@@ -79,6 +80,8 @@ class DistillationModule(L.LightningModule):
         self.strict_loading = False  # checkpoints leave the teacher out; it is rebuilt from its config
         self.nonfinite = NonFiniteGuard(settings.max_nonfinite_steps)
         self.onpolicy_steps = self.policy_steps = self.train_tokens = 0  # this process's counts
+        self.teacher_tokens = ForwardTokens(list(self.teachers))
+        self.teacher_forward_tokens = 0  # over every process and step: the teacher's compute in training
         self._step_start, self._step_tokens, self._loss_skipped = 0.0, 0, False
 
     @property
@@ -96,6 +99,7 @@ class DistillationModule(L.LightningModule):
     # -- training ------------------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
+        self.teacher_tokens.take()  # validation's and evaluation's passes are not training's
         # Sampling and dropout draw from a state fixed by (seed, step, rank): a resumed run repeats them exactly.
         torch.manual_seed(step_seed(self.settings.seed, self.trainer.global_step, self.global_rank))
 
@@ -104,8 +108,10 @@ class DistillationModule(L.LightningModule):
         step = self.trainer.global_step
         source = self.policy.draw(step)  # one draw per optimizer step, the same on every rank
         window = self._window(batch, source, step)
+        teacher_tokens = self.teacher_tokens.take()  # sampling's (policy=speculative); rollouts' are no training's
         every, examples = self.settings.rollouts
         rollouts = rollout_rows(self.step, window[0], step, examples) if every and step % every == 0 else None
+        self.teacher_tokens.take()
         counts = self.step.global_counts(window, self.device)
         shares: dict[str, Tensor] = {}
         for targets in window:  # scores -> terms -> this micro-batch's share of the normalised loss -> backward
@@ -113,11 +119,14 @@ class DistillationModule(L.LightningModule):
             self.manual_backward(loss * world_size())  # DDP and FSDP average gradients over processes
             for name, value in values.items():
                 shares[name] = shares.get(name, 0.0) + value
+        teacher_tokens += self.teacher_tokens.take()  # scoring's
+        shares["teacher_forward_tokens"] = torch.tensor(float(teacher_tokens), device=self.device)
         totals = _all_reduce_sum(shares)
+        self.teacher_forward_tokens += int(totals["teacher_forward_tokens"])
         self._optimizer_step(totals)
         self.step.sampler.sync(self.student)  # an engine outside the module reads the updated weights
         self.policy_steps += 1
-        self.onpolicy_steps += int(source == STUDENT)
+        self.onpolicy_steps += int(source in SAMPLED_SOURCES)
         self._step_tokens = int(sum(int(t.batch.student.target_mask.sum()) for t in window))
         self.train_tokens += self._step_tokens
         if bool(torch.isfinite(totals["loss"])):
@@ -179,9 +188,10 @@ class DistillationModule(L.LightningModule):
         """train/loss is the loss normalised over the global batch; components are the global values too."""
         for name, value in totals.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=rows)
-        self.log("train/onpolicy", float(source == STUDENT), batch_size=rows)
+        self.log("train/onpolicy", float(source in SAMPLED_SOURCES), batch_size=rows)
         self.log("train/onpolicy_fraction", self.onpolicy_fraction, batch_size=rows)
         self.log("train/target_tokens", float(self._step_tokens), batch_size=rows)
+        self.log("train/teacher_forward_tokens_total", float(self.teacher_forward_tokens), batch_size=rows)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Scored response tokens per second of the whole step: sampling, both forwards, backward, optimizer.
@@ -190,7 +200,8 @@ class DistillationModule(L.LightningModule):
 
     @property
     def onpolicy_fraction(self) -> float:
-        """Share of training steps so far whose targets were the student's own samples."""
+        """Share of training steps so far whose targets were the student's own samples (or, policy=speculative,
+        its proposals interleaved with the teacher's replacements)."""
         return self.onpolicy_steps / max(1, self.policy_steps)
 
     # -- evaluation ----------------------------------------------------------------------------------------------
@@ -246,14 +257,41 @@ class DistillationModule(L.LightningModule):
         exact. The teacher and a LoRA student's frozen base are rebuilt from their configs (`strict_loading` off)."""
         checkpoint["state_dict"] = trained_state(checkpoint["state_dict"], self.student)
         checkpoint["kdlab_policy_counts"] = (self.onpolicy_steps, self.policy_steps)
+        checkpoint["kdlab_teacher_forward_tokens"] = self.teacher_forward_tokens
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.onpolicy_steps, self.policy_steps = checkpoint.get("kdlab_policy_counts", (0, 0))
+        self.teacher_forward_tokens = checkpoint.get("kdlab_teacher_forward_tokens", 0)
 
     def export_student(self, directory: str) -> None:
         """The student alone with its tokenizer, in Hugging Face format (kdlab.models.export). Every process calls
         it: a sharded student is gathered first (a collective), then rank 0 writes."""
         export_student(self.student, self.step.tokenizer, directory, self.global_rank)
+
+
+class ForwardTokens:
+    """Counts the tokens the models' forward passes read (padding included: what they compute on), through a hook on
+    each one's input embeddings, which every pass goes through once (scoring, hidden states, sampling with a KV cache:
+    one token per row and step). Times 2 x parameters, roughly a pass's FLOPs: the teacher's compute in training is
+    logged per step as train/teacher_forward_tokens and in total as train/teacher_forward_tokens_total."""
+
+    def __init__(self, models: list[torch.nn.Module]):
+        self.count = 0
+        embeddings = [unwrap(model).get_input_embeddings() for model in models]
+        self.hooks = [e.register_forward_pre_hook(self._count) for e in embeddings if e is not None]
+
+    def _count(self, module: torch.nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], Tensor):
+            self.count += args[0].numel()
+
+    def take(self) -> int:
+        """The tokens counted since the last call."""
+        count, self.count = self.count, 0
+        return count
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
 
 
 def shards_models(strategy: Any) -> bool:

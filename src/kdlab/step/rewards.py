@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from kdlab.data.answers import is_correct
-from kdlab.losses.normalisation import TOKENS, LossSum, unit_counts
+from kdlab.losses.normalisation import LossSum
+from kdlab.losses.sampled import policy_gradient_sum as token_policy_gradient_sum
 
 
 class FinalAnswerCorrect:
@@ -56,12 +57,10 @@ def policy_gradient_sum(student_logits: Tensor, target_ids: Tensor, mask: Tensor
     log q(y_i) is the sum of sample i's token log-probabilities. Its gradient is the policy-gradient estimate of -E[r]
     (the advantages are constants); normalised per scored token as the distillation term is (token_mean): a
     per-sequence sum would outweigh it by the response length (about 90 tokens here), and on the embedded task that
-    collapsed the student within 20 steps. Float32 inside.
+    collapsed the student within 20 steps. Float32 inside. The one REINFORCE path (kdlab.losses.sampled), which
+    loss=rkl_sampled takes with an advantage per token.
     """
-    log_probs = torch.log_softmax(student_logits.float(), dim=-1)
-    token_log_probs = log_probs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1) * mask
-    total = -(advantages.detach() * token_log_probs.sum(-1)).sum()
-    return LossSum(total, unit_counts(mask)[TOKENS], TOKENS)
+    return token_policy_gradient_sum(student_logits, target_ids, mask, advantages)
 
 
 def policy_gradient_loss(student_logits: Tensor, target_ids: Tensor, mask: Tensor, advantages: Tensor) -> Tensor:

@@ -7,7 +7,8 @@ to `<run>/rollouts.jsonl` (and, with `logger=wandb`, a `train/rollouts` W&B tabl
     step, source (ground_truth | teacher | student: where the targets came from), prompt, target (the text trained
     on: ground truth, a teacher sample or the student's own), prompt_ids, target_ids, tokens,
     student_logprob and teacher_logprob (the sequence's log-likelihood under each model, summed over its tokens),
-    divergence (the objective on this sequence alone, CE term left out), reward (GKD Eq. 5 runs only)
+    divergence (the objective on this sequence alone, CE term left out), reward (GKD Eq. 5 runs only), replaced
+    (policy=speculative: the positions in target_ids of the tokens the teacher replaced; null on other steps)
 
 The teacher's log-likelihood is null where it is unknown: with routed teachers, and with a top-k teacher when a target
 token is outside its top-k; with several teachers mixed it is the mixture's. Every process scores its own rows (sharded
@@ -25,12 +26,13 @@ import torch
 from torch import Tensor
 
 from kdlab.losses.objective import Members
+from kdlab.losses.sampled import TokenLogprobs
 from kdlab.losses.sparse import TopK
 from kdlab.teachers.base import LOGITS
 
 ROLLOUTS = "rollouts.jsonl"
 COLUMNS = ("step", "source", "prompt", "target", "tokens", "student_logprob", "teacher_logprob", "divergence",
-           "reward", "prompt_ids", "target_ids")
+           "reward", "replaced", "prompt_ids", "target_ids")
 
 
 def sequence_logprob(logits: Tensor, ids: Tensor, mask: Tensor) -> float | None:
@@ -72,6 +74,8 @@ def rollout_rows(step: Any, targets: Any, step_index: int, examples: int) -> lis
             "divergence": float(divergence),
             "reward": float(row.rewards[0]) if row.rewards is not None else None,
             "prompt_ids": prompt_ids, "target_ids": target_ids,
+            "replaced": (row.replaced[0][mask[0].bool()].nonzero().flatten().tolist()
+                         if row.replaced is not None else None),
         })
     return rows
 
@@ -88,6 +92,9 @@ def _teacher_logprob(step: Any, row: Any, scores: Any) -> float | None:
         scores = scores.mixture
     if isinstance(scores, TopK):
         return _top_k_logprob(scores, *row.batch.student.target)
+    if isinstance(scores, TokenLogprobs):  # a server's log-probabilities of the target tokens (loss=rkl_sampled)
+        mask = row.batch.student.target_mask.bool()
+        return float(scores.logprobs.masked_fill(~mask, 0.0).sum())
     if scores is None:
         return None
     return sequence_logprob(scores, *row.batch.side("teacher").target)
@@ -109,7 +116,8 @@ class RolloutWriter(L.Callback):
         with self.path.open("a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-        self.table += [[row[c] if not c.endswith("_ids") else json.dumps(row[c]) for c in COLUMNS] for row in rows]
+        self.table += [[json.dumps(row[c]) if c.endswith("_ids") or c == "replaced" else row[c] for c in COLUMNS]
+                       for row in rows]
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":  # the whole table so far: W&B replaces a table per key
                 logger.log_table(key="train/rollouts", columns=list(COLUMNS), data=self.table, step=trainer.global_step)

@@ -4,7 +4,9 @@
 the objective and the reward, and answers what one optimizer step needs, in the order it needs it:
 
     targets(batch, source)      the micro-batch's targets: its own (ground truth), the student's samples or the
-                                teacher's, crossed to the other tokenizer through text where the teacher has its own;
+                                teacher's, or interleaved ones (policy=speculative: the student's proposals, the
+                                teacher's replacements, kdlab.sampling.speculative), crossed to the other tokenizer
+                                through text where the teacher has its own;
                                 with a reward, k samples per prompt and their advantages; and what the teacher must
                                 read before any backward (a cache's rows, a server's answers: may raise TeacherLost)
     global_counts(window)       each unit's count over the accumulation window and every process (one all-reduce)
@@ -19,7 +21,7 @@ own shape (logits, a top-k, several members).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,7 +37,8 @@ from kdlab.models.scoring import score_targets
 from kdlab.models.sharding import world_size
 from kdlab.sampling.base import Sampler, SamplingSettings
 from kdlab.sampling.retokenize import response_texts, retokenize
-from kdlab.step.policy import GROUND_TRUTH, STUDENT
+from kdlab.sampling.speculative import SpeculativeSampler
+from kdlab.step.policy import GROUND_TRUTH, SAMPLED_SOURCES, SPECULATIVE, STUDENT
 from kdlab.step.rewards import RewardTerm, leave_one_out_advantages, policy_gradient_sum
 from kdlab.teachers.base import LOGITS, Teacher, rows_of, with_vocab
 
@@ -43,13 +46,17 @@ from kdlab.teachers.base import LOGITS, Teacher, rows_of, with_vocab
 @dataclass
 class StepTargets:
     """What one micro-batch trains on: its rows with the step's targets on each side, where they came from, what the
-    teacher read ahead for them, and with a reward each sample's reward and advantage."""
+    teacher read ahead for them, with a reward each sample's reward and advantage, on speculative steps which
+    target tokens the teacher replaced, and counts logged per scored token (`stats`: a sum over this micro-batch
+    each, logged as train/<name> divided by the global count of scored tokens)."""
 
     batch: Batch
     source: str = GROUND_TRUTH
     prepared: Any = None
     rewards: Tensor | None = None
     advantages: Tensor | None = None
+    replaced: Tensor | None = None
+    stats: dict[str, Tensor] = field(default_factory=dict)
 
     def row(self, i: int) -> "StepTargets":
         """Row i alone, trimmed to its own padding as `Batch.split` trims it (a rollout's row)."""
@@ -58,16 +65,18 @@ class StepTargets:
         one = slice(i, i + 1)
         return StepTargets(batch, self.source, rows_of(self.prepared, i, i + 1, width),
                            self.rewards[one] if self.rewards is not None else None,
-                           self.advantages[one] if self.advantages is not None else None)
+                           self.advantages[one] if self.advantages is not None else None,
+                           self.replaced[one, :width] if self.replaced is not None else None)
 
 
 class DistillationStep:
     """See the module doc. `fused` computes training terms from hidden states (kdlab.step.fused.fused_off_reason
-    says when it can); `score_groups` is how many groups of rows of similar length a batch is scored in."""
+    says when it can); `score_groups` is how many groups of rows of similar length a batch is scored in;
+    `speculative` draws the targets of speculative steps (policy=speculative)."""
 
     def __init__(self, student: nn.Module, tokenizer: PreTrainedTokenizerBase, objective: Objective,
                  sampler: Sampler, teacher: Teacher | None = None, reward: RewardTerm | None = None,
-                 fused: bool = False, score_groups: int = 1):
+                 fused: bool = False, score_groups: int = 1, speculative: SpeculativeSampler | None = None):
         if objective.needs_teacher and teacher is None:
             raise ValueError(f"loss={objective.name} compares the student with a teacher, but no teacher was given")
         if fused:
@@ -78,6 +87,7 @@ class DistillationStep:
                 raise ValueError(f"the fused step cannot run here: {reason} (build it with fused=False)")
         self.student, self.tokenizer, self.objective, self.sampler = student, tokenizer, objective, sampler
         self.teacher, self.reward, self.fused, self.score_groups = teacher, reward, fused, score_groups
+        self.speculative = speculative
         # Sharded models need every rank in each forward pass: one scoring group, and sampling in lockstep. Set by
         # the LightningModule once the strategy is known.
         self.sharded = False
@@ -99,9 +109,19 @@ class DistillationStep:
         rewarded = source == STUDENT and self.reward is not None and self.reward.active
         if rewarded:
             batch = batch.repeat_rows(self.reward.samples_per_prompt)
-        batch = self.sampled(batch, source, sampling, seed)
+        replaced, stats = None, {}
+        if source == SPECULATIVE:
+            if self.speculative is None:
+                raise ValueError("a speculative step needs the step's speculative sampler (policy=speculative)")
+            draw = self.speculative.interleaved(*batch.student.prompt, sampling, seed, lockstep=self.sharded)
+            batch, replaced = self.crossed(batch, draw.ids, draw.mask, by_teacher=False), draw.replaced
+            stats["speculative_accept"] = draw.accepted.sum().float()
+        else:
+            batch = self.sampled(batch, source, sampling, seed)
         prepared = self.teacher.prepare(batch) if self.objective.needs_teacher else None
-        targets = StepTargets(batch, source, prepared)
+        if getattr(prepared, "received_bytes", 0):  # a server's token log-probabilities: what they took to move
+            stats["teacher_bytes_per_token"] = torch.tensor(float(prepared.received_bytes))
+        targets = StepTargets(batch, source, prepared, replaced=replaced, stats=stats)
         if rewarded:
             texts, _ = response_texts(*batch.student.target, self.tokenizer)
             device = batch.student.target_ids.device
@@ -145,16 +165,17 @@ class DistillationStep:
             dist.all_reduce(local)
         return {TOKENS: local[0], SEQUENCES: local[1], "rows": local[2], NONE: torch.ones((), device=device)}
 
-    def scored(self, targets: StepTargets) -> tuple[Tensor, Any]:
+    def scored(self, targets: StepTargets, want: str = LOGITS) -> tuple[Tensor, Any]:
         """(the student's logits over its token columns, the teacher's scores or None) over the targets; with one
         tokenizer both cut to the token columns every model has (checkpoints pad output layers each their own way:
-        Qwen3 151,936 rows for 151,669 tokens; Gemma 3 262,144 or 262,208)."""
+        Qwen3 151,936 rows for 151,669 tokens; Gemma 3 262,144 or 262,208). `want`: what the teacher answers
+        (kdlab.teachers.base)."""
         batch = targets.batch
         logits = score_targets(self.student, *batch.student.prompt, *batch.student.target, self.groups)[
             ..., : self.vocab]
         if not self.objective.needs_teacher:  # loss=sft: the softmax over tokens only
             return logits, None
-        scores = self.teacher.scores(batch, targets.prepared, LOGITS, self.groups)
+        scores = self.teacher.scores(batch, targets.prepared, want, self.groups)
         if self.teacher.tokenizer is not None:  # each side keeps its own tokenizer's columns
             return logits, scores
         vocab = min([logits.shape[-1], *_widths(scores)])
@@ -164,7 +185,7 @@ class DistillationStep:
                                                                       dict[str, LossSum]]:
         """(the student's logits, the objective's terms, each teacher member's own divergence) on the logits path."""
         batch = targets.batch
-        student_logits, scores = self.scored(targets)
+        student_logits, scores = self.scored(targets, self.objective.teacher_want(hard_labels))
         ids, mask = batch.student.target
         teacher_mask = batch.teacher.target_mask if batch.teacher is not None else None
         terms = self.objective.terms(student_logits, scores, ids, mask, teacher_mask, hard_labels)
@@ -175,8 +196,13 @@ class DistillationStep:
     def loss(self, targets: StepTargets, counts: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """This micro-batch's share of the global loss (every term's sum over the global count of its unit), and its
         shares of each logged value, which add up over micro-batches and processes to the global values. The CE
-        term is left out on the student's own samples (GKD's on-policy objective has none)."""
-        hard_labels = targets.source != STUDENT
+        term is left out on the student's own samples (GKD's on-policy objective has none) and on speculative
+        targets, which are the student's proposals where the teacher kept them."""
+        if self.objective.needs_student_samples and targets.source != STUDENT:
+            raise ValueError(f"loss={self.objective.name} weighs the student's own samples, but this step's targets "
+                             f"are {targets.source}: fixed data has no student samples to weigh "
+                             f"(policy.student_fraction=1, not policy=speculative)")
+        hard_labels = targets.source not in SAMPLED_SOURCES
         if self.fused and targets.advantages is None:  # REINFORCE reads the student's logits: the logits path
             from kdlab.step.fused import fused_terms
 
@@ -185,6 +211,8 @@ class DistillationStep:
         else:
             anchor, terms, members = self.terms(targets, hard_labels)
         shares = {name: normalised(term, counts) for name, (_, term) in terms.items()}
+        shares.update({name: value.to(counts[TOKENS].device) / counts[TOKENS].clamp(min=1)
+                       for name, value in targets.stats.items()})
         shares.update({f"teacher/{name}": normalised(term, counts).detach() for name, term in members.items()})
         loss = anchor.sum() * 0.0 + sum(weight * shares[name] for name, (weight, _) in terms.items())
         if targets.advantages is not None:  # GKD Eq. 5: alpha * distillation + (1 - alpha) * REINFORCE

@@ -14,7 +14,8 @@ an example field (`RoutedTeacher`). The step asks each the same questions and ne
     teacher.sample(batch, settings)                        its own continuations of the batch's prompts
 
 `scores` answers in the form the loss asks for (`want`) where it can: logits (batch, positions, vocab), a `TopK` (a
-cache, a server), `HiddenStates` (the fused path: last hidden states and the output layer, no logits tensor), or
+cache, a server), `HiddenStates` (the fused path: last hidden states and the output layer, no logits tensor),
+`TokenLogprobs` (want=TOKEN_LOGPROBS: the log-probability of each target token alone, loss=rkl_sampled), or
 `Members` (several teachers: their parts, and their mixture where they mix). `then`, when given, is called on the
 scores inside the teacher's forward (FSDP2 gathers a sharded output layer only there) and its result returned.
 """
@@ -31,13 +32,14 @@ from transformers import PreTrainedTokenizerBase
 from kdlab.data.batch import Batch
 from kdlab.losses.fused import HiddenStates
 from kdlab.losses.objective import Members
+from kdlab.losses.sampled import TOKEN_LOGPROBS, TokenLogprobs  # noqa: F401  (a `want`, beside LOGITS and HIDDEN)
 from kdlab.losses.sparse import TopK
 from kdlab.sampling.base import SamplingSettings
 
 LOGITS, HIDDEN = "logits", "hidden"  # what `scores` is asked for: logits (or what stands for them), hidden states
 
 
-Scores = Union[Tensor, TopK, HiddenStates, Members]
+Scores = Union[Tensor, TopK, HiddenStates, TokenLogprobs, Members]
 
 
 class Teacher(Protocol):
@@ -66,6 +68,9 @@ def rows_of(prepared: Any, start: int, stop: int, width: int | None = None) -> A
         return None
     if isinstance(prepared, dict):
         return {name: rows_of(part, start, stop, width) for name, part in prepared.items()}
+    if isinstance(prepared, TokenLogprobs):
+        cut = slice(0, width)
+        return TokenLogprobs(prepared.logprobs[start:stop, cut], prepared.ids[start:stop, cut])
     if isinstance(prepared, TopK):
         cut = slice(0, width)
         return TopK(prepared.logprobs[start:stop, cut], prepared.ids[start:stop, cut], prepared.tail[start:stop, cut],

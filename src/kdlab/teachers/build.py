@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from kdlab.losses.sampled import RKL_SAMPLED
 from kdlab.sampling.base import Sampler
 from kdlab.teachers.base import Teacher
 
@@ -39,13 +40,35 @@ def teacher_errors(cfg: Mapping[str, Any]) -> list[str]:
     """Every problem of the run's teacher node (conf/teacher/*.yaml or a model preset) with its loss and policy."""
     node = cfg.get("teacher")
     kind = teacher_kind(node)
+    errors = speculative_errors(kind, cfg["policy"], cfg["loss"])
     if kind is None:
-        return []
+        return errors
     if kind not in KINDS:
         return [f"teacher.kind={kind!r} is unknown; choose one of {KINDS}"]
     if kind == SEVERAL:
-        return _several_errors(node, cfg["policy"], cfg["loss"])
-    return _single_errors(node, cfg["policy"], cfg["loss"])
+        return errors + _several_errors(node, cfg["policy"], cfg["loss"])
+    return errors + _single_errors(node, cfg["policy"], cfg["loss"])
+
+
+def speculative_errors(kind: str | None, policy: Mapping[str, Any], loss: Mapping[str, Any]) -> list[str]:
+    """policy=speculative reads the teacher's distribution at every token the student proposes: one model in this
+    process that reads the student's tokens (a teacher with another tokenizer is refused once the tokenizers are
+    compared, kdlab.run.validate.vocabulary_errors)."""
+    if not policy.get("speculative") or float(policy.get("student_fraction", 0.0)) <= 0:
+        return []
+    why = {CACHED: "a cache holds the teacher's distributions on fixed targets only, not on the student's proposals",
+           REMOTE: "a server would need a round trip per token",
+           SEVERAL: "several teachers have no one top-K to keep a proposal in",
+           None: "there is no teacher"}
+    if kind not in (MODEL, *why):
+        return []  # an unknown kind: reported by teacher_errors
+    if kind != MODEL:
+        return [f"policy=speculative needs the teacher's distribution at every token the student proposes, from one "
+                f"model in this process (teacher=<model preset>): with teacher={kind or 'none'}, {why[kind]}"]
+    if loss.get("name") in ("ot", "uld"):
+        return [f"policy=speculative keeps a student token when it is in the teacher's top-K, so both must share a "
+                f"tokenizer; loss={loss.get('name')} is for a teacher with another one (use fkl, rkl or jsd)"]
+    return []
 
 
 def _single_errors(node: Mapping[str, Any], policy: Mapping[str, Any], loss: Mapping[str, Any]) -> list[str]:
@@ -80,6 +103,8 @@ def _single_errors(node: Mapping[str, Any], policy: Mapping[str, Any], loss: Map
                       "sequences, it does not sample them; write the teacher's samples once with kdlab-cache-teacher "
                       "cache.targets=teacher and train with teacher=cached, or train on the ground truth "
                       "(policy.fixed_source=ground_truth)")
+    if loss.get("name") == RKL_SAMPLED:  # reads the sampled tokens' log-probabilities, not a top-k
+        return errors
     try:
         sparse_form(build_objective(loss).loss)
     except (ValueError, KeyError, TypeError) as err:
@@ -263,4 +288,5 @@ def _outside(node: Mapping[str, Any], run: Mapping[str, Any], tokenizer: PreTrai
     target = max(int(task["max_target_tokens"]), int(policy["sampling"]["max_new_tokens"]) if on_policy else 0)
     client.check(vocab_size=len(tokenizer), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                  longest=int(task["max_prompt_tokens"]) + target)  # k and length refused now, not mid-run
-    return RemoteTeacher(client, name=name or str(node.get("name") or REMOTE))
+    return RemoteTeacher(client, name=name or str(node.get("name") or REMOTE),
+                         targets_only=run["loss"].get("name") == RKL_SAMPLED)

@@ -118,6 +118,7 @@ class TeacherClient:
         self.k, self.model, self.api_key = top_k, model, api_key
         self.timeout, self.retries, self.backoff, self.max_batch = timeout, retries, backoff, max_batch
         self.vocab_size: int | None = None
+        self.received_bytes = 0  # the answers' bodies so far: what scoring moved over the network
 
     # -- start-up ---------------------------------------------------------------------------------------------------
     def check(self, vocab_size: int, tokenizer_fingerprint: str | None = None,
@@ -195,6 +196,45 @@ class TeacherClient:
             out.tail[row, :n], out.mask[row, :n] = full.tail[row, rows], full.mask[row, rows]
         return out
 
+    def target_logprobs(self, prompts: Sequence[Sequence[int]],
+                        targets: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """The teacher's log-probability of each target token alone, asked with `prompt_logprobs` 0 (the answer
+        then holds each token's own entry, no top-k): (logprobs (batch, longest target), mask).
+        Aligned as `target_top_k`: entry j of row b is log p(targets[b][j] | prompt, targets[b][:j])."""
+        if self.model is None or self.vocab_size is None:
+            raise TeacherServerError(f"teacher server at {self.url}: call check() before target_logprobs()")
+        if any(len(p) < 1 for p in prompts):
+            raise ValueError("every prompt needs at least one token (the first target token is predicted from it)")
+        width = max(1, max(len(t) for t in targets))
+        logprobs = torch.zeros(len(prompts), width, dtype=torch.float32)
+        mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+        seqs = [[int(x) for x in p] + [int(x) for x in t] for p, t in zip(prompts, targets)]
+        for start in range(0, len(seqs), self.max_batch):
+            group = seqs[start : start + self.max_batch]
+            body = {"model": self.model, "prompt": group, "max_tokens": 1, "prompt_logprobs": 0}
+            answer = self._request("POST", "/v1/completions", body)
+            choices = sorted(answer.get("choices") or [], key=lambda c: c.get("index", 0))
+            if len(choices) != len(group):
+                raise TeacherServerError(f"teacher server at {self.url} answered {len(choices)} choices for "
+                                         f"{len(group)} prompts")
+            for offset, (seq, choice) in enumerate(zip(group, choices)):
+                row = start + offset
+                entries = choice.get("prompt_logprobs")
+                if not isinstance(entries, list) or len(entries) != len(seq):
+                    got = len(entries) if isinstance(entries, list) else type(entries).__name__
+                    raise TeacherServerError(f"teacher server at {self.url} returned prompt_logprobs of length {got} "
+                                             f"for a sequence of {len(seq)} tokens (does it serve prompt_logprobs?)")
+                first = len(prompts[row])
+                for j, token in enumerate(seq[first:]):
+                    entry = entries[first + j]
+                    try:
+                        logprobs[row, j] = float(entry[str(token)]["logprob"])
+                    except (KeyError, TypeError, ValueError):
+                        raise TeacherServerError(f"teacher server at {self.url} returned no log-probability for "
+                                                 f"token {token} at position {first + j}: {str(entry)[:80]}") from None
+                    mask[row, j] = True
+        return logprobs, mask
+
     def _fill(self, row: int, seq: list[int], entries: Any, logprobs: Tensor, ids: Tensor, mask: Tensor) -> None:
         """Row `row` from one choice's prompt_logprobs: entry t + 1 goes to position t, its k largest entries."""
         if not isinstance(entries, list) or len(entries) != len(seq):
@@ -221,7 +261,8 @@ class TeacherClient:
 
     # -- transport --------------------------------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
-        """JSON in, JSON out, with the retry policy of the module doc."""
+        """JSON in, JSON out, with the retry policy of the module doc; each answer's size is added to
+        `received_bytes`."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
@@ -233,7 +274,9 @@ class TeacherClient:
             request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
             try:
                 with _OPENER.open(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())
+                    raw = response.read()
+                    self.received_bytes += len(raw)
+                    return json.loads(raw)
             except urllib.error.HTTPError as err:
                 message = error_message(err)
                 if err.code in (401, 403):

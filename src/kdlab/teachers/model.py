@@ -16,10 +16,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlab.data.batch import Batch
 from kdlab.losses.fused import HiddenStates
+from kdlab.losses.sampled import TokenLogprobs, target_logprobs
 from kdlab.models.scoring import decoder_of, score_hidden, score_targets, unwrap
 from kdlab.models.sharding import within_forward
 from kdlab.sampling.base import Sampler, SamplingSettings
-from kdlab.teachers.base import HIDDEN, frozen
+from kdlab.teachers.base import HIDDEN, TOKEN_LOGPROBS, frozen
 
 
 class ModelTeacher:
@@ -43,7 +44,8 @@ class ModelTeacher:
 
     def scores(self, batch: Batch, prepared: Any = None, want: str = "logits", groups: int = 1,
                then: Callable[[Any], Any] | None = None) -> Any:
-        """Its logits over its tokenizer's columns, or with want=HIDDEN its `HiddenStates` (see the module doc)."""
+        """Its logits over its tokenizer's columns, with want=HIDDEN its `HiddenStates`, or with want=TOKEN_LOGPROBS
+        its log-probability of each target token (`TokenLogprobs`; see the module doc)."""
         side = batch.side("teacher")
         grad_enabled = torch.is_grad_enabled()  # the loss `then` computes may need a gradient path to the student
 
@@ -53,6 +55,8 @@ class ModelTeacher:
                                       output_layer(self.model, self.vocab))
             else:
                 scores = score_targets(self.model, *side.prompt, *side.target, groups)[..., : self.vocab]
+                if want == TOKEN_LOGPROBS:
+                    scores = TokenLogprobs(target_logprobs(scores, side.target_ids), side.target_ids)
             with torch.set_grad_enabled(grad_enabled):
                 return then(scores) if then is not None else scores
 

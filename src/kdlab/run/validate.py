@@ -17,6 +17,7 @@ from kdlab.losses.chunking import REDUCTIONS
 from kdlab.losses.cross_tokenizer import VARIANTS as OT_VARIANTS
 from kdlab.losses.divergences import DIVERGENCES
 from kdlab.losses.objective import CROSS_TOKENIZER_LOSSES, SFT, build_objective
+from kdlab.sampling.vllm import vllm_config_errors
 from kdlab.step.policy import FIXED_SOURCES
 
 
@@ -127,6 +128,7 @@ def config_errors(cfg: DictConfig) -> list[str]:
     errors += reward_config_errors(cfg.get("reward"), float(cfg.policy.get("student_fraction", 0.0)))
     errors += lora_errors(cfg.student.get("lora") if cfg.get("student") is not None else None)
     errors += teacher_errors(cfg)
+    errors += vllm_config_errors(cfg)
     loss_name = cfg.loss.get("name")
     has_teacher = cfg.get("teacher") is not None
     fraction = float(cfg.policy.get("student_fraction", 0.0))

@@ -5,8 +5,7 @@ Runs where vLLM is installed (`pip install -e ".[vllm]"`; .ci/run installs it, s
 the whole file (module-scoped, shut down at the end): an idle-but-running engine is cheap in this process, but each
 start costs seconds. Every test syncs the weights it samples from first.
 
-The model is the shipped arith teacher's Llama, trained here as a student: the shipped arith student's head size
-(24) is one vLLM's CPU attention does not run, which start-up refuses (test_refusals_name_the_fix).
+The model, prompts and the log-probability comparison: tests/sampling/vllm_cases.py.
 """
 
 from __future__ import annotations
@@ -21,81 +20,47 @@ pytest.importorskip("vllm")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 from kdlab.data.datamodule import DistillationDataModule  # noqa: E402
 from kdlab.data.tasks import Task  # noqa: E402
 from kdlab.losses.objective import build_objective  # noqa: E402
 from kdlab.models.lora import add_lora, merge_adapters  # noqa: E402
-from kdlab.models.scoring import score_targets  # noqa: E402
 from kdlab.run.build import build_sampler  # noqa: E402
 from kdlab.run.compose import task_node  # noqa: E402
 from kdlab.run.validate import config_errors  # noqa: E402
 from kdlab.sampling.base import SamplingSettings  # noqa: E402
 from kdlab.sampling.hf import HFSampler  # noqa: E402
-from kdlab.sampling.vllm import VllmSampler, VllmSettings, engine_weights, sampling_params  # noqa: E402
+from kdlab.sampling.vllm import VllmSampler, engine_weights, sampling_params  # noqa: E402
 from kdlab.step.module import DistillationModule, OptimSettings, RunSettings  # noqa: E402
 from kdlab.step.policy import DataPolicy  # noqa: E402
 from kdlab.step.step import DistillationStep  # noqa: E402
 from tests.builders import model_teacher  # noqa: E402
-from tests.conftest import REPO, compose, loss_config  # noqa: E402
-
-ASSETS = REPO / "src" / "kdlab" / "assets" / "arith"
-# vLLM's log-probabilities of its own samples against the student's forward pass, both float32: measured up to
-# 1.7e-5 here (other kernels for attention, norms and matmuls), a stale engine 11 after three steps; the bound
-# leaves a factor of 10 above the first and 5e4 below the second.
-LOGPROB_TOLERANCE = 2e-4
-SAMPLE = SamplingSettings(max_new_tokens=16, do_sample=True)
-GREEDY = SamplingSettings(max_new_tokens=64, do_sample=False)  # long enough for some rows to reach EOS
-TASK = {"name": "arith", "train_size": 32, "val_size": 8, "eval_examples": 8, "batch_size": 4, "eval_batch_size": 8,
-        "generation": {"max_new_tokens": 8, "do_sample": False}}
+from tests.conftest import compose, loss_config  # noqa: E402
+from tests.sampling.vllm_cases import (  # noqa: E402
+    ENGINE,
+    GREEDY,
+    LOGPROB_TOLERANCE,
+    SAMPLE,
+    TASK,
+    arith_case,
+    logprob_error,
+    train_steps,
+)
 
 
 @pytest.fixture(scope="module")
 def arith():
-    """(tokenizer, base model, prompts): the arith teacher's weights and the task's first training prompts."""
-    from transformers import AutoTokenizer
-
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher", dtype=torch.float32)
-    datamodule = DistillationDataModule(Task.from_config(task_node(**TASK)), tokenizer)
-    datamodule.setup()
-    batch = next(iter(datamodule.train_dataloader()))
-    return tokenizer, model, batch.student.prompt
+    return arith_case()
 
 
 @pytest.fixture(scope="module")
 def engine(arith):
     tokenizer, model, _ = arith
-    sampler = build_sampler(copy.deepcopy(model), tokenizer,
-                            {"engine": "vllm", "vllm": {"max_model_len": 256, "kv_cache_gib": 0.25}})
+    sampler = build_sampler(copy.deepcopy(model), tokenizer, ENGINE)
     assert isinstance(sampler, VllmSampler)
     yield sampler
     sampler.close()  # an engine left running would outlive the file
-
-
-def logprob_error(engine: VllmSampler, model, prompt, seed: int = 0) -> float:
-    """Largest |vLLM's log-probability of a token it sampled - the student's, from its forward pass|, float32."""
-    ids, mask, logprobs = engine.sample_with_logprobs(*prompt, SAMPLE, seed)
-    assert mask.sum() > 0
-    with torch.no_grad():
-        logits = score_targets(model.eval(), *prompt, ids, mask).float()
-    reference = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]
-    return float((reference - logprobs)[mask].abs().max())
-
-
-def train_steps(model, prompt, tokenizer, steps: int, lr: float = 3e-3) -> None:
-    """`steps` AdamW steps on the model's NLL of greedy continuations (from HF generate: independent of the engine)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    ids, mask = HFSampler(model, tokenizer).sample(*prompt, GREEDY)
-    model.train()
-    for _ in range(steps):
-        logits = score_targets(model, *prompt, ids, mask).float()
-        loss = -(logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0] * mask).sum() / mask.sum()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 def test_samples_come_from_the_students_weights_at_step_zero_and_after_synced_steps(engine, arith):
@@ -138,7 +103,8 @@ def test_the_module_syncs_the_engine_after_every_optimizer_step(engine, arith):
 
 def test_a_lora_student_syncs_its_merged_weights(engine, arith):
     tokenizer, base, prompt = arith
-    student = add_lora(copy.deepcopy(base), {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    student = add_lora(copy.deepcopy(base), lora)
     train_steps(student, prompt, tokenizer, steps=2, lr=3e-2)  # B leaves zero: the adapters change the outputs
     merged = merge_adapters(copy.deepcopy(student)).state_dict()
     weights = dict(engine_weights(student))

@@ -24,6 +24,7 @@ vLLM is imported only here, only when an engine starts or a config asks for one 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 import tempfile
@@ -47,15 +48,18 @@ class VllmSettings:
     """`policy.sampling.vllm`: the engine's memory and mode. `kv_cache_gib` reserves the KV cache (on CPU it must be
     set: vLLM would otherwise take a fraction of the machine's memory); null leaves it to `gpu_memory_utilization`,
     the share of GPU memory the engine may take for weights and cache. `max_model_len` bounds prompt plus new tokens
-    (checked at start-up), and sizes the engine's per-sequence tables. `enforce_eager` skips graph capture and compilation (start-up in seconds on CPU).
-    `sleep` offloads the engine between samples where vLLM supports it (GPUs). A null `max_model_len` is the model's
-    own positions (`max_position_embeddings`)."""
+    (checked at start-up) and sizes the engine's per-sequence tables; null: the model's own positions
+    (`max_position_embeddings`). `enforce_eager` skips graph capture and compilation (start-up in seconds on CPU).
+    `sleep` offloads the engine between samples where vLLM supports it (GPUs). `dtype` is the engine's (null: the
+    model's; bfloat16 beside a float32 student under bf16-mixed halves its memory, its samples then come from the
+    rounded weights)."""
 
     max_model_len: int | None = None
     kv_cache_gib: float | None = 1.0
     gpu_memory_utilization: float = 0.3
     enforce_eager: bool = True
     sleep: bool = True
+    dtype: str | None = None
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> VllmSettings:
@@ -193,10 +197,7 @@ class VllmSampler:
         """Shut the engine down and remove its config folder."""
         llm, self.llm = self.llm, None
         if llm is not None:
-            with contextlib.suppress(Exception):
-                llm.llm_engine.engine_core.shutdown()
-            del llm
-            _forget_distributed_state(self._owns_process_group)
+            _shutdown(llm, self._owns_process_group)
         if self._config_dir is not None:
             self._config_dir.cleanup()
             self._config_dir = None
@@ -220,7 +221,8 @@ class VllmSampler:
         self._owns_process_group = not torch.distributed.is_initialized()  # else DDP's: vLLM joins it
         with _engine_side_effects_undone():
             llm = LLM(model=self._config_dir.name, load_format="dummy", skip_tokenizer_init=True,
-                      dtype=str(self.model.dtype).removeprefix("torch."), max_model_len=settings.max_model_len,
+                      dtype=settings.dtype or str(self.model.dtype).removeprefix("torch."),
+                      max_model_len=settings.max_model_len,
                       enforce_eager=settings.enforce_eager, gpu_memory_utilization=settings.gpu_memory_utilization,
                       enable_sleep_mode=sleep, generation_config="vllm", seed=0, disable_log_stats=True, **memory)
         self.asleep, self._can_sleep = False, sleep
@@ -288,15 +290,25 @@ def _engine_side_effects_undone() -> Iterator[None]:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved_env
 
 
-def _forget_distributed_state(owns_process_group: bool) -> None:
-    """vLLM keeps its process groups in module globals; drop them so that a later engine in this process (a teacher's,
-    a test's) builds its own. The default process group goes too where the engine made it, not where DDP owns it."""
+def _shutdown(llm: Any, owns_process_group: bool) -> None:
+    """Shut the in-process engine down. vLLM's own shutdown (also run when the engine is garbage-collected) tears
+    down the default process group too: right where the engine made it, but under DDP that group is the run's, so
+    there the engine's parts are shut down one by one and only vLLM's own groups dropped."""
     from vllm.distributed import parallel_state
 
-    with contextlib.suppress(Exception):
-        parallel_state.destroy_model_parallel()
-        if owns_process_group:
-            parallel_state.destroy_distributed_environment()
+    client = llm.llm_engine.engine_core  # InprocClient: the engine core lives in this process
+    if owns_process_group:
+        client.shutdown()
+        return
+    client._finalizer.detach()
+    core = client.engine_core
+    core.model_executor.shutdown()
+    core.scheduler.shutdown()
+    gc.unfreeze()
+    parallel_state.destroy_model_parallel()
+    if parallel_state._WORLD is not None:  # a later engine builds its own world group over the same ranks
+        parallel_state._WORLD.destroy()
+        parallel_state._WORLD = None
 
 
 # -- start-up checks (kdlab.run.validate) -----------------------------------------------------------------------------
@@ -341,6 +353,9 @@ def vllm_config_errors(cfg: Mapping[str, Any], installed: bool | None = None) ->
     if settings.kv_cache_gib is not None and float(settings.kv_cache_gib) <= 0:
         errors.append(f"policy.sampling.vllm.kv_cache_gib={settings.kv_cache_gib} must be > 0 (e.g. 1), or null to "
                       "let gpu_memory_utilization size it on a GPU")
+    if settings.dtype not in (None, "float32", "bfloat16", "float16"):
+        errors.append(f"policy.sampling.vllm.dtype={settings.dtype} is unknown; choose float32, bfloat16, float16 or "
+                      "null (the student's)")
     for role in ("student", "teacher"):
         node = cfg.get(role)
         if node is not None and (node.get("path") or node.get("architecture")):

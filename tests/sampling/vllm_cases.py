@@ -61,7 +61,7 @@ def nll_of_samples(model, prompt, ids: Tensor, mask: Tensor) -> Tensor:
 def train_steps(model, prompt, tokenizer, steps: int, lr: float = 3e-3) -> None:
     """`steps` AdamW steps on the model's NLL of greedy continuations (from HF generate: independent of the engine)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    ids, mask = HFSampler(model, tokenizer).sample(*prompt, GREEDY)
+    ids, mask = HFSampler(model, tokenizer).sample(*prompt, SamplingSettings(max_new_tokens=16, do_sample=False))
     for _ in range(steps):
         nll_of_samples(model, prompt, ids, mask).backward()
         optimizer.step()

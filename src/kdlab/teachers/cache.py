@@ -154,7 +154,7 @@ def sampled_targets(sampling: Mapping[str, Any], seed: int | None = None,
     """The manifest's `targets` for teacher samples: the sampling settings that decide which tokens can be drawn
     (as plain typed values, so `temperature=1` and `1.0` agree; `compile` draws the same tokens and is left out), and
     for the writer the seed and batch size that fix which draw it is."""
-    settings = SamplingSettings(**dict(sampling))
+    settings = SamplingSettings(**{k: v for k, v in dict(sampling).items() if k not in ENGINE_KEYS})
     out: dict[str, Any] = {"source": TEACHER_SAMPLES, "sampling": {
         "max_new_tokens": int(settings.max_new_tokens), "do_sample": bool(settings.do_sample),
         "temperature": float(settings.temperature), "top_p": float(settings.top_p), "top_k": int(settings.top_k),

@@ -21,7 +21,9 @@ fit. `smollm`: benchmarks/bench_step.py's SmolLM2-135M-shaped teacher (30 layers
 every side samples close to `--max-new-tokens` tokens per row.
 
 Idle CPU (`--idle-seconds`): the CPU seconds per second the process and its children use while an engine that has
-sampled waits, for kdlab's in-process engine and for vLLM's default engine (its engine core in a child process).
+sampled waits, for kdlab's in-process engine and for vLLM's default engine (its engine core in a child process),
+next to what a process that only spins gets on the machine at that time (the most a busy-waiting engine can take
+under the load there is).
 """
 
 from __future__ import annotations
@@ -202,6 +204,25 @@ def idle_cpu_default_engine(seconds: float) -> float:
         llm.llm_engine.engine_core.shutdown()
 
 
+def busy_loop_share(seconds: float) -> float:
+    """CPU seconds per second a child that only spins gets meanwhile: the most a busy-waiting engine could take
+    under this machine's load (the yardstick for the two idle measurements)."""
+    import subprocess
+
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        process = psutil.Process(child.pid)
+        time.sleep(0.5)
+        before, start = sum(process.cpu_times()[:2]), time.perf_counter()
+        time.sleep(seconds)
+        return (sum(process.cpu_times()[:2]) - before) / (time.perf_counter() - start)
+    finally:
+        child.kill()
+        child.wait()
+
+
 def arguments():
     p = parser(__doc__.splitlines()[0], "benchmarks/results/vllm_cpu_float32.json")
     p.add_argument("--pairs", nargs="+", choices=["arith", "smollm"], default=["arith", "smollm"])
@@ -224,6 +245,7 @@ def main() -> None:
     results["pairs"] = {pair: bench_pair(pair, args) for pair in args.pairs}
     if args.idle_seconds:
         results["idle_cpu_default_engine"] = idle_cpu_default_engine(args.idle_seconds)
+        results["idle_cpu_busy_loop"] = busy_loop_share(args.idle_seconds)
     rows = [row for pair in results["pairs"].values() for row in pair["rows"]]
     results["table"] = table(rows, list(rows[0]))
     print(results["table"])
@@ -231,7 +253,8 @@ def main() -> None:
         print(f"{pair}: sampling {r['sampling_speedup_vllm_over_hf']:.2f}x, step {r['step_speedup_vllm_over_hf']:.2f}x "
               f"faster with vllm; idle engine {r['idle_cpu_in_process']} CPU s/s; load {r['load_before']}")
     if args.idle_seconds:
-        print(f"vLLM's default engine, idle: {results['idle_cpu_default_engine']:.2f} CPU s/s")
+        print(f"vLLM's default engine, idle: {results['idle_cpu_default_engine']:.2f} CPU s/s; a spinning process "
+              f"beside it: {results['idle_cpu_busy_loop']:.2f}")
     write(args.out, results)
 
 

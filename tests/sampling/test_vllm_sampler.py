@@ -186,7 +186,8 @@ def test_the_engine_leaves_the_process_as_it_found_it(engine, arith):
 
 def test_an_idle_engine_takes_no_cpu(engine, arith):
     """Between samples the engine must not busy-wait: a second of idling costs this process (and any child) under
-    5% of a core. vLLM's default engine-core process spins at a whole core."""
+    5% of a core (measured 0.3-1%). vLLM's default engine, its engine core in a child process, took 7-23x more in
+    benchmarks/bench_vllm.py on a loaded machine (docs/benchmarks.md, section 8)."""
     import psutil
 
     _, base, prompt = arith

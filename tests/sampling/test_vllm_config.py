@@ -40,3 +40,19 @@ def test_row_seeds_are_distinct_per_row_and_fixed_by_the_batch_seed():
     seeds = row_seeds(7, 5)
     assert len(set(seeds)) == 5 and seeds == row_seeds(7, 5) and seeds[:2] == row_seeds(7, 2)
     assert not set(seeds) & set(row_seeds(8, 5))
+
+
+def test_with_engine_vllm_the_student_and_a_model_teacher_sample_through_vllm(tokenizer):
+    """build_module's sampler and build_teacher's (through sampler_factory) are vLLM samplers with the run's
+    policy.sampling.vllm; building one starts no engine (it starts at the first sample), so this runs without vLLM."""
+    from kdlab.sampling.vllm import VllmSampler
+    from kdlab.teachers.build import build_teacher
+
+    cfg = compose(["policy.sampling.engine=vllm", "student=tiny", "teacher=tiny",
+                   "policy.sampling.vllm.kv_cache_gib=0.5"])
+    student = build_sampler(tiny_model(tokenizer), tokenizer, cfg.policy.sampling)
+    teacher = build_teacher(cfg.teacher, cfg, tokenizer, tokenizer, [], sampler_factory(cfg))
+    for sampler in (student, teacher.sampler):
+        assert isinstance(sampler, VllmSampler) and sampler.llm is None
+        assert sampler.settings.kv_cache_gib == 0.5
+    assert teacher.sampler.model is teacher.model

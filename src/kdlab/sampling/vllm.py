@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import random
 import tempfile
@@ -226,6 +227,7 @@ class VllmSampler:
                       enforce_eager=settings.enforce_eager, gpu_memory_utilization=settings.gpu_memory_utilization,
                       enable_sleep_mode=sleep, generation_config="vllm", seed=0, disable_log_stats=True, **memory)
         self.asleep, self._can_sleep = False, sleep
+        _quiet_sync_logs()
         return llm
 
     def _load_weights(self, model: nn.Module) -> None:
@@ -255,6 +257,24 @@ class VllmSampler:
         # a row shorter than the longest stopped at EOS: response_mask masks its padding
         mask = response_mask(ids, eos)
         return ids.masked_fill(~mask, pad).to(device), mask.to(device)
+
+
+class _RoutineSyncLines(logging.Filter):
+    """Drops the two lines vLLM logs at every sync that say nothing went wrong: the rotary embedding's cos/sin table
+    (no checkpoint holds it; the reload keeps it as it was) and the prefix-cache reset. Any other layer that loads no
+    weights is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",):
+            return False
+        return record.getMessage() != "Successfully reset prefix cache"
+
+
+def _quiet_sync_logs() -> None:
+    for name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.v1.core.block_pool"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RoutineSyncLines) for f in logger.filters):
+            logger.addFilter(_RoutineSyncLines())
 
 
 def _architecture(model: nn.Module) -> str:

@@ -13,7 +13,7 @@ from rouge_score import rouge_scorer
 from kdlab.data.answers import is_correct
 from kdlab.data.datamodule import DistillationDataModule
 from kdlab.data.tasks import Task
-from kdlab.evaluation.generations import GenerationScorer, Generations, evaluate
+from kdlab.evaluation.generations import Generations, GenerationScorer, evaluate
 from kdlab.models.loading import load_model
 from kdlab.run.compose import task_node
 from kdlab.sampling.base import SamplingSettings

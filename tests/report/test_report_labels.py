@@ -12,8 +12,14 @@ from omegaconf import OmegaConf
 from kdlab.report.cli import main as report_main
 from kdlab.report.markdown import report_markdown
 from kdlab.report.runs import load_sweep
-from kdlab.report.tables import (column_key, compare, comparison_table_markdown, fixed_settings,
-                                 reference_scores, row_labels)
+from kdlab.report.tables import (
+    column_key,
+    compare,
+    comparison_table_markdown,
+    fixed_settings,
+    reference_scores,
+    row_labels,
+)
 from kdlab.run.rundir import CONFIG, RESULTS
 from tests.report.test_report import _cells
 

@@ -38,7 +38,7 @@ def rescore(run_dir: Path, before: bool = False) -> dict:
     from kdlab.data.datamodule import DistillationDataModule
     from kdlab.evaluation.generations import GenerationScorer, evaluate
     from kdlab.models.loading import same_vocabulary
-    from kdlab.run.build import build_module, build_sampler
+    from kdlab.run.build import build_module, sampler_factory
     from kdlab.run.train import validate
     from kdlab.teachers.build import build_teacher
 
@@ -59,7 +59,7 @@ def rescore(run_dir: Path, before: bool = False) -> dict:
         run_cfg = OmegaConf.merge(cfg, {"student": student})
         L.seed_everything(int(cfg.seed), verbose=False)  # a randomly initialised student is the run's one again
         # the teacher first, as the run built it: a randomly initialised one draws before the student
-        teacher = build_teacher(cfg.teacher, cfg, student_tokenizer, teacher_tokenizer, [], build_sampler)
+        teacher = build_teacher(cfg.teacher, cfg, student_tokenizer, teacher_tokenizer, [], sampler_factory(cfg))
         module = build_module(run_cfg, task, student_tokenizer, teacher)
         trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                             enable_model_summary=False, enable_progress_bar=False, callbacks=[GenerationScorer(task)])

@@ -4,7 +4,9 @@ the trainer. `kdlab.run.train.run` calls them in order; tests and benchmarks cal
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,10 @@ from kdlab.run import rundir
 from kdlab.run.checkpoints import LastCheckpoint, PreemptionCheckpoint
 from kdlab.run.last_step import LogLastStep
 from kdlab.run.progress import StepProgressBar
-from kdlab.sampling.base import Sampler, SamplingSettings
+from kdlab.sampling.base import ENGINE_KEYS, Sampler, SamplingSettings
 from kdlab.sampling.hf import HFSampler
 from kdlab.sampling.speculative import SpeculativeSampler
+from kdlab.sampling.vllm import engine_of
 from kdlab.step.fused import ALWAYS_UNFUSED, fused_off_reason
 from kdlab.step.module import DistillationModule, OptimSettings, RunSettings
 from kdlab.step.policy import DataPolicy
@@ -62,7 +65,7 @@ def build_speculative(policy: Any, student: Any, teacher: Any, tokenizer: Any) -
 
 def sampling_settings(node: Any) -> SamplingSettings:
     """`policy.sampling` or `task.generation` as SamplingSettings (keys that pick an engine are the sampler's)."""
-    return SamplingSettings(**{k: v for k, v in dict(node).items() if k != "engine"})
+    return SamplingSettings(**{k: v for k, v in dict(node).items() if k not in ENGINE_KEYS})
 
 
 def build_reward(cfg: DictConfig) -> RewardTerm | None:
@@ -73,9 +76,20 @@ def build_reward(cfg: DictConfig) -> RewardTerm | None:
     return RewardTerm(hydra.utils.instantiate(node.fn), alpha=node.alpha, samples_per_prompt=node.samples_per_prompt)
 
 
-def build_sampler(model: Any, tokenizer: Any) -> Sampler:
-    """The sampler a model draws its continuations with (the student's, and an in-process teacher's)."""
+def build_sampler(model: Any, tokenizer: Any, sampling: Any = None) -> Sampler:
+    """The sampler a model draws its continuations with (the student's, and an in-process teacher's), by
+    `policy.sampling.engine` (`sampling`: that node; None: hf): Hugging Face `generate`, or an in-process vLLM engine
+    (kdlab.sampling.vllm, imported only then)."""
+    if engine_of(sampling) == "vllm":
+        from kdlab.sampling.vllm import VllmSampler, VllmSettings
+
+        return VllmSampler(model, tokenizer, VllmSettings.from_config(sampling.get("vllm")))
     return HFSampler(model, tokenizer)
+
+
+def sampler_factory(cfg: DictConfig) -> Callable[[Any, Any], Sampler]:
+    """`build_sampler` with the run's `policy.sampling`: what builds a model teacher's sampler."""
+    return partial(build_sampler, sampling=cfg.policy.get("sampling"))
 
 
 def strategy_of(cfg: DictConfig) -> Any:
@@ -111,7 +125,8 @@ def build_module(cfg: DictConfig, task: Task, student_tokenizer: Any, teacher: A
     accumulation, which is the datamodule's window)."""
     student = load_model(cfg.student, student_tokenizer)
     parts = {"student": student, "objective": build_objective(cfg.loss), "teacher": teacher}
-    step = DistillationStep(tokenizer=student_tokenizer, sampler=build_sampler(student, student_tokenizer),
+    sampler = build_sampler(student, student_tokenizer, cfg.policy.get("sampling"))
+    step = DistillationStep(tokenizer=student_tokenizer, sampler=sampler,
                             reward=build_reward(cfg), fused=use_fused(cfg, parts), score_groups=int(cfg.score_groups),
                             speculative=build_speculative(cfg.policy, student, teacher, student_tokenizer), **parts)
     optim = OptimSettings(optimizer=hydra.utils.instantiate(cfg.optimizer),

@@ -25,7 +25,7 @@ from kdlab.evaluation.generations import evaluate
 from kdlab.evaluation.mismatch import MISMATCH_KEYS
 from kdlab.models.loading import HubUnavailableError, load_tokenizer, same_vocabulary
 from kdlab.run import rundir
-from kdlab.run.build import build_loggers, build_module, build_sampler, build_trainer
+from kdlab.run.build import build_loggers, build_module, build_trainer, sampler_factory
 from kdlab.run.checkpoints import PreemptionCheckpoint, RunInterrupted, stop_on_sigterm
 from kdlab.run.console import run_end_lines, setup_console
 from kdlab.run.last_step import final_train_metrics
@@ -213,7 +213,7 @@ def _run(cfg: DictConfig) -> float:
     _print_data_report(task, output_dir)
     # outside teachers (a cache, a server) are opened and checked against this run before any model loads
     teacher = build_teacher(cfg.get("teacher"), cfg, student_tokenizer, teacher_tokenizer,
-                            datamodule.train_set.items, build_sampler)
+                            datamodule.train_set.items, sampler_factory(cfg))
     module = build_module(cfg, task, student_tokenizer, teacher, rundir.resume_command(output_dir))
 
     loggers = build_loggers(cfg)

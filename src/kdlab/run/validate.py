@@ -18,6 +18,7 @@ from kdlab.losses.cross_tokenizer import VARIANTS as OT_VARIANTS
 from kdlab.losses.divergences import DIVERGENCES
 from kdlab.losses.objective import CROSS_TOKENIZER_LOSSES, SFT, build_objective
 from kdlab.losses.sampled import RKL_SAMPLED
+from kdlab.sampling.vllm import vllm_config_errors
 from kdlab.step.policy import FIXED_SOURCES
 
 
@@ -143,6 +144,7 @@ def config_errors(cfg: DictConfig) -> list[str]:
     errors += reward_config_errors(cfg.get("reward"), float(cfg.policy.get("student_fraction", 0.0)))
     errors += lora_errors(cfg.student.get("lora") if cfg.get("student") is not None else None)
     errors += teacher_errors(cfg)
+    errors += vllm_config_errors(cfg)
     loss_name = cfg.loss.get("name")
     has_teacher = cfg.get("teacher") is not None
     fraction = float(cfg.policy.get("student_fraction", 0.0))
@@ -155,6 +157,9 @@ def config_errors(cfg: DictConfig) -> list[str]:
                       f"tokens, and fixed data has no student samples to weigh; use policy=onpolicy "
                       f"(policy.student_fraction=1), or loss=rkl for the exact reverse KL on any targets")
     speculative = bool(cfg.policy.get("speculative")) and fraction > 0
+    if speculative and str((cfg.policy.get("sampling") or {}).get("engine") or "hf") != "hf":
+        errors.append("policy=speculative with policy.sampling.engine=vllm: the speculative sampler interleaves the "
+                      "student's and the teacher's tokens one at a time in this process; use policy.sampling.engine=hf")
     if speculative and loss_name == RKL_SAMPLED:
         errors.append("loss=rkl_sampled with policy=speculative: the estimator needs the student's own samples, and "
                       "speculative targets hold the teacher's replacements; use policy=onpolicy, or a divergence "

@@ -19,6 +19,9 @@ from typing import Protocol
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
+# `policy.sampling` keys that pick and size the engine (kdlab.run.build.build_sampler), not how a sample is drawn
+ENGINE_KEYS = ("engine", "vllm")
+
 
 @dataclass(frozen=True)
 class SamplingSettings:

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from kdlab.losses.sparse import top_k_of_logits
-from kdlab.sampling.base import SamplingSettings
+from kdlab.sampling.base import ENGINE_KEYS, SamplingSettings
 from kdlab.sampling.hf import generate_targets
 from kdlab.teachers.cache_verify import (
     BITS,
@@ -154,7 +154,7 @@ def sampled_targets(sampling: Mapping[str, Any], seed: int | None = None,
     """The manifest's `targets` for teacher samples: the sampling settings that decide which tokens can be drawn
     (as plain typed values, so `temperature=1` and `1.0` agree; `compile` draws the same tokens and is left out), and
     for the writer the seed and batch size that fix which draw it is."""
-    settings = SamplingSettings(**dict(sampling))
+    settings = SamplingSettings(**{k: v for k, v in dict(sampling).items() if k not in ENGINE_KEYS})
     out: dict[str, Any] = {"source": TEACHER_SAMPLES, "sampling": {
         "max_new_tokens": int(settings.max_new_tokens), "do_sample": bool(settings.do_sample),
         "temperature": float(settings.temperature), "top_p": float(settings.top_p), "top_k": int(settings.top_k),
@@ -759,7 +759,7 @@ def _teacher_sampling(cfg, eos_token_id: int) -> tuple[TeacherSampling | None, A
     if cfg.cache.targets == "ground_truth":
         return None, GROUND_TRUTH
     seed = int(cfg.cache.seed if cfg.cache.get("seed") is not None else cfg.seed)
-    sampling = dict(cfg.policy.sampling)
+    sampling = {k: v for k, v in dict(cfg.policy.sampling).items() if k not in ENGINE_KEYS}  # the draw, not its engine
     teacher_sampling = TeacherSampling(SamplingSettings(**sampling), seed, eos_token_id)
     return teacher_sampling, sampled_targets(sampling, seed, int(cfg.cache.batch_size))
 

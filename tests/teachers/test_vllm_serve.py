@@ -22,7 +22,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +50,10 @@ from tests.conftest import TINY_RUN, compose, loss_config  # noqa: E402
 
 TEACHER_DIR = ASSETS_DIR / "arith" / "teacher"
 VOCAB = 746  # the arith tokenizer
-MAX_MODEL_LEN = 160  # what the server holds per sequence, the generated token included
+# what the server holds per sequence, the generated token included: the arith run's longest rows (512 tokens, the
+# teacher's positions) and the token vLLM generates, past the config's positions (VLLM_ALLOW_LONG_MAX_MODEL_LEN)
+MAX_MODEL_LEN = 513
+LONGEST_ROW = 160  # the batch's prompt (at most 96 tokens) + target (at most 60)
 NAME = "arith-teacher"
 START_TIMEOUT = 420  # seconds; about a minute on an idle 2-core machine, several on a loaded one
 
@@ -74,8 +76,9 @@ def vllm_command(port: int) -> list[str]:
 def vllm_url(tmp_path_factory) -> str:
     port = _free_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
-           "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", "VLLM_NO_USAGE_STATS": "1",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with log.open("wb") as out:
         server = subprocess.Popen(vllm_command(port), stdout=out, stderr=subprocess.STDOUT, env=env,
                                   start_new_session=True)  # its own process group: the engine core is a child
@@ -129,7 +132,7 @@ def kdlab_url() -> str:
 
 @pytest.fixture(scope="module")
 def arith():
-    """The shipped tokenizer and teacher, and a batch of 3 arith problems (prompt + target < 160)."""
+    """The shipped tokenizer and teacher, and a batch of 3 arith problems (prompt + target < LONGEST_ROW)."""
     tokenizer = load_tokenizer({"tokenizer": str(ASSETS_DIR / "arith" / "tokenizer")})
     teacher = load_model({"name": NAME, "path": str(TEACHER_DIR)}, tokenizer).eval()
     task = Task.from_config(task_node(train_size=16, val_size=4, max_prompt_tokens=96, max_target_tokens=60))
@@ -166,7 +169,8 @@ def _step_loss_and_grads(step: DistillationStep, batch) -> tuple[float, dict[str
 def test_a_step_against_vllm_equals_one_against_kdlab_serve_teacher_and_the_in_process_teacher(
         vllm_url, kdlab_url, arith):
     """k = the vocabulary: the top-k form is the dense divergence, so the three teachers give one loss and one
-    gradient, up to the servers' float32 log-softmax against the in-process one (measured below 2e-6 relative)."""
+    gradient, up to float rounding: measured, the loss to 2e-7 relative (vLLM) and 0 (kdlab's server), the gradient
+    to 4e-6 and 2e-6 of each tensor's largest entry; bounded at 1e-5 and 1e-4."""
     tokenizer, teacher, batch = arith
     objective = build_objective(loss_config("jsd"))  # beta 0.5: both directions of KL
     results = {}
@@ -174,21 +178,16 @@ def test_a_step_against_vllm_equals_one_against_kdlab_serve_teacher_and_the_in_p
         torch.manual_seed(0)
         student = load_model({"name": "arith-student", "path": str(ASSETS_DIR / "arith" / "student")}, tokenizer)
         if isinstance(source, str):
-            source = RemoteTeacher(_client(source, tokenizer, longest=MAX_MODEL_LEN - 1))
+            source = RemoteTeacher(_client(source, tokenizer, longest=LONGEST_ROW))
         results[name] = _step_loss_and_grads(distillation_step(student, tokenizer, objective, source), batch)
     reference_loss, reference_grads = results["in_process"]
-    assert reference_loss > 0.01  # a real divergence, not two zeros
+    assert reference_loss > 1e-3  # a real divergence (0.0137), not two zeros
     for name in ("vllm", "kdlab"):
         got_loss, got_grads = results[name]
-        assert got_loss == pytest.approx(reference_loss, rel=2e-5), name
-        worst = 0.0
+        assert got_loss == pytest.approx(reference_loss, rel=1e-5), name
         for param, want in reference_grads.items():
-            scale = want.abs().max().item()
             error = (got_grads[param] - want).abs().max().item()
-            worst = max(worst, error / scale if scale else error)
-            assert error <= 2e-4 * scale + 1e-9, (name, param)
-        print(f"MEASURE {name}: loss {got_loss!r} vs {reference_loss!r} rel {abs(got_loss / reference_loss - 1):.3g}, "
-              f"worst grad error / max|grad| {worst:.3g}")
+            assert error <= 1e-4 * want.abs().max().item() + 1e-12, (name, param, error)
 
 
 def test_k_above_the_servers_max_logprobs_stops_the_run_at_start_up_with_the_flag_to_pass(vllm_url, tmp_path):
@@ -207,15 +206,17 @@ def test_k_above_the_servers_max_logprobs_stops_the_run_at_start_up_with_the_fla
 
 def test_the_token_vllm_generates_counts_against_its_max_model_len(vllm_url, kdlab_url, arith):
     """vLLM refuses a prompt of max_model_len tokens (max_tokens must be at least 1, and it counts): the client
-    leaves room for that token and refuses such a run before asking, naming --max-model-len; kdlab's server is asked
-    to generate nothing, so it takes sequences up to its whole max_model_len (512)."""
+    leaves room for that token and refuses such a run before asking, naming --max-model-len. The arith run's longest
+    rows (512) fit the documented --max-model-len 513; kdlab's server is asked to generate nothing, so it takes
+    sequences up to its whole max_model_len (512)."""
     tokenizer, _, _ = arith
     body = {"model": NAME, "max_tokens": 1, "prompt_logprobs": 1}
     assert _post(vllm_url, {**body, "prompt": [[5] * (MAX_MODEL_LEN - 1)]})[0] == 200
     status, answer = _post(vllm_url, {**body, "prompt": [[5] * MAX_MODEL_LEN]})
     assert status == 400 and "max_tokens" in answer["message"], answer
-    with pytest.raises(TeacherRefused, match=rf"max_model_len {MAX_MODEL_LEN}, which holds {MAX_MODEL_LEN - 1} "
-                                             rf"prompt tokens plus the 1 it generates.*--max-model-len <longest \+ 1>"):
+    with pytest.raises(TeacherRefused, match=rf"max_model_len {MAX_MODEL_LEN}, and this run's sequences reach "
+                                             rf"{MAX_MODEL_LEN} tokens plus the 1 it generates per request: .*"
+                                             rf"--max-model-len <longest \+ 1>"):
         _client(vllm_url, tokenizer, k=4, longest=MAX_MODEL_LEN)
     assert _client(vllm_url, tokenizer, k=4, longest=MAX_MODEL_LEN - 1).top_k([[5] * (MAX_MODEL_LEN - 1)]).mask.all()
     assert _client(kdlab_url, tokenizer, k=4, longest=512).top_k([[5] * 512]).mask.all()

@@ -159,8 +159,7 @@ class TeacherClient:
             if isinstance(limit, int) and 0 < limit < longest + self.generated:
                 counted = f" plus the {self.generated} it generates per request" if self.generated else ""
                 raise TeacherRefused(f"teacher server at {self.url} serves {self.model} with max_model_len {limit}, "
-                                     f"which holds {limit - self.generated} prompt tokens{counted}, and this run's "
-                                     f"sequences reach {longest} tokens: {fix_for('tokens')}")
+                                     f"and this run's sequences reach {longest} tokens{counted}: {fix_for('tokens')}")
             self.top_k([[0] * longest])
         return card
 

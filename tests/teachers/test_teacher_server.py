@@ -441,6 +441,20 @@ def test_client_refuses_ids_outside_the_students_vocabulary_from_a_vllm_like_ser
         vllm_like.server_close()
 
 
+def test_client_leaves_room_for_the_token_a_vllm_like_server_generates(server, reference) -> None:
+    """vLLM generates at least one token per request and counts it against max_model_len (checked against the real
+    server in tests/teachers/test_vllm_serve.py): a server without kdlab's card is asked for one token, so rows of
+    max_model_len tokens are refused before any request; kdlab's own server is asked for none and takes them."""
+    vllm_like = VllmLikeScorer(server.scorer.model, reference[0], "arith-teacher", "unused")
+    for scorer, longest in ((vllm_like, 511), (server.scorer, 512)):
+        with _served(scorer, max_tokens_per_sequence=600, max_request_bytes=8192) as srv:
+            assert TeacherClient(srv.url, top_k=4, api_key=KEY, retries=0).check(746, longest=longest)
+    with _served(vllm_like, max_tokens_per_sequence=600) as srv:
+        with pytest.raises(TeacherRefused, match=r"max_model_len 512, and this run's sequences reach 512 tokens plus "
+                                                 r"the 1 it generates per request: .*--max-model-len <longest \+ 1>"):
+            TeacherClient(srv.url, top_k=4, api_key=KEY, retries=0).check(746, longest=512)
+
+
 def test_client_with_the_wrong_key_says_so(server) -> None:
     with pytest.raises(TeacherRefused, match=f"{server.url} refused the API key"):
         TeacherClient(server.url, top_k=4, api_key="nope", retries=0).check(746)

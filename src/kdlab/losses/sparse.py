@@ -241,5 +241,7 @@ def sparse_form(loss: Callable[..., Any]) -> Callable[..., Tensor]:
     temperature = keywords.pop("temperature", 1.0)
     if temperature != 1.0:
         raise ValueError(f"loss.temperature={temperature}: a cached or remote teacher gives its top-k at temperature "
-                         f"1, from which a tempered teacher cannot be recovered; use loss.temperature=1.0")
+                         f"1 (a server's prompt_logprobs ignore a request's temperature, vLLM's and "
+                         f"kdlab-serve-teacher's alike), from which a tempered teacher cannot be recovered; use "
+                         f"loss.temperature=1.0")
     return functools.partial(top_k_form(divergence), **keywords)

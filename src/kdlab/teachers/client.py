@@ -63,11 +63,12 @@ FIXES = (
      "lower teacher.max_batch, or raise the server's limits (kdlab-serve-teacher server.max_batch, "
      "server.max_request_memory)"),
     (("logprobs",),
-     "lower teacher.top_k, or raise the server's limit (vllm serve --max-logprobs <k>; kdlab-serve-teacher "
-     "server.max_logprobs=<k>)"),
+     "lower teacher.top_k, or raise the server's limit (vllm serve --max-logprobs <k>, default 20; "
+     "kdlab-serve-teacher server.max_logprobs=<k>)"),
     (("tokens", "context length"),
      "shorten the run's sequences (task.max_prompt_tokens, task.max_target_tokens, policy.sampling.max_new_tokens), "
-     "or raise the server's limit (vllm serve --max-model-len; kdlab-serve-teacher server.max_tokens_per_sequence, "
+     "or raise the server's limit (vllm serve --max-model-len <longest + 1>, past the model's positions with "
+     "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1; kdlab-serve-teacher server.max_tokens_per_sequence, "
      "server.max_request_memory)"),
 )
 
@@ -119,6 +120,9 @@ class TeacherClient:
         self.timeout, self.retries, self.backoff, self.max_batch = timeout, retries, backoff, max_batch
         self.vocab_size: int | None = None
         self.received_bytes = 0  # the answers' bodies so far: what scoring moved over the network
+        # tokens each request asks the server to generate: vLLM takes no fewer than 1 and counts it against its
+        # max_model_len (a sequence of max_model_len tokens is refused); kdlab-serve-teacher takes 0 (see check)
+        self.generated = 1
 
     # -- start-up ---------------------------------------------------------------------------------------------------
     def check(self, vocab_size: int, tokenizer_fingerprint: str | None = None,
@@ -126,7 +130,9 @@ class TeacherClient:
         """The served model's card, after checking it can be this run's teacher; remembers the vocabulary size.
 
         vLLM's /v1/models names the model and its `max_model_len`; kdlab's server adds its vocabulary size and
-        tokenizer fingerprint, compared here. Against vLLM the ids of every answer are still checked (`top_k`).
+        tokenizer fingerprint, compared here. vLLM generates at least one token per request and counts it against
+        max_model_len, so a sequence must leave room for it; kdlab's server (its card holds `kdlab`) is asked for
+        none. Against vLLM the ids of every answer are still checked (`top_k`).
         With `longest` (the run's longest prompt + target, in tokens) it then asks for the top-k of one sequence of
         that length, so that a k or a length the server refuses stops the run now, with the server's message and
         the fix, rather than at the step that first needs it.
@@ -148,11 +154,13 @@ class TeacherClient:
             raise TeacherServerError(f"teacher server at {self.url} uses another tokenizer (fingerprint "
                                      f"{extra['tokenizer_fingerprint']}, the student's {tokenizer_fingerprint})")
         self.vocab_size = vocab_size
+        self.generated = 0 if "kdlab" in card else 1
         if longest is not None:
             limit = card.get("max_model_len")
-            if isinstance(limit, int) and 0 < limit < longest:
+            if isinstance(limit, int) and 0 < limit < longest + self.generated:
+                counted = f" plus the {self.generated} it generates per request" if self.generated else ""
                 raise TeacherRefused(f"teacher server at {self.url} serves {self.model} with max_model_len {limit}, "
-                                     f"and this run's sequences reach {longest} tokens: {fix_for('tokens')}")
+                                     f"and this run's sequences reach {longest} tokens{counted}: {fix_for('tokens')}")
             self.top_k([[0] * longest])
         return card
 
@@ -168,8 +176,9 @@ class TeacherClient:
         mask = torch.zeros((len(seqs), width), dtype=torch.bool)
         for start in range(0, len(seqs), self.max_batch):
             group = seqs[start : start + self.max_batch]
-            # max_tokens 1: vLLM wants one generated token; prompt_logprobs do not depend on it
-            body = {"model": self.model, "prompt": group, "max_tokens": 1, "prompt_logprobs": self.k}
+            # prompt_logprobs do not depend on the generated token, nor on a temperature (vLLM and kdlab's server
+            # ignore it there: a run with a tempered loss is refused, kdlab.losses.sparse.sparse_form)
+            body = {"model": self.model, "prompt": group, "max_tokens": self.generated, "prompt_logprobs": self.k}
             choices = sorted(self._request("POST", "/v1/completions", body).get("choices") or [],
                              key=lambda c: c.get("index", 0))
             if len(choices) != len(group):
@@ -211,7 +220,7 @@ class TeacherClient:
         seqs = [[int(x) for x in p] + [int(x) for x in t] for p, t in zip(prompts, targets)]
         for start in range(0, len(seqs), self.max_batch):
             group = seqs[start : start + self.max_batch]
-            body = {"model": self.model, "prompt": group, "max_tokens": 1, "prompt_logprobs": 0}
+            body = {"model": self.model, "prompt": group, "max_tokens": self.generated, "prompt_logprobs": 0}
             answer = self._request("POST", "/v1/completions", body)
             choices = sorted(answer.get("choices") or [], key=lambda c: c.get("index", 0))
             if len(choices) != len(group):

@@ -48,9 +48,12 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_with_the_same_weights(
     assert [p.name for p in (killed / CHECKPOINTS).iterdir()] == [LAST_CHECKPOINT]  # saved once: no last-v1.ckpt
     assert torch.load(last_checkpoint(killed), weights_only=False)["global_step"] == 3
 
-    _train(killed, "ckpt_path=last")
+    # the bare resume line (README): the run's own overrides, its callback included, come from its .hydra/
+    resumed = subprocess.run([sys.executable, "train.py", f"hydra.run.dir={killed}", "ckpt_path=last"], cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     results = json.loads((killed / RESULTS).read_text())
-    assert results["steps"] == 6
+    assert results["steps"] == 6 and results["metrics"] == json.loads((straight / RESULTS).read_text())["metrics"]
     ours, reference = _weights(killed), _weights(straight)
     assert ours.keys() == reference.keys()
     for name in ours:

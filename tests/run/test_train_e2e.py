@@ -156,3 +156,20 @@ def test_a_user_loss_plugs_in_by_target(tmp_path):
     assert results["steps"] == 3
     # the same first batch and weights: the step's loss is half of forward KL's (the function and its `scale` ran)
     assert _first_train_loss(tmp_path / "user") == pytest.approx(0.5 * _first_train_loss(tmp_path / "fkl"), rel=1e-5)
+
+
+def test_debug_overfit_trains_on_fixed_targets_and_its_loss_falls(tmp_path):
+    """debug=overfit is the check that training works: one batch, fixed targets only (a student-sampled step would
+    train on fresh samples each time), so the last logged train loss is below the first."""
+    import csv
+
+    cfg = compose(["debug=overfit", "teacher=tiny", "student=tiny", "trainer.max_steps=30", "task.train_size=64",
+                   "task.val_size=16", "task.eval_examples=8", "task.batch_size=4", "task.eval_batch_size=8",
+                   "task.generation.max_new_tokens=4", "eval.before=false", "export=false"], output_dir=tmp_path)
+    assert (cfg.policy.name, cfg.policy.student_fraction) == ("supervised", 0.0)
+    run(cfg)
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    results = json.loads((tmp_path / RESULTS).read_text())
+    assert results["onpolicy_fraction"] == 0.0 and len(losses) >= 6  # every 5 steps and the last
+    assert losses[-1] < 0.5 * losses[0], losses

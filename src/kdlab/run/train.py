@@ -30,7 +30,8 @@ from kdlab.run.checkpoints import PreemptionCheckpoint, RunInterrupted, stop_on_
 from kdlab.run.console import run_end_lines, setup_console
 from kdlab.run.last_step import final_train_metrics
 from kdlab.run.resolvers import in_multirun, register_resolvers
-from kdlab.run.validate import ConfigError, config_errors, raise_if_any, vocabulary_errors
+from kdlab.run.resume import next_resume_dir
+from kdlab.run.validate import ConfigError, config_errors, device_errors, raise_if_any, vocabulary_errors
 from kdlab.step.module import DistillationModule
 from kdlab.step.resilience import TrainingDiverged
 from kdlab.teachers.build import MODEL, build_teacher, member_tokenizer_errors, route_field, teacher_kind
@@ -44,7 +45,7 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, Task | None]:
     Returns the (student, teacher) tokenizers it loaded to compare vocabularies (the teacher's when it is a model in
     this process) and the task with its examples read.
     """
-    errors = config_errors(cfg)
+    errors = config_errors(cfg) + device_errors(cfg.trainer)
     task = None
     if not errors:
         try:
@@ -87,6 +88,18 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     if ckpt_path == "auto":
         return str(last) if last.exists() else None
     return ckpt_path
+
+
+def config_file(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> Path:
+    """Where the resolved config goes: `<run>/config.yaml`, but a resume in place keeps the first start's and writes
+    its own into `<run>/resumes/<n>/` (kdlab.run.resume; train.py names it in `resume.record_dir`)."""
+    first = output_dir / rundir.CONFIG
+    if ckpt_path is None or not first.exists():
+        return first
+    record_dir = cfg.get("resume", {}).get("record_dir")
+    record_dir = Path(record_dir) if record_dir else next_resume_dir(output_dir)
+    record_dir.mkdir(parents=True, exist_ok=True)
+    return record_dir / rundir.CONFIG
 
 
 def fit(trainer: L.Trainer, preemption: PreemptionCheckpoint, module: DistillationModule, datamodule: Any,
@@ -175,9 +188,7 @@ def run_job(cfg: DictConfig) -> float:
     signal or Ctrl-C leaves `interrupted.json` instead (it can resume) and stops the sweep. A job that finishes
     clears the markers of an earlier attempt in the same directory.
     """
-    from hydra.core.hydra_config import HydraConfig
-
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = Path(cfg.output_dir)  # Hydra's job directory unless output_dir is set (a resume of a finished run)
     try:
         value = run(cfg)
     except Exception as err:
@@ -198,9 +209,9 @@ def _run(cfg: DictConfig) -> float:
     started = time.perf_counter()
     register_resolvers()
     setup_console()
+    output_dir = Path(cfg.output_dir)
     student_tokenizer, teacher_tokenizer, task = validate(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
-    output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     # Teacher and student tokenize differently: every example is tokenized for each, and samples cross via text.
@@ -222,7 +233,7 @@ def _run(cfg: DictConfig) -> float:
         trainer, preemption = build_trainer(cfg, task, loggers, output_dir)
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         if trainer.is_global_zero:
-            OmegaConf.save(cfg, output_dir / rundir.CONFIG, resolve=True)
+            OmegaConf.save(cfg, config_file(cfg, output_dir, ckpt_path), resolve=True)
         generations = output_dir / "generations"
         teacher_scores = None
         if module.teacher is not None and cfg.eval.teacher:

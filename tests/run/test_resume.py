@@ -151,6 +151,8 @@ def test_resuming_a_finished_run_writes_beside_it_and_leaves_its_files_byte_iden
     again = json.loads((resumed / rundir.RESULTS).read_text())
     assert again["steps"] == results["steps"] == 3  # the run's own trainer.max_steps=3, not the default 400
     assert again["metrics"] == results["metrics"]
+    assert "reward=arith_correct" in results["overrides"] and results["choices"]["reward"]["name"] == "arith_correct"
+    assert again["overrides"][-2:] == [f"ckpt_path={rundir.last_checkpoint(run)}", "resume.allow_changes=false"]
     # the run's own config, its reward included, not the default one
     assert yaml.safe_load((resumed / rundir.CONFIG).read_text())["reward"]["fn"]["_target_"].endswith("FinalAnswerCorrect")
 

@@ -128,7 +128,8 @@ def run_end_lines(total_seconds: float, results: Mapping[str, Any], output_dir: 
 
     `kdlab-report` takes any folder of run directories: the run's parent holds its siblings (the day's runs, or a
     sweep's jobs), so the command compares this run with those beside it."""
-    training = f"training {format_duration(results['wall_time_s'])}, {results['tokens_per_sec']:.0f} tok/s"
+    train_time = results.get("train_time_s", results.get("wall_time_s", 0.0))  # results of older runs: wall_time_s
+    training = f"training {format_duration(train_time)}, {results['tokens_per_sec']:.0f} tok/s"
     lines = [
         f"wall time: {format_duration(total_seconds)} ({training})",
         f"student: {student_dir}" if student_dir is not None else "student: not saved (export=false)",

@@ -29,6 +29,7 @@ from kdlab.run.build import build_loggers, build_module, build_sampler, build_tr
 from kdlab.run.checkpoints import PreemptionCheckpoint, RunInterrupted, stop_on_sigterm
 from kdlab.run.console import run_end_lines, setup_console
 from kdlab.run.last_step import final_train_metrics
+from kdlab.run.record import run_choices
 from kdlab.run.resolvers import in_multirun, register_resolvers
 from kdlab.run.resume import next_resume_dir
 from kdlab.run.validate import ConfigError, config_errors, device_errors, raise_if_any, vocabulary_errors
@@ -121,15 +122,18 @@ def fit(trainer: L.Trainer, preemption: PreemptionCheckpoint, module: Distillati
 
 def results_record(cfg: DictConfig, task: Task, trainer: L.Trainer, module: DistillationModule,
                    scores: dict[str, dict[str, float] | None], wall_time: float) -> dict[str, Any]:
-    """What `results.json` holds: the scores of teacher and student (before and after), the run's size and speed,
-    and the settings a comparison groups runs by."""
+    """What `results.json` holds: the scores of teacher and student (before and after), the run's size and speed
+    (train_time_s: fit only; total_time_s: the whole run), the settings a comparison groups runs by, the resolved
+    choices (kdlab.run.record.run_choices) and the command-line overrides."""
     return {
         "task": task.name,
         "metric": task.metric_name,
         "metrics": scores["student_after"],
         **scores,
         "steps": trainer.global_step,
-        "wall_time_s": round(wall_time, 3),
+        "train_time_s": round(wall_time, 3),
+        "wall_time_s": round(wall_time, 3),  # the training time, as read before train_time_s (kdlab.report reads it)
+        "total_time_s": None,  # set once the run is done: start-up, scoring, training and export
         "train_tokens": module.train_tokens,
         "tokens_per_sec": round(module.train_tokens / max(wall_time, 1e-9), 2),
         "onpolicy_fraction": module.onpolicy_fraction,
@@ -137,8 +141,17 @@ def results_record(cfg: DictConfig, task: Task, trainer: L.Trainer, module: Dist
         "loss": cfg.loss.name,
         "student_fraction": float(cfg.policy.student_fraction),
         "seed": int(cfg.seed),
+        "choices": run_choices(cfg),
+        "overrides": command_line_overrides(),
         "data": task.report.to_dict(),
     }
+
+
+def command_line_overrides() -> list[str]:
+    """The run's command-line overrides as Hydra read them ([] outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def evaluate_and_save(trainer: L.Trainer, module: DistillationModule, datamodule: Any, role: str,
@@ -251,9 +264,10 @@ def _run(cfg: DictConfig) -> float:
         if cfg.export:
             module.export_student(str(output_dir / rundir.STUDENT))  # every process: a sharded student is gathered
         if trainer.is_global_zero:
+            total = time.perf_counter() - started
+            results["total_time_s"] = round(total, 3)
             (output_dir / rundir.RESULTS).write_text(json.dumps(results, indent=2))
             student_dir = output_dir / rundir.STUDENT if cfg.export else None
-            total = time.perf_counter() - started
             print(f"\n{format_results_table(results)}\n\n{run_end_lines(total, results, output_dir, student_dir)}")
         succeeded = True
         return float(after[task.metric_name])

@@ -27,7 +27,7 @@ from kdlab.models.loading import HubUnavailableError, load_tokenizer, same_vocab
 from kdlab.run import rundir
 from kdlab.run.build import build_loggers, build_module, build_sampler, build_trainer
 from kdlab.run.checkpoints import PreemptionCheckpoint, RunInterrupted, stop_on_sigterm
-from kdlab.run.console import run_end_lines, setup_console
+from kdlab.run.console import run_end_lines, run_start_line, setup_console
 from kdlab.run.last_step import final_train_metrics
 from kdlab.run.record import run_choices
 from kdlab.run.resolvers import in_multirun, register_resolvers
@@ -221,7 +221,7 @@ def run_job(cfg: DictConfig) -> float:
 def _run(cfg: DictConfig) -> float:
     started = time.perf_counter()
     register_resolvers()
-    setup_console()
+    setup_console(verbose=bool(cfg.get("verbose", False)))
     output_dir = Path(cfg.output_dir)
     student_tokenizer, teacher_tokenizer, task = validate(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
@@ -239,6 +239,7 @@ def _run(cfg: DictConfig) -> float:
     teacher = build_teacher(cfg.get("teacher"), cfg, student_tokenizer, teacher_tokenizer,
                             datamodule.train_set.items, build_sampler)
     module = build_module(cfg, task, student_tokenizer, teacher, rundir.resume_command(output_dir))
+    _print_start_line(cfg, module)
 
     loggers = build_loggers(cfg)
     succeeded = False
@@ -273,6 +274,13 @@ def _run(cfg: DictConfig) -> float:
         return float(after[task.metric_name])
     finally:
         _close_loggers(loggers, succeeded)
+
+
+@rank_zero_only
+def _print_start_line(cfg: DictConfig, module: DistillationModule) -> None:
+    parameters = list(module.student.parameters())
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    print(run_start_line(run_choices(cfg), trainable, sum(p.numel() for p in parameters)), flush=True)
 
 
 @rank_zero_only

@@ -168,7 +168,7 @@ def test_debug_overfit_trains_on_fixed_targets_and_its_loss_falls(tmp_path):
     train on fresh samples each time), so the last logged train loss is below the first."""
     import csv
 
-    cfg = compose(["debug=overfit", "teacher=tiny", "student=tiny", "trainer.max_steps=30", "task.train_size=64",
+    cfg = compose(["debug=overfit", "teacher=tiny", "student=tiny", "trainer.max_steps=20", "task.train_size=64",
                    "task.val_size=16", "task.eval_examples=8", "task.batch_size=4", "task.eval_batch_size=8",
                    "task.generation.max_new_tokens=4", "eval.before=false", "export=false"], output_dir=tmp_path)
     assert (cfg.policy.name, cfg.policy.student_fraction) == ("supervised", 0.0)
@@ -176,5 +176,5 @@ def test_debug_overfit_trains_on_fixed_targets_and_its_loss_falls(tmp_path):
     with open(tmp_path / "csv" / "metrics.csv") as f:
         losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
     results = json.loads((tmp_path / RESULTS).read_text())
-    assert results["onpolicy_fraction"] == 0.0 and len(losses) >= 6  # every 5 steps and the last
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert results["onpolicy_fraction"] == 0.0 and len(losses) >= 4  # every 5 steps
+    assert losses[-1] < 0.75 * losses[0], losses  # measured: 0.44 of the first after 20 steps (tiny models, seed 0)

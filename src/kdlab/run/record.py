@@ -29,6 +29,8 @@ def run_name(cfg: Mapping[str, Any]) -> str:
     `arith_arith-teacher_to_arith-student_jsd-0.5_mixed-0.5`; a LoRA student reads `<student>-lora16`, several teachers
     `a+b`, a teacher outside the process `cached` or `remote`, none `no-teacher`."""
     cfg = _plain(cfg)
+    if not cfg.get("task") or not cfg.get("policy"):  # Hydra's own node alone (`--cfg hydra`): no job to name
+        return "run"
     parts = [safe(cfg["task"]["name"]), f"{_teacher_label(cfg.get('teacher'))}_to_{_student_label(cfg.get('student'))}",
              safe(method_label(cfg.get("loss"))), safe(_policy_label(cfg["policy"]))]
     if cfg.get("reward"):
@@ -42,6 +44,8 @@ def run_name(cfg: Mapping[str, Any]) -> str:
 def sweep_name(cfg: Mapping[str, Any]) -> str:
     """A multirun's directory: its task and tags (what its jobs vary is in each job's own name and overrides)."""
     cfg = _plain(cfg)
+    if not cfg.get("task"):
+        return "sweep"
     return "_".join([safe(cfg["task"]["name"]), *(safe(t) for t in cfg.get("tags") or [])])[:MAX_NAME]
 
 

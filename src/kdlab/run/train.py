@@ -222,9 +222,9 @@ def _run(cfg: DictConfig) -> float:
     started = time.perf_counter()
     register_resolvers()
     setup_console(verbose=bool(cfg.get("verbose", False)))
-    output_dir = Path(cfg.output_dir)
     student_tokenizer, teacher_tokenizer, task = validate(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
+    output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     # Teacher and student tokenize differently: every example is tokenized for each, and samples cross via text.

@@ -117,6 +117,17 @@ def test_commands_that_resume_nothing_are_left_as_written(tmp_path):
         assert resume_argv(argv) == argv
 
 
+def test_the_processes_lightning_starts_for_other_devices_repeat_rank_0s_command_line(tmp_path, monkeypatch):
+    """Under trainer=ddp Lightning starts each other device's process with rank 0's (rewritten) command line plus its
+    own `hydra.run.dir` and `hydra.output_subdir=null`: rewriting it again would pick another resumes/<n>."""
+    run = _run_dir(tmp_path, finished=False)
+    rank_0 = resume_argv([f"hydra.run.dir={run}", "ckpt_path=last"])
+    # (Lightning quotes the directory, which alone would hide it here; a launcher that does not must not matter)
+    child = [*rank_0, f"hydra.run.dir={run}", "hydra.job.name=train_ddp_process_1", "hydra.output_subdir=null"]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resume_argv(child) == child
+
+
 def _digests(directory: Path) -> dict[str, str]:
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file() and rundir.RESUMES not in p.relative_to(directory).parts}

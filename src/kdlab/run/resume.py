@@ -41,6 +41,8 @@ def resume_argv(argv: Sequence[str], cwd: str | Path | None = None) -> list[str]
     argv = list(argv)
     if any(a in ("-m", "--multirun") for a in argv):
         return argv  # a sweep's jobs have their own directories under hydra.sweep.dir
+    if os.environ.get("LOCAL_RANK", "0") != "0" and "hydra.output_subdir=null" in argv:
+        return argv  # a process Lightning started for another device: rank 0's command line, already rewritten
     overrides = {_key(a): _value(a) for a in argv if _is_override(a)}
     run_dir_text = overrides.get("hydra.run.dir")
     if run_dir_text is None:

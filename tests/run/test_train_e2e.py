@@ -178,3 +178,20 @@ def test_debug_overfit_trains_on_fixed_targets_and_its_loss_falls(tmp_path):
     results = json.loads((tmp_path / RESULTS).read_text())
     assert results["onpolicy_fraction"] == 0.0 and len(losses) >= 4  # every 5 steps
     assert losses[-1] < 0.75 * losses[0], losses  # measured: 0.44 of the first after 20 steps (tiny models, seed 0)
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (["teacher=arith_pair"], "2 teachers (teacher, peer) mix per token; no one of them generates for the run"),
+    (["teacher=tiny", "eval.teacher=false"], "eval.teacher=false"),
+])
+def test_a_teacher_that_cannot_be_scored_says_why_and_the_run_goes_on(tmp_path, overrides, reason):
+    """Several teachers have no one model to generate with: scoring them as one teacher stopped the run."""
+    tiny = [o for o in TINY_RUN if not o.startswith("teacher=")]
+    cfg = compose([*tiny, *overrides, "trainer.max_steps=1", "eval.before=false", "export=false"], output_dir=tmp_path)
+    run(cfg)
+    results = json.loads((tmp_path / RESULTS).read_text())
+    assert results["teacher"] is None and results["teacher_not_scored"] == reason
+    assert not (tmp_path / "generations" / "teacher.jsonl").exists()
+    from kdlab.run.train import format_results_table
+
+    assert format_results_table(results).splitlines()[-1] == f"(teacher not scored: {reason})"

@@ -174,7 +174,25 @@ def format_results_table(results: dict[str, Any]) -> str:
     for label, scores in rows:
         cells = "".join(f"{scores[n]:>12.4f}" if scores and n in scores else f"{'-':>12}" for n in names)
         lines.append(f"{label:16}" + cells)
+    if results.get("teacher_not_scored"):
+        lines.append(f"(teacher not scored: {results['teacher_not_scored']})")
     return "\n".join(lines)
+
+
+def teacher_not_scored(cfg: DictConfig, teacher: Any) -> str | None:
+    """Why the teacher row stays empty, or None when the teacher is scored: only a teacher that generates (a model in
+    this process) writes answers to score; several teachers mix per token, and none of them is "the" teacher."""
+    if teacher is None:
+        return "no teacher"
+    if not cfg.eval.teacher:
+        return "eval.teacher=false"
+    if teacher.generates:
+        return None
+    kind = teacher_kind(cfg.teacher)
+    if kind == "several":
+        return (f"{len(cfg.teacher.members)} teachers ({', '.join(cfg.teacher.members)}) mix per token; no one of "
+                "them generates for the run")
+    return f"a {kind} teacher has no model in this run to generate answers with"
 
 
 def run(cfg: DictConfig) -> float:
@@ -249,8 +267,8 @@ def _run(cfg: DictConfig) -> float:
         if trainer.is_global_zero:
             OmegaConf.save(cfg, config_file(cfg, output_dir, ckpt_path), resolve=True)
         generations = output_dir / "generations"
-        teacher_scores = None
-        if module.teacher is not None and cfg.eval.teacher:
+        teacher_scores, not_scored = None, teacher_not_scored(cfg, module.teacher)
+        if not_scored is None:
             teacher_scores = evaluate_and_save(trainer, module, datamodule, "teacher", generations / "teacher.jsonl")
         before = None
         if cfg.eval.before:
@@ -262,6 +280,7 @@ def _run(cfg: DictConfig) -> float:
         results = results_record(cfg, task, trainer, module, {"teacher": teacher_scores, "student_before": before,
                                                               "student_after": after}, wall_time)
         results["train"] = train_metrics
+        results["teacher_not_scored"] = not_scored
         if cfg.export:
             module.export_student(str(output_dir / rundir.STUDENT))  # every process: a sharded student is gathered
         if trainer.is_global_zero:

@@ -20,7 +20,8 @@ RUNS = {
     "cached": (["teacher=cached", "teacher.dir=/a/cache", "policy=supervised"],
                "arith_cached_to_arith-student_jsd-0.5_supervised"),
     "experiment": (["experiment=gkd_onpolicy_jsd"], "arith_arith-teacher_to_arith-student_jsd-0.9_onpolicy"),
-    "no teacher": (["teacher=none", "loss=sft", "policy=supervised"], "arith_no-teacher_to_arith-student_sft_supervised"),
+    "no teacher": (["teacher=none", "loss=sft", "policy=supervised"],
+                   "arith_no-teacher_to_arith-student_sft_supervised"),
     "lambda": (["policy.student_fraction=0.25", "loss=fkl"], "arith_arith-teacher_to_arith-student_fkl_mixed-0.25"),
     "tags": (["tags=[baseline,try 2]"], "arith_arith-teacher_to_arith-student_jsd-0.5_mixed-0.5_baseline-try-2"),
 }
@@ -68,7 +69,8 @@ def test_choices_record_teacher_student_loss_policy_reward_lora_and_engine():
                                    "policy.student_fraction=0.25", "loss.beta=0.9"]))
     teacher = choices["teacher"]
     assert teacher["kind"] == "several" and teacher["combine"] == "mixture"
-    assert {n: m["name"] for n, m in teacher["members"].items()} == {"teacher": "arith-teacher", "peer": "arith-student"}
+    members = {n: m["name"] for n, m in teacher["members"].items()}
+    assert members == {"teacher": "arith-teacher", "peer": "arith-student"}
     assert choices["student"]["name"] == "arith-student"
     assert (choices["loss"]["name"], choices["loss"]["label"], choices["loss"]["beta"]) == ("jsd", "jsd(0.9)", 0.9)
     assert "_target_" not in choices["loss"]

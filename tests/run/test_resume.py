@@ -129,8 +129,9 @@ def test_the_processes_lightning_starts_for_other_devices_repeat_rank_0s_command
 
 
 def _digests(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file() and rundir.RESUMES not in p.relative_to(directory).parts}
+    files = [p for p in sorted(directory.rglob("*")) if p.is_file()]
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+            if rundir.RESUMES not in p.relative_to(directory).parts}
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:
@@ -165,7 +166,8 @@ def test_resuming_a_finished_run_writes_beside_it_and_leaves_its_files_byte_iden
     assert "reward=arith_correct" in results["overrides"] and results["choices"]["reward"]["name"] == "arith_correct"
     assert again["overrides"][-2:] == [f"ckpt_path={rundir.last_checkpoint(run)}", "resume.allow_changes=false"]
     # the run's own config, its reward included, not the default one
-    assert yaml.safe_load((resumed / rundir.CONFIG).read_text())["reward"]["fn"]["_target_"].endswith("FinalAnswerCorrect")
+    reward = yaml.safe_load((resumed / rundir.CONFIG).read_text())["reward"]
+    assert reward["fn"]["_target_"].endswith("FinalAnswerCorrect")
 
 
 def _check(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -57,7 +57,7 @@ def test_run_directory_contract(tmp_path):
     # the training time and the whole run's apart; wall_time_s stays the training time for older readers
     assert 0 < results["train_time_s"] == results["wall_time_s"] < results["total_time_s"]
     assert results["choices"]["policy"] == {"name": "onpolicy", "student_fraction": 1.0, "fixed_source": "ground_truth"}
-    assert results["choices"]["teacher"]["name"] == "tiny-llama" and results["choices"]["student"]["name"] == "tiny-llama"
+    assert results["choices"]["teacher"]["name"] == results["choices"]["student"]["name"] == "tiny-llama"
     assert results["overrides"] == []  # run(cfg) outside Hydra: no command line (train.py's are in test_resume.py)
     assert (tmp_path / CONFIG).is_file()
     # the reported scores are the GSM8K accuracy of the saved generations, recomputed here without evaluate

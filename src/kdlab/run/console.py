@@ -24,7 +24,8 @@ LITLOGGER_TIP_LOGGER = "lightning.pytorch.utilities.rank_zero"
 # module's types), and runs bounded by max_steps log by step, whatever an epoch's length.
 TRANSFER_WARNING = ("You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a "
                     "`LightningDataModule`")
-LOG_INTERVAL_WARNING = r"The number of training batches \(\d+\) is smaller than the logging interval Trainer\(log_every_n_steps="
+LOG_INTERVAL_WARNING = (r"The number of training batches \(\d+\) is smaller than the logging interval "
+                        r"Trainer\(log_every_n_steps=")
 # Loggers whose INFO records are the run's plan (e.g. `loss.fused: ...`): in train.log always, on the console with
 # verbose=true only. Their warnings always show.
 PLAN_LOGGERS = ("kdlab.run.build", "kdlab.losses.fused")

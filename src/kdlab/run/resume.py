@@ -113,8 +113,8 @@ def next_resume_dir(run_dir: Path) -> Path:
 def reference_overrides_file(run_dir: Path) -> Path:
     """The overrides the run's checkpoint was trained under: those of its newest in-place resume (one that
     continued the run in its own directory, which records `resume.record_dir`), else the run's own."""
-    attempts = sorted(((int(p.parent.parent.name), p) for p in (run_dir / rundir.RESUMES).glob("*/.hydra/overrides.yaml")
-                       if p.parent.parent.name.isdigit()), reverse=True)
+    found = (run_dir / rundir.RESUMES).glob("*/.hydra/overrides.yaml")
+    attempts = sorted(((int(p.parent.parent.name), p) for p in found if p.parent.parent.name.isdigit()), reverse=True)
     for _, path in attempts:
         if any(str(o).startswith(f"{RECORD_DIR}=") for o in _read_yaml_list(path)):
             return path

@@ -186,3 +186,32 @@ def test_unreachable_hub_model_gives_one_clear_error_naming_local_files(tmp_path
     text = str(err.value)
     assert "kdlab-test/not-a-cached-model" in text and "student.path=/path/to/model_dir" in text
     assert "Traceback" not in text
+
+
+def test_trainer_gpu_without_a_gpu_is_one_line_at_start_up(tmp_path):
+    """trainer=gpu where torch sees no CUDA GPU: ConfigError naming the key and the fix, from train.py too, not
+    Lightning's InstantiationException; with enough GPUs, nothing."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from tests.conftest import REPO
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for devices in (1, visible + 1):
+        cfg = compose(["trainer=gpu", f"trainer.devices={devices}"], output_dir=tmp_path)
+        if visible >= devices:
+            validate(cfg)
+            continue
+        with pytest.raises(ConfigError) as err:
+            validate(cfg)
+        assert (f"trainer.accelerator=gpu with trainer.devices={devices}, but torch sees {visible} CUDA GPU"
+                in str(err.value)) and "use trainer=cpu" in str(err.value)
+    if visible == 0:  # the whole entry point: the run stops before building a trainer, its error in one line
+        done = subprocess.run([sys.executable, "train.py", "trainer=gpu", f"hydra.run.dir={tmp_path / 'run'}"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1 and "Traceback" not in done.stderr and "Instantiation" not in done.stderr
+        problems = [line for line in done.stderr.splitlines() if line.startswith("  - ")]
+        assert done.stderr.startswith("error: invalid config:") and len(problems) == 1
+        assert "trainer.accelerator=gpu" in problems[0]

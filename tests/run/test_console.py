@@ -25,7 +25,8 @@ from kdlab.run.console import (
 from kdlab.run.progress import StepProgressBar, bar_metrics, compact_count
 from tests.conftest import REPO
 
-NOISE = (LEAFSPEC_WARNING, "litlogger", "`weights_only` was not set", "Loading weights", "Writing model shards")
+NOISE = (LEAFSPEC_WARNING, "litlogger", "`weights_only` was not set", "Loading weights", "Writing model shards",
+         "transfer_batch_to_device", "log_every_n_steps", "Validation", "loss.fused")
 
 
 def test_bar_metrics_take_short_names_and_compact_values():
@@ -71,6 +72,70 @@ def test_setup_console_silences_the_leafspec_warning_only():
         warnings.warn("`foo` is deprecated, use `bar` instead.", FutureWarning, 1)
         warnings.warn(LEAFSPEC_WARNING, UserWarning, 1)  # same text, another category: not the known one
     assert [str(w.message) for w in caught] == ["`foo` is deprecated, use `bar` instead.", LEAFSPEC_WARNING]
+
+
+def test_setup_console_silences_lightnings_two_notes_on_what_kdlab_does_on_purpose_only():
+    transfer = ("You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a "
+                "`LightningDataModule`. It will use the implementation from `LightningModule` instance.")
+    interval = ("The number of training batches (4) is smaller than the logging interval Trainer(log_every_n_steps=10)."
+                " Set a lower value for log_every_n_steps if you want to see logs for the training epoch.")
+    other = "The number of training batches (4) is smaller than something else"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        setup_console()
+        for message in (transfer, interval, other):
+            warnings.warn(message, UserWarning, 1)
+    assert [str(w.message) for w in caught] == [other]
+
+
+def _console_lines(verbose: bool, records: list[tuple[str, int]]) -> list[str]:
+    """What a Hydra-style console handler (ConsoleFormatter) prints of `records` after setup_console(verbose)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(ConsoleFormatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        setup_console(verbose=verbose)
+        for name, level in records:
+            logging.getLogger(name).log(level, f"{name} {logging.getLevelName(level)}")
+    finally:
+        root.removeHandler(handler)
+    return stream.getvalue().splitlines()
+
+
+def test_plan_lines_reach_the_console_with_verbose_only_and_warnings_always():
+    records = [("kdlab.run.build", logging.INFO), ("kdlab.losses.fused", logging.INFO),
+               ("kdlab.run.build", logging.WARNING), ("kdlab.step.resilience", logging.INFO)]
+    logging.getLogger("kdlab").setLevel(logging.INFO)
+    try:
+        quiet, verbose = _console_lines(False, records), _console_lines(True, records)
+    finally:
+        logging.getLogger("kdlab").setLevel(logging.NOTSET)
+    assert quiet == ["WARNING: kdlab.run.build WARNING", "kdlab.step.resilience INFO"]
+    assert verbose == ["kdlab.run.build INFO", "kdlab.losses.fused INFO", "WARNING: kdlab.run.build WARNING",
+                       "kdlab.step.resilience INFO"]
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ([], "run: task arith, teacher arith-teacher, student arith-student (515k parameters trained), loss jsd(0.5), "
+         "policy mixed (student fraction 0.5)"),
+    (["student.lora.r=8", "reward=arith_correct"], "student arith-student (4.1k of 515k parameters trained, LoRA r=8)"),
+    (["teacher=arith_pair"], "2 teachers, mixture: teacher (arith-teacher) + peer (arith-student)"),
+    (["teacher=cached", "teacher.dir=/c", "policy=supervised"], "teacher cached in /c (its top-k read back, no model"),
+    (["teacher=remote", "teacher.url=http://h:1"], "teacher remote at http://h:1 (scored by the server, no model"),
+    (["teacher=none", "loss=sft", "policy=supervised"], "task arith, no teacher, student"),
+])
+def test_the_start_line_names_what_runs(overrides, says):
+    from kdlab.run.console import run_start_line
+    from kdlab.run.record import run_choices
+    from tests.conftest import compose
+
+    trainable = 4096 if "student.lora.r=8" in overrides else 515_000
+    line = run_start_line(run_choices(compose(overrides)), trainable, 515_000)
+    assert says in line and "\n" not in line, line
+    if "reward=arith_correct" in overrides:
+        assert line.endswith(", reward FinalAnswerCorrect")
 
 
 def test_setup_console_drops_the_litlogger_tip_and_keeps_other_lightning_info():
@@ -162,8 +227,12 @@ def test_train_py_debug_limit_console(tmp_path):
     repeated = [line for line, count in Counter(lines).items() if count > 1]
     assert not repeated, repeated
     assert "Seed set to 0" in lines  # Lightning's record once, bare: no "INFO: " copy, no time-stamped copy
+    start = [line for line in lines if line.startswith("run: ")]
+    assert start == ["run: task arith, teacher arith-teacher, student arith-student (515k parameters trained), "
+                     "loss jsd(0.5), policy mixed (student fraction 0.5)"]
+    assert "loss.fused: " in (run_dir / "train.log").read_text()  # the plan line: in the log, not on the console
     frames = [frame for line in output.split("\n") for frame in line.split("\r")]
-    bar_frames = [frame for frame in frames if frame.startswith(("step ", "Validation"))]
+    bar_frames = [frame for frame in frames if frame.startswith(("step ", "scoring"))]
     assert len(bar_frames) > 4 and all(len(frame) <= 80 for frame in bar_frames), max(bar_frames, key=len)
     bar = [line for line in lines if line.startswith("step 4/4, eta ")]
     assert len(bar) == 1 and all(f"{name}=" in bar[0] for name in ("loss", "tok/s", "onpol")), bar

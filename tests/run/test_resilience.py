@@ -48,9 +48,17 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_with_the_same_weights(
     assert [p.name for p in (killed / CHECKPOINTS).iterdir()] == [LAST_CHECKPOINT]  # saved once: no last-v1.ckpt
     assert torch.load(last_checkpoint(killed), weights_only=False)["global_step"] == 3
 
-    _train(killed, "ckpt_path=last")
+    first_start = {name: (killed / name).read_bytes() for name in (".hydra/overrides.yaml", "config.yaml")}
+    # the bare resume line (README): the run's own overrides, its callback included, come from its .hydra/
+    resumed = subprocess.run([sys.executable, "train.py", f"hydra.run.dir={killed}", "ckpt_path=last"], cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     results = json.loads((killed / RESULTS).read_text())
-    assert results["steps"] == 6
+    # the first start's record stays; this resume's own is beside it
+    assert {name: (killed / name).read_bytes() for name in first_start} == first_start
+    assert (killed / "resumes" / "1" / "config.yaml").is_file()
+    assert (killed / "resumes" / "1" / ".hydra" / "overrides.yaml").is_file()
+    assert results["steps"] == 6 and results["metrics"] == json.loads((straight / RESULTS).read_text())["metrics"]
     ours, reference = _weights(killed), _weights(straight)
     assert ours.keys() == reference.keys()
     for name in ours:

@@ -54,6 +54,11 @@ def test_run_directory_contract(tmp_path):
     for key in ("metrics", "teacher", "student_before", "student_after", "steps", "wall_time_s", "tokens_per_sec"):
         assert key in results
     assert results["tokens_per_sec"] > 0 and results["train_tokens"] > 0
+    # the training time and the whole run's apart; wall_time_s stays the training time for older readers
+    assert 0 < results["train_time_s"] == results["wall_time_s"] < results["total_time_s"]
+    assert results["choices"]["policy"] == {"name": "onpolicy", "student_fraction": 1.0, "fixed_source": "ground_truth"}
+    assert results["choices"]["teacher"]["name"] == results["choices"]["student"]["name"] == "tiny-llama"
+    assert results["overrides"] == []  # run(cfg) outside Hydra: no command line (train.py's are in test_resume.py)
     assert (tmp_path / CONFIG).is_file()
     # the reported scores are the GSM8K accuracy of the saved generations, recomputed here without evaluate
     from kdlab.data.answers import accuracy
@@ -156,3 +161,37 @@ def test_a_user_loss_plugs_in_by_target(tmp_path):
     assert results["steps"] == 3
     # the same first batch and weights: the step's loss is half of forward KL's (the function and its `scale` ran)
     assert _first_train_loss(tmp_path / "user") == pytest.approx(0.5 * _first_train_loss(tmp_path / "fkl"), rel=1e-5)
+
+
+def test_debug_overfit_trains_on_fixed_targets_and_its_loss_falls(tmp_path):
+    """debug=overfit is the check that training works: one batch, fixed targets only (a student-sampled step would
+    train on fresh samples each time), so the last logged train loss is below the first."""
+    import csv
+
+    cfg = compose(["debug=overfit", "teacher=tiny", "student=tiny", "trainer.max_steps=20", "task.train_size=64",
+                   "task.val_size=16", "task.eval_examples=8", "task.batch_size=4", "task.eval_batch_size=8",
+                   "task.generation.max_new_tokens=4", "eval.before=false", "export=false"], output_dir=tmp_path)
+    assert (cfg.policy.name, cfg.policy.student_fraction) == ("supervised", 0.0)
+    run(cfg)
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    results = json.loads((tmp_path / RESULTS).read_text())
+    assert results["onpolicy_fraction"] == 0.0 and len(losses) >= 4  # every 5 steps
+    assert losses[-1] < 0.75 * losses[0], losses  # measured: 0.44 of the first after 20 steps (tiny models, seed 0)
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (["teacher=arith_pair"], "2 teachers (teacher, peer) mix per token; no one of them generates for the run"),
+    (["teacher=tiny", "eval.teacher=false"], "eval.teacher=false"),
+])
+def test_a_teacher_that_cannot_be_scored_says_why_and_the_run_goes_on(tmp_path, overrides, reason):
+    """Several teachers have no one model to generate with: scoring them as one teacher stopped the run."""
+    tiny = [o for o in TINY_RUN if not o.startswith("teacher=")]
+    cfg = compose([*tiny, *overrides, "trainer.max_steps=1", "eval.before=false", "export=false"], output_dir=tmp_path)
+    run(cfg)
+    results = json.loads((tmp_path / RESULTS).read_text())
+    assert results["teacher"] is None and results["teacher_not_scored"] == reason
+    assert not (tmp_path / "generations" / "teacher.jsonl").exists()
+    from kdlab.run.train import format_results_table
+
+    assert format_results_table(results).splitlines()[-1] == f"(teacher not scored: {reason})"

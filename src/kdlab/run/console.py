@@ -20,6 +20,15 @@ LEAFSPEC_WARNING = "`isinstance(treespec, LeafSpec)` is deprecated"
 # Lightning advertises its cloud logger whenever it is not in use.
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]"
 LITLOGGER_TIP_LOGGER = "lightning.pytorch.utilities.rank_zero"
+# Lightning's notes on what kdlab does on purpose: the module moves its own batches (the datamodule's are the
+# module's types), and runs bounded by max_steps log by step, whatever an epoch's length.
+TRANSFER_WARNING = ("You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a "
+                    "`LightningDataModule`")
+LOG_INTERVAL_WARNING = (r"The number of training batches \(\d+\) is smaller than the logging interval "
+                        r"Trainer\(log_every_n_steps=")
+# Loggers whose INFO records are the run's plan (e.g. `loss.fused: ...`): in train.log always, on the console with
+# verbose=true only. Their warnings always show.
+PLAN_LOGGERS = ("kdlab.run.build", "kdlab.losses.fused")
 # transformers' per-tensor bars, which flash by for a model that loads or saves in about a second.
 WEIGHT_BARS = frozenset({"Loading weights", "Writing model shards"})
 SMALL_WEIGHTS_BYTES = 1 << 30
@@ -47,9 +56,25 @@ class ConsoleFormatter(logging.Formatter):
         return message if record.levelno == logging.INFO else f"{record.levelname}: {message}"
 
 
-def setup_console() -> None:
-    """Silence the known noise and make every log record print once; idempotent, so each run may call it."""
+class HidePlan(logging.Filter):
+    """Drops the plan loggers' records below WARNING (PLAN_LOGGERS) from a console handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(PLAN_LOGGERS)
+
+
+def setup_console(verbose: bool = False) -> None:
+    """Silence the known noise and make every log record print once; the run's plan lines reach the console only
+    when `verbose` (the log file keeps them). Idempotent, so each run may call it."""
     warnings.filterwarnings("ignore", message=re.escape(LEAFSPEC_WARNING), category=FutureWarning)
+    warnings.filterwarnings("ignore", message=re.escape(TRANSFER_WARNING))
+    warnings.filterwarnings("ignore", message=LOG_INTERVAL_WARNING)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, ConsoleFormatter):  # Hydra's console handler (conf/hydra/job_logging)
+            for old in [f for f in handler.filters if isinstance(f, HidePlan)]:
+                handler.removeFilter(old)
+            if not verbose:
+                handler.addFilter(HidePlan())
     tip_logger = logging.getLogger(LITLOGGER_TIP_LOGGER)
     if not any(isinstance(f, DropMessages) for f in tip_logger.filters):
         tip_logger.addFilter(DropMessages((LITLOGGER_TIP,)))
@@ -112,6 +137,48 @@ def weight_files_bytes(source: str, revision: str | None = None) -> int | None:
     return sum(p.stat().st_size for p in files) if files else None
 
 
+# -- start of a run --------------------------------------------------------------------------------------------------
+def format_count(value: int) -> str:
+    """999 -> '999', 12345 -> '12.3k', 1234567 -> '1.23M', 7e9 -> '7B'."""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= size:
+            return f"{value / size:.3g}{unit}"
+    return str(value)
+
+
+def teacher_words(teacher: Mapping[str, Any] | None) -> str:
+    """The teacher as the start line names it, saying why there is no model where there is none here."""
+    if teacher is None:
+        return "no teacher"
+    kind = teacher.get("kind")
+    if kind == "several":
+        names = " + ".join(f"{name} ({teacher_words(member).removeprefix('teacher ')})"
+                           for name, member in (teacher.get("members") or {}).items())
+        return f"{len(teacher.get('members') or {})} teachers, {teacher.get('combine')}: {names}"
+    if kind == "cached":
+        return f"teacher cached in {teacher.get('dir')} (its top-k read back, no model loaded)"
+    if kind == "remote":
+        return f"teacher remote at {teacher.get('url')} (scored by the server, no model loaded)"
+    return f"teacher {teacher.get('name')}"
+
+
+def run_start_line(choices: Mapping[str, Any], trainable: int, total: int) -> str:
+    """One line that says what runs: task, teacher, student with its trainable parameters, loss, policy (and reward,
+    sampling engine when not the default). `choices` are kdlab.run.record.run_choices'."""
+    lora = choices.get("lora")
+    params = (f"{format_count(trainable)} of {format_count(total)} parameters trained, LoRA r={lora['r']}" if lora
+              else f"{format_count(trainable)} parameters trained")
+    policy = choices["policy"]
+    parts = [f"task {choices['task']}", teacher_words(choices.get("teacher")),
+             f"student {choices['student']['name']} ({params})", f"loss {choices['loss']['label']}",
+             f"policy {policy['name']} (student fraction {policy['student_fraction']:g})"]
+    if choices.get("reward"):
+        parts.append(f"reward {choices['reward']['name']}")
+    if choices.get("sampling_engine", "hf") != "hf":
+        parts.append(f"sampling {choices['sampling_engine']}")
+    return "run: " + ", ".join(parts)
+
+
 # -- end of a run ----------------------------------------------------------------------------------------------------
 def format_duration(seconds: float) -> str:
     """34.2 -> '34.2 s', 272 -> '4 min 32 s', 7500 -> '2 h 05 min'."""
@@ -128,7 +195,8 @@ def run_end_lines(total_seconds: float, results: Mapping[str, Any], output_dir: 
 
     `kdlab-report` takes any folder of run directories: the run's parent holds its siblings (the day's runs, or a
     sweep's jobs), so the command compares this run with those beside it."""
-    training = f"training {format_duration(results['wall_time_s'])}, {results['tokens_per_sec']:.0f} tok/s"
+    train_time = results.get("train_time_s", results.get("wall_time_s", 0.0))  # results of older runs: wall_time_s
+    training = f"training {format_duration(train_time)}, {results['tokens_per_sec']:.0f} tok/s"
     lines = [
         f"wall time: {format_duration(total_seconds)} ({training})",
         f"student: {student_dir}" if student_dir is not None else "student: not saved (export=false)",

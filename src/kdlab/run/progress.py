@@ -52,7 +52,8 @@ class StepProgressBar(TQDMProgressBar):
     """One training bar over optimizer steps, `step 12/400, eta 01:20, loss=… tok/s=… onpol=…`, within 80 columns.
 
     Lightning's default counts batches per epoch (`Epoch 0/-2` when only max_steps bounds the run) and lists metrics
-    by their logged names, cut at the terminal's edge. Evaluation bars vanish when done: the table reports them."""
+    by their logged names, cut at the terminal's edge. Scoring bars (`scoring teacher`) show outside training only
+and vanish when done: the table reports them."""
 
     TRAIN_FORMAT = "{desc} {n_fmt}/{total_fmt}, eta {remaining}{postfix}"
     WIDTH = 80
@@ -66,10 +67,21 @@ class StepProgressBar(TQDMProgressBar):
                     ncols=self._ncols(), file=sys.stdout, smoothing=0, bar_format=self.TRAIN_FORMAT)
 
     def init_validation_tqdm(self) -> Tqdm:
-        bar = super().init_validation_tqdm()
-        bar.leave = False
-        bar.dynamic_ncols, bar.ncols = False, self._ncols()
-        return bar
+        # Inside training (a periodic validation) the step bar stays the one line: no second bar interleaves with it.
+        # Scoring before and after training shows `scoring <role>`, which vanishes when done (the table reports it).
+        fitting = self.trainer.state.fn == "fit"
+        return Tqdm(desc="scoring", position=2 * self.process_position, disable=self.is_disabled or fitting,
+                    leave=False, dynamic_ncols=False, ncols=self._ncols(), file=sys.stdout, bar_format=self.BAR_FORMAT)
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        # Lightning's, but named for what runs, the scoring of one model, not "Validation DataLoader 0"
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        bar = self.val_progress_bar
+        bar.reset()
+        bar.total, bar.initial = convert_inf(self.total_val_batches_current_dataloader), 0
+        bar.set_description(f"scoring {getattr(pl_module, 'eval_role', 'student')}", refresh=False)
 
     def _ncols(self) -> int:
         return min(self.WIDTH, shutil.get_terminal_size((self.WIDTH, 24)).columns)

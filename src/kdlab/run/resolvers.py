@@ -23,7 +23,8 @@ def register_resolvers() -> None:
 
     `${kdlab.asset:arith/teacher}`: absolute path of a file or folder shipped in `kdlab/assets/`;
     `${kdlab.concat:[a,b],${tags}}`: one list; `${kdlab.sweep_group:<name outside a multirun>}`: the W&B group;
-    `${kdlab.method:${loss}}`: fkl, jsd(0.9), ...; `${kdlab.ot_variant:${.variant},<paper>,<released code>}`: the
+    `${kdlab.method:${loss}}`: fkl, jsd(0.9), ...; `${kdlab.run_name:}`, `${kdlab.sweep_name:}`: a run's and a
+    multirun's directory name (kdlab.run.record); `${kdlab.ot_variant:${.variant},<paper>,<released code>}`: the
     loss=ot setting of the chosen variant.
     """
     if not OmegaConf.has_resolver("kdlab.asset"):
@@ -36,6 +37,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("kdlab.method", _method_label)
     if not OmegaConf.has_resolver("kdlab.ot_variant"):  # `${kdlab.ot_variant:${.variant},0.15,1.5}` -> 0.15 or 1.5
         OmegaConf.register_new_resolver("kdlab.ot_variant", _ot_variant_value)
+    if not OmegaConf.has_resolver("kdlab.run_name"):  # conf/hydra/default.yaml: the run directory's name
+        OmegaConf.register_new_resolver("kdlab.run_name", _run_name)
+    if not OmegaConf.has_resolver("kdlab.sweep_name"):
+        OmegaConf.register_new_resolver("kdlab.sweep_name", _sweep_name)
     if not OmegaConf.has_resolver("kdlab.by_role"):  # `${kdlab.by_role:bfloat16,float32}` in a conf/model preset
         OmegaConf.register_new_resolver("kdlab.by_role", _by_role)
 
@@ -55,6 +60,18 @@ def _sweep_group(default: str) -> str:
     if not in_multirun():
         return default
     return sweep_group_name(HydraConfig.get().sweep.dir)
+
+
+def _run_name(_root_: Any) -> str:
+    from kdlab.run.record import run_name  # record builds on the labels here
+
+    return run_name(_root_)
+
+
+def _sweep_name(_root_: Any) -> str:
+    from kdlab.run.record import sweep_name
+
+    return sweep_name(_root_)
 
 
 def _method_label(loss: Any) -> str:

@@ -11,6 +11,8 @@ one of them. What the presence of each file means:
     interrupted.json         the job stopped on a signal or Ctrl-C; it can resume (`ckpt_path=last`)
     checkpoints/last.ckpt    the Lightning checkpoint to resume from
     student/                 the distilled student (save_pretrained) with its tokenizer
+    resumes/<n>/             the n-th resume (kdlab.run.resume): its `.hydra/` and config.yaml; a resume of a
+                             finished run writes everything there instead, as a run directory of its own
 
 Imports nothing heavy: `kdlab-report` reads run directories without torch.
 """
@@ -30,6 +32,7 @@ INTERRUPTION_MARKER = "interrupted.json"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 STUDENT = "student"
+RESUMES = "resumes"
 
 
 def last_checkpoint(run_dir: str | Path) -> Path:
@@ -93,7 +96,7 @@ def resume_command(run_dir: str | Path) -> str:
         from hydra.core.hydra_config import HydraConfig
 
         overrides = [o for o in HydraConfig.get().overrides.task
-                     if not o.startswith(("hydra.run.dir=", "ckpt_path=", "output_dir="))]
+                     if not o.startswith(("hydra.run.dir=", "ckpt_path=", "output_dir=", "resume."))]
     except ValueError:  # composed outside a Hydra app (tests, notebooks): no command line to repeat
         pass
     where = f"hydra.run.dir={shlex.quote(str(run_dir))}"

@@ -27,10 +27,12 @@ from kdlab.models.loading import HubUnavailableError, load_tokenizer, same_vocab
 from kdlab.run import rundir
 from kdlab.run.build import build_loggers, build_module, build_trainer, sampler_factory
 from kdlab.run.checkpoints import PreemptionCheckpoint, RunInterrupted, stop_on_sigterm
-from kdlab.run.console import run_end_lines, setup_console
+from kdlab.run.console import run_end_lines, run_start_line, setup_console
 from kdlab.run.last_step import final_train_metrics
+from kdlab.run.record import run_choices
 from kdlab.run.resolvers import in_multirun, register_resolvers
-from kdlab.run.validate import ConfigError, config_errors, raise_if_any, vocabulary_errors
+from kdlab.run.resume import next_resume_dir
+from kdlab.run.validate import ConfigError, config_errors, device_errors, raise_if_any, vocabulary_errors
 from kdlab.step.module import DistillationModule
 from kdlab.step.resilience import TrainingDiverged
 from kdlab.teachers.build import MODEL, build_teacher, member_tokenizer_errors, route_field, teacher_kind
@@ -44,7 +46,7 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, Task | None]:
     Returns the (student, teacher) tokenizers it loaded to compare vocabularies (the teacher's when it is a model in
     this process) and the task with its examples read.
     """
-    errors = config_errors(cfg)
+    errors = config_errors(cfg) + device_errors(cfg.trainer)
     task = None
     if not errors:
         try:
@@ -89,6 +91,18 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return ckpt_path
 
 
+def config_file(cfg: DictConfig, output_dir: Path, ckpt_path: str | None) -> Path:
+    """Where the resolved config goes: `<run>/config.yaml`, but a resume in place keeps the first start's and writes
+    its own into `<run>/resumes/<n>/` (kdlab.run.resume; train.py names it in `resume.record_dir`)."""
+    first = output_dir / rundir.CONFIG
+    if ckpt_path is None or not first.exists():
+        return first
+    record_dir = cfg.get("resume", {}).get("record_dir")
+    record_dir = Path(record_dir) if record_dir else next_resume_dir(output_dir)
+    record_dir.mkdir(parents=True, exist_ok=True)
+    return record_dir / rundir.CONFIG
+
+
 def fit(trainer: L.Trainer, preemption: PreemptionCheckpoint, module: DistillationModule, datamodule: Any,
         ckpt_path: str | None, output_dir: Path) -> float:
     """Train; returns the wall time in seconds. A run that diverged or was stopped by a signal raises with where its
@@ -108,15 +122,18 @@ def fit(trainer: L.Trainer, preemption: PreemptionCheckpoint, module: Distillati
 
 def results_record(cfg: DictConfig, task: Task, trainer: L.Trainer, module: DistillationModule,
                    scores: dict[str, dict[str, float] | None], wall_time: float) -> dict[str, Any]:
-    """What `results.json` holds: the scores of teacher and student (before and after), the run's size and speed,
-    and the settings a comparison groups runs by."""
+    """What `results.json` holds: the scores of teacher and student (before and after), the run's size and speed
+    (train_time_s: fit only; total_time_s: the whole run), the settings a comparison groups runs by, the resolved
+    choices (kdlab.run.record.run_choices) and the command-line overrides."""
     return {
         "task": task.name,
         "metric": task.metric_name,
         "metrics": scores["student_after"],
         **scores,
         "steps": trainer.global_step,
-        "wall_time_s": round(wall_time, 3),
+        "train_time_s": round(wall_time, 3),
+        "wall_time_s": round(wall_time, 3),  # the training time, as read before train_time_s (kdlab.report reads it)
+        "total_time_s": None,  # set once the run is done: start-up, scoring, training and export
         "train_tokens": module.train_tokens,
         "tokens_per_sec": round(module.train_tokens / max(wall_time, 1e-9), 2),
         "onpolicy_fraction": module.onpolicy_fraction,
@@ -124,8 +141,17 @@ def results_record(cfg: DictConfig, task: Task, trainer: L.Trainer, module: Dist
         "loss": cfg.loss.name,
         "student_fraction": float(cfg.policy.student_fraction),
         "seed": int(cfg.seed),
+        "choices": run_choices(cfg),
+        "overrides": command_line_overrides(),
         "data": task.report.to_dict(),
     }
+
+
+def command_line_overrides() -> list[str]:
+    """The run's command-line overrides as Hydra read them ([] outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def evaluate_and_save(trainer: L.Trainer, module: DistillationModule, datamodule: Any, role: str,
@@ -148,7 +174,25 @@ def format_results_table(results: dict[str, Any]) -> str:
     for label, scores in rows:
         cells = "".join(f"{scores[n]:>12.4f}" if scores and n in scores else f"{'-':>12}" for n in names)
         lines.append(f"{label:16}" + cells)
+    if results.get("teacher_not_scored"):
+        lines.append(f"(teacher not scored: {results['teacher_not_scored']})")
     return "\n".join(lines)
+
+
+def teacher_not_scored(cfg: DictConfig, teacher: Any) -> str | None:
+    """Why the teacher row stays empty, or None when the teacher is scored: only a teacher that generates (a model in
+    this process) writes answers to score; several teachers mix per token, and none of them is "the" teacher."""
+    if teacher is None:
+        return "no teacher"
+    if not cfg.eval.teacher:
+        return "eval.teacher=false"
+    if teacher.generates:
+        return None
+    kind = teacher_kind(cfg.teacher)
+    if kind == "several":
+        return (f"{len(cfg.teacher.members)} teachers ({', '.join(cfg.teacher.members)}) mix per token; no one of "
+                "them generates for the run")
+    return f"a {kind} teacher has no model in this run to generate answers with"
 
 
 def run(cfg: DictConfig) -> float:
@@ -175,9 +219,7 @@ def run_job(cfg: DictConfig) -> float:
     signal or Ctrl-C leaves `interrupted.json` instead (it can resume) and stops the sweep. A job that finishes
     clears the markers of an earlier attempt in the same directory.
     """
-    from hydra.core.hydra_config import HydraConfig
-
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = Path(cfg.output_dir)  # Hydra's job directory unless output_dir is set (a resume of a finished run)
     try:
         value = run(cfg)
     except Exception as err:
@@ -197,7 +239,7 @@ def run_job(cfg: DictConfig) -> float:
 def _run(cfg: DictConfig) -> float:
     started = time.perf_counter()
     register_resolvers()
-    setup_console()
+    setup_console(verbose=bool(cfg.get("verbose", False)))
     student_tokenizer, teacher_tokenizer, task = validate(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     output_dir = Path(cfg.output_dir)
@@ -215,6 +257,7 @@ def _run(cfg: DictConfig) -> float:
     teacher = build_teacher(cfg.get("teacher"), cfg, student_tokenizer, teacher_tokenizer,
                             datamodule.train_set.items, sampler_factory(cfg))
     module = build_module(cfg, task, student_tokenizer, teacher, rundir.resume_command(output_dir))
+    _print_start_line(cfg, module)
 
     loggers = build_loggers(cfg)
     succeeded = False
@@ -222,11 +265,10 @@ def _run(cfg: DictConfig) -> float:
         trainer, preemption = build_trainer(cfg, task, loggers, output_dir)
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         if trainer.is_global_zero:
-            OmegaConf.save(cfg, output_dir / rundir.CONFIG, resolve=True)
+            OmegaConf.save(cfg, config_file(cfg, output_dir, ckpt_path), resolve=True)
         generations = output_dir / "generations"
-        teacher_scores = None
-        # a cached, remote or several-teacher teacher writes no text of its own: nothing to score
-        if module.teacher is not None and cfg.eval.teacher and module.teacher.generates:
+        teacher_scores, not_scored = None, teacher_not_scored(cfg, module.teacher)
+        if not_scored is None:
             teacher_scores = evaluate_and_save(trainer, module, datamodule, "teacher", generations / "teacher.jsonl")
         before = None
         if cfg.eval.before:
@@ -238,17 +280,26 @@ def _run(cfg: DictConfig) -> float:
         results = results_record(cfg, task, trainer, module, {"teacher": teacher_scores, "student_before": before,
                                                               "student_after": after}, wall_time)
         results["train"] = train_metrics
+        results["teacher_not_scored"] = not_scored
         if cfg.export:
             module.export_student(str(output_dir / rundir.STUDENT))  # every process: a sharded student is gathered
         if trainer.is_global_zero:
+            total = time.perf_counter() - started
+            results["total_time_s"] = round(total, 3)
             (output_dir / rundir.RESULTS).write_text(json.dumps(results, indent=2))
             student_dir = output_dir / rundir.STUDENT if cfg.export else None
-            total = time.perf_counter() - started
             print(f"\n{format_results_table(results)}\n\n{run_end_lines(total, results, output_dir, student_dir)}")
         succeeded = True
         return float(after[task.metric_name])
     finally:
         _close_loggers(loggers, succeeded)
+
+
+@rank_zero_only
+def _print_start_line(cfg: DictConfig, module: DistillationModule) -> None:
+    parameters = list(module.student.parameters())
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    print(run_start_line(run_choices(cfg), trainable, sum(p.numel() for p in parameters)), flush=True)
 
 
 @rank_zero_only

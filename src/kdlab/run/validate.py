@@ -192,6 +192,22 @@ def _run_errors(cfg: DictConfig) -> list[str]:
     return errors
 
 
+def device_errors(trainer: Mapping[str, Any]) -> list[str]:
+    """`trainer.accelerator=gpu` (trainer=gpu) where torch sees no CUDA GPU, or fewer than `trainer.devices`: said at
+    start-up in one line, not by Lightning's accelerator check inside the trainer's instantiation. This machine's, not
+    the config's: `config_errors` stays true of a config wherever it runs."""
+    if str(trainer.get("accelerator", "cpu")) not in ("gpu", "cuda"):
+        return []
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices = trainer.get("devices", 1)
+    wanted = devices if isinstance(devices, int) and devices > 0 else 1  # "auto", -1, a list: at least one
+    if visible >= wanted:
+        return []
+    return [f"trainer.accelerator={trainer['accelerator']} with trainer.devices={devices}, but torch sees "
+            f"{visible} CUDA GPU{'' if visible == 1 else 's'}; use trainer=cpu (or trainer.accelerator=cpu), or check "
+            "the driver and CUDA_VISIBLE_DEVICES"]
+
+
 def vocabulary_errors(loss_name: str, same_vocabulary: bool, student_name: str, teacher_name: str) -> list[str]:
     if loss_name not in (SFT, *CROSS_TOKENIZER_LOSSES) and not same_vocabulary:
         return [

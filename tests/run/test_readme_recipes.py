@@ -218,6 +218,7 @@ def test_every_readme_recipe_runs_in_its_short_form(tmp_path, monkeypatch, capsy
                         code, err = _train(args + [f"hydra.run.dir=outputs/runs/recipes/{i}"], capsys)
                         assert code != 0 and re.search("gpu|cuda", err, re.I) and "Traceback" not in err, (
                             command, err[-2000:])
+                        assert "InstantiationException" not in err and len(err.strip().splitlines()) <= 3, err
                     outcomes[command] = f"config checked (needs {gpus} GPUs)"
                     continue
                 if "trainer=ddp" in args:  # two processes: tests/models/test_distributed.py runs train.py so

@@ -35,8 +35,9 @@ records its settings next to its defaults (`distillation_trainer_settings`).
 Same loss on the same batch: before any step, every side scores one set of kdlab samples (identical weights) on
 the path it times (kdlab through `step.loss`, fused where it fuses; DistillationTrainer through its `compute_loss`
 on that batch's prompt and completion tensors), and so does a reference that shares no code with kdlab (plain
-forwards and benchmarks/reference.py's unchunked JSD: `same_batch_loss.reference`); every value is recorded. MFU: model FLOPs of a step over its time, against the matmul peak measured here (see docs/benchmarks.md
-for the count). TRL is optional (`pip install -e ".[bench]"`); without it only kdlab runs.
+forwards and benchmarks/reference.py's unchunked JSD: `same_batch_loss.reference`); every value is recorded.
+MFU: model FLOPs of a step over its time, against the matmul peak measured here (see docs/benchmarks.md for the
+count). TRL is optional (`pip install -e ".[bench]"`); without it only kdlab runs.
 
 Model pairs (`--pair`): `arith`, the shipped arith teacher and student (`from_pretrained`); `smollm`, random weights
 of SmolLM2-135M's Llama architecture (the teacher: width 576, 30 layers, 9 heads, 3 key-value heads, MLP 1,536,

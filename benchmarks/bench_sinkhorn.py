@@ -5,10 +5,13 @@
 
 Part 1 (`sinkhorn`): the sequence-level term alone, from each side's top-k distributions (B, T, k) to a scalar:
 cost = L1 distances between softmax(p~ / tau_SD) and softmax(q~ / tau_SD) (torch.cdist, the same for everyone), then
-20 log-domain Sinkhorn iterations at epsilon 0.1, value <plan, cost> averaged over the batch, then backward to the
-student's top-k values. Three solvers, all differentiated through the unrolled iterations (POT: grad="autodiff"):
-kdlab.losses.cross_tokenizer.log_sinkhorn; ot.batch.solve_batch(method="log_sinkhorn"); and ot.solve(method=
-"sinkhorn_log") called once per sequence, the loop a per-sample implementation runs. The grid grows positions,
+20 Sinkhorn iterations at epsilon 0.1, value <plan, cost> averaged over the batch, then backward to the student's
+top-k values. Five solvers, all differentiated through the unrolled iterations (POT: grad="autodiff"):
+kdlab.losses.cross_tokenizer.log_sinkhorn (which runs in the kernel domain here: costs are at most 2, so
+exp(-C / 0.1) cannot underflow); POT batched, ot.batch.solve_batch, in the log domain (method="log_sinkhorn",
+`pot_batch`) and in the kernel domain (method="sinkhorn", `pot_batch_kernel`); and ot.solve called once per
+sequence, the loop a per-sample implementation runs, in each domain (method="sinkhorn_log", `pot_loop`;
+method="sinkhorn", `pot_loop_kernel`). The grid grows positions,
 k and the batch (to show the cost is linear in it). Part 2 (`multilevel_ot`): the whole loss from (B, T, V) logits,
 kdlab only, time and peak memory as positions grow. Sinkhorn maths is float32 whatever --dtype says (the contract);
 --dtype sets the logits' dtype in part 2. Without POT installed its columns are skipped with a note.
@@ -44,6 +47,10 @@ from common import (  # noqa: E402
 from kdlab.losses.cross_tokenizer import log_sinkhorn, multilevel_ot  # noqa: E402
 
 EPSILON, ITERATIONS, TAU_SD = 0.1, 20, 2.0
+# POT's sides, each by its `method`: the log domain (logsumexp updates) and the kernel domain (u = a / K v,
+# v = b / K^T u), batched (ot.batch.solve_batch) and once per sequence (ot.solve)
+POT_BATCH = {"pot_batch": "log_sinkhorn", "pot_batch_kernel": "sinkhorn"}
+POT_LOOP = {"pot_loop": "sinkhorn_log", "pot_loop_kernel": "sinkhorn"}
 
 try:
     import ot
@@ -73,12 +80,12 @@ def sinkhorn_distance(impl: str, p_top: torch.Tensor, q_top: torch.Tensor) -> to
         full_m = torch.ones(batch, m, dtype=torch.bool, device=cost.device)
         plan = log_sinkhorn(cost, full_n, full_m, EPSILON, ITERATIONS)
         return (plan * cost).sum(dim=(1, 2)).mean()
-    if impl == "pot_batch":
-        result = ot.batch.solve_batch(cost, reg=EPSILON, max_iter=ITERATIONS, tol=0.0, method="log_sinkhorn",
+    if impl in POT_BATCH:
+        result = ot.batch.solve_batch(cost, reg=EPSILON, max_iter=ITERATIONS, tol=0.0, method=POT_BATCH[impl],
                                       grad="autodiff")
         return result.value_linear.mean()
-    if impl == "pot_loop":
-        values = [ot.solve(cost[b], reg=EPSILON, reg_type="entropy", method="sinkhorn_log", max_iter=ITERATIONS,
+    if impl in POT_LOOP:
+        values = [ot.solve(cost[b], reg=EPSILON, reg_type="entropy", method=POT_LOOP[impl], max_iter=ITERATIONS,
                            tol=0.0, grad="autodiff").value_linear for b in range(batch)]
         return torch.stack(values).mean()
     raise ValueError(impl)
@@ -154,7 +161,7 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true")
     args = parse(p)
     warnings.filterwarnings("ignore")  # POT warns that 20 iterations did not converge: by design, as MultiLevelOT
-    impls = ["kdlab"] + (["pot_batch", "pot_loop"] if ot is not None else [])
+    impls = ["kdlab"] + ([*POT_BATCH, *POT_LOOP] if ot is not None else [])
     base = dict(device=args.device, dtype=args.dtype, threads=torch.get_num_threads(), part="sinkhorn")
 
     grid = [dict(batch=8, positions=t, k=50) for t in args.positions]

@@ -32,10 +32,12 @@ models), `optim="adamw_torch"` (its default is the fused AdamW; every side steps
 one that passes kdlab's prompt token ids through, so that it samples from the very same prompt tokens. The JSON
 records its settings next to its defaults (`distillation_trainer_settings`).
 
-Same loss on the same batch: before any step, every side scores one set of kdlab samples (identical weights), and
-every value is recorded (DistillationTrainer through its `compute_loss` on that batch's prompt and completion
-tensors). MFU: model FLOPs of a step over its time, against the matmul peak measured here (see docs/benchmarks.md
-for the count). TRL is optional (`pip install -e ".[bench]"`); without it only kdlab runs.
+Same loss on the same batch: before any step, every side scores one set of kdlab samples (identical weights) on
+the path it times (kdlab through `step.loss`, fused where it fuses; DistillationTrainer through its `compute_loss`
+on that batch's prompt and completion tensors), and so does a reference that shares no code with kdlab (plain
+forwards and benchmarks/reference.py's unchunked JSD: `same_batch_loss.reference`); every value is recorded.
+MFU: model FLOPs of a step over its time, against the matmul peak measured here (see docs/benchmarks.md for the
+count). TRL is optional (`pip install -e ".[bench]"`); without it only kdlab runs.
 
 Model pairs (`--pair`): `arith`, the shipped arith teacher and student (`from_pretrained`); `smollm`, random weights
 of SmolLM2-135M's Llama architecture (the teacher: width 576, 30 layers, 9 heads, 3 key-value heads, MLP 1,536,
@@ -66,6 +68,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DTYPES, interleaved_times, machine, matmul_peak_flops, parse, parser, stats, table, write  # noqa: E402
+from reference import unchunked_generalized_jsd  # noqa: E402
 
 from kdlab.data.batch import Batch  # noqa: E402
 from kdlab.data.datamodule import DistillationDataModule  # noqa: E402
@@ -75,7 +78,7 @@ from kdlab.run.build import build_sampler, use_fused  # noqa: E402
 from kdlab.run.compose import compose, task_node  # noqa: E402
 from kdlab.sampling.base import SamplingSettings  # noqa: E402
 from kdlab.step.policy import STUDENT  # noqa: E402
-from kdlab.step.step import DistillationStep  # noqa: E402
+from kdlab.step.step import DistillationStep, StepTargets  # noqa: E402
 from kdlab.teachers.model import ModelTeacher  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "kdlab" / "assets" / "arith"
@@ -178,10 +181,13 @@ class KdlabStep:
             return self.step.sampled(batch, STUDENT, self.sampling_settings)
 
     def loss_on(self, batch: Batch) -> float:
-        """The objective on the batch's targets, normalised within it, on the logits path (loss=jsd has no CE
-        term, so the hard labels of validation's loss change nothing)."""
+        """The loss of the path that is timed (`step.loss`: fused where the step fuses) on the batch's targets as the
+        student's samples, over the batch's own token count."""
+        targets = StepTargets(batch, STUDENT, self.step.teacher.prepare(batch))
+        counts = DistillationStep.global_counts([targets], batch.student.target_ids.device)
         with torch.no_grad():
-            return self.step.validation_loss(batch).item()
+            loss, _ = self.step.loss(targets, counts)
+        return loss.item()
 
     def __call__(self, batch: Batch) -> None:
         """What `training_step` runs for one on-policy micro-batch: sampling, the global unit counts, the
@@ -320,6 +326,22 @@ class DistillationTrainerStep:
         self.trainer.optimizer.zero_grad(set_to_none=True)
 
 
+def reference_loss(student, teacher, batch: Batch, vocab: int, beta: float) -> float:
+    """JSD(beta) of one batch of samples computed without kdlab's scoring or loss code: each model's plain forward
+    on prompt + sample (left-padded prompts: position ids count real tokens), the logits that predict the sampled
+    tokens cut to the tokenizer's `vocab` columns, and benchmarks/reference.py's unchunked copy of TRL's
+    generalized_jsd_loss, mean over the sampled tokens."""
+    prompt, prompt_mask = batch.student.prompt
+    ids, mask = batch.student.target
+    input_ids, attention = torch.cat([prompt, ids], 1), torch.cat([prompt_mask, mask], 1).long()
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    width = prompt.shape[1]
+    with torch.no_grad():
+        logits = [model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits[
+            :, width - 1:-1, :vocab] for model in (student, teacher)]
+        return unchunked_generalized_jsd(*logits, mask.bool(), beta=beta).item()
+
+
 def step_flops(student_params: int, teacher_params: int, batch: int, prompt_width: int, sampled_width: float) -> float:
     """2 P per token forward, 6 P forward + backward, over every (padded) position the step must process:
     sampling (prompt prefill + sampled tokens) and teacher scoring forward only, the student's scoring with backward."""
@@ -402,13 +424,17 @@ def main() -> None:
     steps, trl_note = build_steps(args, student, teacher, tokenizer)
     kdlab = next(iter(steps.values()))
 
-    # the same loss on the same batch: one set of kdlab samples, scored by both with identical weights
+    # the same loss on the same batch: one set of kdlab samples, scored by every side with identical weights (each
+    # side's timed path: kdlab's fused step where it fuses), and by a reference that shares no code with kdlab
     sampled = kdlab.sampled(batch)
     same_batch = {name: step.loss_on(sampled) for name, step in steps.items()}
+    same_batch["reference"] = reference_loss(student, teacher, sampled, len(tokenizer), args.beta)
     mask = sampled.student.target_mask
 
     results = {"benchmark": "step", "machine": machine(args.device), "args": vars(args), "trl_note": trl_note,
-               "same_batch_loss": same_batch, "sampled_tokens_in_loss_check": int(mask.sum())}
+               "same_batch_loss": same_batch, "kdlab_fused": {n: s.step.fused for n, s in steps.items()
+                                                               if n.startswith("kdlab")},
+               "sampled_tokens_in_loss_check": int(mask.sum())}
     first_step = {}
     for name, step in steps.items():  # warm-up, timed: the compiled side compiles its decode step here
         start = time.perf_counter()

@@ -3,9 +3,9 @@
 `unchunked_generalized_jsd` is TRL's `GKDTrainer.generalized_jsd_loss` (trl/experimental/gkd/gkd_trainer.py, Apache
 2.0) as researchers write it: log-softmaxes of the whole (batch, positions, vocab) tensors, the mixture through a
 stacked logsumexp, `F.kl_div` per entry, then the mask. Two differences, both so that values compare with kdlab's
-float32 maths: the logits are upcast to float32 first, and the mask is a bool tensor instead of labels == -100.
-beta=0 is forward KL and beta=1 reverse KL, as in TRL. When TRL is installed, bench_losses.py checks this copy
-against TRL's own function.
+maths: the logits are upcast to float32 first (float64 stays float64), and the mask is a bool tensor instead of
+labels == -100. beta=0 is forward KL and beta=1 reverse KL, as in TRL. When TRL is installed, bench_losses.py checks
+this copy against TRL's own function.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from torch import Tensor
 
 def unchunked_generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, beta: float = 0.5,
                               temperature: float = 1.0) -> Tensor:
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float32 at least; float64 stays float64
+    student_log_probs = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     if beta == 0:
         jsd = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
     elif beta == 1:

@@ -135,8 +135,8 @@ def test_train_py_entry_point_on_shipped_checkpoints(tmp_path):
     assert "student after" in done.stdout and "teacher" in done.stdout
     results = json.loads((tmp_path / RESULTS).read_text())
     # the shipped teacher scores 0.62 and the student 0.36 on all 200; on these first 8, 3 and 0 (greedy, fixed data)
-    assert results["steps"] == 2 and results["teacher"]["accuracy"] >= 0.25
-    assert results["teacher"]["accuracy"] > results["student_before"]["accuracy"]
+    assert results["steps"] == 2
+    assert (results["teacher"]["accuracy"], results["student_before"]["accuracy"]) == (3 / 8, 0.0)
 
 
 def scaled_forward_kl(student_logits, teacher_logits, mask=None, *, scale, **params):

@@ -112,3 +112,49 @@ def test_the_shipped_cross_tokenizer_teacher_distils_into_the_shipped_student(tm
     results = json.loads((tmp_path / RESULTS).read_text())
     assert results["teacher"]["accuracy"] > 0.1  # a trained teacher, scored in its own tokens (0.43 on 200 problems)
     assert results["steps"] == 2
+
+
+def bos_prepending(path):
+    """A copy of a shipped tokenizer that prepends its BOS when it encodes with special tokens (as Llama-3's does
+    and Qwen-3's does not: huggingface/trl#4392)."""
+    from tokenizers import processors
+
+    tok = load_tokenizer({"tokenizer": str(path)})
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    assert tok("1 + 2").input_ids[0] == tok.bos_token_id  # it does prepend
+    return tok
+
+
+def test_a_bos_that_one_tokenizer_prepends_never_enters_either_response(tokenizer):
+    """trl#4392: GOLD's alignment compared decoded buffers, and a BOS on one side only kept them misaligned for the
+    whole sequence. kdlab aligns no tokens: responses cross through their text, encoded without special tokens, and
+    the dataset's targets are encoded the same way, so a BOS can only sit in a prompt."""
+    teacher_tokenizer = bos_prepending(UNIGRAM)
+    dm = DistillationDataModule(Task.from_config(task_node(**SMALL)), tokenizer, teacher_tokenizer=teacher_tokenizer)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    for side, tok in ((batch.student, tokenizer), (batch.teacher, teacher_tokenizer)):
+        targets = side.target_ids[side.target_mask]
+        assert tok.bos_token_id not in targets.tolist()
+    ids = batch.student.target_ids
+    new_ids, new_mask = retokenize(ids, batch.student.target_mask, tokenizer, teacher_tokenizer)
+    assert teacher_tokenizer.bos_token_id not in new_ids[new_mask].tolist()
+    assert torch.equal(new_ids[new_mask], batch.teacher.target_ids[batch.teacher.target_mask])  # the same tokens
+
+
+def test_characters_split_across_byte_tokens_cross_whole(tokenizer):
+    """trl#4393: characters of several UTF-8 bytes are split across byte-level tokens, and decoding piece by piece
+    never reconciles them. kdlab decodes each response whole, so the other side encodes the very text."""
+    other = bos_prepending(REPO / "src/kdlab/assets/arith/tokenizer")
+    texts = ["café 3€ = 😀", " 12 * 3 = 36 ✓"]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    assert any(tokenizer.decode([t]) == "\ufffd" for t in rows[0])  # a token holding part of a character
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[i < len(r) for i in range(width)] for r in rows])
+    new_ids, new_mask = retokenize(ids, mask, tokenizer, other)
+    for row, text in enumerate(texts):
+        kept = new_ids[row][new_mask[row]].tolist()
+        assert kept[-1] == other.eos_token_id and other.bos_token_id not in kept
+        assert other.decode(kept[:-1]) == text

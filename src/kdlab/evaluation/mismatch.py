@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from kdlab.losses.chunking import compute_dtype
 from kdlab.losses.rowwise import kl
 
 Scorer = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor | None]
@@ -48,8 +49,9 @@ def own_output_sums(score_student: Scorer, score_teacher: Scorer, prompt: tuple[
             return None
         student_logits = score_student(*args)
         v = min(vocab, student_logits.shape[-1], teacher_logits.shape[-1])
-        log_s = torch.log_softmax(student_logits[..., :v].float(), dim=-1)
-        log_t = torch.log_softmax(teacher_logits[..., :v].float(), dim=-1)
+        dtype = compute_dtype(student_logits, teacher_logits)  # float32 at least; float64 models stay float64
+        log_s = torch.log_softmax(student_logits[..., :v].to(dtype), dim=-1)
+        log_t = torch.log_softmax(teacher_logits[..., :v].to(dtype), dim=-1)
         m = mask[part].to(log_t.dtype)
         nll = -log_t.gather(-1, ids[part].clamp(max=v - 1)[..., None])[..., 0]
         per_token = torch.stack([nll, kl(log_t, log_s), kl(log_s, log_t)], dim=-1)

@@ -344,9 +344,19 @@ def runs_table(sweep: Sweep) -> tuple[list[str], list[dict[str, Any]]]:
                 "student_before")), ("teacher", results.get("teacher"))):
             row.update({f"{prefix}/{m}": (scores or {}).get(m, "") for m in metric_names})
         row.update({key: results.get(key, "") for key in RESULT_FIELDS})
-        row.update({"error": run.error or "", "overrides": " ".join(run.overrides), "directory": str(run.directory)})
+        row.update({"error": run.error or "", "overrides": " ".join(run.overrides),
+                    "directory": relative_directory(run.directory, sweep.directory)})
         rows.append(row)
     return header, rows
+
+
+def relative_directory(directory: Path, sweep_directory: Path) -> str:
+    """A run's directory as `runs.csv` records it: relative to the sweep's, so a committed report names its runs
+    the same on any machine (the machine's own path only for a run outside the sweep directory)."""
+    try:
+        return Path(directory).relative_to(sweep_directory).as_posix()
+    except ValueError:
+        return str(directory)
 
 
 def _csv_value(value: Any) -> Any:

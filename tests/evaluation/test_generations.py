@@ -69,14 +69,6 @@ def test_rows_carry_prompt_prediction_reference_and_score(tmp_path):
         {"prompt": "1 + 2 =", "prediction": "#### 3", "reference": "#### 3", "score": 1.0, "metric": "accuracy"}]
 
 
-@pytest.fixture
-def one_thread():
-    """Decoding a small model step by step: one thread is ten times faster than several on a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_evaluation_writes_each_prompt_and_whether_its_answer_was_right(tokenizer, tmp_path, one_thread):
     """The shipped teacher (about 0.6 accuracy) answers 32 problems: some right, some wrong. Each line's prompt is the

@@ -178,13 +178,6 @@ def _checked_only(argv: list[str]) -> list[str]:
     return config_errors(compose([a for a in argv if not a.startswith("hydra.")]))
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.slow
 def test_every_readme_recipe_runs_in_its_short_form(tmp_path, monkeypatch, capsys, one_thread):

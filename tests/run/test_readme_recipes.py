@@ -154,11 +154,10 @@ def _first_job(argv: list[str]) -> list[str]:
 def _hydra_main(entry, argv: list[str], capsys) -> tuple[int, str]:
     """Run a console command in this process as the shell would, with `argv`: `entry` is a Hydra entry point or a
     script path run as `__main__`; (exit code, stderr)."""
+    import logging
     import runpy
 
     from hydra.core.global_hydra import GlobalHydra
-
-    import logging
 
     saved = sys.argv
     sys.argv = ["command", *argv]

@@ -58,6 +58,16 @@ def test_repeating_some_or_all_of_the_runs_overrides_is_no_change(tmp_path):
         assert sorted(a for a in argv if a in OWN) == sorted(OWN)
 
 
+def test_a_key_given_twice_is_compared_by_its_last_value_as_hydra_applies_it(tmp_path):
+    """A command line built from a shared list and then a test's own (`TINY_RUN`, then `seed=4`) names a key twice;
+    Hydra applies the last. The run started under seed=4, so the same command line resumes it; seed=5 last does not."""
+    run = _run_dir(tmp_path, finished=False, overrides=["seed=2", "loss=rkl", "seed=4"])
+    argv = resume_argv(["seed=2", "loss=rkl", "seed=4", f"hydra.run.dir={run}", "ckpt_path=last"])
+    assert [a for a in argv if a.startswith("seed=")][-1] == "seed=4"
+    with pytest.raises(ResumeRefused, match="seed=5 differs from the run's own seed=4"):
+        resume_argv(["seed=4", "seed=5", f"hydra.run.dir={run}", "ckpt_path=last"])
+
+
 @pytest.mark.parametrize("given, named", [
     (["loss=jsd"], "loss=jsd differs from the run's own loss=rkl"),
     (["seed=3", "reward=arith_correct"], "reward=arith_correct is not among the run's own overrides"),

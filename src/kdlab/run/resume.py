@@ -88,8 +88,8 @@ def first_difference(saved: Sequence[str], given: Sequence[str]) -> str | None:
     """The first override of `given` that changes or adds to `saved` (the run's own), in words; None when there is
     none. An override of the run's that `given` leaves out is no difference: the resume keeps it."""
     saved_map = {_key(o): _value(o) for o in saved}
-    for override in given:
-        key, value = _key(override), _value(override)
+    given_map = {_key(o): _value(o) for o in given}  # a key given twice: the last value, as Hydra applies it
+    for key, value in given_map.items():
         if key not in saved_map:
             return f"{key}={value} is not among the run's own overrides"
         if saved_map[key] != value:

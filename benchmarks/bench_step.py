@@ -47,6 +47,12 @@ tokens appended up to 49,152 ids (`<unused_746>`...: no merge produces them, so 
 tokenizer's ids). Tokenizer and output layers then agree on the vocabulary, and no side masks output rows (kdlab
 keeps a model's rows beyond its tokenizer from being sampled, and its compiled loop falls back to `generate` then;
 TRL samples from every row). `--layers T S` scales the pair down (tests).
+
+Prompts of real length (`--prompts dialogsum`, with `--pair smollm`): DialogSum's dev dialogues read in place from
+`--data` (default ../shared/data/dialogsum beside the repository), in the dialogsum task's prompt format and the
+tokenizer's chat template, a seeded draw of `--batch` among those of 256-450 tokens. The tokenizer (no hub access for
+SmolLM2's) is a byte-level BPE trained on those dev dialogues and summaries, with SmolLM2-Instruct's special tokens and
+ChatML template, padded with unused ids to 49,152 (`dialogsum_tokenizer`).
 """
 
 from __future__ import annotations
@@ -116,7 +122,8 @@ DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum"  # the main checkout's
 DIALOGSUM_LENGTHS = (256, 450)  # prompt tokens, chat template included: the issue's DialogSum prompts of up to 450
 # SmolLM2-135M-Instruct's special tokens (ids 0-2) and chat template (ChatML with its default system message)
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+          "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+          "<|im_end|>\\n' }}"
           "{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 

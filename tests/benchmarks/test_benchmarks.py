@@ -202,6 +202,8 @@ def test_step_benchmark_on_dialogsum_prompts_scores_the_same_loss_on_every_side(
                         str(DIALOGSUM), "--layers", "1", "1", "--batch", "2", "--max-new-tokens", "4", "--compile",
                         "off", "--no-gkd", "--threads", "1")
     assert all(256 <= n <= 450 for n in result["prompt_lengths"]) and result["prompt_width"] >= 256
+    # float32 forwards over ~300-position prompts: kdlab and the reference 1.2e-7 apart here (1.0e-7 at full size),
+    # DistillationTrainer 0 apart, on a loss of 0.20; the bound 8x the largest
     same = result["same_batch_loss"]
     assert result["kdlab_fused"] == {"kdlab": True} and same["kdlab"] > 0
     assert same["trl_distillation"] == pytest.approx(same["kdlab"], abs=1e-6)

@@ -11,10 +11,10 @@ output layer alone read this way, and to 1.7 s with every layer.
 
 The outputs are those of `nn.Linear` to float rounding (another summation order: 1e-6 apart at these sizes), not bit
 for bit, so a draw that sits on a tie may differ from an unpatched `generate`; kdlab's two samplers (`generate` and
-the compiled loop) both read the layers this way and still draw the same tokens. Applied only where measured: at least two threads (MIN_THREADS), float32
-CPU weights (in bfloat16 `nn.Linear` was as fast or faster), plain `nn.Linear` modules without hooks, of at least
-`MIN_ENTRIES` weights, at most `FEW_ROWS` rows per call (more rows, e.g. the prefill of a prompt, go through
-`nn.Linear`'s own forward).
+the compiled loop) both read the layers this way and still draw the same tokens. Applied only where measured: at
+least two threads (`MIN_THREADS`: at one, nn.Linear was as fast or faster), float32 CPU weights (in bfloat16
+`nn.Linear` was as fast or faster), plain `nn.Linear` modules without hooks, of at least `MIN_ENTRIES` weights, at
+most `FEW_ROWS` rows per call (more rows, e.g. the prefill of a prompt, go through `nn.Linear`'s own forward).
 """
 
 from __future__ import annotations

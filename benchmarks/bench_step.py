@@ -47,6 +47,12 @@ tokens appended up to 49,152 ids (`<unused_746>`...: no merge produces them, so 
 tokenizer's ids). Tokenizer and output layers then agree on the vocabulary, and no side masks output rows (kdlab
 keeps a model's rows beyond its tokenizer from being sampled, and its compiled loop falls back to `generate` then;
 TRL samples from every row). `--layers T S` scales the pair down (tests).
+
+Prompts of real length (`--prompts dialogsum`, with `--pair smollm`): DialogSum's dev dialogues read in place from
+`--data` (default ../shared/data/dialogsum beside the repository), in the dialogsum task's prompt format and the
+tokenizer's chat template, a seeded draw of `--batch` among those of 256-450 tokens. The tokenizer (no hub access for
+SmolLM2's) is a byte-level BPE trained on those dev dialogues and summaries, with SmolLM2-Instruct's special tokens and
+ChatML template, padded with unused ids to 49,152 (`dialogsum_tokenizer`).
 """
 
 from __future__ import annotations
@@ -111,6 +117,52 @@ def padded_tokenizer(size: int, directory: str):
     return tokenizer
 
 
+REPO = Path(__file__).resolve().parents[1]
+DIALOGSUM = REPO.parent / "shared" / "data" / "dialogsum"  # the main checkout's ../shared/data/dialogsum
+DIALOGSUM_LENGTHS = (256, 450)  # prompt tokens, chat template included: the issue's DialogSum prompts of up to 450
+# SmolLM2-135M-Instruct's special tokens (ids 0-2) and chat template (ChatML with its default system message)
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+          "<|im_end|>\\n' }}"
+          "{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def dialogsum_rows(data: Path, split: str = "dev") -> list[dict]:
+    """The original DialogSum release's `split`.jsonl (fields dialogue, summary, ...), read in place."""
+    path = Path(data) / f"{split}.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"--prompts dialogsum: {path} not found; point --data at the folder holding DialogSum's "
+                         f"dev.jsonl and test.jsonl (default {DIALOGSUM})")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def dialogsum_tokenizer(data: Path, size: int, directory: str):
+    """A byte-level BPE tokenizer trained on DialogSum's dev dialogues and summaries (no hub access here for
+    SmolLM2's own), with SmolLM2-Instruct's special tokens and chat template, padded with unused tokens to `size`
+    ids as the arith one is. Deterministic: the same files give the same merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    rows = dialogsum_rows(data)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([r["dialogue"] for r in rows] + [r["summary"] for r in rows], trainer)
+    spec = json.loads(bpe.to_str())
+    vocab = spec["model"]["vocab"]  # a small corpus gives fewer merges than `size`: unused ids fill the rest
+    vocab.update({f"<unused_{i}>": i for i in range(len(vocab), size)})
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<|im_start|>",
+                            eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>",
+                            chat_template=CHATML).save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert len(tokenizer) == size, (len(tokenizer), size)
+    return tokenizer
+
+
 def smollm_pair(tokenizer, dtype: torch.dtype = torch.float32, layers: tuple[int, int] = SMOLLM_LAYERS):
     """(teacher, student): random-init Llama models of SmolLM2-135M's shape, the student with `layers[1]` layers,
     both with the tokenizer's special ids (kdlab's builder, `kdlab.models.loading.load_model`). Build under
@@ -126,11 +178,13 @@ def smollm_pair(tokenizer, dtype: torch.dtype = torch.float32, layers: tuple[int
     return build("smollm2-135m-shaped-teacher", layers[0]), build("smollm2-shaped-student", layers[1])
 
 
-def load(device: str, dtype: torch.dtype, pair: str = "arith", layers: tuple[int, int] = SMOLLM_LAYERS):
+def load(device: str, dtype: torch.dtype, pair: str = "arith", layers: tuple[int, int] = SMOLLM_LAYERS,
+         prompts: str = "arith", data: Path = DIALOGSUM):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if pair == "smollm":
-        tokenizer = padded_tokenizer(SMOLLM2_135M["vocab_size"], tempfile.mkdtemp())
+        tokenizer = (dialogsum_tokenizer(data, SMOLLM2_135M["vocab_size"], tempfile.mkdtemp()) if prompts == "dialogsum"
+                     else padded_tokenizer(SMOLLM2_135M["vocab_size"], tempfile.mkdtemp()))
         teacher, student = smollm_pair(tokenizer, dtype, layers)
         teacher, student = teacher.to(device).eval(), student.to(device)
     else:
@@ -147,6 +201,23 @@ def first_batch(tokenizer, batch_size: int, device: str) -> tuple[Batch, Task]:
     datamodule = DistillationDataModule(task, tokenizer)
     datamodule.setup()
     return next(iter(datamodule.train_dataloader())).to(device), task
+
+
+def dialogsum_batch(tokenizer, batch_size: int, device: str, data: Path, seed: int) -> Batch:
+    """`batch_size` DialogSum dev dialogues in kdlab's dialogsum task format (its prompt template, the tokenizer's
+    chat template, left-padded), drawn (seeded) from those whose prompt has DIALOGSUM_LENGTHS tokens."""
+    import random
+
+    from kdlab.data.datamodule import Collator, TokenizedExamples
+
+    dialogsum_rows(data)  # the one-line error when the files are missing
+    task = Task.from_config(task_node("dialogsum", data={"path": str(data), "splits": {"train": "dev",
+                                                                                        "validation": "test"}}))
+    examples = TokenizedExamples(task.splits()["train"], task, tokenizer)
+    low, high = DIALOGSUM_LENGTHS
+    fitting = [e for e in examples.items if low <= len(e.student.prompt) <= high]
+    chosen = random.Random(seed).sample(fitting, batch_size)
+    return Collator(tokenizer.pad_token_id)(chosen).to(device)
 
 
 def non_embedding_params(model) -> int:
@@ -383,6 +454,11 @@ def arguments():
     p.add_argument("--no-distillation-trainer", action="store_true", help="without TRL's DistillationTrainer")
     p.add_argument("--pair", choices=["arith", "smollm"], default="arith",
                    help="the shipped arith models, or random-init SmolLM2-135M-shaped teacher and 49.5M student")
+    p.add_argument("--prompts", choices=["arith", "dialogsum"], default="arith",
+                   help="arith prompts (30-60 tokens), or DialogSum dialogues of 256-450 tokens in the dialogsum "
+                        "task's format and the chat template (--pair smollm)")
+    p.add_argument("--data", type=Path, default=DIALOGSUM, help="--prompts dialogsum: the folder of DialogSum's "
+                                                                  "dev.jsonl")
     p.add_argument("--layers", type=int, nargs=2, default=list(SMOLLM_LAYERS), metavar=("TEACHER", "STUDENT"),
                    help="--pair smollm: the models' layer counts (scaled down for tests)")
     p.add_argument("--compile", choices=["both", "off", "on"], default="both",
@@ -419,8 +495,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
-    tokenizer, teacher, student = load(args.device, dtype, args.pair, tuple(args.layers))
-    batch, _ = first_batch(tokenizer, args.batch, args.device)
+    if args.prompts == "dialogsum" and args.pair != "smollm":
+        raise SystemExit("--prompts dialogsum needs --pair smollm (the arith models read arith tokens only)")
+    tokenizer, teacher, student = load(args.device, dtype, args.pair, tuple(args.layers), args.prompts, args.data)
+    if args.prompts == "dialogsum":
+        batch = dialogsum_batch(tokenizer, args.batch, args.device, args.data, args.seed)
+    else:
+        batch, _ = first_batch(tokenizer, args.batch, args.device)
     steps, trl_note = build_steps(args, student, teacher, tokenizer)
     kdlab = next(iter(steps.values()))
 
@@ -431,7 +512,8 @@ def main() -> None:
     same_batch["reference"] = reference_loss(student, teacher, sampled, len(tokenizer), args.beta)
     mask = sampled.student.target_mask
 
-    results = {"benchmark": "step", "machine": machine(args.device), "args": vars(args), "trl_note": trl_note,
+    results = {"benchmark": "step", "machine": machine(args.device), "args": {**vars(args), "data": str(args.data)},
+               "trl_note": trl_note,
                "same_batch_loss": same_batch, "kdlab_fused": {n: s.step.fused for n, s in steps.items()
                                                                if n.startswith("kdlab")},
                "sampled_tokens_in_loss_check": int(mask.sum())}
@@ -476,7 +558,8 @@ def main() -> None:
                    teacher_non_embedding_params=t_params, prompt_width=prompt_width,
                    student_params=sum(p.numel() for p in student.parameters()),
                    teacher_params=sum(p.numel() for p in teacher.parameters()),
-                   vocabulary=student.get_output_embeddings().weight.shape[0], tokenizer_size=len(tokenizer))
+                   vocabulary=student.get_output_embeddings().weight.shape[0], tokenizer_size=len(tokenizer),
+                   prompt_lengths=batch.student.prompt_mask.sum(1).tolist())
     results["table"] = table(rows, list(rows[0]))
     print(results["table"])
     ratios = ", ".join(f"{key.removeprefix('throughput_ratio_')}: {value:.2f}" for key, value in results.items()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,61 @@ def test_smollm_pair_scaled_down_to_one_layer_runs_a_kdlab_step_over_the_whole_v
     assert step.step.fused  # the training step's own path, as the run decides: the fused output layer and loss
     assert 0 < step.widths[0] <= 4 and 0 < step.tokens[0] <= 2 * 4
     assert not teacher.training and student.training  # the teacher is kept in eval mode
+
+
+# DialogSum's original dev/test files beside the repo (../shared/data/dialogsum), or under $KDLAB_SHARED_DATA
+DIALOGSUM = Path(os.environ.get("KDLAB_SHARED_DATA") or BENCHMARKS.parents[1] / "shared" / "data") / "dialogsum"
+needs_dialogsum = pytest.mark.skipif(not (DIALOGSUM / "dev.jsonl").is_file(),
+                                     reason=f"DialogSum's files are not at {DIALOGSUM}")
+
+
+@needs_dialogsum
+def test_dialogsum_prompts_are_256_to_450_tokens_in_the_task_format_and_chat_template(tmp_path):
+    from bench_step import DIALOGSUM_LENGTHS, dialogsum_batch, dialogsum_rows, dialogsum_tokenizer
+
+    tokenizer = dialogsum_tokenizer(DIALOGSUM, 49152, str(tmp_path))
+    assert len(tokenizer) == 49152  # the smollm pair's output layers
+    assert [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id == 2
+    dialogue = dialogsum_rows(DIALOGSUM)[0]["dialogue"]
+    assert tokenizer.decode(tokenizer(dialogue, add_special_tokens=False).input_ids) == dialogue  # byte-level: lossless
+    assert dialogsum_tokenizer(DIALOGSUM, 49152, str(tmp_path / "again")).get_vocab() == tokenizer.get_vocab()
+    batch = dialogsum_batch(tokenizer, 4, "cpu", DIALOGSUM, seed=0)
+    lengths = batch.student.prompt_mask.sum(1).tolist()
+    assert all(DIALOGSUM_LENGTHS[0] <= n <= DIALOGSUM_LENGTHS[1] for n in lengths) and len(lengths) == 4
+    ids, mask = batch.student.prompt
+    assert not mask[:, -1].logical_not().any()  # left-padded: every row ends at the last column
+    text = tokenizer.decode(ids[0][mask[0]])
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert "<|im_start|>user\nSummarize the following dialogue.\n\n#Person1#:" in text
+    assert text.split("<|im_end|>\n<|im_start|>assistant")[0].endswith("\n\nSummary:")
+
+
+def test_dialogsum_prompts_without_the_files_stop_with_one_line_naming_the_option(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_step.py"), "--pair", "smollm", "--prompts",
+                           "dialogsum", "--data", str(tmp_path), "--out", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, cwd=BENCHMARKS.parent)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"--prompts dialogsum: {tmp_path / 'dev.jsonl'} not found; point --data at the folder holding DialogSum's "
+        f"dev.jsonl and test.jsonl (default {BENCHMARKS.parents[1] / 'shared' / 'data' / 'dialogsum'})"]
+
+
+@pytest.mark.slow
+@needs_dialogsum
+def test_step_benchmark_on_dialogsum_prompts_scores_the_same_loss_on_every_side(tmp_path):
+    pytest.importorskip("trl.trainer.distillation_trainer")
+    result = run_script("bench_step.py", tmp_path, "--pair", "smollm", "--prompts", "dialogsum", "--data",
+                        str(DIALOGSUM), "--layers", "1", "1", "--batch", "2", "--max-new-tokens", "4", "--compile",
+                        "off", "--no-gkd", "--threads", "1")
+    assert all(256 <= n <= 450 for n in result["prompt_lengths"]) and result["prompt_width"] >= 256
+    # float32 forwards over ~300-position prompts: kdlab and the reference 1.2e-7 apart here (1.0e-7 at full size),
+    # DistillationTrainer 0 apart, on a loss of 0.20; the bound 8x the largest
+    same = result["same_batch_loss"]
+    assert result["kdlab_fused"] == {"kdlab": True} and same["kdlab"] > 0
+    assert same["trl_distillation"] == pytest.approx(same["kdlab"], abs=1e-6)
+    assert same["kdlab"] == pytest.approx(same["reference"], abs=1e-6)
+    assert math.isfinite(result["step_time_ratio_trl_distillation_over_kdlab"])
 
 
 @pytest.mark.slow

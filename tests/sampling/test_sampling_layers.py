@@ -43,6 +43,7 @@ def _patched(model) -> list[str]:
 
 
 def test_applies_only_to_large_plain_float32_cpu_linears_and_is_restored(monkeypatch):
+    monkeypatch.setattr(sampling_layers, "MIN_THREADS", 1)
     model = AutoModelForCausalLM.from_pretrained(STUDENT)
     linears = [name for name, module in model.named_modules() if type(module) is nn.Linear]
     with linears_for_sampling(model) as changed:  # the shipped student's layers are too small to gain
@@ -71,6 +72,7 @@ def test_both_samplers_draw_the_same_tokens_through_it(tokenizer, monkeypatch):
     """The compiled loop and generate read the patched layers alike: same tokens under one seed (the tiny shipped
     student's layers are let through by lowering the size floor)."""
     monkeypatch.setattr(sampling_layers, "MIN_ENTRIES", 0)
+    monkeypatch.setattr(sampling_layers, "MIN_THREADS", 1)
     torch._dynamo.reset()
     counters.clear()
     decoding._compiled_step.cache_clear()
@@ -107,3 +109,32 @@ def test_sampling_again_reuses_the_compiled_step(tokenizer, monkeypatch):
                                     eos_token_id=tokenizer.eos_token_id)[0])
     assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_one_thread_leaves_the_layers_as_they_are_and_draws_nn_linears_tokens(tokenizer, monkeypatch):
+    """At one thread nn.Linear's own product was as fast or faster (MIN_THREADS): no layer is changed, and the tokens
+    are those of `generate` on the plain model, bit for bit; at two threads the same layers are changed."""
+    monkeypatch.setattr(sampling_layers, "MIN_ENTRIES", 0)
+    model = AutoModelForCausalLM.from_pretrained(STUDENT)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with linears_for_sampling(model) as changed:
+            assert changed > 0 and _patched(model)
+        torch.set_num_threads(1)
+        with linears_for_sampling(model) as changed:
+            assert changed == 0 and not _patched(model)
+        prompt_ids, prompt_mask = prompts(tokenizer, QUESTIONS[:4])
+        settings = SamplingSettings(max_new_tokens=24, do_sample=True)
+        torch.manual_seed(11)
+        ids, mask = generate_targets(model, prompt_ids, prompt_mask, settings, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(11)
+        with torch.inference_mode():  # the plain model, no kdlab sampling code
+            plain = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(),
+                                   generation_config=settings.generation_config(tokenizer.pad_token_id,
+                                                                                tokenizer.eos_token_id))
+        new = plain[:, prompt_ids.shape[1]:]
+        assert torch.equal(ids[mask], new[:, :ids.shape[1]][mask])
+    finally:
+        torch.set_num_threads(threads)

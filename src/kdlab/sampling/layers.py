@@ -11,10 +11,10 @@ output layer alone read this way, and to 1.7 s with every layer.
 
 The outputs are those of `nn.Linear` to float rounding (another summation order: 1e-6 apart at these sizes), not bit
 for bit, so a draw that sits on a tie may differ from an unpatched `generate`; kdlab's two samplers (`generate` and
-the compiled loop) both read the layers this way and still draw the same tokens. Applied only where measured: float32
-CPU weights (in bfloat16 `nn.Linear` was as fast or faster), plain `nn.Linear` modules without hooks, of at least
-`MIN_ENTRIES` weights, at most `FEW_ROWS` rows per call (more rows, e.g. the prefill of a prompt, go through
-`nn.Linear`'s own forward).
+the compiled loop) both read the layers this way and still draw the same tokens. Applied only where measured: at
+least two threads (`MIN_THREADS`: at one, nn.Linear was as fast or faster), float32 CPU weights (in bfloat16
+`nn.Linear` was as fast or faster), plain `nn.Linear` modules without hooks, of at least `MIN_ENTRIES` weights, at
+most `FEW_ROWS` rows per call (more rows, e.g. the prefill of a prompt, go through `nn.Linear`'s own forward).
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ FEW_ROWS = 64
 # Small layers gain little (the transposed copy costs as much as the product); the shipped arith models (at most
 # 95,488 weights per layer) keep nn.Linear's own results.
 MIN_ENTRIES = 2**17
+# The gain is BLAS spreading a few-row x @ W.T badly over threads: at one thread nn.Linear's own product was as fast or
+# faster (a 576 x 576 layer at 4 rows 0.044 ms against 0.129 ms; the output layer 29.6 ms against 30.8 ms), and
+# `generate` on the SmolLM2-shaped student (batch 4, 256-450-token DialogSum prompts, 64 tokens) took 5.06 s against
+# 6.02 s read this way (docs/benchmarks.md section 3). One thread: the layers are left as they are.
+MIN_THREADS = 2
 
 
 def applies(layer: nn.Module) -> bool:
@@ -67,8 +72,9 @@ def _forward(self: nn.Linear, x: Tensor) -> Tensor:
 @contextlib.contextmanager
 def linears_for_sampling(model: nn.Module) -> Iterator[int]:
     """Within the block, every linear layer of `model` that `applies` (the output layer included) computes few-row
-    calls as W @ x.T; each is restored on exit, whatever happens. Yields how many layers it changed."""
-    layers = [module for module in model.modules() if applies(module)]
+    calls as W @ x.T, where torch runs at least MIN_THREADS threads; each is restored on exit, whatever happens.
+    Yields how many layers it changed."""
+    layers = [module for module in model.modules() if applies(module)] if torch.get_num_threads() >= MIN_THREADS else []
     for layer in layers:
         layer.forward = types.MethodType(_forward, layer)
     try:

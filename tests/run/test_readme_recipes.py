@@ -152,34 +152,20 @@ def _first_job(argv: list[str]) -> list[str]:
 
 
 def _hydra_main(entry, argv: list[str], capsys) -> tuple[int, str]:
-    """Run a console command in this process as the shell would, with `argv`: `entry` is a Hydra entry point or a
-    script path run as `__main__`; (exit code, stderr)."""
-    import logging
-    import runpy
+    """Run a console command as the shell would, with `argv`, in a process of its own (so that no state an earlier
+    test left in this process, logging handlers or Hydra's singletons, reaches it): `entry` is a script path
+    (`python train.py ...`) or the name of a console script's module (`kdlab.teachers.cache`); (exit code, stderr).
+    One torch thread, as on a shared 2-core CPU decoding is ten times faster so."""
+    import subprocess
 
-    from hydra.core.global_hydra import GlobalHydra
-
-    saved = sys.argv
-    sys.argv = ["command", *argv]
-    # Hydra configures logging with handlers on this test's captured streams: put the process's back afterwards, so
-    # no later test logs into a stream capsys has closed (a failing recipe must not take the session down with it)
-    root_handlers, root_level = logging.root.handlers[:], logging.root.level
-    code = 0
-    try:
-        if isinstance(entry, Path):
-            runpy.run_path(str(entry), run_name="__main__")  # `python train.py ...`, the script's own main block
-        else:
-            entry()
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-        if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)
-    finally:
-        sys.argv = saved
-        GlobalHydra.instance().clear()
-        logging.root.handlers[:] = root_handlers
-        logging.root.setLevel(root_level)
-    return code, capsys.readouterr().err
+    if isinstance(entry, Path):
+        cmd = [sys.executable, str(entry), *argv]
+    else:
+        cmd = [sys.executable, "-c", f"import sys; from {entry} import main; sys.exit(main())", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    return done.returncode, done.stderr
 
 
 def _train(argv: list[str], capsys) -> tuple[int, str]:
@@ -211,7 +197,6 @@ def test_every_readme_recipe_runs_in_its_short_form(tmp_path, monkeypatch, capsy
     from hydra.core.hydra_config import HydraConfig
 
     from kdlab.report.cli import main as report_main
-    from kdlab.teachers.cache import main as cache_main
 
     monkeypatch.chdir(tmp_path)
     places: dict[str, Path] = {}
@@ -268,7 +253,7 @@ def test_every_readme_recipe_runs_in_its_short_form(tmp_path, monkeypatch, capsy
                 assert code == 0, (command, err[-3000:])
                 outcomes[command] = "ran"
             elif argv[0] == "kdlab-cache-teacher":
-                code, err = _hydra_main(cache_main, _short(argv[1:]), capsys)
+                code, err = _hydra_main("kdlab.teachers.cache", _short(argv[1:]), capsys)
                 assert code == 0, (command, err[-3000:])
                 outcomes[command] = "ran"
             elif argv[0] == "kdlab-report":

@@ -32,6 +32,7 @@ REPORTS = {
     "gkd_grid/own_teacher_nll": ("gkd_decided", "own_teacher_nll"),
     "gkd_grid/steps100": ("gkd_grid", None),
     "cross_tokenizer": ("xtok_decided", None),
+    "cross_tokenizer/variants": ("xtok_decided", None),
 }
 RESULT_FIELDS = ("steps", "wall_time_s", "tokens_per_sec", "onpolicy_fraction", "train_tokens")
 

@@ -78,7 +78,7 @@ def test_choices_record_teacher_student_loss_policy_reward_lora_and_engine():
     assert choices["reward"]["name"] == "FinalAnswerCorrect" and choices["reward"]["alpha"] == 0.5
     assert choices["lora"] == {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
     assert choices["sampling_engine"] == "hf"  # no engine key: HF generate
-    assert run_choices(compose(["+policy.sampling.engine=vllm"]))["sampling_engine"] == "vllm"
+    assert run_choices(compose(["policy.sampling.engine=vllm"]))["sampling_engine"] == "vllm"
 
 
 @pytest.mark.parametrize("overrides, teacher", [

@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -174,18 +174,8 @@ class TeacherClient:
         logprobs = torch.full((len(seqs), width, self.k), -torch.inf, dtype=torch.float32)
         ids = torch.zeros((len(seqs), width, self.k), dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-        for start in range(0, len(seqs), self.max_batch):
-            group = seqs[start : start + self.max_batch]
-            # prompt_logprobs do not depend on the generated token, nor on a temperature (vLLM and kdlab's server
-            # ignore it there: a run with a tempered loss is refused, kdlab.losses.sparse.sparse_form)
-            body = {"model": self.model, "prompt": group, "max_tokens": self.generated, "prompt_logprobs": self.k}
-            choices = sorted(self._request("POST", "/v1/completions", body).get("choices") or [],
-                             key=lambda c: c.get("index", 0))
-            if len(choices) != len(group):
-                raise TeacherServerError(f"teacher server at {self.url} answered {len(choices)} choices for "
-                                         f"{len(group)} prompts")
-            for offset, (seq, choice) in enumerate(zip(group, choices)):
-                self._fill(start + offset, seq, choice.get("prompt_logprobs"), logprobs, ids, mask)
+        for row, seq, entries in self._prompt_logprobs(seqs, self.k):
+            self._fill(row, seq, entries, logprobs, ids, mask)
         tail = tail_log_mass(logprobs).float().masked_fill(~mask, 0.0)
         return TopK(logprobs.masked_fill(~mask[..., None], 0.0), ids, tail, mask)
 
@@ -218,38 +208,41 @@ class TeacherClient:
         logprobs = torch.zeros(len(prompts), width, dtype=torch.float32)
         mask = torch.zeros(len(prompts), width, dtype=torch.bool)
         seqs = [[int(x) for x in p] + [int(x) for x in t] for p, t in zip(prompts, targets)]
+        for row, seq, entries in self._prompt_logprobs(seqs, 0):
+            first = len(prompts[row])
+            for j, token in enumerate(seq[first:]):
+                entry = entries[first + j]
+                try:
+                    logprobs[row, j] = float(entry[str(token)]["logprob"])
+                except (KeyError, TypeError, ValueError):
+                    raise TeacherServerError(f"teacher server at {self.url} returned no log-probability for "
+                                             f"token {token} at position {first + j}: {str(entry)[:80]}") from None
+                mask[row, j] = True
+        return logprobs, mask
+
+    def _prompt_logprobs(self, seqs: list[list[int]], k: int) -> Iterator[tuple[int, list[int], list]]:
+        """(row, sequence, its prompt_logprobs: one entry per token) for every sequence, asked in requests of
+        max_batch with `prompt_logprobs` k (0: each token's own entry only). The answers' shapes are checked here."""
         for start in range(0, len(seqs), self.max_batch):
             group = seqs[start : start + self.max_batch]
-            body = {"model": self.model, "prompt": group, "max_tokens": self.generated, "prompt_logprobs": 0}
-            answer = self._request("POST", "/v1/completions", body)
-            choices = sorted(answer.get("choices") or [], key=lambda c: c.get("index", 0))
+            # prompt_logprobs do not depend on the generated token, nor on a temperature (vLLM and kdlab's server
+            # ignore it there: a run with a tempered loss is refused, kdlab.losses.sparse.sparse_form)
+            body = {"model": self.model, "prompt": group, "max_tokens": self.generated, "prompt_logprobs": k}
+            choices = sorted(self._request("POST", "/v1/completions", body).get("choices") or [],
+                             key=lambda c: c.get("index", 0))
             if len(choices) != len(group):
                 raise TeacherServerError(f"teacher server at {self.url} answered {len(choices)} choices for "
                                          f"{len(group)} prompts")
             for offset, (seq, choice) in enumerate(zip(group, choices)):
-                row = start + offset
                 entries = choice.get("prompt_logprobs")
                 if not isinstance(entries, list) or len(entries) != len(seq):
                     got = len(entries) if isinstance(entries, list) else type(entries).__name__
                     raise TeacherServerError(f"teacher server at {self.url} returned prompt_logprobs of length {got} "
                                              f"for a sequence of {len(seq)} tokens (does it serve prompt_logprobs?)")
-                first = len(prompts[row])
-                for j, token in enumerate(seq[first:]):
-                    entry = entries[first + j]
-                    try:
-                        logprobs[row, j] = float(entry[str(token)]["logprob"])
-                    except (KeyError, TypeError, ValueError):
-                        raise TeacherServerError(f"teacher server at {self.url} returned no log-probability for "
-                                                 f"token {token} at position {first + j}: {str(entry)[:80]}") from None
-                    mask[row, j] = True
-        return logprobs, mask
+                yield start + offset, seq, entries
 
     def _fill(self, row: int, seq: list[int], entries: Any, logprobs: Tensor, ids: Tensor, mask: Tensor) -> None:
         """Row `row` from one choice's prompt_logprobs: entry t + 1 goes to position t, its k largest entries."""
-        if not isinstance(entries, list) or len(entries) != len(seq):
-            got = len(entries) if isinstance(entries, list) else type(entries).__name__
-            raise TeacherServerError(f"teacher server at {self.url} returned prompt_logprobs of length {got} for a "
-                                     f"sequence of {len(seq)} tokens (does it serve prompt_logprobs?)")
         for t, entry in enumerate(entries[1:]):
             try:
                 ranked = sorted(((float(v["logprob"]), int(token)) for token, v in entry.items()), reverse=True)

@@ -1,4 +1,5 @@
-"""`python -m kdlab.models.build_assets`, the documented way to rebuild the shipped checkpoints, run end to end but short."""
+"""`python -m kdlab.models.build_assets`, the documented way to rebuild the shipped checkpoints, run end to end but
+short."""
 
 import json
 

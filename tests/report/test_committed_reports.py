@@ -20,21 +20,21 @@ import yaml
 
 from kdlab.report.markdown import write_report
 from kdlab.report.runs import load_sweep
+from kdlab.report.tables import RESULT_FIELDS, TRAIN_FIELDS
 from kdlab.run.rundir import CONFIG, RESULTS
 from tests.conftest import REPO
 
 DOCS = REPO / "docs"
-# report folder -> (the sweep file its runs were composed from, the metric compared)
+# report folder -> (the sweep file its runs were composed from, the metric compared, the --against baselines)
 REPORTS = {
-    "gkd_grid": ("gkd_decided", None),
-    "gkd_grid/own_fkl": ("gkd_decided", "own_fkl"),
-    "gkd_grid/own_rkl": ("gkd_decided", "own_rkl"),
-    "gkd_grid/own_teacher_nll": ("gkd_decided", "own_teacher_nll"),
-    "gkd_grid/steps100": ("gkd_grid", None),
-    "cross_tokenizer": ("xtok_decided", None),
-    "cross_tokenizer/variants": ("xtok_decided", None),
+    "gkd_grid": ("gkd_decided", None, ()),
+    "gkd_grid/own_fkl": ("gkd_decided", "own_fkl", ()),
+    "gkd_grid/own_rkl": ("gkd_decided", "own_rkl", ()),
+    "gkd_grid/own_teacher_nll": ("gkd_decided", "own_teacher_nll", ()),
+    "gkd_grid/steps100": ("gkd_grid", None, ()),
+    "cross_tokenizer": ("xtok_decided", None, ()),
+    "cross_tokenizer/variants": ("xtok_decided", None, ()),
 }
-RESULT_FIELDS = ("steps", "wall_time_s", "tokens_per_sec", "onpolicy_fraction", "train_tokens")
 
 
 def _number(text: str) -> int | float:
@@ -78,6 +78,9 @@ def rebuild_runs(runs_csv: Path, sweep_file: str, root: Path) -> None:
         results = {"metric": "accuracy", "metrics": _scores(row, "student_after"),
                    "student_before": _scores(row, "student_before"), "teacher": _scores(row, "teacher"),
                    **{key: _number(row[key]) for key in RESULT_FIELDS if row[key] != ""}}
+        train = {key: _number(row[f"train/{key}"]) for key in TRAIN_FIELDS if row.get(f"train/{key}", "") != ""}
+        if train:
+            results["train"] = train
         assert row["status"] == "finished"  # every committed run finished: results.json is all it needs
         (run / RESULTS).write_text(json.dumps(results))
 
@@ -85,14 +88,14 @@ def rebuild_runs(runs_csv: Path, sweep_file: str, root: Path) -> None:
 @pytest.mark.parametrize("folder", list(REPORTS))
 def test_the_committed_report_is_what_kdlab_report_writes_from_its_runs_csv(folder, tmp_path):
     committed = DOCS / folder
-    sweep_file, metric = REPORTS[folder]
+    sweep_file, metric, baselines = REPORTS[folder]
     root = tmp_path / "runs"
     rebuild_runs(committed / "runs.csv", sweep_file, root)
     sweep = load_sweep(root)
     if metric:
         sweep.metric = metric
     out = tmp_path / "report"
-    write_report(sweep, out)
+    write_report(sweep, out, baselines=list(baselines))
     for name in ("runs.csv", "differences.csv"):
         if (committed / name).exists():
             assert (out / name).read_bytes() == (committed / name).read_bytes(), name

@@ -269,8 +269,8 @@ def test_report_of_a_finished_sweep_loads_neither_torch_nor_transformers(grid, t
 
 
 def test_config_and_report_do_not_import_each_other():
-    """Validation and reporting meet only in kdlab.run.resolvers and kdlab.run.rundir: neither imports the other, at the top
-    of a file or inside a function."""
+    """Validation and reporting meet only in kdlab.run.resolvers and kdlab.run.rundir: neither imports the other, at
+    the top of a file or inside a function."""
     import ast
 
     def imported(path: Path) -> set[str]:
@@ -362,3 +362,36 @@ def test_a_run_that_also_scores_the_teacher_is_the_same_method(tmp_path):
     sweep = load_sweep(tmp_path)
     assert sweep.swept_keys == ["seed"]
     assert "| fkl | **0.5500** [" in comparison_table_markdown(sweep)  # one cell of both runs: mean of 0.5, 0.6
+
+
+def test_against_pairs_every_cell_with_a_baseline_whatever_sets_them_apart(grid, tmp_path_factory, capsys):
+    # jsd(0.9) at lambda 1 differs from fkl at lambda 0 in two settings: one-setting pairing never forms that pair,
+    # --against does. Reference: the per-seed differences by hand and a t interval from printed t quantiles.
+    root, accuracies = grid
+    out = tmp_path_factory.mktemp("against")
+    assert report_main([str(root), "--out", str(out), "--against", "fkl λ=0"]) == 0
+    assert "against fkl λ=0: 3 pairs" in capsys.readouterr().out
+    rows = [r for r in csv.DictReader((out / "differences.csv").open()) if r["key"] == "against fkl λ=0"]
+    assert [r["value_b"] for r in rows] == ["fkl λ=1", "jsd(0.9) λ=0", "jsd(0.9) λ=1"]
+    base = accuracies[("fkl", 0)]
+    for row, cell in zip(rows, [("fkl", 1), ("jsd0.9", 0), ("jsd0.9", 1)]):
+        diffs = [b - a for a, b in zip(base, accuracies[cell]) if isinstance(b, float)]
+        mean = sum(diffs) / len(diffs)
+        assert row["n_pairs"] == str(len(diffs)) and float(row["mean_difference"]) == pytest.approx(mean)
+        half = T_975[len(diffs) - 1] * statistics.stdev(diffs) / len(diffs) ** 0.5
+        assert float(row["low"]) == pytest.approx(mean - half) and float(row["high"]) == pytest.approx(mean + half)
+    report = (out / "report.md").read_text()
+    section = report.split("## Against the baselines", 1)[1].split("## Plots", 1)[0]
+    assert "### Against `fkl λ=0`" in section
+    assert "| jsd(0.9) λ=1 | -0.1750 [-0.4927, +0.1427] | 2 |" in section  # seeds 1-2: -0.20, -0.15
+    assert "| fkl λ=1 | -0.1200 [" in section and "] * | 3 |" in section  # every seed lower, by 0.10 to 0.17
+
+
+def test_against_a_row_needs_its_column_where_the_row_has_several(grid, capsys):
+    root, _ = grid
+    assert report_main([str(root), "--against", "fkl"]) == 2
+    err = capsys.readouterr().err
+    assert "the row 'fkl' has results in 2 columns" in err and "'fkl λ=0'" in err and "'jsd(0.9) λ=1'" in err
+    assert report_main([str(root), "--against", "sft"]) == 2
+    assert "no cell with results is named 'sft'" in capsys.readouterr().err
+    assert not (root / "report.md").exists()  # refused before anything was written

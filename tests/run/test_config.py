@@ -37,7 +37,8 @@ COMPANIONS = {"teacher=none": ["loss=sft", "policy=supervised"], "loss=sft": ["p
 
 
 # conf/model serves both roles: each preset composes as `student=` and as `teacher=`
-CHOICES = [(role, o) for g in GROUPS for role in (("student", "teacher") if g == "model" else (g,)) for o in _options(g)]
+CHOICES = [(role, o) for g in GROUPS for role in (("student", "teacher") if g == "model" else (g,))
+           for o in _options(g)]
 
 
 @pytest.mark.parametrize("group,option", CHOICES)

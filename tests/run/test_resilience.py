@@ -41,7 +41,8 @@ def _weights(run_dir) -> dict[str, torch.Tensor]:
 def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_with_the_same_weights(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     _train(straight)
-    done = _train(killed, "+callbacks.kill._target_=tests.workers.callbacks.SignalAt", "+callbacks.kill.step=2", check=False)
+    done = _train(killed, "+callbacks.kill._target_=tests.workers.callbacks.SignalAt", "+callbacks.kill.step=2",
+                  check=False)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
     assert "interrupted at step 3" in done.stderr + done.stdout
     assert last_checkpoint(killed).exists() and not (killed / RESULTS).exists()

@@ -30,8 +30,8 @@ def compose_sweep(name: str, overrides: list[str]):
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=[f"hydra.searchpath=[file://{CONF_DIR}]", *expand_overrides(overrides),
-                                                    "output_dir=/tmp/unused"], return_hydra_config=True)
+        overrides = [f"hydra.searchpath=[file://{CONF_DIR}]", *expand_overrides(overrides), "output_dir=/tmp/unused"]
+        return compose(config_name=name, overrides=overrides, return_hydra_config=True)
 
 
 def basic_sweep_values(params) -> dict[str, list[str]]:

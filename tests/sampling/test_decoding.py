@@ -123,7 +123,8 @@ def test_other_decoder_families_decode_the_same(tokenizer, architecture):
     model = load_model({"name": architecture, "architecture": architecture, "config": ARCHITECTURES[architecture]},
                        tokenizer)
     prompt_ids, prompt_mask = prompts(tokenizer, QUESTIONS[:3])
-    for settings in (SamplingSettings(max_new_tokens=12, do_sample=True), SamplingSettings(max_new_tokens=12, do_sample=False)):
+    for settings in (SamplingSettings(max_new_tokens=12, do_sample=True),
+                     SamplingSettings(max_new_tokens=12, do_sample=False)):
         (ids, mask), (cids, cmask) = both(model, tokenizer, prompt_ids, prompt_mask, settings)
         assert torch.equal(ids, cids) and torch.equal(mask, cmask)
 
@@ -135,7 +136,8 @@ def test_what_the_loop_does_not_cover_goes_to_generate_with_the_reason(tokenizer
     uncompilable = tiny_model(tokenizer)
     uncompilable._can_compile_fullgraph = False  # as Hugging Face marks models with graph breaks
     cases = [
-        (tiny_model(tokenizer, architecture="t5"), SamplingSettings(max_new_tokens=6, do_sample=True), False, "encoder-decoder"),
+        (tiny_model(tokenizer, architecture="t5"), SamplingSettings(max_new_tokens=6, do_sample=True), False,
+         "encoder-decoder"),
         (llama, SamplingSettings(max_new_tokens=6, do_sample=False, num_beams=2), False, "beam search"),
         (llama, SamplingSettings(max_new_tokens=6, do_sample=True), True, "sharded"),
         (penalised, SamplingSettings(max_new_tokens=6, do_sample=True), False, "repetition_penalty"),
@@ -153,6 +155,7 @@ def test_what_the_loop_does_not_cover_goes_to_generate_with_the_reason(tokenizer
             (ids, mask), (cids, cmask) = both(model, tokenizer, prompt_ids, prompt_mask, settings)
         assert torch.equal(ids, cids) and torch.equal(mask, cmask)
         assert reason in caplog.text and "through generate" in caplog.text
-    config = SamplingSettings(max_new_tokens=8, do_sample=True).generation_config(tokenizer.pad_token_id, tokenizer.eos_token_id)
+    config = SamplingSettings(max_new_tokens=8, do_sample=True).generation_config(tokenizer.pad_token_id,
+                                                                                 tokenizer.eos_token_id)
     assert decoding.unsupported_reason(llama, config, False) is None
     assert graphs() == 0  # nothing above compiled

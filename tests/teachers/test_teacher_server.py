@@ -390,7 +390,8 @@ def test_client_top_k_is_aligned_with_causal_logits(server, reference) -> None:
 
 
 def test_client_target_top_k_is_aligned_with_score_targets(server, reference) -> None:
-    """Row j of a target: the teacher's distribution of target token j, as kdlab.models.scoring.score_targets' logits."""
+    """Row j of a target: the teacher's distribution of target token j, as kdlab.models.scoring.score_targets'
+    logits."""
     from kdlab.data.datamodule import pad
     from kdlab.models.loading import load_model
     from kdlab.models.scoring import score_targets

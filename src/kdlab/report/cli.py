@@ -3,6 +3,7 @@
     kdlab-report outputs/multirun/2026-11-25/15-14-06                 # writes into the sweep directory
     kdlab-report outputs/multirun/gkd_grid/<time> --out docs/gkd_grid # somewhere else
     kdlab-report <sweep dir> --metric own_teacher_nll --out <dir>    # another score (lower is better: in bold)
+    kdlab-report <sweep dir> --against sft --against "fkl λ=1"       # every cell paired with these cells too
     kdlab-report <sweep dir> --wandb --entity me --project kdlab      # also a W&B Report (network, logged-in)
     kdlab-report --wandb-push report_spec.json                        # push a saved W&B Report specification
 """
@@ -27,6 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metric", help="the score compared (default: the runs' task metric, e.g. accuracy); any "
                                          "key of results.json's metrics, e.g. own_teacher_nll "
                                          "(kdlab.evaluation.mismatch)")
+    parser.add_argument("--against", action="append", default=[], metavar="CELL",
+                        help="a baseline cell (a row's label, or the row and column as the report names the cell: "
+                             "'fkl λ=0'); every other cell is paired with it seed by seed, whatever settings set them "
+                             "apart. Repeat for several")
     parser.add_argument("--wandb", action="store_true", help="also build a W&B Report of the sweep's runs")
     parser.add_argument("--entity", help="W&B entity of the report (with --wandb)")
     parser.add_argument("--project", help="W&B project of the report (with --wandb)")
@@ -56,12 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no run directories under {args.sweep_dir} (a run directory holds .hydra/, {RESULTS} or "
               f"{FAILURE_MARKER})", file=sys.stderr)
         return 2
-    from kdlab.report.differences import differences
+    from kdlab.report.differences import UnknownCell, against, differences
     from kdlab.report.markdown import write_report  # matplotlib loads here, not for --wandb-push
     from kdlab.report.tables import compare, comparison_table_markdown, run_standard_error_line
 
     out_dir = args.out or args.sweep_dir
-    written = write_report(sweep, out_dir, args.column)
+    try:
+        written = write_report(sweep, out_dir, args.column, args.against)
+    except UnknownCell as err:
+        print(f"error: --against: {err}", file=sys.stderr)
+        return 2
     counts = ", ".join(f"{len(sweep.by_status(s))} {s}" for s in (FINISHED, FAILED, UNFINISHED))
     print(f"{len(sweep.runs)} runs ({counts}); swept: {', '.join(sweep.swept_keys) or 'nothing'}")
     print(comparison_table_markdown(sweep, args.column))
@@ -71,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     found = differences(compare(sweep, args.column), sweep.metric)
     print(f"paired differences (same seed, one setting changed): {len(found)} pairs, "
           f"{sum(d.distinguishable for d in found)} distinguishable from zero at 95% (report.md, differences.csv)")
+    if args.against:
+        versus = against(compare(sweep, args.column), sweep.metric, args.against)
+        print(f"against {', '.join(args.against)}: {len(versus)} pairs, "
+              f"{sum(d.distinguishable for d in versus)} distinguishable from zero at 95%")
     for kind, path in written.items():
         print(f"{kind}: {path}")
     if args.wandb:

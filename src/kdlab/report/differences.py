@@ -4,6 +4,10 @@ Two cells pair when they agree on every setting but one: the column key (λ=1 ag
 loss (fkl against rkl at the same λ), or any other swept key. Their runs are matched by seed (the same seed gives the
 same initialisation and data order), so the difference per seed cancels what the seeds share; the mean difference
 gets a 95% t interval over the matched seeds, and the report says whether it excludes zero.
+
+`against` pairs differently: every cell with each cell named as a baseline (`kdlab-report --against sft`), whatever
+settings set them apart. A comparison of methods that differ in several settings at once (speculative KD against the
+supervised grid, every arm against plain SFT) needs exactly these pairs, which one-setting pairing never forms.
 """
 
 from __future__ import annotations
@@ -59,6 +63,45 @@ def differences(comparison: Comparison, metric: str) -> list[Difference]:
     return found
 
 
+class UnknownCell(ValueError):
+    """A baseline name (`--against`) that names no cell with results."""
+
+
+def cell_name(comparison: Comparison, row: str, col: Any, metric: str) -> str:
+    """How a cell is named, in the report and to `--against`: its row, then its column's title when the table has
+    columns (`fkl λ=0`)."""
+    return row if comparison.column_key is None else f"{row} {column_title(comparison.column_key, col, metric)}"
+
+
+def find_cell(comparison: Comparison, name: str, metric: str) -> tuple[str, Any]:
+    """The (row, column) of the cell with results that `name` names: its full name, or its row's label where that
+    row has results in one column only. A name that matches none, or a row with results in several columns, is
+    UnknownCell, which lists the names there are."""
+    named = {cell_name(comparison, row, col, metric): (row, col) for (row, col) in _cell_factors(comparison, metric)}
+    if name in named:
+        return named[name]
+    in_row = [key for key in named.values() if key[0] == name]
+    if len(in_row) == 1:
+        return in_row[0]
+    what = (f"the row {name!r} has results in {len(in_row)} columns: name one of them" if in_row
+            else f"no cell with results is named {name!r}")
+    raise UnknownCell(f"{what} (cells: {', '.join(repr(n) for n in named)})")
+
+
+def against(comparison: Comparison, metric: str, baselines: list[str]) -> list[Difference]:
+    """Every other cell with results minus each baseline cell (named as `find_cell` reads names), seed by seed:
+    key `against <baseline>`, value_a the baseline, value_b the other cell; in table order."""
+    found = []
+    for name in baselines:
+        base = find_cell(comparison, name, metric)
+        base_name = cell_name(comparison, *base, metric)
+        for other in _cell_factors(comparison, metric):
+            if other != base:
+                found.append(_difference(f"against {base_name}", base_name, cell_name(comparison, *other, metric), "",
+                                         comparison.cells[base], comparison.cells[other]))
+    return found
+
+
 def _cell_factors(comparison: Comparison, metric: str) -> dict[tuple[str, Any], dict[str, str]]:
     """{(row, column): {setting: value as written}} for the cells with at least one finished run, row by row."""
     factors = {}
@@ -82,7 +125,7 @@ def sentence(difference: Difference, digits: int = 4) -> str:
     """One plain sentence: which pair, the mean difference with its interval and seeds, and whether it is
     distinguishable from zero at 95%."""
     d, paired = difference, difference.paired
-    head = f"{d.fixed}: {d.value_b} minus {d.value_a}"
+    head = f"{d.fixed}: {d.value_b} minus {d.value_a}" if d.fixed else f"{d.value_b} minus {d.value_a}"
     left_out = _left_out(d)
     interval = paired.interval
     if interval is None:
@@ -123,6 +166,34 @@ def differences_markdown(found: list[Difference], digits: int = 4, limit: int = 
         lines.append(f"- {sentence(difference, digits)}")
     if len(found) > limit:
         lines += ["", f"{len(found) - limit} more pairs in [differences.csv](differences.csv)."]
+    return lines + [""]
+
+
+def against_markdown(found: list[Difference], digits: int = 4) -> list[str]:
+    """The report's section for `--against`: how to read it, then per baseline a table of every other cell minus it
+    (the mean difference with its 95% interval over the seeds both finished, `*` where it excludes zero)."""
+    if not found:
+        return []
+    lines = ["## Against the baselines", "",
+             "Every cell minus each baseline cell named with `--against`, run by run with the same seed, whatever "
+             "settings set the two apart: the mean difference, its 95% t interval over the seeds both finished, and "
+             "`*` where that interval excludes zero. Also in [differences.csv](differences.csv).", ""]
+    key = None
+    for d in found:
+        if d.key != key:
+            key = d.key
+            head = [f"### Against `{d.value_a}`", "", f"| cell | minus {d.value_a} (paired) | seeds |",
+                    "| --- | --- | --- |"]
+            lines += ([""] if lines[-1] else []) + head
+        interval = d.paired.interval
+        if interval is None:
+            text = "no seed on both sides"
+        elif interval.low is None:
+            text = f"{interval.mean:+.{digits}f} (one seed, no interval)"
+        else:
+            text = f"{interval.mean:+.{digits}f} [{interval.low:+.{digits}f}, {interval.high:+.{digits}f}]" + (
+                " *" if d.distinguishable else "")
+        lines.append(f"| {d.value_b} | {text} | {len(d.paired.seeds)} |")
     return lines + [""]
 
 

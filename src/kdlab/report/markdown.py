@@ -8,7 +8,14 @@ from pathlib import Path
 import yaml
 
 from kdlab.report import plots
-from kdlab.report.differences import Difference, differences, differences_markdown, write_differences_csv
+from kdlab.report.differences import (
+    Difference,
+    against,
+    against_markdown,
+    differences,
+    differences_markdown,
+    write_differences_csv,
+)
 from kdlab.report.runs import FAILED, FINISHED, UNFINISHED, Sweep
 from kdlab.report.tables import (
     column_key,
@@ -28,20 +35,25 @@ METRIC_PLOT = "metric.png"
 CURVES_PLOT = "learning_curves.png"
 
 
-def write_report(sweep: Sweep, out_dir: str | Path, column: str | None = None) -> dict[str, Path]:
-    """Write report.md, runs.csv, differences.csv and the PNG plots into `out_dir`; returns their paths by kind."""
+def write_report(sweep: Sweep, out_dir: str | Path, column: str | None = None,
+                 baselines: list[str] | None = None) -> dict[str, Path]:
+    """Write report.md, runs.csv, differences.csv and the PNG plots into `out_dir`; returns their paths by kind.
+    `baselines`: cells every other cell is also paired with (kdlab.report.differences.against; a name that is no
+    cell is UnknownCell, raised before anything is written)."""
+    comparison = compare(sweep, column)
+    found = differences(comparison, sweep.metric)
+    versus = against(comparison, sweep.metric, baselines or [])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"csv": write_runs_csv(sweep, out_dir / "runs.csv")}
-    found = differences(compare(sweep, column), sweep.metric)
-    written["differences"] = write_differences_csv(found, out_dir / "differences.csv")
+    written["differences"] = write_differences_csv(found + versus, out_dir / "differences.csv")
     metric_plot = plots.plot_metric(sweep, out_dir / METRIC_PLOT, column)
     curves_plot = plots.plot_learning_curves(sweep, out_dir / CURVES_PLOT, column=column)
     for kind, path in (("metric_plot", metric_plot), ("curves_plot", curves_plot)):
         if path is not None:
             written[kind] = path
     text = report_markdown(sweep, column, metric_plot=metric_plot, curves_plot=curves_plot, out_dir=out_dir,
-                           differences_found=found)
+                           differences_found=found, against_found=versus)
     written["report"] = out_dir / "report.md"
     written["report"].write_text(text)
     return written
@@ -49,8 +61,10 @@ def write_report(sweep: Sweep, out_dir: str | Path, column: str | None = None) -
 
 def report_markdown(sweep: Sweep, column: str | None = None, metric_plot: Path | None = None,
                     curves_plot: Path | None = None, out_dir: Path | None = None,
-                    differences_found: list[Difference] | None = None) -> str:
-    """The whole report.md; `differences_found` (the paired differences) is computed here when not given."""
+                    differences_found: list[Difference] | None = None,
+                    against_found: list[Difference] | None = None) -> str:
+    """The whole report.md; `differences_found` (the paired differences) is computed here when not given;
+    `against_found` (kdlab.report.differences.against) gets a section of its own when given."""
     counts = {status: len(sweep.by_status(status)) for status in (FINISHED, FAILED, UNFINISHED)}
     lines = [f"# Sweep report: `{sweep.directory}`", ""]
     lines.append(f"{len(sweep.runs)} runs: {counts[FINISHED]} finished, {counts[FAILED]} failed, "
@@ -75,6 +89,7 @@ def report_markdown(sweep: Sweep, column: str | None = None, metric_plot: Path |
     if differences_found is None:
         differences_found = differences(compare(sweep, column), sweep.metric)
     lines += differences_markdown(differences_found)
+    lines += against_markdown(against_found or [])
     lines += _optuna_lines(sweep)
     if metric_plot or curves_plot:
         lines += ["## Plots", ""]

@@ -326,6 +326,9 @@ def comparison_table_markdown(sweep: Sweep, column: str | None = None, digits: i
 
 
 RESULT_FIELDS = ("steps", "wall_time_s", "tokens_per_sec", "onpolicy_fraction", "train_tokens")
+# results.json "train" values kept per run: the teacher's compute in training (tokens its forward passes read,
+# kdlab.step.module), what a method comparison weighs beside accuracy and wall time
+TRAIN_FIELDS = ("teacher_forward_tokens_total",)
 
 
 def runs_table(sweep: Sweep) -> tuple[list[str], list[dict[str, Any]]]:
@@ -334,7 +337,8 @@ def runs_table(sweep: Sweep) -> tuple[list[str], list[dict[str, Any]]]:
     labels = row_labels(sweep, column_key(sweep))
     header = ["run", "status", "method", *sweep.swept_keys]
     header += [f"student_after/{m}" for m in metric_names] + [f"student_before/{m}" for m in metric_names]
-    header += [f"teacher/{m}" for m in metric_names] + list(RESULT_FIELDS) + ["error", "overrides", "directory"]
+    header += [f"teacher/{m}" for m in metric_names] + list(RESULT_FIELDS) + [f"train/{k}" for k in TRAIN_FIELDS]
+    header += ["error", "overrides", "directory"]
     rows = []
     for run in sweep.runs:
         results = run.results or {}
@@ -344,6 +348,7 @@ def runs_table(sweep: Sweep) -> tuple[list[str], list[dict[str, Any]]]:
                 "student_before")), ("teacher", results.get("teacher"))):
             row.update({f"{prefix}/{m}": (scores or {}).get(m, "") for m in metric_names})
         row.update({key: results.get(key, "") for key in RESULT_FIELDS})
+        row.update({f"train/{key}": (results.get("train") or {}).get(key, "") for key in TRAIN_FIELDS})
         row.update({"error": run.error or "", "overrides": " ".join(run.overrides),
                     "directory": relative_directory(run.directory, sweep.directory)})
         rows.append(row)

@@ -117,6 +117,35 @@ def test_plan_lines_reach_the_console_with_verbose_only_and_warnings_always():
                        "kdlab.step.resilience INFO"]
 
 
+def test_lightnings_set_up_notes_are_plan_lines_and_its_other_info_still_shows():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(ConsoleFormatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    lines = ["GPU available: False, used: False", "TPU available: False, using: 0 TPU cores", "Seed set to 0",
+             "`Trainer.fit` stopped: `max_steps=3` reached.", "Restoring states from the checkpoint path at x.ckpt"]
+    names = ["lightning.pytorch.utilities.rank_zero"] * 2 + ["lightning.fabric.utilities.seed"] + [
+        "lightning.pytorch.utilities.rank_zero"] * 2
+    printed = {}
+    try:
+        for verbose in (False, True):
+            setup_console(verbose=verbose)
+            for name, line in zip(names, lines):
+                logger = logging.getLogger(name)
+                level, logger.level = logger.level, logging.INFO
+                logger.info(line)
+                logger.setLevel(level)
+            printed[verbose] = stream.getvalue().splitlines()
+            stream.seek(0)
+            stream.truncate(0)
+    finally:
+        root.removeHandler(handler)
+        setup_console(verbose=False)
+    assert printed[False] == ["Restoring states from the checkpoint path at x.ckpt"]  # what a user must see
+    assert printed[True] == lines
+
+
 @pytest.mark.parametrize("overrides, says", [
     ([], "run: task arith, teacher arith-teacher, student arith-student (515k parameters trained), loss jsd(0.5), "
          "policy mixed (student fraction 0.5)"),
@@ -226,11 +255,13 @@ def test_train_py_debug_limit_console(tmp_path):
     lines = [line for line in _final_frames(output) if line.strip()]
     repeated = [line for line, count in Counter(lines).items() if count > 1]
     assert not repeated, repeated
-    assert "Seed set to 0" in lines  # Lightning's record once, bare: no "INFO: " copy, no time-stamped copy
+    log = (run_dir / "train.log").read_text()
+    for note in ("Seed set to 0", "GPU available: ", "`Trainer.fit` stopped: "):  # Lightning's set-up notes: plan
+        assert note in log and note not in output, note                         # lines, in the log only
     start = [line for line in lines if line.startswith("run: ")]
     assert start == ["run: task arith, teacher arith-teacher, student arith-student (515k parameters trained), "
                      "loss jsd(0.5), policy mixed (student fraction 0.5)"]
-    assert "loss.fused: " in (run_dir / "train.log").read_text()  # the plan line: in the log, not on the console
+    assert "loss.fused: " in log  # the plan line: in the log, not on the console
     frames = [frame for line in output.split("\n") for frame in line.split("\r")]
     bar_frames = [frame for frame in frames if frame.startswith(("step ", "scoring"))]
     assert len(bar_frames) > 4 and all(len(frame) <= 80 for frame in bar_frames), max(bar_frames, key=len)

@@ -33,6 +33,10 @@ PLAN_LOGGERS = ("kdlab.run.build", "kdlab.losses.fused")
 WEIGHT_BARS = frozenset({"Loading weights", "Writing model shards"})
 SMALL_WEIGHTS_BYTES = 1 << 30
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+# Lightning's INFO notes on its own set-up and stop: which accelerators exist, the seed, why fit ended (the run's
+# start line and end summary say what matters of them). Plan lines: train.log keeps them, the console with verbose.
+LIGHTNING_PLAN_MESSAGES = ("GPU available: ", "TPU available: ", "HPU available: ", "Seed set to ",
+                           "`Trainer.fit` stopped: ")
 
 
 class DropMessages(logging.Filter):
@@ -57,10 +61,16 @@ class ConsoleFormatter(logging.Formatter):
 
 
 class HidePlan(logging.Filter):
-    """Drops the plan loggers' records below WARNING (PLAN_LOGGERS) from a console handler."""
+    """Drops the plan lines below WARNING from a console handler: the plan loggers' records (PLAN_LOGGERS) and
+    Lightning's set-up notes (LIGHTNING_PLAN_MESSAGES, by exact start)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not record.name.startswith(PLAN_LOGGERS)
+        if record.levelno >= logging.WARNING:
+            return True
+        if record.name.startswith(PLAN_LOGGERS):
+            return False
+        return not (record.name.startswith(LIGHTNING_LOGGERS) and record.getMessage().startswith(
+            LIGHTNING_PLAN_MESSAGES))
 
 
 def setup_console(verbose: bool = False) -> None:

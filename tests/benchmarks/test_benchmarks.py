@@ -272,3 +272,15 @@ def test_sampling_layers_benchmark_times_both_ways_on_the_same_values(tmp_path):
     assert decoder["layers"] == 7 and decoder["max_abs_diff"] < 1e-4  # one SmolLM2 block: q, k, v, o, gate, up, down
     generation = result["generate"]
     assert generation["speedup"] > 0 and generation["same_tokens_under_one_seed"] is True
+
+
+def test_speculative_acceptance_benchmark_counts_what_the_teacher_kept(tmp_path):
+    # 8 prompts: K = the vocabulary keeps every proposal (the on-policy samples)
+    result = run_script("bench_speculative_acceptance.py", tmp_path, "--prompts", "8", "--batch-size", "8")
+    rows = result["rows"]
+    assert [r["K"] for r in rows] == [1, 2, 3, 5, 10, 25, 50, result["vocabulary"]]
+    accepted = [r["accepted"] for r in rows]
+    assert all(0.0 < a <= 1.0 for a in accepted) and accepted[-1] == 1.0 and rows[-1]["replaced_per_row"] == 0
+    assert accepted[0] < 1.0  # K = 1: the teacher's argmax only; the shipped student disagrees somewhere
+    for r in rows:  # the shares and per-row counts describe the same tokens
+        assert r["replaced_per_row"] == pytest.approx((1 - r["accepted"]) * r["tokens_per_row"])

@@ -3,9 +3,10 @@
 Each committed `runs.csv` holds every number its report shows, and its `directory` column is relative to the sweep
 (kdlab.report.tables.relative_directory), so the run directories can be rebuilt anywhere: each row becomes a run
 directory holding the results.json the run wrote (the row's scores and sizes), its overrides, and the config its
-sweep file composes to with them. `kdlab-report`'s writer on those directories gives back the committed runs.csv and
-differences.csv byte for byte, and report.md but for its first line (which names the directory it was given) and its
-learning-curves figure (drawn from each run's csv/metrics.csv, which is not committed: the PNG is the only record)."""
+sweep file composes to with them, with the group options Hydra records. `kdlab-report`'s writer on those directories
+gives back the committed runs.csv and differences.csv byte for byte, and report.md but for its first line (which
+names the directory it was given) and its learning-curves figure (drawn from each run's csv/metrics.csv, which is not
+committed: the PNG is the only record)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ from kdlab.run.rundir import CONFIG, RESULTS
 from tests.conftest import REPO
 
 DOCS = REPO / "docs"
+# docs/onpolicy_methods.md's baselines: SFT and the GKD grid's arms, which every new method is paired with
+ONPOLICY_BASELINES = ("sft policy=supervised", "fkl policy=supervised", "fkl policy=onpolicy",
+                      "jsd(0.9) policy=supervised", "jsd(0.9) policy=onpolicy", "rkl policy=supervised",
+                      "rkl policy=onpolicy")
 # report folder -> (the sweep file its runs were composed from, the metric compared, the --against baselines)
 REPORTS = {
     "gkd_grid": ("gkd_decided", None, ()),
@@ -34,6 +39,9 @@ REPORTS = {
     "gkd_grid/steps100": ("gkd_grid", None, ()),
     "cross_tokenizer": ("xtok_decided", None, ()),
     "cross_tokenizer/variants": ("xtok_decided", None, ()),
+    **{folder: ("onpolicy_methods", metric, ONPOLICY_BASELINES) for folder, metric in (
+        ("onpolicy_methods", None), ("onpolicy_methods/own_teacher_nll", "own_teacher_nll"),
+        ("onpolicy_methods/own_fkl", "own_fkl"), ("onpolicy_methods/own_rkl", "own_rkl"))},
 }
 
 
@@ -55,8 +63,8 @@ def _composed(sweep_file: str, overrides: tuple[str, ...]) -> dict:
     from tests.run.test_sweeps import compose_sweep
 
     config = OmegaConf.to_container(compose_sweep(sweep_file, list(overrides)), resolve=False)
-    config.pop("hydra")
-    return config
+    choices = config.pop("hydra")["runtime"]["choices"]
+    return {"config": config, "choices": choices}
 
 
 def rebuild_runs(runs_csv: Path, sweep_file: str, root: Path) -> None:
@@ -69,11 +77,15 @@ def rebuild_runs(runs_csv: Path, sweep_file: str, root: Path) -> None:
         assert not Path(row["directory"]).is_absolute(), row["directory"]  # relative to the sweep
         run = root / row["directory"]
         overrides = row["overrides"].split()
-        config = copy.deepcopy(_composed(sweep_file, tuple(overrides)))
+        composed = _composed(sweep_file, tuple(overrides))
+        config = copy.deepcopy(composed["config"])
         config["output_dir"] = str(run)
         config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
         (run / ".hydra").mkdir(parents=True)
         (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        # the group options the job composed, as Hydra records them (a report names a group's option by them)
+        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": dict(
+            composed["choices"])}}}))
         (run / CONFIG).write_text(yaml.safe_dump(config))
         results = {"metric": "accuracy", "metrics": _scores(row, "student_after"),
                    "student_before": _scores(row, "student_before"), "teacher": _scores(row, "teacher"),

@@ -77,11 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     standard_error = run_standard_error_line(sweep)
     if standard_error:
         print(standard_error)
-    found = differences(compare(sweep, args.column), sweep.metric)
+    comparison = compare(sweep, args.column)
+    found = differences(comparison, sweep.metric)
     print(f"paired differences (same seed, one setting changed): {len(found)} pairs, "
           f"{sum(d.distinguishable for d in found)} distinguishable from zero at 95% (report.md, differences.csv)")
     if args.against:
-        versus = against(compare(sweep, args.column), sweep.metric, args.against)
+        versus = against(comparison, sweep.metric, args.against)
         print(f"against {', '.join(args.against)}: {len(versus)} pairs, "
               f"{sum(d.distinguishable for d in versus)} distinguishable from zero at 95%")
     for kind, path in written.items():

@@ -73,32 +73,30 @@ def cell_name(comparison: Comparison, row: str, col: Any, metric: str) -> str:
     return row if comparison.column_key is None else f"{row} {column_title(comparison.column_key, col, metric)}"
 
 
-def find_cell(comparison: Comparison, name: str, metric: str) -> tuple[str, Any]:
-    """The (row, column) of the cell with results that `name` names: its full name, or its row's label where that
-    row has results in one column only. A name that matches none, or a row with results in several columns, is
-    UnknownCell, which lists the names there are."""
-    named = {cell_name(comparison, row, col, metric): (row, col) for (row, col) in _cell_factors(comparison, metric)}
-    if name in named:
-        return named[name]
-    in_row = [key for key in named.values() if key[0] == name]
+def find_cell(names: dict[tuple[str, Any], str], name: str) -> tuple[str, Any]:
+    """The (row, column) that `name` names among `names` ({cell: its name}, the cells with results): its full name,
+    or its row's label where that row has results in one column only. A name that matches none, or a row with
+    results in several columns, is UnknownCell, which lists the names there are."""
+    for cell, full in names.items():
+        if full == name:
+            return cell
+    in_row = [cell for cell in names if cell[0] == name]
     if len(in_row) == 1:
         return in_row[0]
     what = (f"the row {name!r} has results in {len(in_row)} columns: name one of them" if in_row
             else f"no cell with results is named {name!r}")
-    raise UnknownCell(f"{what} (cells: {', '.join(repr(n) for n in named)})")
+    raise UnknownCell(f"{what} (cells: {', '.join(repr(n) for n in names.values())})")
 
 
 def against(comparison: Comparison, metric: str, baselines: list[str]) -> list[Difference]:
     """Every other cell with results minus each baseline cell (named as `find_cell` reads names), seed by seed:
     key `against <baseline>`, value_a the baseline, value_b the other cell; in table order."""
+    names = {cell: cell_name(comparison, *cell, metric) for cell in _cell_factors(comparison, metric)}
     found = []
     for name in baselines:
-        base = find_cell(comparison, name, metric)
-        base_name = cell_name(comparison, *base, metric)
-        for other in _cell_factors(comparison, metric):
-            if other != base:
-                found.append(_difference(f"against {base_name}", base_name, cell_name(comparison, *other, metric), "",
-                                         comparison.cells[base], comparison.cells[other]))
+        base = find_cell(names, name)
+        found += [_difference(f"against {names[base]}", names[base], other_name, "", comparison.cells[base],
+                              comparison.cells[other]) for other, other_name in names.items() if other != base]
     return found
 
 
@@ -125,7 +123,7 @@ def sentence(difference: Difference, digits: int = 4) -> str:
     """One plain sentence: which pair, the mean difference with its interval and seeds, and whether it is
     distinguishable from zero at 95%."""
     d, paired = difference, difference.paired
-    head = f"{d.fixed}: {d.value_b} minus {d.value_a}" if d.fixed else f"{d.value_b} minus {d.value_a}"
+    head = f"{d.fixed}: {d.value_b} minus {d.value_a}"
     left_out = _left_out(d)
     interval = paired.interval
     if interval is None:

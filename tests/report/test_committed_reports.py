@@ -42,6 +42,7 @@ REPORTS = {
     **{folder: ("onpolicy_methods", metric, ONPOLICY_BASELINES) for folder, metric in (
         ("onpolicy_methods", None), ("onpolicy_methods/own_teacher_nll", "own_teacher_nll"),
         ("onpolicy_methods/own_fkl", "own_fkl"), ("onpolicy_methods/own_rkl", "own_rkl"))},
+    "onpolicy_methods/k1_diagnostic": ("onpolicy_methods", None, ()),  # SKD + fkl at K = 1, seeds 1-2
 }
 
 

@@ -125,3 +125,24 @@ def test_cost_row(label: str) -> None:
     tokens = statistics.fmean(float(r["train/teacher_forward_tokens_total"] or 0) for r in rows if _cell(r) == cell)
     assert _table("| arm | training wall time")[label][:3] == [f"{wall:.0f}", f"{tokens / 1e6:.2f}M",
                                                             f"{tokens / reference:.2f}"]
+
+
+def test_k1_diagnostic_table() -> None:
+    """The K = 1 diagnostic's table: its runs (k1_diagnostic/runs.csv) beside the same seeds' runs of the other arms."""
+    k1 = _finished(REPORTS / "k1_diagnostic")
+    seeds = sorted(r["seed"] for r in k1)
+    main = {m: _finished(REPORTS / m) for m in ("", "own_teacher_nll", "own_rkl")}
+    columns = [None, "fkl policy=speculative λ=1", "fkl policy=onpolicy λ=1", "fkl policy=supervised λ=0", SFT]
+
+    def value(rows: list[dict], column: str | None, seed: str, metric: str) -> float:
+        mine = [r for r in (k1 if column is None else rows)
+                if r["seed"] == seed and (column is None or _cell(r) == column)]
+        assert len(mine) == 1, (column, seed)
+        return float(mine[0][f"student_after/{metric}"])
+
+    table = _table("| seed | SKD + fkl, K = 1")
+    for seed in seeds:
+        assert table[seed] == [f"{value(main[''], c, seed, 'accuracy'):.3f}" for c in columns]
+    for m in ("own_teacher_nll", "own_rkl"):
+        means = [f"{statistics.fmean(value(main[m], c, s, m) for s in seeds):.4f}" for c in columns[:-1]]
+        assert table[f"`{m}`, seeds {seeds[0]}-{seeds[-1]}"] == means + [""]

@@ -10,6 +10,7 @@ committed."""
 from __future__ import annotations
 
 import csv
+import functools
 import statistics
 from pathlib import Path
 
@@ -38,6 +39,7 @@ ARMS = {
 MISMATCH = ("own_teacher_nll", "own_fkl", "own_rkl")
 
 
+@functools.cache
 def _table(header_start: str) -> dict[str, list[str]]:
     """The page's Markdown table whose header row starts with `header_start`: first cell -> the other cells."""
     lines = PAGE.read_text().splitlines()
@@ -52,9 +54,16 @@ def _table(header_start: str) -> dict[str, list[str]]:
     return rows
 
 
+@functools.cache
 def _finished(folder: Path) -> list[dict]:
     with (folder / "runs.csv").open(newline="") as f:
         return [r for r in csv.DictReader(f) if r["status"] == "finished"]
+
+
+@functools.cache
+def _differences(folder: Path) -> list[dict]:
+    with (folder / "differences.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _cell(row: dict) -> str:
@@ -73,8 +82,7 @@ def _difference(folder: Path, baseline: str | None, cell: str, digits: int) -> s
     """The page's text for `cell` minus `baseline`, paired by seed, from the report's differences.csv."""
     if baseline is None:
         return ""
-    with (folder / "differences.csv").open(newline="") as f:
-        pair = [r for r in csv.DictReader(f) if r["key"] == f"against {baseline}" and r["value_b"] == cell]
+    pair = [r for r in _differences(folder) if r["key"] == f"against {baseline}" and r["value_b"] == cell]
     assert len(pair) == 1, (baseline, cell)
     r = pair[0]
     star = " *" if r["distinguishable"] == "True" else ""
@@ -122,27 +130,29 @@ def test_cost_row(label: str) -> None:
     cell = ARMS[label][0]
     reference = statistics.fmean(_values(rows, "fkl policy=supervised λ=0", "train/teacher_forward_tokens_total"))
     wall = statistics.fmean(_values(rows, cell, "wall_time_s"))
-    tokens = statistics.fmean(float(r["train/teacher_forward_tokens_total"] or 0) for r in rows if _cell(r) == cell)
+    tokens = statistics.fmean(_values(rows, cell, "train/teacher_forward_tokens_total"))
     assert _table("| arm | training wall time")[label][:3] == [f"{wall:.0f}", f"{tokens / 1e6:.2f}M",
                                                             f"{tokens / reference:.2f}"]
 
 
 def test_k1_diagnostic_table() -> None:
     """The K = 1 diagnostic's table: its runs (k1_diagnostic/runs.csv) beside the same seeds' runs of the other arms."""
-    k1 = _finished(REPORTS / "k1_diagnostic")
+    k1 = _finished(REPORTS / "k1_diagnostic")  # one cell: every run is SKD + fkl at K = 1
     seeds = sorted(r["seed"] for r in k1)
-    main = {m: _finished(REPORTS / m) for m in ("", "own_teacher_nll", "own_rkl")}
-    columns = [None, "fkl policy=speculative λ=1", "fkl policy=onpolicy λ=1", "fkl policy=supervised λ=0", SFT]
+    arms = ["fkl policy=speculative λ=1", "fkl policy=onpolicy λ=1", "fkl policy=supervised λ=0", SFT]
 
-    def value(rows: list[dict], column: str | None, seed: str, metric: str) -> float:
-        mine = [r for r in (k1 if column is None else rows)
-                if r["seed"] == seed and (column is None or _cell(r) == column)]
-        assert len(mine) == 1, (column, seed)
+    def value(rows: list[dict], seed: str, metric: str) -> float:
+        mine = [r for r in rows if r["seed"] == seed]
+        assert len(mine) == 1, seed
         return float(mine[0][f"student_after/{metric}"])
+
+    def columns(folder: Path) -> list[list[dict]]:
+        """The table's columns: the diagnostic's runs, then each arm's runs in `folder`'s report."""
+        return [k1] + [[r for r in _finished(folder) if _cell(r) == arm] for arm in arms]
 
     table = _table("| seed | SKD + fkl, K = 1")
     for seed in seeds:
-        assert table[seed] == [f"{value(main[''], c, seed, 'accuracy'):.3f}" for c in columns]
+        assert table[seed] == [f"{value(rows, seed, 'accuracy'):.3f}" for rows in columns(REPORTS)]
     for m in ("own_teacher_nll", "own_rkl"):
-        means = [f"{statistics.fmean(value(main[m], c, s, m) for s in seeds):.4f}" for c in columns[:-1]]
+        means = [f"{statistics.fmean(value(rows, s, m) for s in seeds):.4f}" for rows in columns(REPORTS / m)[:-1]]
         assert table[f"`{m}`, seeds {seeds[0]}-{seeds[-1]}"] == means + [""]

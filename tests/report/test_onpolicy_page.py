@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from kdlab.report.stats import t_interval
+from kdlab.report.tables import STUDENT_FRACTION, column_title
 from tests.conftest import REPO
 
 PAGE = REPO / "docs" / "onpolicy_methods.md"
@@ -67,7 +68,8 @@ def _differences(folder: Path) -> list[dict]:
 
 
 def _cell(row: dict) -> str:
-    return f"{row['method']} λ={float(row['policy.student_fraction']):g}"
+    """The report's name for the row's cell: its method, then its λ column as the report titles it."""
+    return f"{row['method']} {column_title(STUDENT_FRACTION, float(row[STUDENT_FRACTION]), 'accuracy')}"
 
 
 def _values(rows: list[dict], cell: str, column: str) -> list[float]:
